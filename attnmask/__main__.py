@@ -1,0 +1,3 @@
+from attnmask.cli import main
+
+main()

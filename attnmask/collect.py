@@ -1,0 +1,206 @@
+"""Stream average attention probabilities of a model over a dataset into running sums.
+
+For every attention site s, layer l, head h and every sequence b of the data, with real query
+positions Q_b and real key positions K_b (padding and missing memory excluded):
+
+    sum[s][l, h, q, k]  += P_b(l, h, q -> k)      for q in Q_b, k in K_b
+    count[s][q, k]      += 1                      for q in Q_b, k in K_b
+
+The sums live on the model's device in float64 and are updated as each layer runs (the adapter's
+attention seam calls the accumulator), so peak memory is one layer's attention whatever the size of
+the dataset.
+
+Long runs can checkpoint (attnmask/checkpoint.py): the examples are then fed to the adapter in
+windows of `collection_window` examples and the state is saved between windows only, so a resumed
+run adds exactly the batches an uninterrupted run adds, in the same order. Distributed runs
+(attnmask/distributed.py) give each process a share of the examples and add the partial sums.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from attnmask.errors import AttnmaskError
+from attnmask.models.base import Batch, ModelAdapter, Site
+from attnmask.store import SitePatterns
+
+# Families whose examples are independent sequences, so that the stream may be cut into windows
+# and shards (Transformer-XL carries memory across its whole stream: it can be neither).
+INDEPENDENT_FAMILIES = ("huggingface",)
+WINDOW_BATCHES = 16
+
+
+class PatternAccumulator:
+    """Running `sum` [L, H, Q, K] float64 and `count` [Q, K] int64 per site, on one device."""
+
+    def __init__(self, sites: list[Site], planes: dict[str, tuple[int, int]], device: torch.device):
+        self.sites = {s.name: s for s in sites}
+        self.sum = {s.name: torch.zeros(s.layers, s.heads, *planes[s.name], dtype=torch.float64, device=device)
+                    for s in sites}
+        self.count = {s.name: torch.zeros(planes[s.name], dtype=torch.int64, device=device) for s in sites}
+        self._valid: dict[str, torch.Tensor] = {}
+        self.sequences = 0
+        self.tokens = 0
+
+    def begin(self, batch: Batch) -> None:
+        """Count the real (query, key) cells of the batch: valid[b, q, k] = query_real[b, q] & key_real[b, k]."""
+        for name in self.sum:
+            query_real, key_real = batch.real[name]
+            valid = query_real[:, :, None] & key_real[:, None, :]
+            q, k = valid.shape[1:]
+            plane_q, plane_k = self.count[name].shape
+            if q > plane_q or k > plane_k:
+                raise AttnmaskError(f"site {name}: a batch of {q}x{k} positions exceeds the store's "
+                                    f"{plane_q}x{plane_k} plane")
+            self.count[name][:q, :k] += valid.sum(0)
+            self._valid[name] = valid.to(torch.float64)
+        self.sequences += batch.size
+        self.tokens += batch.tokens
+
+    def __call__(self, site: str, layer: int, probs: torch.Tensor) -> None:
+        """Add sum over b of valid[b] * probs[b] ([batch, heads, q, k]) into the top-left corner."""
+        if site not in self.sum:
+            return
+        valid = self._valid[site]
+        q, k = probs.shape[-2:]
+        contribution = torch.einsum("bhqk,bqk->hqk", probs.to(torch.float64), valid[:, :q, :k])
+        self.sum[site][layer, :, :q, :k] += contribution
+
+    def load_state(self, sums: dict[str, Any], counts: dict[str, Any], sequences: int, tokens: int) -> None:
+        """Start from saved sums and counts (a checkpoint); shapes must match this accumulator's."""
+        for name in self.sum:
+            if name not in sums or tuple(sums[name].shape) != tuple(self.sum[name].shape) \
+                    or tuple(counts[name].shape) != tuple(self.count[name].shape):
+                raise AttnmaskError(f"the checkpoint's site {name} does not match the model's shapes")
+            self.sum[name].copy_(torch.as_tensor(sums[name]))
+            self.count[name].copy_(torch.as_tensor(counts[name]))
+        self.sequences, self.tokens = sequences, tokens
+
+    def result(self) -> dict[str, SitePatterns]:
+        return {name: SitePatterns(self.sum[name].cpu().numpy(), self.count[name].cpu().numpy(),
+                                   self.sites[name].causal)
+                for name in self.sum}
+
+
+@dataclass
+class CollectResult:
+    sites: dict[str, SitePatterns]
+    sequences: int
+    tokens: int
+    cursor: int = 0  # examples consumed (counted only when the stream was cut into windows)
+    batches: int = 0
+
+
+@dataclass
+class CheckpointPlan:
+    """Save the state to `path` at the first window boundary after every `every` batches."""
+
+    path: Path
+    every: int
+    settings: dict
+    collection: str
+
+
+def collection_window(batch_size: int, checkpoint_every: int | None) -> int:
+    """Examples per window: batch_size * min(16, checkpoint_every) (16 batches without checkpoints,
+    the window within which the Hugging Face adapter groups texts by length)."""
+    batches = WINDOW_BATCHES if checkpoint_every is None else max(1, min(WINDOW_BATCHES, checkpoint_every))
+    return batch_size * batches
+
+
+def windows(examples: Iterable[Any], size: int) -> Iterator[list]:
+    """Consecutive lists of `size` examples (the last may be shorter)."""
+    it = iter(examples)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def check_windowable(adapter: ModelAdapter, what: str) -> None:
+    if adapter.family not in INDEPENDENT_FAMILIES:
+        raise AttnmaskError(f"{what} is not supported for {adapter.family} models (their examples form one "
+                            "stream with memory, which cannot be cut)")
+
+
+def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: int, max_length: int,
+               on_batch: Callable[[Batch], None] | None = None, checkpoint: CheckpointPlan | None = None,
+               resume=None, rank: int = 0, world: int = 1, checkpoint_every: int | None = None) -> CollectResult:
+    """Accumulate attention over `examples` (possibly none); with `checkpoint`, save between windows.
+
+    Models of INDEPENDENT_FAMILIES get the examples in windows of `collection_window` examples and
+    the batches j = 0, 1, 2, ... of the run are numbered across windows: this process runs batch j
+    iff j % world == rank. Every process forms the same batches as a single process would, so the
+    sums of all ranks add up to the single-process sums up to float64 rounding.
+
+    `resume` is a CollectState (attnmask/checkpoint.py) to start from; `examples` must then already
+    skip the `resume.cursor` examples it holds (the cursor counts examples of the whole stream).
+    """
+    from attnmask.checkpoint import CollectState, save_checkpoint
+
+    sites = adapter.sites()
+    planes = {s.name: adapter.plane(s.name, max_length) for s in sites}
+    acc = PatternAccumulator(sites, planes, adapter.device)
+    cursor = batches = 0  # examples consumed in whole windows; batches of the whole run (all ranks)
+    if resume is not None:
+        acc.load_state(resume.sums, resume.counts, resume.sequences, resume.tokens)
+        cursor, batches = resume.cursor, resume.batches
+    if checkpoint is not None:
+        checkpoint_every = checkpoint.every
+
+    def step(batch: Batch) -> None:
+        nonlocal batches
+        if batches % world == rank:
+            acc.begin(batch)
+            adapter.forward(batch)
+            if on_batch is not None:
+                on_batch(batch)
+        batches += 1
+
+    adapter.model.eval()
+    with torch.inference_mode(), adapter.capture(acc):
+        if adapter.family not in INDEPENDENT_FAMILIES:
+            if world > 1:
+                check_windowable(adapter, "distributed collection")
+            for batch in adapter.batches(examples, batch_size, max_length):
+                step(batch)
+        else:
+            since = 0
+            for window in windows(examples, collection_window(batch_size, checkpoint_every)):
+                before = batches
+                for batch in adapter.batches(window, batch_size, max_length):
+                    step(batch)
+                cursor += len(window)
+                since += batches - before
+                if checkpoint is not None and since >= checkpoint.every:
+                    result = acc.result()
+                    save_checkpoint(checkpoint.path, CollectState(
+                        {n: r.sum for n, r in result.items()}, {n: r.count for n, r in result.items()},
+                        cursor, batches, acc.sequences, acc.tokens, checkpoint.settings, checkpoint.collection))
+                    since = 0
+    return CollectResult(acc.result(), acc.sequences, acc.tokens, cursor, batches)
+
+
+def collect(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: int, max_length: int,
+            on_batch: Callable[[Batch], None] | None = None, checkpoint: CheckpointPlan | None = None,
+            resume=None) -> CollectResult:
+    """Run the model over `examples` in eval mode under inference_mode and accumulate its attention."""
+    result = accumulate(adapter, examples, batch_size=batch_size, max_length=max_length, on_batch=on_batch,
+                        checkpoint=checkpoint, resume=resume)
+    if result.sequences == 0:
+        raise AttnmaskError("the dataset is empty: no example to collect attention from")
+    return result
+
+
+def check_row_sums(site: SitePatterns, atol: float = 1e-6) -> float:
+    """Largest |sum_k sum[l, h, q, k] - count[q, q]| over rows with count[q, q] > 0 (should be ~0)."""
+    diag = np.diagonal(site.count).astype(np.float64)
+    rows = site.sum.sum(-1)
+    real = diag > 0
+    if not real.any():
+        return 0.0
+    return float(np.abs(rows[..., real] - diag[real]).max())

@@ -1,0 +1,99 @@
+"""The small interface every model family implements (Hugging Face, fairseq, Transformer-XL).
+
+An adapter knows four things about its model:
+
+1. `sites()`: which attention sites exist (`encoder.self`, `decoder.self`, `decoder.cross`), with
+   their number of layers and heads and whether they are causal;
+2. `plane(site, max_length)`: the [queries, keys] plane a store keeps for that site;
+3. `batches(examples, batch_size, max_length)`: how to turn raw examples into model batches, each
+   saying which query and key positions of every site are real (not padding, not missing memory);
+4. `forward(batch)` and `capture(sink)`: how to run a batch, and a context manager during which
+   every attention computed calls `sink(site, layer, probs)` with probs [batch, heads, queries, keys]
+   taken after softmax and before dropout.
+
+Masks are injected through the same attention seam by the runtime.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+AttentionSink = Callable[[str, int, torch.Tensor], None]
+"""sink(site, layer, probs): probs [batch, heads, queries, keys], rows sum to 1 over real keys."""
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    layers: int
+    heads: int
+    causal: bool
+
+
+@dataclass
+class Batch:
+    """One model batch.
+
+    `real[site] = (query_real [batch, queries], key_real [batch, keys])`, bool tensors on the
+    model's device: a (q, k) cell of sequence b counts iff query_real[b, q] and key_real[b, k].
+    Probabilities given to the sink are laid out so that their [queries, keys] plane is the top-left
+    corner of the store's plane.
+    """
+
+    inputs: Any
+    size: int
+    tokens: int
+    real: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class ModelAdapter(ABC):
+    """A model family behind the interface the collector and the runtime use."""
+
+    family: str = "?"
+    model: torch.nn.Module
+
+    @abstractmethod
+    def identity(self) -> dict:
+        """{'family', 'name', 'config_digest'}: recorded in stores and checked by the runtime."""
+
+    @abstractmethod
+    def sites(self) -> list[Site]:
+        """The attention sites of the model."""
+
+    @abstractmethod
+    def plane(self, site: str, max_length: int) -> tuple[int, int]:
+        """(queries, keys) of the plane a store keeps for `site` when inputs hold <= max_length tokens."""
+
+    @abstractmethod
+    def batches(self, examples: Iterable[Any], batch_size: int, max_length: int) -> Iterator[Batch]:
+        """Turn raw examples into batches on the model's device."""
+
+    @abstractmethod
+    def forward(self, batch: Batch) -> Any:
+        """Run the model on a batch."""
+
+    @abstractmethod
+    def capture(self, sink: AttentionSink) -> AbstractContextManager:
+        """While active, every attention probability tensor computed is passed to `sink`."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto' is CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
+    from attnmask.errors import AttnmaskError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttnmaskError("--device cuda was requested but no CUDA GPU is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise AttnmaskError(f"unknown device {device!r} (use auto, cpu or cuda)")
+    return torch.device(device)
