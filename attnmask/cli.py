@@ -100,6 +100,8 @@ def collect(
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint sums, counts and the data cursor "
                                                    "every N batches (at the next window boundary)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
+    split: str = typer.Option("valid", help="fairseq (MODEL is a .pt checkpoint, DATA its binarized folder): "
+                              "train, valid or test."),
 ):
     """Stream the model's average attention probabilities over DATA into a pattern store.
 
@@ -114,6 +116,8 @@ def collect(
 
     if max_length < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
+    if model.endswith(".pt"):  # fairseq checkpoint + binarized data folder
+        return collect_fairseq_command(model, data, split, out, max_length, batch_size, limit, device, overwrite)
     if checkpoint_every is not None and checkpoint_every < 1:
         raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
     world = launched_world()
@@ -166,11 +170,18 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
         if resume and ckpt.exists():
             state = load_checkpoint(ckpt)
             checkpoint_every = checkpoint_every or state.settings.get("checkpoint_every")
+        elif resume and folder.is_dir() and any(not p.name.endswith(f"-of-{world.size}.npz")
+                                                for p in folder.glob("rank*-of-*.npz")):
+            found = sorted(p.name for p in folder.glob("rank*-of-*.npz"))
+            raise AttnmaskError(f"{folder} holds checkpoints {', '.join(found)} of another number of processes; "
+                                f"resume with that many, or delete the folder to start over")
         elif resume:
             typer.echo(f"note: no checkpoint at {ckpt}; collecting from the beginning", err=True)
         elif ckpt.exists() and not overwrite:
             raise AttnmaskError(f"an interrupted collection left the checkpoint {ckpt}; pass --resume to "
                                 "continue it, or --overwrite to start over")
+        elif ckpt.exists():
+            ckpt.unlink()  # --overwrite: start over
         if checkpoint_every is not None:
             check_windowable(adapter, "--checkpoint-every")
         identity = {"model": adapter.identity(), "data": source.identity()}
@@ -228,6 +239,8 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
                                 world=world.size, checkpoint_every=checkpoint_every)
     except AttnmaskError as e:
         error = e
+    except OSError as e:  # e.g. a full disk while checkpointing: tell the other ranks, too
+        error = AttnmaskError(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
     agree(world, error)
     result = reduce_result(world, result)
     if result.sequences == 0:
@@ -249,6 +262,22 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
 
 # ----------------------------------------------------------------------------------------------
 # compile
+
+
+def collect_fairseq_command(model, data, split, out, max_length, batch_size, limit, device, overwrite):
+    """`collect CHECKPOINT.pt DATA_BIN --split S`: see attnmask.translate.collect_fairseq."""
+    from attnmask.models import pick_device
+    from attnmask.translate import collect_fairseq
+
+    out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}-{split}.zarr")
+    start = time.perf_counter()
+    store, result, skipped = collect_fairseq(model, data, split=split, out=out, max_length=max_length,
+                                             batch_size=batch_size, limit=limit, device=pick_device(device),
+                                             overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    console.print(f"wrote [bold]{out}[/]: {result.sequences} sentence pairs, {result.tokens} tokens in "
+                  f"{seconds:.1f} s" + (f" ({skipped} pairs longer than --max-length skipped)" if skipped else ""))
+    console.print(inspect_table(store_summary(store)))
 
 
 @command(name="compile")
@@ -371,6 +400,27 @@ def inspect(
 # train / eval / sweep / demo (logic in attnmask/train.py)
 
 
+def pruning_options(prune_tokens, keep_rate, final_threshold, schedule, learn_thresholds=False,
+                    temperature=1e-3, lam=0.1) -> dict | None:
+    """The token-pruning options as PruningConfig fields (attnmask/pruning.py), or None."""
+    from attnmask.pruning import options_config
+
+    return options_config(prune_tokens, keep_rate, final_threshold, schedule, learn_thresholds, temperature, lam)
+
+
+def print_pruning(record: dict | None, note: str | None = None) -> None:
+    """The tokens-kept-per-layer table of a run with token pruning."""
+    if record is None:
+        if note:
+            console.print(f"token pruning: {note}")
+        return
+    from attnmask.pruning import stats_table
+
+    values = ", ".join(f"{v:.4g}" for v in record["per_layer"])
+    console.print(stats_table(record["tokens_kept"], title=f"tokens kept per layer ({record['config']['method']}: "
+                                                           f"{values}){' - ' + note if note else ''}"))
+
+
 def training_bar():
     """(rich progress, callback(step, total, loss, epoch)) for attnmask.train."""
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -404,7 +454,8 @@ def train(
     model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm'."),
     data: str = typer.Argument(..., help="Labelled table (CSV/TSV/JSONL, datasets folder) or 'rotten-tomatoes'."),
     masks: str = typer.Option(..., help="Mask store written by `compile`, or 'none' for the dense baseline."),
-    out: Path = typer.Option(..., help="Folder for the model, settings.json and metrics.json."),
+    out: Path = typer.Option(None, help="Folder for the model, settings.json and metrics.json (required "
+                             "except for fairseq, whose --save-dir is a fairseq-train argument)."),
     task: str = typer.Option("classify", help="classify (sequence classification), or lm (Transformer-XL "
                              "language model on a text file; MODEL 'none' with --config trains from scratch)."),
     config: Optional[str] = typer.Option(None, help="--task lm: preset small or base to train from scratch."),
@@ -423,8 +474,28 @@ def train(
     limit: Optional[int] = typer.Option(None, help="Use a seeded random sample of N labelled examples."),
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in OUT."),
+    prune_tokens: Optional[str] = typer.Option(None, help="Dynamic token pruning: topk, threshold or schedule."),
+    keep_rate: float = typer.Option(0.5, help="topk: share of tokens entering the last layer."),
+    final_threshold: float = typer.Option(0.01, help="threshold: importance threshold at the last layer."),
+    schedule: Optional[str] = typer.Option(None, help="schedule: per-layer fractions removed, e.g. 0,0,0.2,0.2,0.2,0.15."),
+    learn_thresholds: bool = typer.Option(False, help="threshold: learn per-layer thresholds (soft stage, "
+                                          "first half of the steps), then freeze them and remove tokens."),
+    temperature: float = typer.Option(1e-3, help="Temperature of the soft stage's sigmoid mask."),
+    lambda_: float = typer.Option(0.1, "--lambda", help="Weight of the kept-fraction penalty (soft stage)."),
+    fairseq_args: Optional[list[str]] = typer.Argument(None, help="MODEL fairseq: fairseq-train arguments, after --."),
 ):
-    """Fine-tune a sequence classifier with the masks applied in training and evaluation."""
+    """Fine-tune a sequence classifier with the masks applied in training and evaluation.
+
+    `attnmask train fairseq DATA_BIN --masks MASKS -- <fairseq-train arguments>` trains a fairseq
+    translation model with fairseq's own loop and the masks inside every attention (--out unused)."""
+    if model == "fairseq":
+        from attnmask.translate import train_fairseq
+
+        record = train_fairseq(data, None if masks == "none" else masks, fairseq_args or [])
+        console.print(f"trained with masks {record['digest'] if record else 'none (dense)'}")
+        return
+    if out is None:
+        raise AttnmaskError("--out is required (the folder for the trained model)")
     if task == "lm":
         from attnmask.lm import train_lm
         from attnmask.models import pick_device
@@ -444,11 +515,14 @@ def train(
                              task=task, text_column=text_column, label_column=label_column,
                              labels=labels.split(",") if labels else None, epochs=epochs, lr=lr,
                              batch_size=batch_size, max_length=max_length, eval_split=eval_split, seed=seed,
-                             device=device, backend=backend, limit=limit, resume=resume, overwrite=overwrite)
+                             device=device, backend=backend, limit=limit, resume=resume, overwrite=overwrite,
+                             pruning=pruning_options(prune_tokens, keep_rate, final_threshold, schedule,
+                                                     learn_thresholds, temperature, lambda_))
     settings.validate()
     bar, callback = training_bar()
     with bar:
         metrics = run_train(settings, callback)
+    print_pruning(metrics.get("pruning"))
     console.print(metrics_table(f"trained {out}", [{**metrics, "masks": metrics["masks"] or "none"}],
                                 ["masks", "sparsity", "backend", "train_examples", "eval_examples",
                                  "train_loss_last_epoch", "accuracy", "train_seconds"]))
@@ -468,8 +542,34 @@ def eval_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     backend: str = typer.Option("eager", help="Mask backend: eager, sdpa, flex or auto."),
     limit: Optional[int] = typer.Option(None, help="With --split all: only the first N examples."),
+    prune_tokens: Optional[str] = typer.Option(None, help="Token pruning: topk, threshold, schedule or none "
+                                               "[default: as in training]."),
+    keep_rate: float = typer.Option(0.5, help="topk: share of tokens entering the last layer."),
+    final_threshold: float = typer.Option(0.01, help="threshold: importance threshold at the last layer."),
+    schedule: Optional[str] = typer.Option(None, help="schedule: per-layer fractions removed."),
+    learn_thresholds: bool = typer.Option(False, help="Not used by eval (learned thresholds come from training)."),
+    temperature: float = typer.Option(1e-3, help="Not used by eval."),
+    lambda_: float = typer.Option(0.1, "--lambda", help="Not used by eval."),
+    data_bin: Optional[str] = typer.Argument(None, help="MODEL fairseq: the binarized data folder (DATA is the checkpoint)."),
+    beam: int = typer.Option(5, help="fairseq: beam size."),
 ):
-    """Report the accuracy of a trained classifier, with the masks it was trained with."""
+    """Report the accuracy of a trained classifier, with the masks it was trained with.
+
+    `attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS] [--split test]` decodes with beam
+    search (masked when --masks is given) and reports sacrebleu BLEU."""
+    if model == "fairseq":
+        from attnmask.models import pick_device
+        from attnmask.translate import evaluate_fairseq
+
+        if data_bin is None:
+            raise AttnmaskError("usage: attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS]")
+        result = evaluate_fairseq(data, data_bin, "recorded" if masks is None else None if masks == "none" else masks,
+                                  split="test" if split == "auto" else split, beam=beam, max_sentences=batch_size,
+                                  limit=limit, device=pick_device(device))
+        console.print(json.dumps(result.summary()))
+        if result.trained_with and result.trained_with != result.masks:
+            console.print(f"note: the checkpoint was trained with masks {result.trained_with}")
+        return
     if task == "lm":
         from attnmask.lm import eval_lm
         from attnmask.models import pick_device
@@ -483,7 +583,10 @@ def eval_command(
 
     result = evaluate(EvalSettings(model=model, data=data, masks=masks, task=task, text_column=text_column,
                                    label_column=label_column, split=split, batch_size=batch_size,
-                                   max_length=max_length, device=device, backend=backend, limit=limit))
+                                   max_length=max_length, device=device, backend=backend, limit=limit,
+                                   pruning="none" if prune_tokens == "none" else pruning_options(
+                                       prune_tokens, keep_rate, final_threshold, schedule)))
+    print_pruning(result.get("pruning"), result.get("pruning_note"))
     console.print(metrics_table(f"eval {model} on {data}", [result],
                                 ["masks", "sparsity", "backend", "split", "examples", "accuracy"]))
     console.print(f"masks: {result['masks_note']}")
@@ -532,8 +635,8 @@ def sweep(
 @command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the demo's stores and runs."),
-    limit: int = typer.Option(1200, help="Fresh/rotten snippets used (seeded sample; 80/20 split)."),
-    collect_limit: int = typer.Option(1000, help="Snippets whose attention is collected."),
+    limit: int = typer.Option(600, help="Fresh/rotten snippets used (seeded sample; 80/20 split)."),
+    collect_limit: int = typer.Option(500, help="Snippets whose attention is collected."),
     tau: float = typer.Option(0.9, help="Share of attention entries pruned."),
     epochs: int = typer.Option(1, help="Training epochs."),
     max_length: int = typer.Option(64, help="Tokens per snippet."),
@@ -552,8 +655,9 @@ def demo(
         {"model": "dense", "sparsity": 0.0, "accuracy": s["dense_accuracy"], "train s": s["dense_train_seconds"]},
         {"model": f"masked (tau {tau:g})", "sparsity": s["sparsity"], "accuracy": s["masked_accuracy"],
          "train s": s["masked_train_seconds"]}], ["model", "sparsity", "accuracy", "train s"]))
-    console.print(f"{s['train_examples']} training / {s['eval_examples']} held-out snippets; "
-                  f"total time {s['seconds']:.0f} s")
+    console.print(f"{s['train_examples']} training / {s['eval_examples']} held-out snippets; sparsity is pruned / "
+                  f"eligible entries of the plane ({s['data_weighted_sparsity']:.4f} weighted by how many "
+                  f"collected snippets reach each entry); total time {s['seconds']:.0f} s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,8 +696,10 @@ def bench(
                                         "at --tau and --block-size]."),
     tau: float = typer.Option(0.9, help="Synthetic masks: share of tiles pruned."),
     block_size: int = typer.Option(128, help="Synthetic masks: tile size."),
-    prune_tokens: list[str] = typer.Option([], help="Also time token pruning with this spec (needs "
-                                           "attnmask/pruning.py; repeatable)."),
+    prune_tokens: list[str] = typer.Option([], help="Also time token pruning with this spec: topk, threshold "
+                                           "or schedule, with parameters after a colon, e.g. "
+                                           "topk:keep-rate=0.3,start=1 / threshold:final-threshold=0.01 / "
+                                           "schedule:0,0,0.2,0.2,0.2,0.15 (repeatable)."),
     lengths: str = typer.Option("128,512,2048,4096", help="Sequence lengths, comma-separated."),
     model_lengths: Optional[str] = typer.Option(None, help="Lengths of the whole-model benchmark "
                                                 "[default: --lengths]."),

@@ -187,20 +187,22 @@ def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: in
 
 def collect(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: int, max_length: int,
             on_batch: Callable[[Batch], None] | None = None, checkpoint: CheckpointPlan | None = None,
-            resume=None) -> CollectResult:
-    """Run the model over `examples` in eval mode under inference_mode and accumulate its attention."""
+            resume=None, checkpoint_every: int | None = None) -> CollectResult:
+    """Run the model over `examples` in eval mode under inference_mode and accumulate its attention
+    (`checkpoint_every` without `checkpoint` forms the same windows as a checkpointing run)."""
     result = accumulate(adapter, examples, batch_size=batch_size, max_length=max_length, on_batch=on_batch,
-                        checkpoint=checkpoint, resume=resume)
+                        checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every)
     if result.sequences == 0:
         raise AttnmaskError("the dataset is empty: no example to collect attention from")
     return result
 
 
 def check_row_sums(site: SitePatterns, atol: float = 1e-6) -> float:
-    """Largest |sum_k sum[l, h, q, k] - count[q, q]| over rows with count[q, q] > 0 (should be ~0)."""
-    diag = np.diagonal(site.count).astype(np.float64)
+    """Largest |sum_k sum[l, h, q, k] - n_q| over real rows, where n_q = max_k count[q, k] is the number
+    of sequences in which query q was real (count[q, q] on a square self-attention plane). Should be ~0."""
+    real_rows = site.count.max(axis=-1).astype(np.float64)
     rows = site.sum.sum(-1)
-    real = diag > 0
+    real = real_rows > 0
     if not real.any():
         return 0.0
-    return float(np.abs(rows[..., real] - diag[real]).max())
+    return float(np.abs(rows[..., real] - real_rows[real]).max())

@@ -2,9 +2,9 @@
 
 For one site with average pattern mean [L, H, Q, K] (sum / count where count > 0):
 
-* eligible[q, k] = count[q, k] > 0 and, for a causal site, k <= q. Entries with count == 0 are
-  always kept (nothing unseen is pruned); causally masked entries (k > q) are never kept and never
-  counted.
+* eligible[q, k] = count[q, k] > 0 and, for a causal site, k <= q (k <= q + K - Q on a Transformer-XL
+  plane whose K - Q first keys are memory). Entries with count == 0 are always kept (nothing unseen is
+  pruned); causally masked entries are never kept and never counted.
 * Pools: scope `layer` is one pool per layer over its heads, `head` one per (layer, head), `global`
   one per site.
 * Row guarantee: in every (layer, head, query) row, the `min_keep` eligible entries with the largest
@@ -73,11 +73,17 @@ def prune_count(tau: float, eligible: int) -> int:
     return math.floor(Fraction(repr(float(tau))) * eligible)
 
 
+def causal_plane(queries: int, keys: int) -> np.ndarray:
+    """allowed[q, k] = k <= q + (keys - queries): bool [Q, K]. Keys are memory (if any) then the
+    queries' own positions, so query q sits at key column q + keys - queries (k <= q when square)."""
+    return np.tri(queries, keys, keys - queries, dtype=bool)
+
+
 def eligible_entries(count: np.ndarray, causal: bool) -> np.ndarray:
-    """eligible[q, k] = count[q, k] > 0 and (k <= q when causal): bool [Q, K]."""
+    """eligible[q, k] = count[q, k] > 0 and, when causal, k <= q + (K - Q): bool [Q, K]."""
     elig = count > 0
     if causal:
-        elig &= np.tri(*count.shape, dtype=bool)
+        elig &= causal_plane(*count.shape)
     return elig
 
 
@@ -185,7 +191,7 @@ def compile_site(site: SitePatterns, settings: CompileSettings, tau: float,
         pruned = expand_tiles(pruned_tiles, b, q, k) & elig
     keep = ~pruned
     if site.causal:
-        keep &= np.tri(q, k, dtype=bool)
+        keep &= causal_plane(q, k)
     return keep, site_report(mean, elig, keep, tau)
 
 

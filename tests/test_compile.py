@@ -205,3 +205,15 @@ def test_site_tau_overrides_per_site():
     assert sites["encoder.self"].attrs["pruned"] == math.floor(0.9 * 64)
     assert sites["decoder.cross"].attrs["pruned"] == 32
     assert attrs["site_tau"] == {"decoder.cross": 0.5}
+
+
+def test_memory_plane_causal_rule():
+    """A Transformer-XL plane [T, M + T]: query q sees keys k <= q + M (all memory, segment up to q)."""
+    T, M = 3, 4
+    count = np.ones((T, M + T), np.int64)
+    s = np.random.default_rng(5).random((1, 2, T, M + T))
+    mask, _ = compile_one(SitePatterns(s * np.tri(T, M + T, M), count, True), tau=0.0)
+    np.testing.assert_array_equal(mask.keep[0, 0], np.tri(T, M + T, M, dtype=bool))
+    mask, _ = compile_one(SitePatterns(s * np.tri(T, M + T, M), count, True), tau=0.5, min_keep=0)
+    eligible = T * M + T * (T + 1) // 2
+    assert mask.attrs["eligible"] == eligible and mask.attrs["pruned"] == 2 * math.floor(0.5 * eligible)

@@ -1,0 +1,415 @@
+"""Head statistics of a pattern store (and sparsity of a mask store), in plain numpy.
+
+Notation, for one site, one layer and one head:
+
+    A[q, k]   the average pattern: sum[q, k] / count[q, k] where count[q, k] > 0, else 0   [Q, K]
+    o         the site's key offset: key column o + q is query q's own position (attribute
+              `key_offset` of the site, default 0; Transformer-XL self-attention keeps its memory
+              in the first o = mem_len key columns). For `decoder.cross` (target queries, source
+              keys) o = 0, so "own position", "previous" and "next" mean the same index q, q-1, q+1.
+    E[q, k]   eligible cells: count[q, k] > 0, and for a causal site also k <= o + q
+    n_q       how often query q occurred: max_k count[q, k] (the number of sequences in which q
+              was real, since the query's own key, or the first source key, is real whenever q is)
+    W_q       row weights: n_q / sum_q' n_q' over rows with some eligible cell, so that every
+              statistic is an average over the query tokens of the dataset
+    P[q, k]   the row distribution: A[q, k] / sum_k' A[q, k'] over eligible cells (0 elsewhere).
+              For fixed-length data every row of A already sums to 1 and this changes nothing;
+              with padding, cells far to the right are averaged over fewer sequences and the
+              normalization makes each row a distribution again. A row whose A is all zero stays 0.
+    J[q, k]   the joint distribution W_q P[q, k]: the share of all attention of the dataset's
+              query tokens that flows through cell (q, k); it sums to 1 over the plane.
+
+Every statistic below is a function of P and W (docstrings give the formula).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from attnmask.errors import AttnmaskError
+from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns
+
+CONCENTRATION_LEVELS = (0.5, 0.9, 0.99)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry of a site's plane
+
+
+@dataclass
+class Plane:
+    """Eligible cells E [Q, K] bool, row weights W [Q] (sum 1 over used rows) and key offset o."""
+
+    eligible: np.ndarray
+    weights: np.ndarray
+    key_offset: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.eligible.shape
+
+
+def causal_band(queries: int, keys: int, key_offset: int) -> np.ndarray:
+    """[Q, K] bool: k <= key_offset + q (the cells a causal query may attend to)."""
+    return np.arange(keys)[None, :] <= key_offset + np.arange(queries)[:, None]
+
+
+def site_plane(count: np.ndarray, causal: bool, key_offset: int = 0) -> Plane:
+    """E = (count > 0) & (causal band if causal); W_q = n_q / sum n over rows with eligible cells."""
+    queries, keys = count.shape
+    if not 0 <= key_offset <= max(keys - 1, 0):
+        raise AttnmaskError(f"key_offset {key_offset} is outside the plane's {keys} key columns")
+    eligible = count > 0
+    if causal:
+        eligible &= causal_band(queries, keys, key_offset)
+    occurrences = np.where(eligible.any(1), count.max(1), 0).astype(np.float64)
+    total = occurrences.sum()
+    weights = occurrences / total if total > 0 else occurrences
+    return Plane(eligible, weights, key_offset)
+
+
+def average_pattern(sum_: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """A = sum / count where count > 0, else 0 (broadcast over leading dimensions of `sum_`)."""
+    safe = np.where(count > 0, count, 1)
+    return np.where(count > 0, sum_ / safe, 0.0)
+
+
+def row_distributions(mean: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """P[..., q, k] = A[..., q, k] E[q, k] / sum_k' A[..., q, k'] E[q, k'] (rows of zeros stay 0)."""
+    masked = np.where(eligible, mean, 0.0)
+    totals = masked.sum(-1, keepdims=True)
+    return np.divide(masked, totals, out=np.zeros_like(masked), where=totals > 0)
+
+
+def _xlogx(x: np.ndarray, log=np.log) -> np.ndarray:
+    """x log x with 0 log 0 = 0."""
+    return x * log(np.where(x > 0, x, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-head statistics (P [..., Q, K], W [Q]; leading dimensions, e.g. heads, are kept)
+
+
+def entropy(P: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Row entropy in nats, averaged over query tokens: sum_q W_q (-sum_k P[q, k] ln P[q, k])."""
+    return 0.0 - np.einsum("...qk,q->...", _xlogx(P), W)  # 0.0 - turns -0.0 into 0.0
+
+
+def uniform_entropy(plane: Plane) -> float:
+    """Entropy of uniform rows over the eligible cells, sum_q W_q ln |E_q| (the maximum possible)."""
+    sizes = plane.eligible.sum(1)
+    return float((plane.weights * np.log(np.maximum(sizes, 1))).sum())
+
+
+def key_distance(queries: int, keys: int, key_offset: int) -> np.ndarray:
+    """[Q, K] |o + q - k|: distance in tokens from query q's own position to key column k."""
+    return np.abs(key_offset + np.arange(queries)[:, None] - np.arange(keys)[None, :]).astype(np.float64)
+
+
+def mean_distance(P: np.ndarray, W: np.ndarray, key_offset: int = 0) -> np.ndarray:
+    """Attention-weighted distance in tokens: sum_q W_q sum_k P[q, k] |o + q - k|."""
+    distance = key_distance(*P.shape[-2:], key_offset)
+    return np.einsum("...qk,qk,q->...", P, distance, W)
+
+
+def mass_at(P: np.ndarray, W: np.ndarray, key_offset: int, shift: int) -> np.ndarray:
+    """Mass on the key `shift` tokens from the query's own position: sum_q W_q P[q, o + q + shift].
+
+    shift 0 is the diagonal, -1 the previous and +1 the next position; rows whose cell falls
+    outside the plane contribute 0.
+    """
+    queries, keys = P.shape[-2:]
+    rows = np.arange(queries)
+    cols = key_offset + rows + shift
+    inside = (cols >= 0) & (cols < keys)
+    picked = P[..., rows[inside], cols[inside]]
+    return picked @ W[inside]
+
+
+def first_mass(P: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Mass on the first key column: sum_q W_q P[q, 0] (for Transformer-XL, the oldest memory)."""
+    return P[..., :, 0] @ W
+
+
+def concentration(P: np.ndarray, W: np.ndarray, eligible: np.ndarray,
+                  levels: tuple[float, ...] = CONCENTRATION_LEVELS) -> np.ndarray:
+    """Smallest share of eligible cells holding each level of the joint mass J = W_q P[q, k].
+
+    For level f: sort the |E| eligible values of J in decreasing order, take the fewest n with
+    sum of the top n >= f * sum J, and return n / |E| (so 0.02 means 2 % of the cells carry a
+    fraction f of the attention; a mask keeping those cells keeps that mass). Returns
+    [..., len(levels)]; a head with no mass gives 0.
+    """
+    cells = eligible.sum()
+    joint = (P * W[:, None])[..., eligible]  # [..., |E|]
+    flat = joint.reshape(-1, joint.shape[-1])
+    out = np.zeros((flat.shape[0], len(levels)))
+    for i, row in enumerate(flat):
+        total = row.sum()
+        if total <= 0 or cells == 0:
+            continue
+        cumulative = np.cumsum(np.sort(row)[::-1])
+        for j, level in enumerate(levels):
+            # relative tolerance: a level reached up to rounding counts as reached
+            n = int(np.searchsorted(cumulative, level * total * (1 - 1e-12))) + 1
+            out[i, j] = min(n, cells) / cells
+    return out.reshape(joint.shape[:-1] + (len(levels),))
+
+
+def js_distances(P: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon distance between the heads of P [H, Q, K]: a symmetric [H, H] matrix in [0, 1].
+
+    d(a, b) = sqrt(sum_q W_q JSD(P_a[q], P_b[q])), JSD in bits: the JS distance of the joint
+    distributions J_a and J_b (they share the marginal W). JSD(x, y) = H((x + y) / 2) - H(x)/2 - H(y)/2
+    with H the Shannon entropy in bits. 0 means identical patterns (redundant heads).
+    """
+    joint = P * W[:, None]
+    heads = joint.shape[0]
+    own = -_xlogx(joint, np.log2).reshape(heads, -1).sum(1)
+    out = np.zeros((heads, heads))
+    for a in range(heads):
+        for b in range(a + 1, heads):
+            mixed = -_xlogx((joint[a] + joint[b]) / 2, np.log2).sum()
+            divergence = max(mixed - (own[a] + own[b]) / 2, 0.0)
+            out[a, b] = out[b, a] = min(np.sqrt(divergence), 1.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole sites and stores
+
+
+@dataclass
+class HeadStats:
+    site: str
+    layer: int
+    head: int
+    entropy: float           # nats, see entropy()
+    entropy_uniform: float   # nats, the same for uniform rows over the eligible cells
+    mean_distance: float     # tokens
+    first: float             # mass on key column 0
+    diagonal: float          # mass on the query's own position
+    previous: float
+    next: float
+    share50: float           # concentration(): share of eligible cells holding 50 % of the mass
+    share90: float
+    share99: float
+    nearest_head: int        # the most similar other head of the same layer (-1 if none)
+    nearest_js: float        # its Jensen-Shannon distance
+
+
+def site_key_offset(*sites: SitePatterns | SiteMask | None) -> int:
+    """The `key_offset` attribute of the first given site that has one (default 0)."""
+    for site in sites:
+        attrs = getattr(site, "attrs", None) or {}
+        if "key_offset" in attrs:
+            value = attrs["key_offset"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise AttnmaskError(f"site attribute key_offset must be a non-negative integer, got {value!r}")
+            return value
+    return 0
+
+
+def layer_distributions(site: SitePatterns, layer: int, plane: Plane) -> np.ndarray:
+    """P of every head of one layer: [H, Q, K]."""
+    return row_distributions(average_pattern(site.sum[layer], site.count), plane.eligible)
+
+
+def site_stats(name: str, site: SitePatterns, key_offset: int = 0,
+               layers: list[int] | None = None) -> tuple[list[HeadStats], np.ndarray]:
+    """HeadStats for every head of the chosen layers, and the JS distances [layers, H, H] within each."""
+    plane = site_plane(site.count, site.causal, key_offset)
+    W, o = plane.weights, key_offset
+    chosen = list(range(site.layers)) if layers is None else layers
+    stats, distances = [], []
+    for layer in chosen:
+        P = layer_distributions(site, layer, plane)
+        values = {
+            "entropy": entropy(P, W), "mean_distance": mean_distance(P, W, o), "first": first_mass(P, W),
+            "diagonal": mass_at(P, W, o, 0), "previous": mass_at(P, W, o, -1), "next": mass_at(P, W, o, 1),
+        }
+        shares = concentration(P, W, plane.eligible)
+        js = js_distances(P, W)
+        distances.append(js)
+        for head in range(site.heads):
+            others = np.delete(np.arange(site.heads), head)
+            nearest = int(others[np.argmin(js[head, others])]) if others.size else -1
+            stats.append(HeadStats(
+                site=name, layer=layer, head=head,
+                entropy_uniform=uniform_entropy(plane),
+                **{k: float(v[head]) for k, v in values.items()},
+                share50=float(shares[head, 0]), share90=float(shares[head, 1]), share99=float(shares[head, 2]),
+                nearest_head=nearest, nearest_js=float(js[head, nearest]) if nearest >= 0 else 0.0,
+            ))
+    return stats, np.stack(distances) if distances else np.zeros((0, site.heads, site.heads))
+
+
+def select_sites(available: list[str], site: str | None) -> list[str]:
+    """All sites, or the one asked for (a clear error when the store has no such site)."""
+    if site is None:
+        return sorted(available)
+    if site not in available:
+        raise AttnmaskError(f"site {site!r} is not in the store (it has {', '.join(sorted(available))})")
+    return [site]
+
+
+def store_stats(store: PatternStore, site: str | None = None) -> dict:
+    """{'store': attrs, 'sites': {name: {'key_offset', 'causal', 'shape', 'heads': [HeadStats...],
+    'js': [layers][H][H]}}} for every site (or the one named)."""
+    out = {"store": _plain(store.attrs), "sites": {}}
+    for name in select_sites(list(store.sites), site):
+        s = store.sites[name]
+        offset = site_key_offset(s)
+        stats, js = site_stats(name, s, offset)
+        out["sites"][name] = {
+            "causal": s.causal, "key_offset": offset, "shape": list(s.sum.shape),
+            "heads": [asdict(h) for h in stats], "js": np.round(js, 6).tolist(),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask stores
+
+
+@dataclass
+class MaskHeadSummary:
+    site: str
+    layer: int
+    head: int
+    kept: int            # kept cells among the eligible ones
+    eligible: int        # cells the mask could keep (observed, and within the causal band)
+    sparsity: float      # 1 - kept / eligible
+    kept_mass: float | None  # sum_{q,k} J[q, k] keep[q, k]: the share of attention mass kept
+
+
+def mask_eligible(mask: SiteMask, key_offset: int, patterns: SitePatterns | None) -> np.ndarray:
+    """Cells a mask can meaningfully keep: the pattern's E when given, else all cells (causal band)."""
+    queries, keys = mask.keep.shape[2:]
+    if patterns is not None:
+        return site_plane(patterns.count, patterns.causal, key_offset).eligible
+    if mask.causal:
+        return causal_band(queries, keys, key_offset)
+    return np.ones((queries, keys), bool)
+
+
+def site_mask_summary(name: str, mask: SiteMask, patterns: SitePatterns | None = None,
+                      key_offset: int = 0) -> list[MaskHeadSummary]:
+    """Sparsity 1 - |keep & E| / |E| and kept mass sum J keep per (layer, head) of one site."""
+    if patterns is not None and patterns.sum.shape != mask.keep.shape:
+        raise AttnmaskError(f"site {name}: mask shape {list(mask.keep.shape)} does not match the "
+                            f"pattern shape {list(patterns.sum.shape)}")
+    eligible = mask_eligible(mask, key_offset, patterns)
+    plane = site_plane(patterns.count, patterns.causal, key_offset) if patterns is not None else None
+    cells = int(eligible.sum())
+    out = []
+    for layer in range(mask.layers):
+        kept_cells = (mask.keep[layer] & eligible).sum((-2, -1))
+        kept_mass = None
+        if plane is not None:
+            P = layer_distributions(patterns, layer, plane)
+            kept_mass = np.einsum("hqk,hqk,q->h", P, mask.keep[layer], plane.weights)
+        for head in range(mask.heads):
+            kept = int(kept_cells[head])
+            out.append(MaskHeadSummary(
+                site=name, layer=layer, head=head, kept=kept, eligible=cells,
+                sparsity=1 - kept / cells if cells else 0.0,
+                kept_mass=None if kept_mass is None else float(kept_mass[head]),
+            ))
+    return out
+
+
+def mask_summary(masks: MaskStore, patterns: PatternStore | None = None, site: str | None = None) -> dict:
+    """{'store': attrs, 'sites': {name: {'heads': [MaskHeadSummary...], 'sparsity', 'kept_mass'}}}.
+
+    Site-level `sparsity` is 1 - (kept cells) / (eligible cells) summed over all heads, and
+    `kept_mass` the mean over heads of their kept mass (None without a pattern store).
+    """
+    out = {"store": _plain(masks.attrs), "sites": {}}
+    for name in select_sites(list(masks.sites), site):
+        m = masks.sites[name]
+        p = patterns.sites.get(name) if patterns is not None else None
+        offset = site_key_offset(m, p)
+        heads = site_mask_summary(name, m, p, offset)
+        kept = sum(h.kept for h in heads)
+        cells = sum(h.eligible for h in heads)
+        masses = [h.kept_mass for h in heads if h.kept_mass is not None]
+        out["sites"][name] = {
+            "causal": m.causal, "key_offset": offset, "shape": list(m.keep.shape),
+            "sparsity": 1 - kept / cells if cells else 0.0,
+            "kept_mass": float(np.mean(masses)) if masses else None,
+            "heads": [asdict(h) for h in heads],
+        }
+    return out
+
+
+def _plain(attrs: dict) -> dict:
+    """Attributes as JSON-safe values."""
+    return json.loads(json.dumps(attrs, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer/head selection used by the commands
+
+
+def parse_indices(text: str | None, limit: int, what: str) -> list[int]:
+    """'0,3' or '2-5' or '0,4-6' -> sorted indices < limit; None -> all of range(limit)."""
+    if text is None or text.strip() == "":
+        return list(range(limit))
+    chosen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                chosen.update(range(lo, hi + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise AttnmaskError(f"--{what} expects numbers like 0,3 or 2-5, got {text!r}") from None
+    bad = [i for i in chosen if not 0 <= i < limit]
+    if bad or not chosen:
+        raise AttnmaskError(f"--{what} {text!r} is out of range: the site has {limit} {what} (0-{limit - 1})")
+    return sorted(chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables for the terminal
+
+
+def stats_table(name: str, result: dict):
+    """A rich Table of one site's head statistics (`result` is store_stats(...)['sites'][name])."""
+    from rich.table import Table
+
+    offset = f", key offset {result['key_offset']}" if result["key_offset"] else ""
+    table = Table(title=f"{name} {result['shape']}{' causal' if result['causal'] else ''}{offset}")
+    columns = [("layer", "layer", "d"), ("head", "head", "d"), ("entropy", "entropy", ".3f"),
+               ("max H", "entropy_uniform", ".3f"), ("distance", "mean_distance", ".2f"),
+               ("first", "first", ".3f"), ("diag", "diagonal", ".3f"), ("prev", "previous", ".3f"),
+               ("next", "next", ".3f"), ("50%", "share50", ".2%"), ("90%", "share90", ".2%"),
+               ("99%", "share99", ".2%"), ("nearest", "nearest_head", "d"), ("JS", "nearest_js", ".3f")]
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    for head in result["heads"]:
+        table.add_row(*(format(head[key], fmt) for _, key, fmt in columns))
+    table.caption = ("entropy in nats (max H: uniform rows); distance in tokens; first/diag/prev/next: "
+                     "attention mass; 50/90/99%: share of observed cells holding that mass; nearest: "
+                     "most similar head of the layer and its Jensen-Shannon distance")
+    return table
+
+
+def mask_table(name: str, result: dict):
+    """A rich Table of one mask site's sparsity (`result` is mask_summary(...)['sites'][name])."""
+    from rich.table import Table
+
+    table = Table(title=f"{name} {result['shape']}: sparsity {result['sparsity']:.2%}")
+    for title in ("layer", "head", "kept", "eligible", "sparsity", "mass kept"):
+        table.add_column(title, justify="right")
+    for h in result["heads"]:
+        mass = "-" if h["kept_mass"] is None else f"{h['kept_mass']:.4f}"
+        table.add_row(str(h["layer"]), str(h["head"]), str(h["kept"]), str(h["eligible"]),
+                      f"{h['sparsity']:.2%}", mass)
+    return table

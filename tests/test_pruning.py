@@ -1,0 +1,457 @@
+"""Dynamic token pruning on tiny random BERT and GPT-2 models with padded batches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnmask.errors import AttnmaskError
+from attnmask.pruning import (PositionedMask, PruningConfig, TokenPruner, install_pruning, keep_decision,
+                              parse_schedule, stats_table, token_importance)
+
+LAYERS, HEADS, VOCAB = 4, 4, 60
+SEP = 2  # a "special" id in these tests
+
+
+def tiny_bert(cls=None, dropout=0.0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, num_labels=2)
+    return (cls or BertModel)(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=HEADS, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2Model(cfg).eval()
+
+
+MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2}
+
+
+def padded_batch(lengths=(13, 9, 4), seed=1):
+    """input_ids [B, T] (ids 3.. , right padding with 0) and attention_mask [B, T]."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.randint(3, VOCAB, (len(lengths), t), generator=g)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    return ids, mask
+
+
+def alone(ids, mask, b):
+    n = int(mask[b].sum())
+    return ids[b:b + 1, :n], mask[b:b + 1, :n]
+
+
+def run(model, config, ids, mask, special=()):
+    pruner = TokenPruner(model, config, special)
+    with torch.no_grad():
+        return pruner(ids, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters and schedules
+
+
+def test_schedules_per_layer_values():
+    assert PruningConfig("topk", keep_rate=0.4).per_layer(6) == pytest.approx([1, 1, 0.85, 0.7, 0.55, 0.4])
+    assert PruningConfig("threshold", final_threshold=0.04).per_layer(6) == pytest.approx(
+        [0, 0, 0.01, 0.02, 0.03, 0.04])
+    assert PruningConfig("topk", keep_rate=0.5, first_pruned_layer=1).per_layer(3) == pytest.approx([1, 0.75, 0.5])
+    sched = parse_schedule("0,0,0.2,0.2,0.2,0.15")
+    assert PruningConfig("schedule", schedule=sched).per_layer(6) == list(sched)
+
+
+@pytest.mark.parametrize("config, layers, message", [
+    (PruningConfig("random"), 4, "--prune-tokens must be one of"),
+    (PruningConfig("topk", keep_rate=0), 4, "--keep-rate"),
+    (PruningConfig("topk", keep_rate=1.5), 4, "--keep-rate"),
+    (PruningConfig("threshold", final_threshold=-0.1), 4, "--final-threshold"),
+    (PruningConfig("schedule"), 4, "needs --schedule"),
+    (PruningConfig("schedule", schedule=(0, 0.2)), 4, "has 2 values, the model has 4"),
+    (PruningConfig("schedule", schedule=(0.1, 0.2, 0.2, 0.2)), 4, "must start with 0"),
+    (PruningConfig("schedule", schedule=(0, 1.0, 0.2, 0.2)), 4, "must lie in [0, 1)"),
+    (PruningConfig("topk", schedule=(0, 0.2)), 4, "applies only to"),
+    (PruningConfig("topk", learn_thresholds=True), 4, "--learn-thresholds needs"),
+    (PruningConfig("threshold", temperature=0), 4, "--temperature"),
+    (PruningConfig("threshold", lam=-1), 4, "--lambda"),
+    (PruningConfig("topk", first_pruned_layer=0), 4, "first pruned layer"),
+])
+def test_invalid_parameters_raise_clear_errors(config, layers, message):
+    with pytest.raises(AttnmaskError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        config.validate(layers)
+
+
+def test_parse_schedule_rejects_garbage():
+    with pytest.raises(AttnmaskError, match="comma-separated"):
+        parse_schedule("0,a")
+
+
+def test_importance_averages_over_heads_and_real_queries_only():
+    probs = torch.rand(1, 2, 3, 3).softmax(-1)
+    real = torch.tensor([[True, True, False]])
+    expected = probs[0, :, :2].sum((0, 1)) / (2 * 2)
+    assert torch.allclose(token_importance(probs, real)[0], expected)
+    assert float(token_importance(probs, real).sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_keep_decision_topk_ties_and_protection():
+    imp = torch.tensor([[0.1, 0.5, 0.2, 0.2, 0.0]])
+    real = torch.tensor([[True, True, True, True, False]])
+    protected = torch.tensor([[True, False, False, False, False]])
+    keep = keep_decision("topk", 0.5, imp, real, protected, real.sum(-1))  # ceil(0.5 * 4) = 2
+    assert keep.tolist() == [[True, True, False, False, False]]
+    keep = keep_decision("threshold", 0.15, imp, real, protected, real.sum(-1))
+    assert keep.tolist() == [[True, True, True, True, False]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness and padding
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("config", [PruningConfig("topk", keep_rate=1.0), PruningConfig("threshold", final_threshold=0.0),
+                                    PruningConfig("schedule", schedule=(0, 0, 0, 0))])
+def test_no_pruning_reproduces_the_dense_model(family, config):
+    model = MODELS[family]()
+    ids, mask = padded_batch()
+    out = run(model, config, ids, mask)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert out.kept == [int(real.sum())] * LAYERS
+    assert (out.last_hidden_state[real] - dense.last_hidden_state[real]).abs().max() <= 1e-5
+    if family == "bert":
+        assert (out.pooler_output - dense.pooler_output).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("config", [PruningConfig("topk", keep_rate=0.3, first_pruned_layer=1),
+                                    PruningConfig("threshold", final_threshold=0.12, first_pruned_layer=1)])
+def test_importance_and_pruning_do_not_depend_on_padding(family, config):
+    model = MODELS[family]()
+    ids, mask = padded_batch()
+    batch = run(model, config, ids, mask)
+    assert batch.kept[-1] < batch.kept[0]  # something was pruned
+    for b in range(ids.shape[0]):
+        single = run(model, config, *alone(ids, mask, b))
+        n = int(mask[b].sum())
+        for l in range(LAYERS - 1):
+            assert torch.allclose(batch.importance[l][b, :n], single.importance[l][0], atol=1e-6)
+            assert (batch.importance[l][b, n:] == 0).all()
+        kept_b = batch.positions[b][batch.real[b]]
+        assert kept_b.tolist() == single.positions[0].tolist()
+        assert (batch.last_hidden_state[b][batch.real[b]] - single.last_hidden_state[0]).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Removal really shrinks the work
+
+
+def layer_lengths(model, pruner, ids, mask):
+    """Sequence length of the hidden states reaching each layer module (forward pre-hooks)."""
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+             for layer in pruner.body.layers]
+    try:
+        with torch.no_grad():
+            out = pruner(ids, mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_removed_tokens_shrink_later_layers(family):
+    model = MODELS[family]()
+    ids, mask = padded_batch((13, 9, 4))
+    pruner = TokenPruner(model, PruningConfig("topk", keep_rate=0.25, first_pruned_layer=1))
+    lengths, out = layer_lengths(model, pruner, ids, mask)
+    # keep-rates 1, 0.75, 0.5, 0.25 of 13 tokens for the longest sequence: ceil -> 13, 10, 7, 4
+    assert lengths == [13, 10, 7, 4]
+    assert out.slots == [3 * n for n in lengths]
+    assert out.last_hidden_state.shape[1] == 4
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_schedule_and_topk_counts_per_layer(family):
+    model = MODELS[family]()
+    lengths = (13, 9, 4)
+    ids, mask = padded_batch(lengths)
+    schedule = (0, 0.5, 0.25, 0.5)
+    out = run(model, PruningConfig("schedule", schedule=schedule), ids, mask)
+    expected, current = [], list(lengths)
+    for f in schedule:
+        current = [max(c - math.floor(f * c), 1) for c in current]
+        expected.append(sum(current))
+    assert out.kept == expected
+    rates = PruningConfig("topk", keep_rate=0.4).per_layer(LAYERS)
+    out = run(model, PruningConfig("topk", keep_rate=0.4), ids, mask)
+    assert out.kept == [sum(max(math.ceil(r * n - 1e-9), 1) for n in lengths) for r in rates]
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_first_and_special_tokens_are_never_pruned_and_one_token_remains(family):
+    model = MODELS[family]()
+    ids, mask = padded_batch((13, 9, 4))
+    sep_at = [5, 8, 3]
+    for b, p in enumerate(sep_at):
+        ids[b, p] = SEP
+    for config in (PruningConfig("topk", keep_rate=0.01, first_pruned_layer=1),
+                   PruningConfig("threshold", final_threshold=0.99, first_pruned_layer=1),
+                   PruningConfig("schedule", schedule=(0, 0.9, 0.9, 0.9))):
+        out = run(model, config, ids, mask, special=[SEP])
+        for b, p in enumerate(sep_at):
+            assert out.positions[b][out.real[b]].tolist() == [0, p]  # only [CLS] and the special token
+        # without special ids the first token alone survives
+        out = run(model, config, ids, mask)
+        assert out.positions[:, 0].tolist() == [0, 0, 0] and out.real.sum(-1).tolist() == [1, 1, 1]
+
+
+def test_gpt2_pruned_keeps_causality_on_surviving_positions():
+    """The output of a surviving token depends only on surviving tokens at or before it."""
+    model = tiny_gpt2()
+    ids, mask = padded_batch((12,))
+    config = PruningConfig("schedule", schedule=(0, 0.3, 0.3, 0.3))
+    out = run(model, config, ids, mask)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % VOCAB  # a later token changes
+    out2 = run(model, config, changed, mask)
+    last = out.positions[0][out.real[0]]
+    assert 11 not in last[:-1].tolist()
+    keep_same = last < 11
+    assert (out.last_hidden_state[0][out.real[0]][keep_same]
+            - out2.last_hidden_state[0][out2.real[0]][keep_same]).abs().max() <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def test_gradients_flow_through_pruned_training():
+    from transformers import BertForSequenceClassification
+
+    model = tiny_bert(BertForSequenceClassification, dropout=0.1).train()
+    handle = install_pruning(model, PruningConfig("topk", keep_rate=0.3, first_pruned_layer=1))
+    ids, mask = padded_batch()
+    loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    assert handle.last.kept[-1] < handle.last.kept[0]
+    for name, p in model.named_parameters():
+        if "bert.encoder.layer" in name and "weight" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    handle.remove()
+    assert "forward" not in model.bert.__dict__
+
+
+def test_learned_thresholds_rise_under_the_penalty_then_freeze():
+    model = tiny_bert()
+    config = PruningConfig("threshold", final_threshold=0.06, learn_thresholds=True, temperature=0.05,
+                           lam=1.0, first_pruned_layer=1)
+    pruner = TokenPruner(model, config)
+    ids, mask = padded_batch()
+    start = pruner.thresholds.detach().clone()
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=0.05)
+    fractions = []
+    for _ in range(5):
+        out = pruner(ids, mask)
+        assert out.kept == [int(mask.sum())] * LAYERS  # soft stage: nothing removed
+        loss = pruner.penalty(out)
+        fractions.append(float(out.kept_fraction.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = pruner.thresholds.detach() - start
+    assert (moved[1:] > 0).all() and moved[0] == 0
+    assert fractions[-1] < fractions[0]
+    pruner.set_stage("hard")
+    assert not pruner.thresholds.requires_grad
+    with torch.no_grad():
+        out = pruner(ids, mask)
+    assert out.kept[-1] < out.kept[0]
+    assert float(pruner.penalty(out)) == 0
+
+
+def test_soft_mask_with_zero_weight_equals_removal():
+    """A key whose soft mask is ~0 contributes like a removed token (log M added to the scores)."""
+    model = tiny_bert()
+    ids, mask = padded_batch((9,))
+    # threshold far above every importance but a near-zero temperature: M -> 0 for all unprotected
+    soft = TokenPruner(model, PruningConfig("threshold", final_threshold=0.9, learn_thresholds=True,
+                                            temperature=1e-3, first_pruned_layer=1))
+    hard = TokenPruner(model, PruningConfig("threshold", final_threshold=0.9, first_pruned_layer=1))
+    with torch.no_grad():
+        a, b = soft(ids, mask), hard(ids, mask)
+    assert b.kept[1:] == [1, 1, 1]
+    assert (a.last_hidden_state[0, 0] - b.last_hidden_state[0, 0]).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Static masks at the same time
+
+
+def random_store(site, plane=16, density=0.5, seed=3):
+    from attnmask.store import MaskStore, SiteMask, masks_digest
+
+    rng = np.random.default_rng(seed)
+    keep = rng.random((LAYERS, HEADS, plane, plane)) < density
+    causal = site == "decoder.self"
+    if causal:
+        keep &= np.tri(plane, dtype=bool)
+    sites = {site: SiteMask(keep, causal)}
+    return MaskStore({"digest": masks_digest(sites), "beyond": "dense"}, sites)
+
+
+@pytest.mark.parametrize("family, site", [("bert", "encoder.self"), ("gpt2", "decoder.self")])
+def test_static_masks_follow_the_surviving_positions(family, site, monkeypatch):
+    from attnmask.runtime import apply_masks
+
+    model = MODELS[family]()
+    ids, mask = padded_batch((13, 9, 4))
+    store = random_store(site)
+    seen = []
+    original_attend = PositionedMask.attend
+
+    def recording(self, module, query, *args):
+        out = original_attend(self, module, query, *args)
+        seen.append((module.layer_idx, self.state.positions.clone(), self.state.real.clone(),
+                     self.last_allowed.clone(), self.inner.spec.keep))
+        return out
+
+    monkeypatch.setattr(PositionedMask, "attend", recording)
+    with apply_masks(model, store, backend="eager"):
+        out = run(model, PruningConfig("topk", keep_rate=0.3, first_pruned_layer=1), ids, mask)
+        dense_masked = run(model, PruningConfig("topk", keep_rate=1.0), ids, mask)
+        with torch.no_grad():
+            reference = model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert (dense_masked.last_hidden_state[real] - reference.last_hidden_state[real]).abs().max() <= 1e-5
+    assert len(seen) == 2 * LAYERS and out.kept[-1] < out.kept[0]
+    checked = 0
+    for layer, pos, real_slots, allowed, keep in seen[:LAYERS]:
+        assert allowed.shape[-1] == pos.shape[1]
+        for b in range(pos.shape[0]):
+            slots = real_slots[b].nonzero().flatten()
+            p = pos[b, slots]
+            expected = keep[:, p[:, None], p[None, :]]
+            got = allowed[b][:, slots][:, :, slots]
+            # rows the pruning emptied keep their diagonal; all other rows equal the mask at (pos_i, pos_j)
+            restored = got & ~expected
+            assert (restored == (torch.eye(len(p), dtype=torch.bool) & restored)).all()
+            rows_ok = ~restored.any(-1)
+            assert (got[rows_ok] == expected[rows_ok]).all()
+            checked += int(rows_ok.sum())
+    assert checked > 0
+
+
+def test_positioned_mask_uses_the_length_policy_beyond_the_plane():
+    from attnmask.runtime import apply_masks
+
+    model = tiny_bert()
+    ids, mask = padded_batch((20, 6))
+    with apply_masks(model, random_store("encoder.self", plane=8), backend="sdpa"):
+        out = run(model, PruningConfig("topk", keep_rate=0.5, first_pruned_layer=1), ids, mask)
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Installed into a task model; statistics
+
+
+def test_installed_classifier_matches_dense_at_keep_rate_one_and_reports_stats():
+    from transformers import BertForSequenceClassification
+
+    model = tiny_bert(BertForSequenceClassification)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+    handle = install_pruning(model, PruningConfig("topk", keep_rate=1.0))
+    with torch.no_grad():
+        pruned = model(input_ids=ids, attention_mask=mask).logits
+    assert (pruned - dense).abs().max() <= 1e-5
+    handle.remove()
+    handle = install_pruning(model, PruningConfig("topk", keep_rate=0.5, first_pruned_layer=1))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask)
+    rows = handle.stats.rows()
+    assert handle.stats.sequences == 6
+    assert rows[0]["tokens_per_seq"] == pytest.approx(26 / 3)
+    assert rows[-1]["kept_share"] < rows[0]["kept_share"] == 1.0
+    assert stats_table(handle.stats).row_count == LAYERS
+    handle.remove()
+
+
+def test_install_rejects_gpt2_and_unsupported_models():
+    with pytest.raises(AttnmaskError, match="BERT-family"):
+        install_pruning(tiny_gpt2(), PruningConfig("topk"))
+    with pytest.raises(AttnmaskError, match="token pruning supports"):
+        TokenPruner(torch.nn.Linear(2, 2), PruningConfig("topk"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs and options (bench, train, eval)
+
+
+def test_parse_spec_forms_and_errors():
+    from attnmask.pruning import parse_spec
+
+    assert parse_spec("topk:0.3") == PruningConfig("topk", keep_rate=0.3)
+    assert parse_spec("threshold:final-threshold=0.02,start=2") == PruningConfig(
+        "threshold", final_threshold=0.02, first_pruned_layer=2)
+    assert parse_spec("schedule:0,0.5").schedule == (0.0, 0.5)
+    with pytest.raises(AttnmaskError, match="KEY=VALUE"):
+        parse_spec("topk:size=3")
+    with pytest.raises(AttnmaskError, match="--keep-rate"):
+        parse_spec("topk:2")
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_pruning_context_prunes_inside_and_restores_after(family):
+    from attnmask.pruning import pruning_context
+
+    model = MODELS[family]()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with pruning_context(model, "topk:keep-rate=0.25,start=1") as handle:
+            pruned = model(input_ids=ids, attention_mask=mask)
+        after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert pruned.last_hidden_state.shape[1] < ids.shape[1]
+    assert handle.stats.rows()[-1]["kept_share"] < 1
+    assert torch.equal(dense, after)
+
+
+def test_options_and_recorded_learned_thresholds_round_trip():
+    from attnmask.pruning import config_from_fields, options_config, recorded_config
+
+    assert options_config(None) is None
+    with pytest.raises(AttnmaskError, match="need --prune-tokens"):
+        options_config(None, learn_thresholds=True)
+    fields = options_config("threshold", final_threshold=0.05, learn_thresholds=True, temperature=0.01, lam=0.5)
+    config = config_from_fields(fields)
+    assert config.learn_thresholds and config.lam == 0.5
+    model = tiny_bert()
+    from attnmask.pruning import PruningHandle
+
+    pruner = TokenPruner(model, config)
+    with torch.no_grad():
+        pruner.thresholds[2] = 0.3
+    handle = PruningHandle(model, pruner)
+    record = handle.record()
+    handle.remove()
+    hard = recorded_config(record)
+    assert not hard.learn_thresholds and hard.per_layer(LAYERS)[2] == pytest.approx(0.3)
