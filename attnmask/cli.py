@@ -25,6 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Data-informed global attention sparsity: collect patterns, compile masks, run them.")
 console = Console()
 PATTERNS_DIR = Path("patterns")
+DEFAULT_MAX_LENGTH = 128
 
 
 def guarded(fn: Callable) -> Callable:
@@ -91,7 +92,8 @@ def collect(
     data: str = typer.Argument(..., help="Text file, CSV/TSV/JSONL (.gz/.bz2), datasets folder, or 'rotten-tomatoes'."),
     out: Optional[str] = typer.Option(None, help="Pattern store to write, a path or an fsspec URL (s3://...) "
                                       "[default: patterns/<model>-<data>.zarr]."),
-    max_length: int = typer.Option(128, help="Tokens per sequence (longer ones are truncated); the plane size."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per sequence (longer ones are truncated); the "
+                                             "plane size [default: 128; Transformer-XL: its tgt_len]."),
     batch_size: int = typer.Option(32, help="Sequences per batch."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N examples."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -107,17 +109,17 @@ def collect(
 
     Under `torchrun --nproc-per-node N -m attnmask collect ...` the N processes share the data and
     rank 0 writes the store (see README, "Distributed collection")."""
-    from attnmask.collect import CheckpointPlan, accumulate, check_windowable
-    from attnmask.data import count_texts, iter_texts, resolve_data
+    from attnmask.data import resolve_data
     from attnmask.distributed import agree, launched_world, start, stop
     from attnmask.locking import StoreLock
-    from attnmask.models import load_adapter, pick_device
+    from attnmask.models import pick_device
     from attnmask.store import check_output, is_url
 
-    if max_length < 1 or batch_size < 1 or (limit is not None and limit < 1):
+    if (max_length is not None and max_length < 1) or batch_size < 1 or (limit is not None and limit < 1):
         raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
     if model.endswith(".pt"):  # fairseq checkpoint + binarized data folder
-        return collect_fairseq_command(model, data, split, out, max_length, batch_size, limit, device, overwrite)
+        return collect_fairseq_command(model, data, split, out, max_length or DEFAULT_MAX_LENGTH, batch_size,
+                                       limit, device, overwrite)
     if checkpoint_every is not None and checkpoint_every < 1:
         raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
     world = launched_world()
@@ -136,8 +138,7 @@ def collect(
             error = e
         agree(world, error)
         _collect_locked(world, model, source, data, out, run_device, max_length, batch_size, limit,
-                        overwrite, checkpoint_every, resume, accumulate, check_windowable, CheckpointPlan,
-                        count_texts, iter_texts, load_adapter)
+                        overwrite, checkpoint_every, resume)
     finally:
         if lock is not None:
             lock.release()
@@ -145,11 +146,13 @@ def collect(
 
 
 def _collect_locked(world, model, source, data, out, run_device, max_length, batch_size, limit, overwrite,
-                    checkpoint_every, resume, accumulate, check_windowable, CheckpointPlan, count_texts,
-                    iter_texts, load_adapter):
+                    checkpoint_every, resume):
     """The body of `collect` once the output is locked (on rank 0) and every rank has joined."""
     import itertools
 
+    from attnmask.collect import CheckpointPlan, accumulate, check_windowable
+    from attnmask.data import count_texts, iter_texts
+    from attnmask.models import load_adapter
     from attnmask.checkpoint import (check_resumable, checkpoint_dir, checkpoint_file, load_checkpoint,
                                      new_collection_id, remove_checkpoints)
     from attnmask.distributed import agree, barrier, broadcast, reduce_result
@@ -163,6 +166,7 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
         if total == 0:
             raise AttnmaskError(f"{data} holds no examples")
         adapter = load_adapter(model, run_device)
+        max_length = max_length or getattr(adapter, "default_max_length", None) or DEFAULT_MAX_LENGTH
         if hasattr(adapter, "check_max_length"):
             adapter.check_max_length(max_length)
         if world.distributed:
@@ -196,10 +200,17 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
     collection = broadcast(world, state.collection if state is not None else new_collection_id())
     finished = False
     if world.is_main and resume:
+        # A kill after the store was written: with the checkpoint still there the store carries its
+        # run's id; without it (removed too), a store of exactly these settings and data is the result.
         try:
-            finished = store_kind(out) == "patterns" and _read_root_attrs(out).get("collection") == collection
-        except AttnmaskError:
-            finished = False
+            done = _read_root_attrs(out) if store_kind(out) == "patterns" else {}
+        except (AttnmaskError, OSError, ValueError):
+            done = {}
+        if state is not None:
+            finished = done.get("collection") == collection
+        else:
+            finished = bool(done) and all(done.get(k) == v for k, v in identity.items()) \
+                and done.get("max_length") == max_length and done.get("sequences") == total
     if broadcast(world, finished):
         remove_checkpoints(folder)
         console.print(f"{out} was already completed by the interrupted run; nothing to do")
@@ -494,6 +505,8 @@ def train(
         record = train_fairseq(data, None if masks == "none" else masks, fairseq_args or [])
         console.print(f"trained with masks {record['digest'] if record else 'none (dense)'}")
         return
+    if fairseq_args:
+        raise AttnmaskError(f"unexpected extra arguments {' '.join(fairseq_args)} (only MODEL fairseq takes them)")
     if out is None:
         raise AttnmaskError("--out is required (the folder for the trained model)")
     if task == "lm":
@@ -570,6 +583,8 @@ def eval_command(
         if result.trained_with and result.trained_with != result.masks:
             console.print(f"note: the checkpoint was trained with masks {result.trained_with}")
         return
+    if data_bin is not None:
+        raise AttnmaskError(f"unexpected extra argument {data_bin} (only MODEL fairseq takes DATA_BIN)")
     if task == "lm":
         from attnmask.lm import eval_lm
         from attnmask.models import pick_device

@@ -59,17 +59,20 @@ class PatternAccumulator:
                 raise AttnmaskError(f"site {name}: a batch of {q}x{k} positions exceeds the store's "
                                     f"{plane_q}x{plane_k} plane")
             self.count[name][:q, :k] += valid.sum(0)
-            self._valid[name] = valid.to(torch.float64)
+            self._valid[name] = valid.to(torch.float32)
         self.sequences += batch.size
         self.tokens += batch.tokens
 
     def __call__(self, site: str, layer: int, probs: torch.Tensor) -> None:
-        """Add sum over b of valid[b] * probs[b] ([batch, heads, q, k]) into the top-left corner."""
+        """Add sum over b of valid[b] * probs[b] ([batch, heads, q, k]) into the top-left corner.
+
+        The sum over the batch's sequences is taken in float32 (a batch adds at most `batch` terms per
+        cell) and added to the float64 running sums; this einsum is ~2.5x faster than one in float64."""
         if site not in self.sum:
             return
         valid = self._valid[site]
         q, k = probs.shape[-2:]
-        contribution = torch.einsum("bhqk,bqk->hqk", probs.to(torch.float64), valid[:, :q, :k])
+        contribution = torch.einsum("bhqk,bqk->hqk", probs.float(), valid[:, :q, :k])
         self.sum[site][layer, :, :q, :k] += contribution
 
     def load_state(self, sums: dict[str, Any], counts: dict[str, Any], sequences: int, tokens: int) -> None:

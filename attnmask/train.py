@@ -601,6 +601,11 @@ def sweep(base: TrainSettings, patterns: str, taus: list[float], random_baseline
     rows = []
     for name, kind, tau, masks in runs:
         run_dir = out / "runs" / name
+        wanted = replace(base, masks=masks, out=str(run_dir)).comparable()
+        saved = json.loads((run_dir / "settings.json").read_text())["settings"] \
+            if (run_dir / "settings.json").exists() else None
+        if saved != wanted and run_dir.exists():
+            shutil.rmtree(run_dir)  # a run of other settings: retrain rather than reuse or resume it
         if (run_dir / "metrics.json").exists() and not (run_dir / "checkpoint").exists():
             metrics = json.loads((run_dir / "metrics.json").read_text())
         else:

@@ -5,6 +5,8 @@
   applied inside every MultiheadAttention while fairseq's CLI, checkpoints and logging stay its own.
 * `evaluate_fairseq(checkpoint, data_bin, masks=None)` decodes a split with beam search
   (incremental decoding, masked when masks are given) and scores corpus BLEU with sacrebleu.
+* `collect_fairseq(checkpoint, data_bin, split=..., out=...)` collects the three attention sites
+  (teacher-forced) into a pattern store: the `attnmask collect CHECKPOINT.pt DATA_BIN` path.
 * `make_reverse_task(folder)` writes a synthetic reverse-the-sequence task and binarizes it with
   fairseq-preprocess (joined dictionary); tests and benchmarks use it.
 """

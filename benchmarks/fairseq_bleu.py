@@ -102,7 +102,8 @@ def main() -> None:
                 write_masks(path, {n: compiled[n] for n in names}, attrs)
                 stores[(kind, tau, label)] = path
                 pruned = sum(compiled[n].attrs["pruned"] for n in names)
-                eligible = sum(compiled[n].attrs["eligible"] for n in names)
+                # `eligible` counts cells of the [Q, K] plane; every (layer, head) has them
+                eligible = sum(compiled[n].attrs["eligible"] * compiled[n].layers * compiled[n].heads for n in names)
                 rows.append({"kind": kind, "tau": tau, "sites": label, "bleu": bleu(path),
                              "sparsity": round(pruned / max(eligible, 1), 4)})
                 print(rows[-1], flush=True)

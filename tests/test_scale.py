@@ -59,10 +59,18 @@ def test_torchrun_two_gloo_processes_equal_one_process(bert, tmp_path):
     assert not (tmp_path / ".two.zarr.lock").exists()
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end and proc.poll() is None and not path.exists():
-        time.sleep(0.05)
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_for_new_checkpoint(path: Path, proc: subprocess.Popen, seconds: float) -> None:
+    """Until `path` is (re)written by the running process, it ends, or `seconds` pass."""
+    before, end = _mtime(path), time.monotonic() + seconds
+    while time.monotonic() < end and proc.poll() is None and _mtime(path) == before:
+        time.sleep(0.02)
 
 
 def test_kill9_at_random_points_then_resume_equals_uninterrupted_run(bert, tmp_path):
@@ -72,7 +80,7 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted_run(bert, tmp_p
     from attnmask.models import load_adapter
     from attnmask.data import iter_texts, resolve_data
 
-    data = make_text(tmp_path / "d.txt", 800, seed=2)
+    data = make_text(tmp_path / "d.txt", 2000, seed=2)
     out = tmp_path / "p.zarr"
     ckpt = tmp_path / ".p.zarr.checkpoint" / "rank0-of-1.npz"
     args = [sys.executable, "-m", "attnmask", "collect", str(bert), str(data), "--out", str(out), *COLLECT,
@@ -86,8 +94,8 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted_run(bert, tmp_p
         if attempt == 0:
             time.sleep(rng.uniform(0.5, 2.0))  # likely before the model is even loaded
         elif attempt < 3:
-            _wait_for(ckpt, proc, 60)
-            time.sleep(rng.uniform(0.0, 1.5))
+            _wait_for_new_checkpoint(ckpt, proc, 90)
+            time.sleep(rng.uniform(0.0, 0.6))
         if attempt < 3 and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -106,7 +114,7 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted_run(bert, tmp_p
     adapter = load_adapter(str(bert), "cpu")
     source = resolve_data(str(data))
     reference = collect(adapter, iter_texts(source), batch_size=4, max_length=24, checkpoint_every=3)
-    assert resumed.attrs["sequences"] == reference.sequences == 800
+    assert resumed.attrs["sequences"] == reference.sequences == 2000
     for name, site in reference.sites.items():
         np.testing.assert_array_equal(resumed.sites[name].count, site.count)
         np.testing.assert_allclose(resumed.sites[name].sum, site.sum, rtol=1e-12, atol=1e-12)
@@ -334,3 +342,36 @@ def test_resume_after_the_store_was_written_but_before_checkpoints_were_removed(
     r = runner.invoke(app, ["collect", str(bert), str(data), "--out", str(tmp_path / "p.zarr"), *COLLECT,
                             "--resume", "--overwrite"])
     assert r.exit_code == 1 and "another number of processes" in r.output
+
+
+def test_an_error_on_rank_0_stops_every_rank(bert, tmp_path):
+    """Rank 0 cannot lock the output (another process holds it): both ranks stop with one error line
+    each instead of rank 1 waiting forever, and nothing is written."""
+    data = make_text(tmp_path / "d.txt", 20)
+    out = tmp_path / "p.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "attnmask")
+        r = run_cli("collect", str(bert), str(data), "--out", str(out), *COLLECT, prefix=torchrun, timeout=240)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(errors) == 2, r.stderr[-2000:]
+    assert any(f"in use by process {holder.pid}" in e for e in errors)
+    assert any("rank 1: stopping because another rank failed" in e for e in errors)
+    assert not out.exists()
+
+
+def test_collect_into_a_remote_url_with_checkpoints(bert, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints of a remote output live under ./.attnmask-checkpoints
+    data = make_text(tmp_path / "d.txt", 40)
+    r = CliRunner().invoke(app, ["collect", str(bert), str(data), "--out", "memory://c/p.zarr", *COLLECT,
+                                 "--checkpoint-every", "2"])
+    assert r.exit_code == 0, r.output
+    store = read_patterns("memory://c/p.zarr")
+    assert store.attrs["sequences"] == 40 and store.sites["encoder.self"].count[0, 0] == 40
+    assert not any((tmp_path / ".attnmask-checkpoints").glob("*/*.npz"))

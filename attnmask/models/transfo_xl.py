@@ -67,6 +67,11 @@ class TransfoXLAdapter(ModelAdapter):
     def mem_len(self) -> int:
         return self.model.config.mem_len
 
+    @property
+    def default_max_length(self) -> int | None:
+        """The segment length the model was trained with (collect's default plane height)."""
+        return self.model.config.extra.get("tgt_len")
+
     def identity(self) -> dict:
         config = {k: v for k, v in self.model.config.to_dict().items() if k not in _VOLATILE}
         return {"family": self.family, "name": self.name, "config_digest": json_digest(config)}
