@@ -3,10 +3,11 @@
 Notation, for one site, one layer and one head:
 
     A[q, k]   the average pattern: sum[q, k] / count[q, k] where count[q, k] > 0, else 0   [Q, K]
-    o         the site's key offset: key column o + q is query q's own position (attribute
-              `key_offset` of the site, default 0; Transformer-XL self-attention keeps its memory
-              in the first o = mem_len key columns). For `decoder.cross` (target queries, source
-              keys) o = 0, so "own position", "previous" and "next" mean the same index q, q-1, q+1.
+    o         the site's key offset: key column o + q is query q's own position. It is the
+              site attribute `key_offset` when present; else K - Q for a causal plane with more
+              keys than queries (Transformer-XL keeps mem_len memory keys first), as the compiler
+              assumes; else 0. For `decoder.cross` (target queries, source keys) o = 0, so "own
+              position", "previous" and "next" mean the same index q, q-1, q+1.
     E[q, k]   eligible cells: count[q, k] > 0, and for a causal site also k <= o + q
     n_q       how often query q occurred: max_k count[q, k] (the number of sequences in which q
               was real, since the query's own key, or the first source key, is real whenever q is)
@@ -202,14 +203,20 @@ class HeadStats:
 
 
 def site_key_offset(*sites: SitePatterns | SiteMask | None) -> int:
-    """The `key_offset` attribute of the first given site that has one (default 0)."""
-    for site in sites:
+    """Key column of query 0's own position: the `key_offset` attribute of the first given site
+    that has one; else, for a causal rectangular plane with K > Q (Transformer-XL, memory first),
+    K - Q, as the compiler assumes; else 0."""
+    given = [s for s in sites if s is not None]
+    for site in given:
         attrs = getattr(site, "attrs", None) or {}
         if "key_offset" in attrs:
             value = attrs["key_offset"]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise AttnmaskError(f"site attribute key_offset must be a non-negative integer, got {value!r}")
             return value
+    if given and given[0].causal:
+        plane = given[0].keep.shape[2:] if isinstance(given[0], SiteMask) else given[0].count.shape
+        return max(plane[1] - plane[0], 0)
     return 0
 
 
@@ -413,3 +420,16 @@ def mask_table(name: str, result: dict):
         table.add_row(str(h["layer"]), str(h["head"]), str(h["kept"]), str(h["eligible"]),
                       f"{h['sparsity']:.2%}", mass)
     return table
+
+
+def analyze_store(store: str, site: str | None = None, patterns: str | None = None) -> dict:
+    """What `attnmask analyze` prints: store_stats of a pattern store, or mask_summary of a mask store
+    (with the mass kept when its pattern store is given); `kind` says which."""
+    from attnmask.store import read_masks, read_patterns, store_kind
+
+    if store_kind(store) == "patterns":
+        if patterns is not None:
+            raise AttnmaskError("--patterns goes with a mask store; STORE is already a pattern store")
+        return {"kind": "patterns", **store_stats(read_patterns(store), site)}
+    pattern_store = read_patterns(patterns) if patterns is not None else None
+    return {"kind": "masks", **mask_summary(read_masks(store), pattern_store, site)}

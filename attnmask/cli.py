@@ -408,6 +408,65 @@ def inspect(
 
 
 # ----------------------------------------------------------------------------------------------
+# plot / analyze / report (logic in attnmask/plot.py, analyze.py, report.py)
+
+
+@command()
+def plot(
+    store: str = typer.Argument(..., help="A pattern store or a mask store."),
+    site: Optional[str] = typer.Option(None, help="Only this site (encoder.self, decoder.self, decoder.cross)."),
+    layers: Optional[str] = typer.Option(None, help="Layers to draw, e.g. 0,3 or 2-5 [default: all]."),
+    heads: Optional[str] = typer.Option(None, help="Heads to draw, e.g. 0,3 or 2-5 [default: all]."),
+    out: Path = typer.Option(Path("plots"), help="Folder for the PNGs."),
+    log: bool = typer.Option(False, "--log", help="Logarithmic colour scale."),
+    per_head: bool = typer.Option(False, "--per-head", help="Also one full-resolution image per head."),
+    patterns: Optional[str] = typer.Option(None, help="With a mask store: its pattern store, drawn with "
+                                                      "pruned entries greyed out."),
+    overwrite: bool = typer.Option(False, help="Replace existing PNGs."),
+):
+    """Heatmaps of the average pattern (or of a mask's kept entries) as a layers x heads grid per site."""
+    from attnmask.plot import plot_store
+
+    written = plot_store(store, out, site, layers, heads, log, per_head, patterns, overwrite)
+    console.print(f"wrote {len(written)} image(s) to [bold]{out}[/]")
+
+
+@command()
+def analyze(
+    store: str = typer.Argument(..., help="A pattern store (head statistics) or a mask store (sparsity)."),
+    site: Optional[str] = typer.Option(None, help="Only this site."),
+    patterns: Optional[str] = typer.Option(None, help="With a mask store: the pattern store, for the mass kept."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+):
+    """Per layer and head: entropy, attention distance, first/diagonal/previous/next mass, concentration
+    and the most similar head (Jensen-Shannon distance); for a mask store its sparsity and mass kept."""
+    from attnmask.analyze import analyze_store, mask_table, stats_table
+
+    result = analyze_store(store, site, patterns)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    make_table = mask_table if result["kind"] == "masks" else stats_table
+    for name, site_result in result["sites"].items():
+        console.print(make_table(name, site_result))
+
+
+@command()
+def report(
+    store: str = typer.Argument(..., help="A pattern store."),
+    masks: list[str] = typer.Option([], "--masks", help="A mask store to include (repeat for several)."),
+    out: Path = typer.Option(..., help="Folder for index.html."),
+    log: bool = typer.Option(False, "--log", help="Logarithmic colour scale for the heatmaps."),
+    overwrite: bool = typer.Option(False, help="Replace an existing index.html."),
+):
+    """One self-contained HTML page: store metadata, head statistics, heatmaps, and each mask's
+    sparsity and attention mass kept."""
+    from attnmask.report import write_report
+
+    console.print(f"wrote [bold]{write_report(store, out, masks, log, overwrite)}[/]")
+
+
+# ----------------------------------------------------------------------------------------------
 # train / eval / sweep / demo (logic in attnmask/train.py)
 
 

@@ -69,7 +69,8 @@ class SiteView:
 
 
 def color_norm(view: SiteView, log: bool) -> Normalize | None:
-    """Linear 0..max, or log max*LOG_FLOOR..max (clipped to the smallest positive value shown)."""
+    """Linear 0..max, or log from a tenth of the smallest positive value shown (at least max*LOG_FLOOR) to max;
+    zeros take the lowest colour."""
     if view.values is None:
         return None
     shown = view.values[..., view.observed]
@@ -78,7 +79,8 @@ def color_norm(view: SiteView, log: bool) -> Normalize | None:
     if not log:
         return Normalize(0.0, vmax, clip=True)
     positive = shown[shown > 0]
-    vmin = max(float(positive.min()) if positive.size else vmax * LOG_FLOOR, vmax * LOG_FLOOR)
+    # a decade below the smallest positive value, so that it stays distinguishable from zero
+    vmin = max(float(positive.min()) / 10 if positive.size else vmax * LOG_FLOOR, vmax * LOG_FLOOR)
     return LogNorm(min(vmin, vmax / 10), vmax, clip=True)
 
 
