@@ -108,6 +108,7 @@ class Row:
     flops: float | None = None
     kept: float | None = None  # share of attention entries computed (flex: of tiles)
     note: str = ""
+    tokens_kept: list[dict] | None = None  # token pruning: PruneStats.rows(), tokens entering each layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,8 +419,9 @@ def run_model_level(settings: BenchSettings, model: nn.Module, store_for: Callab
             rows.append(row)
         for spec in settings.prune_tokens:
             log(f"model L={length}: prune-tokens {spec}")
-            with pruning_context(model, spec), torch.inference_mode():
+            with pruning_context(model, spec) as handle, torch.inference_mode():
                 row = _measure("model", length, f"prune-tokens {spec}", forward, settings, device)
+                row.tokens_kept = handle.stats.rows()
             row.speedup = _ratio(base, row)
             rows.append(row)
     return rows
@@ -548,6 +550,14 @@ def results_table(result: dict):
         cells += [r["note"]] * notes
         table.add_row(*cells)
     return table
+
+
+def tokens_kept_tables(result: dict) -> list:
+    """One 'tokens kept per layer' table per token-pruning row of the results."""
+    from attnmask.pruning import stats_table
+
+    return [stats_table(r["tokens_kept"], title=f"tokens kept per layer: {r['variant']}, L={r['length']}")
+            for r in result["rows"] if r.get("tokens_kept")]
 
 
 def default_out(model: str) -> Path:

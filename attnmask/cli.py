@@ -791,7 +791,7 @@ def bench(
 ):
     """Time dense SDPA against the masked backends, for the attention op and the whole model."""
     from attnmask.bench import (BenchSettings, default_out, parse_lengths, results_table, run_bench,
-                                write_json)
+                                tokens_kept_tables, write_json)
 
     target = Path(out) if out else default_out(model)
     if target.exists() and not overwrite:
@@ -804,6 +804,8 @@ def bench(
         prune_tokens=list(prune_tokens), seed=seed)
     result = run_bench(settings, log=lambda line: typer.echo(line, err=True))
     console.print(results_table(result))
+    for table in tokens_kept_tables(result):
+        console.print(table)
     console.print(f"wrote [bold]{write_json(result, target, overwrite)}[/]")
 
 

@@ -317,6 +317,25 @@ class PositionedMask:
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout, bias=bias)
 
 
+class FusedLastLayer:
+    """Attention of the last layer of a hard-stage pruned forward, through PyTorch SDPA.
+
+    No later layer reads the last layer's importance, so its probabilities need not be materialised:
+    out [B, Q, H, D] = softmax(q kᵀ · scaling + attention_mask) · V computed by
+    `scaled_dot_product_attention` with the same additive mask as the eager layers.
+    """
+
+    def attend(self, module, query, key, value, attention_mask, scaling, dropout):
+        if key.shape[1] != query.shape[1]:
+            repeat = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]].to(query.dtype)
+        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                         dropout_p=dropout if module.training else 0.0,
+                                                         scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+
 # ----------------------------------------------------------------------------------------------
 # Statistics
 
@@ -486,8 +505,12 @@ class TokenPruner(nn.Module):
     @contextmanager
     def _taps(self, captured: dict, state: _ForwardState) -> Iterator[None]:
         """Sinks on every attention module (probabilities of layer l into captured[l]) and static-mask
-        backends wrapped with the original positions; everything is restored afterwards."""
+        backends wrapped with the original positions; everything is restored afterwards.
+
+        In the hard stage the last layer's importance is never read, so a last layer without a static
+        mask runs fused SDPA attention (`FusedLastLayer`) instead of materialising its probabilities."""
         saved = []
+        last = self.layers - 1
         for layer, modules in enumerate(self._attention):
             for m in modules:
                 saved.append((m, m.__dict__.get("_attnmask_sink"), m.__dict__.get("_attnmask_mask")))
@@ -499,6 +522,8 @@ class TokenPruner(nn.Module):
                 inner = m.__dict__.get("_attnmask_mask")
                 if inner is not None:
                     m._attnmask_mask = PositionedMask(inner, state)
+                elif layer == last and self.stage == "hard":
+                    m._attnmask_mask = FusedLastLayer()
         try:
             yield
         finally:

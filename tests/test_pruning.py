@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -455,3 +456,25 @@ def test_options_and_recorded_learned_thresholds_round_trip():
     handle.remove()
     hard = recorded_config(record)
     assert not hard.learn_thresholds and hard.per_layer(LAYERS)[2] == pytest.approx(0.3)
+
+
+def test_bench_reports_tokens_kept_per_layer(tmp_path):
+    """`attnmask bench --prune-tokens` times the pruned model and reports tokens kept per layer."""
+    from typer.testing import CliRunner
+
+    from attnmask.cli import app
+
+    model_dir = tmp_path / "tiny"
+    tiny_bert().config.save_pretrained(model_dir)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(model_dir), "--lengths", "32", "--batch-size", "2",
+                                      "--repeats", "1", "--warmup", "0", "--no-op", "--backends", "sdpa",
+                                      "--prune-tokens", "schedule:0,0.5,0.5,0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "tokens kept per layer" in result.output
+    (row,) = [r for r in json.loads(out.read_text())["rows"] if r["variant"].startswith("prune-tokens")]
+    kept = row["tokens_kept"]
+    assert [r["layer"] for r in kept] == [0, 1, 2, 3]
+    assert kept[0]["kept_share"] == 1.0 and kept[1]["kept_share"] < 0.6
+    assert kept[2]["kept_share"] < kept[1]["kept_share"] and kept[3]["kept_share"] == kept[2]["kept_share"]
+
