@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnmask.compile import causal_plane, expand_tiles
 from attnmask.errors import AttnmaskError
 
 MASKED_BACKENDS = ("eager", "sdpa", "flex")
@@ -255,8 +256,8 @@ def synthetic_keep(layers: int, heads: int, plane: int, tau: float, block: int, 
             tiles = np.eye(n, dtype=bool)
             chosen = rng.choice(off_diagonal, size=min(target - n, off_diagonal.size), replace=False)
             tiles.flat[chosen] = True
-            full = np.repeat(np.repeat(tiles, block, axis=0), block, axis=1)[:plane, :plane]
-            keep[layer, head] = full & np.tri(plane, dtype=bool) if causal else full
+            full = expand_tiles(tiles, block, plane, plane)
+            keep[layer, head] = full & causal_plane(plane, plane) if causal else full
     return keep
 
 

@@ -29,10 +29,9 @@ from fractions import Fraction
 import numpy as np
 
 from attnmask.errors import AttnmaskError
-from attnmask.store import PatternStore, SiteMask, SitePatterns
+from attnmask.store import BEYOND_POLICIES, PatternStore, SiteMask, SitePatterns
 
 SCOPES = ("layer", "head", "global")
-BEYOND_POLICIES = ("dense", "error")
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,10 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.store import MaskStore, read_masks
+from attnmask.store import BEYOND_POLICIES, MaskStore, read_masks
 
 logger = logging.getLogger("attnmask")
 
-BEYOND_POLICIES = ("dense", "error")
 CONFIG_KEY = "attnmask"
 
 

@@ -44,6 +44,7 @@ PATTERNS_FORMAT = "attnmask.patterns"
 MASKS_FORMAT = "attnmask.masks"
 FORMAT_VERSION = 1
 SITE_NAMES = ("encoder.self", "decoder.self", "decoder.cross")
+BEYOND_POLICIES = ("dense", "error")  # mask store attribute `beyond`: what runs beyond the plane
 STORAGE_OPTIONS_ENV = "ATTNMASK_STORAGE_OPTIONS"
 
 

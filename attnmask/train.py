@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from attnmask.compile import eligible_entries
 from attnmask.errors import AttnmaskError
 
 DEFAULT_LABELS = {"rotten-tomatoes": ("category", ["fresh", "rotten"])}
@@ -224,11 +225,8 @@ def data_weighted_sparsity(masks, patterns) -> float:
         return 0.0
     pruned = total = 0.0
     for name, site in masks.sites.items():
-        count = patterns.sites[name].count.astype(np.float64)
-        eligible = count > 0
-        if site.causal:
-            eligible &= np.tri(*count.shape, dtype=bool)
-        weight = np.where(eligible, count, 0.0)
+        count = patterns.sites[name].count
+        weight = np.where(eligible_entries(count, site.causal), count, 0).astype(np.float64)
         pruned += float((weight * ~site.keep).sum())
         total += float(weight.sum()) * site.keep.shape[0] * site.keep.shape[1]
     return pruned / max(total, 1.0)

@@ -16,6 +16,7 @@ Masks are injected through the same attention seam by the runtime.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -84,6 +85,24 @@ class ModelAdapter(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+@contextlib.contextmanager
+def sink_attached(modules: Iterable[torch.nn.Module], sink: AttentionSink):
+    """Set `module._attnmask_sink = sink` on every module while active; restore what was there after."""
+    modules = list(modules)
+    missing = object()
+    previous = [m.__dict__.get("_attnmask_sink", missing) for m in modules]
+    for m in modules:
+        m._attnmask_sink = sink
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, previous):
+            if old is missing:
+                m.__dict__.pop("_attnmask_sink", None)
+            else:
+                m._attnmask_sink = old
 
 
 def pick_device(device: str) -> torch.device:

@@ -33,8 +33,8 @@ from typing import Iterable, Iterator
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site
-from attnmask.store import MaskStore, json_digest
+from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached
+from attnmask.store import BEYOND_POLICIES, MaskStore, json_digest
 
 FAMILY = "fairseq"
 _VOLATILE_MODEL_KEYS = {"_name", "data", "no_progress_bar", "log_format", "log_interval", "seed", "cpu",
@@ -327,7 +327,7 @@ def apply_masks(model, store: MaskStore) -> dict:
     """
     sites = install_attention(model)
     beyond = store.attrs.get("beyond", "dense")
-    if beyond not in ("dense", "error"):
+    if beyond not in BEYOND_POLICIES:
         raise AttnmaskError(f"{store.path} has an unknown length policy beyond={beyond!r}")
     for name, mask in store.sites.items():
         modules = sites[name]
@@ -442,16 +442,8 @@ class FairseqAdapter(ModelAdapter):
     def forward(self, batch: Batch):
         return self.model(**batch.inputs)
 
-    @contextlib.contextmanager
     def capture(self, sink: AttentionSink):
-        modules = [m for ms in self._modules.values() for m in ms]
-        for m in modules:
-            m._attnmask_sink = sink
-        try:
-            yield
-        finally:
-            for m in modules:
-                m._attnmask_sink = None
+        return sink_attached((m for ms in self._modules.values() for m in ms), sink)
 
 
 def _right_pad(rows: list[torch.Tensor], pad: int) -> torch.Tensor:

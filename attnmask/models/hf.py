@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site
+from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached
 from attnmask.store import json_digest
 
 ATTENTION_NAME = "attnmask"
@@ -175,15 +175,8 @@ class HuggingFaceAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def capture(self, sink: AttentionSink):
-        modules = attention_modules(self.model)
-        with self._attention_implementation(ATTENTION_NAME):
-            for m in modules:
-                m._attnmask_sink = sink
-            try:
-                yield
-            finally:
-                for m in modules:
-                    m.__dict__.pop("_attnmask_sink", None)
+        with self._attention_implementation(ATTENTION_NAME), sink_attached(attention_modules(self.model), sink):
+            yield
 
     def _probe_sites(self) -> list[Site]:
         """Run two tokens through the model and record which (site, layer, heads) attention calls occur."""

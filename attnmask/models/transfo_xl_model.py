@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnmask.errors import AttnmaskError
+from attnmask.store import BEYOND_POLICIES
 
 MODEL_TYPE = "transfo-xl"
 WEIGHTS_SAFETENSORS = "model.safetensors"
@@ -190,7 +191,7 @@ class KeepPlanes:
     def __init__(self, keep: torch.Tensor, beyond: str = "dense"):
         if keep.dim() != 4 or keep.dtype != torch.bool:
             raise AttnmaskError("keep masks must be bool [layers, heads, queries, keys]")
-        if beyond not in ("dense", "error"):
+        if beyond not in BEYOND_POLICIES:
             raise AttnmaskError(f"unknown length policy beyond={beyond!r} (dense or error)")
         self.keep = keep
         self.beyond = beyond
