@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import causal_band
 from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns
 
 CONCENTRATION_LEVELS = (0.5, 0.9, 0.99)
@@ -53,11 +54,6 @@ class Plane:
         return self.eligible.shape
 
 
-def causal_band(queries: int, keys: int, key_offset: int) -> np.ndarray:
-    """[Q, K] bool: k <= key_offset + q (the cells a causal query may attend to)."""
-    return np.arange(keys)[None, :] <= key_offset + np.arange(queries)[:, None]
-
-
 def site_plane(count: np.ndarray, causal: bool, key_offset: int = 0) -> Plane:
     """E = (count > 0) & (causal band if causal); W_q = n_q / sum n over rows with eligible cells."""
     queries, keys = count.shape
@@ -65,7 +61,7 @@ def site_plane(count: np.ndarray, causal: bool, key_offset: int = 0) -> Plane:
         raise AttnmaskError(f"key_offset {key_offset} is outside the plane's {keys} key columns")
     eligible = count > 0
     if causal:
-        eligible &= causal_band(queries, keys, key_offset)
+        eligible &= causal_band(queries, keys, key_offset).numpy()
     occurrences = np.where(eligible.any(1), count.max(1), 0).astype(np.float64)
     total = occurrences.sum()
     weights = occurrences / total if total > 0 else occurrences
@@ -299,7 +295,7 @@ def mask_eligible(mask: SiteMask, key_offset: int, patterns: SitePatterns | None
     if patterns is not None:
         return site_plane(patterns.count, patterns.causal, key_offset).eligible
     if mask.causal:
-        return causal_band(queries, keys, key_offset)
+        return causal_band(queries, keys, key_offset).numpy()
     return np.ones((queries, keys), bool)
 
 

@@ -29,6 +29,7 @@ from fractions import Fraction
 import numpy as np
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import causal_band
 from attnmask.store import BEYOND_POLICIES, PatternStore, SiteMask, SitePatterns
 
 SCOPES = ("layer", "head", "global")
@@ -73,9 +74,9 @@ def prune_count(tau: float, eligible: int) -> int:
 
 
 def causal_plane(queries: int, keys: int) -> np.ndarray:
-    """allowed[q, k] = k <= q + (keys - queries): bool [Q, K]. Keys are memory (if any) then the
-    queries' own positions, so query q sits at key column q + keys - queries (k <= q when square)."""
-    return np.tri(queries, keys, keys - queries, dtype=bool)
+    """allowed[q, k] = k <= q + (keys - queries): bool [Q, K], the causal band of a plane whose first
+    keys - queries keys are memory (attnmask.masks.rules.causal_band)."""
+    return causal_band(queries, keys, keys - queries).numpy()
 
 
 def eligible_entries(count: np.ndarray, causal: bool) -> np.ndarray:

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.transfo_xl_model import KeepPlanes, TransfoXLConfig, TransfoXLLM
+from attnmask.masks.rules import Window, check_beyond
+from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM
+from attnmask.runtime import MaskHandle, apply_masks
 from attnmask.store import MaskStore, read_masks
 
 EOS, UNK = "<eos>", "<unk>"
@@ -117,31 +119,20 @@ def segments(streams: torch.Tensor, tgt_len: int) -> Iterator[tuple[torch.Tensor
 # Masks
 
 
-def load_masks(masks: str | Path | MaskStore, config: TransfoXLConfig, tgt_len: int, mem_len: int,
-               device: torch.device | str = "cpu") -> tuple[KeepPlanes, MaskStore]:
-    """The store's decoder.self keep planes for this model, checked against its layers, heads and the
-    length policy `beyond` recorded at compile time."""
+def load_masks(lm: TransfoXLLM, masks: str | Path | MaskStore, tgt_len: int, mem_len: int,
+               backend: str = "auto") -> MaskHandle:
+    """Apply the store's decoder.self masks to the model (attnmask.apply_masks); with the length policy
+    "error", segments of tgt_len tokens and mem_len memories must fit the plane (checked before any work)."""
     store = masks if isinstance(masks, MaskStore) else read_masks(masks)
     if SITE not in store.sites:
         raise AttnmaskError(f"mask store {store.path} has no {SITE} site (sites: {', '.join(store.sites)})")
-    keep = store.sites[SITE].keep
-    layers, heads, q, k = keep.shape
-    if layers != config.n_layer or heads not in (1, config.n_head):
-        raise AttnmaskError(f"masks are for {layers} layers x {heads} heads, the model has "
-                            f"{config.n_layer} x {config.n_head}")
-    if k < q:
-        raise AttnmaskError(f"masks of {q} queries x {k} keys are not a Transformer-XL plane (keys >= queries)")
-    planes = KeepPlanes(torch.from_numpy(np.ascontiguousarray(keep)).to(device),
-                        store.attrs.get("beyond", "dense"))
-    planes.check_lengths(tgt_len, mem_len)
-    return planes, store
-
-
-def mask_record(store: MaskStore) -> dict:
-    """What a saved model's config records under "attnmask"."""
-    return {"digest": store.digest, "sites": sorted(store.sites), "tau": store.attrs.get("tau"),
-            "random": store.attrs.get("random"), "beyond": store.attrs.get("beyond", "dense"),
-            "backend": "eager", "path": store.path}
+    plane_q, plane_k = store.sites[SITE].keep.shape[2:]
+    if plane_k < plane_q:
+        raise AttnmaskError(f"masks of {plane_q} queries x {plane_k} keys are not a Transformer-XL plane "
+                            "(keys >= queries)")
+    check_beyond(Window(tgt_len, mem_len + tgt_len, 0, plane_k - plane_q - mem_len), plane_q, plane_k,
+                 store.attrs.get("beyond", "dense"), SITE)
+    return apply_masks(lm, store, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +187,7 @@ def evaluate(run: LMRun, stream: torch.Tensor, batch_size: int) -> dict:
 
 def eval_lm(model: str | Path, text: str | Path, *, masks: str | Path | MaskStore | None = None,
             batch_size: int = 8, tgt_len: int | None = None, mem_len: int | None = None,
-            device: torch.device | str = "cpu") -> dict:
+            device: torch.device | str = "cpu", backend: str = "auto") -> dict:
     """Perplexity of a saved Transformer-XL on a text file, with attention masks: `masks`, or when
     None the store recorded in the model's config (if it is still there, same digest), or 'none'.
 
@@ -206,8 +197,7 @@ def eval_lm(model: str | Path, text: str | Path, *, masks: str | Path | MaskStor
     if masks is None:
         masks = recorded_store(run.model.config)
     if masks is not None and str(masks) != "none":
-        run.model.transformer.attention_masks, store = load_masks(masks, run.model.config, run.tgt_len,
-                                                                  run.mem_len, device)
+        store = load_masks(run.model, masks, run.tgt_len, run.mem_len, backend).store
     result = evaluate(run, run.vocab.encode_lines(read_lines(text)), batch_size)
     result["masks"] = store.digest if store is not None else None
     return result
@@ -247,7 +237,7 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
              valid: str | Path | None = None, steps: int | None = 1000, epochs: int = 1, batch_size: int = 16,
              tgt_len: int | None = None, mem_len: int | None = None, lr: float | None = None,
              seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, backend: str = "auto") -> dict:
     """Train a Transformer-XL language model on `text` for `steps` segments (None: `epochs` passes
     over the text), with masks if given.
 
@@ -276,9 +266,9 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
             raise AttnmaskError("--config trains from scratch; it cannot be combined with a model folder")
         run = load_lm(model, device, tgt_len, mem_len)
         lr = lr or 2e-4
-    lm, store = run.model, None
+    lm, handle = run.model, None
     if masks is not None:
-        lm.transformer.attention_masks, store = load_masks(masks, lm.config, run.tgt_len, run.mem_len, device)
+        handle = load_masks(lm, masks, run.tgt_len, run.mem_len, backend)
     streams = batchify(run.vocab.encode_lines(lines), batch_size).to(device)
     if steps is None:
         steps = epochs * math.ceil((streams.shape[1] - 1) / run.tgt_len)
@@ -309,20 +299,20 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
                 break
     seconds = time.perf_counter() - start
     summary = {"steps": step, "train_loss": float(np.mean(recent)), "seconds": seconds,
-               "masks": store.digest if store is not None else None}
+               "masks": handle.store.digest if handle is not None else None}
     if valid is not None:
         summary["valid_perplexity"] = evaluate(run, run.vocab.encode_lines(read_lines(valid)),
                                                batch_size)["perplexity"]
-    save_lm(run, out, store)
+    save_lm(run, out, handle)
     return summary
 
 
-def save_lm(run: LMRun, out: Path, store: MaskStore | None) -> None:
+def save_lm(run: LMRun, out: Path, handle: MaskHandle | None) -> None:
     """config.json (+ tgt_len, + "attnmask" record with masks), model.safetensors, vocab.txt."""
     config = run.model.config
     config.extra["tgt_len"] = run.tgt_len
-    if store is not None:
-        config.extra["attnmask"] = mask_record(store)
+    if handle is not None:
+        config.extra["attnmask"] = handle.record()
     else:
         config.extra.pop("attnmask", None)
     run.model.save_pretrained(out)

@@ -31,8 +31,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from attnmask.analyze import average_pattern, causal_band, parse_indices, select_sites, site_key_offset
+from attnmask.analyze import average_pattern, parse_indices, select_sites, site_key_offset
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import causal_band
 from attnmask.store import read_masks, read_patterns, store_kind
 
 UNOBSERVED = (1.0, 1.0, 1.0, 1.0)
@@ -247,7 +248,7 @@ def pattern_view(name: str, site, layers: list[int], heads: list[int]) -> SiteVi
     offset = site_key_offset(site)
     values = average_pattern(site.sum[np.ix_(layers, heads)], site.count)
     queries, keys = site.count.shape
-    band = causal_band(queries, keys, offset) if site.causal else np.ones((queries, keys), bool)
+    band = causal_band(queries, keys, offset).numpy() if site.causal else np.ones((queries, keys), bool)
     return SiteView(name, layers, heads, values, site.count > 0, None, band, offset, site.causal)
 
 
@@ -263,7 +264,7 @@ def mask_view(name: str, mask, layers: list[int], heads: list[int], patterns_sit
         return view
     offset = site_key_offset(mask)
     queries, keys = mask.keep.shape[2:]
-    band = causal_band(queries, keys, offset) if mask.causal else np.ones((queries, keys), bool)
+    band = causal_band(queries, keys, offset).numpy() if mask.causal else np.ones((queries, keys), bool)
     return SiteView(name, layers, heads, None, np.ones((queries, keys), bool), keep, band, offset, mask.causal)
 
 

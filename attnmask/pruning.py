@@ -32,10 +32,10 @@ surviving positions is the lower triangle of the repacked sequence. Position ids
 positions are kept; BERT and GPT-2 add position embeddings only at the input, so nothing changes
 after layer 0.
 
-Static masks (attnmask/runtime.py) work at the same time: during the pruned forward every runtime
-backend on an attention module is wrapped so that the mask of surviving slots i, j is
-keep[h, pos_i, pos_j] (the backend's own keep plane and length policy, `backend.window`); a real query
-row left with no allowed key keeps its diagonal.
+Static masks (attnmask/runtime.py) work at the same time: during the pruned forward each attention
+module with a mask runs `PositionedMask` (installed as `module._attnmask_override`), where the mask of
+surviving slots i, j is allowed[h, pos_i, pos_j] of the module's mask (attnmask/masks/rules.py: causal
+band, length policy, row guarantee), and the row guarantee holds on the slots too.
 
 Learned thresholds (LTP's two stages, `threshold` only): in the soft stage nothing is removed; the
 cumulative soft mask M_l[b, k] = Π_{j ≤ l} σ((imp_{j-1}[b, k] − θ_j) / T) (1 for protected tokens)
@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import Window, guarantee_rows
 
 METHODS = ("topk", "threshold", "schedule")
 
@@ -283,38 +284,35 @@ class _ForwardState:
 
 
 class PositionedMask:
-    """A runtime mask backend seen through original positions: slots i, j use keep[h, pos_i, pos_j].
-
-    Wraps a `runtime.PlaneBackend` (uses its `spec.keep` plane after the row guarantee and its
-    `window` length policy) and computes eager attention so the importance sees the masked attention.
-    """
+    """A static mask (runtime.MaskedAttention) seen through original positions: slots i, j use
+    allowed[h, pos_i, pos_j] of the mask's window over the original length (its causal band, length
+    policy and row guarantee); then the row guarantee again on the slots, whose order is the original
+    order. Computes eager attention so the importance sees the masked attention."""
 
     def __init__(self, inner, state: _ForwardState):
         self.inner = inner
         self.state = state
         self.last_allowed: torch.Tensor | None = None
 
-    def allowed(self, heads: int) -> torch.Tensor:
-        """bool [B, H, T, T]: keep[h, pos_i, pos_j] for real queries i (padding rows: unrestricted),
-        with the diagonal restored in real rows the pruning left without any allowed key."""
+    def allowed(self) -> torch.Tensor:
+        """bool [B, H, T, T]: what slot i may attend to (padding query rows unrestricted)."""
         pos, real, structure = self.state.positions, self.state.real, self.state.structure
-        n = int(pos.max()) + 1
-        plane = self.inner.window(self.inner.spec.keep, n, n, True)  # [H, n, n]
+        n, slots = int(pos.max()) + 1, pos.shape[1]
+        plane = self.inner.allowed(Window.self_attention(n, n))  # [H, n, n]
         keep = plane[:, pos[:, :, None], pos[:, None, :]].permute(1, 0, 2, 3)  # [B, H, T, T]
-        keep = keep | ~real[:, None, :, None]
-        empty = ~(keep & structure[:, None]).any(-1) & real[:, None, :]  # [B, H, T]
-        if bool(empty.any()):
-            eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
-            keep = keep | (empty[..., None] & eye)
-        return keep
+        keep = (keep | ~real[:, None, :, None]) & structure[:, None]
+        return guarantee_rows(keep, Window.self_attention(slots, slots), 0, cross=False)[0]
 
-    def attend(self, module, query, key, value, attention_mask, scaling, dropout):
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout):
         from attnmask.models.hf import eager_attention
 
-        keep = self.allowed(query.shape[1])
+        keep = self.allowed()
         self.last_allowed = keep
-        bias = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
-        return eager_attention(module, query, key, value, attention_mask, scaling, dropout, bias=bias)
+        model_mask = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+        if attention_mask is not None:
+            model_mask = model_mask + attention_mask[..., : key.shape[-2]].float()
+        model_mask.masked_fill_(~keep, torch.finfo(torch.float32).min)
+        return eager_attention(module, query, key, value, model_mask, scaling, dropout)
 
 
 class FusedLastLayer:
@@ -325,14 +323,11 @@ class FusedLastLayer:
     `scaled_dot_product_attention` with the same additive mask as the eager layers.
     """
 
-    def attend(self, module, query, key, value, attention_mask, scaling, dropout):
-        if key.shape[1] != query.shape[1]:
-            repeat = query.shape[1] // key.shape[1]
-            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout):
         mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]].to(query.dtype)
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                          dropout_p=dropout if module.training else 0.0,
-                                                         scale=scaling)
+                                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -513,7 +508,7 @@ class TokenPruner(nn.Module):
         last = self.layers - 1
         for layer, modules in enumerate(self._attention):
             for m in modules:
-                saved.append((m, m.__dict__.get("_attnmask_sink"), m.__dict__.get("_attnmask_mask")))
+                saved.append((m, m.__dict__.get("_attnmask_sink"), m.__dict__.get("_attnmask_override")))
 
                 def sink(site, l, probs, layer=layer):
                     captured[layer] = probs
@@ -521,14 +516,14 @@ class TokenPruner(nn.Module):
                 m._attnmask_sink = sink
                 inner = m.__dict__.get("_attnmask_mask")
                 if inner is not None:
-                    m._attnmask_mask = PositionedMask(inner, state)
+                    m._attnmask_override = PositionedMask(inner, state)
                 elif layer == last and self.stage == "hard":
-                    m._attnmask_mask = FusedLastLayer()
+                    m._attnmask_override = FusedLastLayer()
         try:
             yield
         finally:
             for m, sink, mask in saved:
-                for name, old in (("_attnmask_sink", sink), ("_attnmask_mask", mask)):
+                for name, old in (("_attnmask_sink", sink), ("_attnmask_override", mask)):
                     if old is None:
                         m.__dict__.pop(name, None)
                     else:

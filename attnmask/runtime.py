@@ -1,50 +1,32 @@
-"""Run Hugging Face models with compiled attention masks.
+"""One mask runtime for every model family: compiled masks inside the model, with real speed.
 
-Interface (stable; other backends plug in here)
-==============================================
+    handle = attnmask.apply_masks(model, masks, backend="auto" | "eager" | "sdpa" | "blocksparse" | "flex")
 
-    handle = apply_masks(model, masks, backend="eager" | "sdpa" | "flex" | "auto")
+`model` is a Hugging Face model, a fairseq translation Transformer or attnmask's Transformer-XL;
+`masks` a `MaskStore` or its path. Each family's adapter (attnmask/models/) exposes its attention
+modules through one seam (`MaskSeam`), the same one collection uses. apply_masks checks that the store
+fits (sites, layers, heads), puts one `MaskedAttention` per (site, layer) on the modules as
+`module._attnmask_mask`, and records the store's digest with the model. The handle works as a plain
+call (masks stay until `handle.remove()`) and as a context manager (exit restores the model).
 
-`masks` is a `MaskStore` or the path of one. The call validates that the store fits the model (every
-site of the store exists in the model with the same number of layers and heads; otherwise one
-`AttnmaskError`), builds one backend object per (site, layer), puts it on each attention module as
-`module._attnmask_mask`, switches the model to the registered `attnmask` attention function
-(attnmask/models/hf.py, which hands every call of a module with a backend to `backend.attend`) and
-records the store's digest in `model.config.attnmask` (so `save_pretrained` writes it). The handle
-works as a plain call (masks stay until `handle.remove()`) and as a context manager (exit restores
-the model: attention implementation, module state and config). `handle.backend` is the backend
-actually used ("auto" resolved, see `resolve_backend`; the choice is also logged on the "attnmask"
-logger).
+A family's attention code computes q, k, v and hands them to `MaskedAttention.attend` with a `Call`:
+where the call sits on the plane (`Window`, attnmask/masks/rules.py), each sequence's number of real
+keys (right padding), the scale and dropout, and optionally an additive score term (Transformer-XL's
+relative positions). What the call may attend to is `window_keep` of the plane (the causal band, the
+length policy and the row guarantee: attnmask/masks/rules.py), and each sequence's padding on top.
+It is computed once per call shape and cached; nothing is rebuilt per call beyond the padding mask.
 
-Backends: `BACKENDS[name] = factory`, where `factory(spec: MaskSpec) -> backend object`. A factory is
-called once per (site, layer) at apply time; `spec.keep` is the layer's bool [heads, Q, K] keep plane
-already on the model's device (True = attention kept), after the row guarantee below. The object
-converts it once into the form it uses (eager: additive float32 bias, 0 kept / -inf pruned; sdpa:
-the bool plane) and implements
-
-    backend.attend(module, query, key, value, attention_mask, scaling, dropout)
-        query [B, H, q, D], key/value [B, Hkv, k, D], attention_mask: transformers' additive eager
-        mask [B, 1, q, k] (0 kept, dtype minimum masked) or None; returns (out [B, q, H, D],
-        probabilities [B, H, q, k] or None).
-
-Padding and causal masks (in `attention_mask`) apply on top of the keep plane. Subclass `PlaneBackend`
-to get `self.window(plane, q, k, fill)`, which implements the length policy below and caches what it
-builds. A backend that returns no probabilities must fall back to eager attention while a collection
-sink is set on the module (`module._attnmask_sink`), as `SdpaBackend` does. The FlexAttention backend
-registers itself from attnmask/flex.py with `BACKENDS["flex"] = factory`; `resolve_backend` picks it
-for "auto" on CUDA when the store's masks are block-compiled (root attribute `block_size` > 1) and the
-module is importable.
-
-Length policy: the plane of a site covers positions [0, Q) x [0, K). A call with q queries and k keys
-uses queries [off, off + q) with off = k - q for self-attention sites (the last queries, as under a
-key/value cache; off = 0 for cross-attention and whenever q == k) and keys [0, k). Inside the plane
-that is a view of the plane (no copy); beyond it the store's root attribute `beyond` decides:
-"dense" (default) keeps every entry outside the plane, "error" raises an AttnmaskError.
-
-Row guarantee: a (head, query) row whose kept keys all lie after the query (k > q) would be empty for
-short sequences (NaN) or would attend only to padding; the runtime keeps its diagonal entry (q, q)
-(cross-attention: key 0 of rows with nothing kept). `handle.rescued_rows` counts such rows; masks
-compiled with min_keep >= 1 on a causal site never need it.
+Backends (all exact; they differ only in speed):
+* eager        scores, masked softmax, probabilities (used whenever probabilities are needed:
+               collection sinks, fairseq need_weights); the reference.
+* sdpa         torch scaled_dot_product_attention with the bool mask [1 or B, H, q, k].
+* blocksparse  only the kept T x T tiles (attnmask/masks/blocksparse.py): the fast path on CPU.
+* flex         FlexAttention with a BlockMask per call shape (attnmask/flex.py): the fast path on CUDA.
+               Calls with dropout, a score term or (CPU) gradients run on blocksparse.
+* auto         blocksparse (CPU) or flex (CUDA) when at most `SPARSE_TILE_SHARE` of the planes' tiles
+               are kept, else sdpa. `handle.backend` and `handle.reason` say what was chosen and why.
+A call the chosen backend cannot express runs on the next one that can (a model mask that is more than
+right padding and causality: sdpa).
 """
 
 from __future__ import annotations
@@ -53,280 +35,284 @@ import logging
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.store import BEYOND_POLICIES, MaskStore, read_masks
+from attnmask.masks.blocksparse import TILE, ScoreTerm, TileLayout, block_sparse_attention, tile_classes, pad_to_tiles, tile_layout
+from attnmask.masks.rules import BEYOND_POLICIES, Window, window_keep
+from attnmask.store import MaskStore, read_masks
 
 logger = logging.getLogger("attnmask")
 
-CONFIG_KEY = "attnmask"
+BACKENDS = ("eager", "sdpa", "blocksparse", "flex")
+SPARSE_TILE_SHARE = 0.5
+"""auto picks a block-sparse backend when at most this share of the planes' tiles is kept."""
+_CACHE_LIMIT = 16
 
 
-@dataclass(frozen=True)
-class MaskSpec:
-    """What a backend factory gets for one (site, layer)."""
+@dataclass
+class Call:
+    """One attention computation as a family hands it to the runtime.
 
-    site: str
-    layer: int
-    keep: torch.Tensor  # bool [heads, Q, K] on the model's device; True = kept
-    causal: bool
-    beyond: str  # "dense" | "error"
-    store_attrs: dict = field(default_factory=dict)  # mask store root attributes (tau, block_size, ...)
-    site_attrs: dict = field(default_factory=dict)
+    window      where the q queries and k keys sit on the plane
+    scale       multiplies q·kᵀ
+    key_len     long [B]: real keys per sequence, all first (right padding); None when all are real
+    dropout     attention dropout probability (0 outside training)
+    extra       additive score term beside q·kᵀ·scale (already scaled), or None
+    model_allowed  bool, broadcastable to [B, H, q, k]: a model mask that is more than right padding
+                and causality (left padding, custom masks); forces a dense backend
+    need_probs  the caller needs the probabilities [B, H, q, k] (eager)
+    """
+
+    window: Window
+    scale: float
+    key_len: torch.Tensor | None = None
+    dropout: float = 0.0
+    extra: ScoreTerm | None = None
+    model_allowed: torch.Tensor | None = None
+    need_probs: bool = False
 
 
-BackendFactory = Callable[[MaskSpec], Any]
-BACKENDS: dict[str, BackendFactory] = {}
+def key_real(key_len: torch.Tensor | None, k: int, device) -> torch.Tensor | None:
+    """bool [B, k]: key j of sequence b is real (j < key_len[b]); None when all are."""
+    return None if key_len is None else torch.arange(k, device=device)[None, :] < key_len[:, None]
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, n, D] -> [B, heads, n, D] for grouped-query attention."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def dense_allowed(allowed: torch.Tensor, call: Call, k: int) -> torch.Tensor:
+    """bool [1 or B, H, q, k]: the window's allowed cells, padding keys and any model mask removed."""
+    mask = allowed[None]
+    real = key_real(call.key_len, k, allowed.device)
+    if real is not None:
+        mask = mask & real[:, None, None, :]
+    if call.model_allowed is not None:
+        mask = mask & call.model_allowed
+    return mask
+
+
+def eager_attention(query, key, value, allowed: torch.Tensor, call: Call, training: bool):
+    """(out [B, H, q, D], P [B, H, q, k]) with P = softmax(q kᵀ · scale + extra, over allowed keys),
+    computed in float32; a row with no allowed key is 0 (as in scaled_dot_product_attention), never NaN."""
+    heads = query.shape[1]
+    key, value = repeat_kv(key, heads), repeat_kv(value, heads)
+    scores = torch.matmul(query * call.scale, key.transpose(-1, -2)).float()
+    if call.extra is not None:
+        scores = scores + call.extra.dense().float()
+    mask = dense_allowed(allowed, call, key.shape[-2])
+    scores.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    probs = scores.softmax(dim=-1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    dropped = nn.functional.dropout(probs.to(value.dtype), p=call.dropout, training=training)
+    return torch.matmul(dropped, value), probs
+
+
+def sdpa_attention(query, key, value, allowed: torch.Tensor, call: Call):
+    """out [B, H, q, D] from scaled_dot_product_attention with the allowed mask (float when there is
+    a score term: 0 + extra where allowed, the dtype minimum elsewhere)."""
+    mask = dense_allowed(allowed, call, key.shape[-2])
+    if call.extra is not None:
+        extra = call.extra.dense().to(query.dtype)
+        mask = extra.masked_fill(~mask, torch.finfo(query.dtype).min)
+    return nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=call.dropout, scale=call.scale,
+        enable_gqa=key.shape[1] != query.shape[1])
+
+
+class MaskedAttention:
+    """The compiled mask of one (site, layer) and the backend that applies it.
+
+    keep: bool [H, Q, K] on the model's device (True = kept). What a call may attend to, its tile
+    layout and its FlexAttention plan are derived from it once per call shape and cached.
+    """
+
+    def __init__(self, site: str, layer: int, keep: torch.Tensor, *, causal: bool, cross: bool, beyond: str,
+                 backend: str, tile: int = TILE):
+        self.site, self.layer, self.keep = site, layer, keep
+        self.causal, self.cross, self.beyond = causal, cross, beyond
+        self.backend, self.tile = backend, tile
+        self._allowed: dict[Window, torch.Tensor] = {}
+        self._layouts: dict[Window, TileLayout] = {}
+        self._flex: dict[Window, Any] = {}
+        self.rescued_rows = 0
+
+    @property
+    def key_offset(self) -> int:
+        """K - Q of the plane: query r's own token is key column r + key_offset (Transformer-XL memories)."""
+        return self.keep.shape[2] - self.keep.shape[1]
+
+    def to(self, device: torch.device) -> None:
+        """Move the plane to `device`, forgetting what was derived from it."""
+        self.keep = self.keep.to(device)
+        self._allowed.clear(), self._layouts.clear(), self._flex.clear()
+
+    def allowed(self, window: Window) -> torch.Tensor:
+        """bool [H, q, k]: `window_keep` of the plane for this call shape (cached)."""
+        hit = self._allowed.get(window)
+        if hit is None:
+            if len(self._allowed) >= _CACHE_LIMIT:
+                self._allowed.clear()
+            hit, rescued = window_keep(self.keep, window, causal=self.causal, cross=self.cross,
+                                       beyond=self.beyond, site=self.site)
+            self.rescued_rows = max(self.rescued_rows, rescued)
+            self._allowed[window] = hit
+        return hit
+
+    def layout(self, window: Window) -> TileLayout:
+        """The kept tiles of `allowed(window)` (cached)."""
+        hit = self._layouts.get(window)
+        if hit is None:
+            if len(self._layouts) >= _CACHE_LIMIT:
+                self._layouts.clear()
+            hit = self._layouts[window] = tile_layout(self.allowed(window), self.tile)
+        return hit
+
+    def flex_plan(self, window: Window):
+        """The FlexAttention BlockMask plan of this call shape (cached; attnmask/flex.py)."""
+        from attnmask.flex import FlexPlan
+
+        hit = self._flex.get(window)
+        if hit is None:
+            if len(self._flex) >= _CACHE_LIMIT:
+                self._flex.clear()
+            hit = self._flex[window] = FlexPlan(self.allowed(window), self.tile)
+        return hit
+
+    def backend_for(self, call: Call, query: torch.Tensor, needs_grad: bool) -> str:
+        """The backend that runs this call: the chosen one, unless it cannot express the call."""
+        if call.need_probs:
+            return "eager"
+        if call.model_allowed is not None and self.backend in ("blocksparse", "flex"):
+            return "sdpa"
+        if self.backend == "flex" and (call.extra is not None or call.dropout > 0
+                                       or (needs_grad and query.device.type == "cpu")):
+            return "blocksparse"
+        return self.backend
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: Call,
+               training: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query [B, H, q, D], key/value [B, Hkv, k, D] -> (out [B, H, q, D], probabilities or None)."""
+        if self.keep.device != query.device:  # the model moved after masks were applied (fairseq's trainer)
+            self.to(query.device)
+        allowed = self.allowed(call.window)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        backend = self.backend_for(call, query, needs_grad)
+        if backend == "eager":
+            return eager_attention(query, key, value, allowed, call, training)
+        if backend == "sdpa":
+            return sdpa_attention(query, key, value, allowed, call), None
+        if backend == "blocksparse":
+            return block_sparse_attention(query, key, value, self.layout(call.window), call.key_len, call.scale,
+                                          call.dropout, call.extra), None
+        from attnmask.flex import flex_attention_call
+
+        return flex_attention_call(query, key, value, self.flex_plan(call.window), call, training), None
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends
+# Choosing a backend
 
 
-class PlaneBackend:
-    """Base of mask backends: the keep plane of one (site, layer) and the length policy."""
-
-    name = "?"
-
-    def __init__(self, spec: MaskSpec):
-        self.spec = spec
-        self.heads, self.plane_q, self.plane_k = spec.keep.shape
-        self._extended: dict[tuple[int, int, int], torch.Tensor] = {}
-
-    def query_offset(self, q: int, k: int) -> int:
-        """Position of the first query: the last q of k positions for self-attention, else 0."""
-        return k - q if self.spec.site != "decoder.cross" and q < k else 0
-
-    def window(self, plane: torch.Tensor, q: int, k: int, fill) -> torch.Tensor:
-        """plane[:, off:off + q, :k] ([H, q, k]); outside the plane: `fill` (beyond=dense) or an error.
-
-        Inside the plane it is a view; an extended plane is built once per shape and cached.
-        """
-        off = self.query_offset(q, k)
-        if off + q <= self.plane_q and k <= self.plane_k:
-            return plane[:, off:off + q, :k]
-        if self.spec.beyond == "error":
-            raise AttnmaskError(
-                f"site {self.spec.site}: a sequence of {max(off + q, k)} positions exceeds the mask's "
-                f"{self.plane_q}x{self.plane_k} plane (the masks were compiled with --beyond error)")
-        key = (id(plane), off + q, k)
-        big = self._extended.get(key)
-        if big is None:
-            if len(self._extended) > 16:
-                self._extended.clear()
-            big = torch.full((self.heads, max(off + q, self.plane_q), max(k, self.plane_k)), fill,
-                             dtype=plane.dtype, device=plane.device)
-            big[:, : self.plane_q, : self.plane_k] = plane
-            self._extended[key] = big
-        return big[:, off:off + q, :k]
-
-    def attend(self, module, query, key, value, attention_mask, scaling, dropout):
-        raise NotImplementedError
+def kept_tile_share(store: MaskStore, tile: int = TILE) -> float:
+    """Share of the T x T tiles of all planes (every site, layer, head) that keep any entry."""
+    kept = total = 0
+    for mask in store.sites.values():
+        for layer in range(mask.layers):
+            some, _ = tile_classes(pad_to_tiles(torch.from_numpy(mask.keep[layer]), tile), tile)
+            kept, total = kept + int(some.sum()), total + some.numel()
+    return kept / max(total, 1)
 
 
-class EagerBackend(PlaneBackend):
-    """Eager attention with the additive bias 0 (kept) / -inf (pruned), float32 [H, Q, K]."""
-
-    name = "eager"
-
-    def __init__(self, spec: MaskSpec):
-        super().__init__(spec)
-        self.bias = torch.zeros(spec.keep.shape, dtype=torch.float32, device=spec.keep.device)
-        self.bias.masked_fill_(~spec.keep, float("-inf"))
-
-    def attend(self, module, query, key, value, attention_mask, scaling, dropout):
-        from attnmask.models.hf import eager_attention
-
-        bias = self.window(self.bias, query.shape[-2], key.shape[-2], 0.0)
-        return eager_attention(module, query, key, value, attention_mask, scaling, dropout, bias=bias)
-
-
-class SdpaBackend(PlaneBackend):
-    """torch scaled_dot_product_attention with the bool mask keep & (padding/causal mask)."""
-
-    name = "sdpa"
-
-    def __init__(self, spec: MaskSpec):
-        super().__init__(spec)
-        self.keep = spec.keep.contiguous()
-        self._bias: torch.Tensor | None = None
-
-    def allowed(self, module, q: int, k: int, attention_mask: torch.Tensor | None,
-                device: torch.device) -> torch.Tensor:
-        """bool [B or 1, H, q, k]: keep window AND the model's own mask (padding, causality)."""
-        allowed = self.window(self.keep, q, k, True)[None]
-        if attention_mask is not None:
-            model_mask = attention_mask[..., :k]
-            if model_mask.dtype != torch.bool:
-                model_mask = model_mask == 0
-            allowed = allowed & model_mask
-        elif getattr(module, "is_causal", False) and self.spec.site != "decoder.cross" and q > 1:
-            off = self.query_offset(q, k)
-            positions = torch.arange(k, device=device)
-            allowed = allowed & (positions[None, :] <= positions[off:off + q, None])
-        return allowed
-
-    def attend(self, module, query, key, value, attention_mask, scaling, dropout):
-        q, k = query.shape[-2], key.shape[-2]
-        if getattr(module, "_attnmask_sink", None) is not None:
-            from attnmask.models.hf import eager_attention
-
-            if self._bias is None:
-                self._bias = torch.zeros(self.keep.shape, dtype=torch.float32, device=self.keep.device)
-                self._bias.masked_fill_(~self.keep, float("-inf"))
-            bias = self.window(self._bias, q, k, 0.0)
-            return eager_attention(module, query, key, value, attention_mask, scaling, dropout, bias=bias)
-        if key.shape[1] != query.shape[1]:
-            groups = query.shape[1] // key.shape[1]
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
-        allowed = self.allowed(module, q, k, attention_mask, query.device)
-        out = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed, dropout_p=dropout if module.training else 0.0,
-            scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-
-
-BACKENDS["eager"] = EagerBackend
-BACKENDS["sdpa"] = SdpaBackend
-
-
-def _load_optional_backends() -> None:
-    """Import modules that register further backends (attnmask/flex.py registers "flex")."""
-    if "flex" not in BACKENDS:
-        try:
-            import attnmask.flex  # noqa: F401
-        except ImportError:
-            pass
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(name: str, store: MaskStore, device: torch.device) -> tuple[str, str]:
-    """(backend name, reason). "auto": flex on CUDA for block-compiled masks when registered, else sdpa."""
-    _load_optional_backends()
+    """(backend, reason). auto: a block-sparse backend for the device when the masks keep at most
+    SPARSE_TILE_SHARE of the tiles (blocksparse on CPU, flex on CUDA), else sdpa."""
     if name != "auto":
         if name not in BACKENDS:
-            raise AttnmaskError(f"unknown backend {name!r} (available: {', '.join(sorted(BACKENDS))}, auto)")
+            raise AttnmaskError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)}, auto)")
+        if name == "flex" and not flex_available():
+            raise AttnmaskError("the flex backend needs torch.nn.attention.flex_attention (torch >= 2.5)")
         return name, "requested"
-    block = int(store.attrs.get("block_size", 1) or 1)
-    if device.type == "cuda" and block > 1 and "flex" in BACKENDS:
-        return "flex", f"auto: CUDA and block-compiled masks (block {block})"
-    why = []
-    if device.type != "cuda":
-        why.append("not on CUDA")
-    if block <= 1:
-        why.append("masks not block-compiled")
-    if "flex" not in BACKENDS:
-        why.append("flex backend unavailable")
-    return "sdpa", "auto: " + ", ".join(why)
+    share = kept_tile_share(store)
+    if share > SPARSE_TILE_SHARE:
+        return "sdpa", f"auto: {share:.0%} of {TILE}x{TILE} tiles kept, too many to skip"
+    if device.type == "cuda" and flex_available():
+        return "flex", f"auto: CUDA, {share:.0%} of {TILE}x{TILE} tiles kept"
+    return "blocksparse", f"auto: {device.type}, {share:.0%} of {TILE}x{TILE} tiles kept"
 
 
 # ----------------------------------------------------------------------------------------------
-# Fit between a mask store and a model
+# Fit between a mask store and a model, and applying
 
 
 def load_store(masks: MaskStore | str | os.PathLike) -> MaskStore:
     return masks if isinstance(masks, MaskStore) else read_masks(masks)
 
 
-def module_heads(module: nn.Module, config) -> int:
-    for attr in ("num_attention_heads", "num_heads", "n_head"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    return int(config.num_attention_heads)
-
-
-def model_sites(model: nn.Module) -> dict[str, dict[int, list[nn.Module]]]:
-    """{site: {layer: [attention modules]}} of a Hugging Face model."""
-    from attnmask.models.hf import attention_modules, site_of
-
-    sites: dict[str, dict[int, list[nn.Module]]] = {}
-    for m in attention_modules(model):
-        sites.setdefault(site_of(m), {}).setdefault(int(m.layer_idx), []).append(m)
-    return sites
-
-
-def check_fit(model: nn.Module, store: MaskStore) -> dict[str, dict[int, list[nn.Module]]]:
+def check_fit(sites: dict[str, list[nn.Module]], seam, store: MaskStore) -> None:
     """Raise an AttnmaskError unless every site of the store exists in the model with equal layers and heads."""
-    sites = model_sites(model)
     where = store.path or "the mask store"
     for name, mask in sorted(store.sites.items()):
         if name not in sites:
             have = ", ".join(sorted(sites)) or "none"
             raise AttnmaskError(f"{where} has masks for site {name}, which this model lacks (model sites: {have})")
-        layers = sites[name]
-        if sorted(layers) != list(range(mask.layers)):
+        modules = sites[name]
+        if len(modules) != mask.layers:
             raise AttnmaskError(f"{where}: site {name} has {mask.layers} layers of masks, "
-                                f"the model has {len(layers)}")
-        heads = {module_heads(m, model.config) for ms in layers.values() for m in ms}
+                                f"the model has {len(modules)}")
+        heads = {seam.heads(m) for m in modules}
         if heads != {mask.heads}:
             raise AttnmaskError(f"{where}: site {name} has masks for {mask.heads} heads, "
                                 f"the model has {', '.join(map(str, sorted(heads)))}")
     beyond = store.attrs.get("beyond", "dense")
     if beyond not in BEYOND_POLICIES:
         raise AttnmaskError(f"{where} has an unknown length policy beyond={beyond!r}")
-    return sites
 
 
-def guarantee_rows(keep: torch.Tensor, site: str) -> tuple[torch.Tensor, int]:
-    """keep [H, Q, K] with the row guarantee applied (see the module docstring); also the rows changed.
-
-    Self-attention: a row q with no kept key k <= q gets (q, q). Cross-attention: a row with no kept
-    key gets key 0.
-    """
-    heads, q_len, k_len = keep.shape
-    keep = keep.clone()
-    if site == "decoder.cross":
-        empty = ~keep.any(-1)
-        keep[..., 0] |= empty
-        return keep, int(empty.sum())
-    n = min(q_len, k_len)
-    causal_part = torch.ones(q_len, k_len, dtype=torch.bool, device=keep.device).tril()
-    empty = ~(keep & causal_part).any(-1)  # [H, Q]
-    empty[:, n:] = False
-    rows = torch.arange(n, device=keep.device)
-    keep[:, rows, rows] |= empty[:, :n]
-    return keep, int(empty.sum())
-
-
-# ----------------------------------------------------------------------------------------------
-# Applying
-
-
+@dataclass
 class MaskHandle(AbstractContextManager):
     """Masks applied to a model; `remove()` (or leaving the `with` block) restores the model."""
 
-    def __init__(self, model: nn.Module, store: MaskStore, backend: str, reason: str):
-        self.model = model
-        self.store = store
-        self.backend = backend
-        self.reason = reason
-        self.modules: list[nn.Module] = []
-        self.rescued_rows = 0
-        self._previous_impl = model.config._attn_implementation
-        self._previous_config = getattr(model.config, CONFIG_KEY, None)
-        self.active = False
+    model: nn.Module
+    store: MaskStore
+    backend: str
+    reason: str
+    seam: Any
+    masks: list[MaskedAttention] = field(default_factory=list)
+    modules: list[nn.Module] = field(default_factory=list)
+    restore: Any = None
+    active: bool = False
+
+    @property
+    def rescued_rows(self) -> int:
+        """Rows the row guarantee changed, over the call shapes seen so far."""
+        return sum(m.rescued_rows for m in self.masks)
 
     def record(self) -> dict:
-        """What is written into the model's config under "attnmask"."""
+        """What is stored with the model (its config or checkpoint) under "attnmask"."""
         return {"digest": self.store.digest, "sites": sorted(self.store.sites),
                 "tau": self.store.attrs.get("tau"), "random": self.store.attrs.get("random"),
-                "beyond": self.store.attrs.get("beyond", "dense"), "backend": self.backend}
+                "beyond": self.store.attrs.get("beyond", "dense"), "backend": self.backend,
+                "path": None if self.store.path is None else str(self.store.path)}
 
     def remove(self) -> None:
         if not self.active:
             return
         for m in self.modules:
             m.__dict__.pop("_attnmask_mask", None)
-        self.model.set_attn_implementation(self._previous_impl)
-        if self._previous_config is None:
-            self.model.config.__dict__.pop(CONFIG_KEY, None)
-        else:
-            setattr(self.model.config, CONFIG_KEY, self._previous_config)
+        self.restore()
         self.model.__dict__.pop("_attnmask_handle", None)
         self.active = False
 
@@ -334,43 +320,37 @@ class MaskHandle(AbstractContextManager):
         self.remove()
 
 
-def apply_masks(model: nn.Module, masks: MaskStore | str | os.PathLike, backend: str = "eager") -> MaskHandle:
-    """Apply a mask store to a Hugging Face model (see the module docstring for the contract)."""
-    from attnmask.models.hf import ATTENTION_NAME, register_attention
+def apply_masks(model: nn.Module, masks: MaskStore | str | os.PathLike, backend: str = "auto") -> MaskHandle:
+    """Apply a mask store to a model of any supported family (see the module docstring)."""
+    from attnmask.models import mask_seam
 
     if getattr(model, "_attnmask_handle", None) is not None:
         raise AttnmaskError("masks are already applied to this model; remove them first")
+    seam = mask_seam(model)
     store = load_store(masks)
-    sites = check_fit(model, store)
+    sites = seam.sites(model)
+    check_fit(sites, seam, store)
     device = next(model.parameters()).device
     name, reason = resolve_backend(backend, store, device)
-    factory = BACKENDS[name]
     beyond = store.attrs.get("beyond", "dense")
-    register_attention()
-    handle = MaskHandle(model, store, name, reason)
-    built = []
+    handle = MaskHandle(model, store, name, reason, seam)
     for site, mask in sorted(store.sites.items()):
-        keep_all = torch.from_numpy(mask.keep).to(device)
-        for layer in range(mask.layers):
-            keep, rescued = guarantee_rows(keep_all[layer], site)
-            handle.rescued_rows += rescued
-            obj = factory(MaskSpec(site, layer, keep, mask.causal, beyond, dict(store.attrs), dict(mask.attrs)))
-            built.extend((m, obj) for m in sites[site][layer])
-    model.set_attn_implementation(ATTENTION_NAME)
-    for m, obj in built:
-        m._attnmask_mask = obj
-        handle.modules.append(m)
-    setattr(model.config, CONFIG_KEY, handle.record())
+        keep = torch.from_numpy(mask.keep).to(device)
+        for layer, module in enumerate(sites[site]):
+            handle.masks.append(MaskedAttention(site, layer, keep[layer], causal=bool(mask.causal),
+                                                cross=seam.is_cross(site), beyond=beyond, backend=name))
+            handle.modules.append(module)
+    handle.restore = seam.enable(model, handle.record())
+    for module, masked in zip(handle.modules, handle.masks):
+        module._attnmask_mask = masked
     model._attnmask_handle = handle
     handle.active = True
     logger.info("attnmask: %s backend (%s)", name, reason)
-    if handle.rescued_rows:
-        logger.info("attnmask: kept the diagonal of %d otherwise empty mask rows", handle.rescued_rows)
     return handle
 
 
 def recorded_masks(model_or_config) -> dict | None:
-    """The "attnmask" record in a model's config (digest etc.), or None for a dense model."""
+    """The "attnmask" record in a Hugging Face model's config (digest etc.), or None for a dense model."""
     config = getattr(model_or_config, "config", model_or_config)
-    value = getattr(config, CONFIG_KEY, None)
+    value = getattr(config, "attnmask", None)
     return value if isinstance(value, dict) else None

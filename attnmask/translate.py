@@ -24,8 +24,9 @@ from typing import Sequence
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.fairseq import (apply_masks, build_task_and_model, check_data_bin, import_fairseq,
+from attnmask.models.fairseq import (build_task_and_model, check_data_bin, import_fairseq,
                                      load_checkpoint_state, quiet_logs, recorded_masks, trusted_checkpoints)
+from attnmask.runtime import apply_masks
 from attnmask.store import read_masks
 
 PLUGIN_DIR = Path(__file__).resolve().parent / "fairseq_plugin"
@@ -141,7 +142,7 @@ class BleuResult:
 
 
 def load_translation_model(checkpoint: str | Path, data_bin: str | Path, masks: str | Path | None = None,
-                           device: torch.device | str = "cpu"):
+                           device: torch.device | str = "cpu", backend: str = "auto"):
     """(task, model, record of the checkpoint's training masks) with `masks` applied when given.
 
     masks="recorded" applies the store the checkpoint was trained with (dense if it was trained dense);
@@ -155,15 +156,16 @@ def load_translation_model(checkpoint: str | Path, data_bin: str | Path, masks: 
         masks = trained["path"] if trained else None
         if masks is not None and read_masks(masks).digest != trained["digest"]:
             raise AttnmaskError(f"{masks} changed since {checkpoint} was trained with it (digest differs)")
-    if masks is not None:
-        apply_masks(model, read_masks(masks))
     model.to(device).eval()
+    if masks is not None:
+        apply_masks(model, masks, backend=backend)
     return task, model, trained, masks
 
 
 def evaluate_fairseq(checkpoint: str | Path, data_bin: str | Path, masks: str | Path | None = None, *,
                      split: str = "test", beam: int = 5, max_sentences: int = 64, limit: int | None = None,
-                     post_process: str | None = None, device: torch.device | str = "cpu") -> BleuResult:
+                     post_process: str | None = None, device: torch.device | str = "cpu",
+                     backend: str = "auto") -> BleuResult:
     """Beam-search translations of `split` and their corpus BLEU (sacrebleu, 13a tokenization).
 
     `masks`: a mask store, None (dense) or "recorded" (those the checkpoint was trained with).
@@ -174,7 +176,7 @@ def evaluate_fairseq(checkpoint: str | Path, data_bin: str | Path, masks: str | 
     import sacrebleu
 
     check_data_bin(data_bin, split)
-    task, model, trained, masks = load_translation_model(checkpoint, data_bin, masks, device)
+    task, model, trained, masks = load_translation_model(checkpoint, data_bin, masks, device, backend)
     hypotheses, references = translate_split(task, model, split, beam=beam, max_sentences=max_sentences,
                                              limit=limit, post_process=post_process)
     if not references:

@@ -17,7 +17,9 @@ import torch
 from attnmask.collect import collect
 from attnmask.compile import CompileSettings, compile_masks
 from attnmask.errors import AttnmaskError
-from attnmask.models.fairseq import FairseqAdapter, apply_masks, load_checkpoint_state, remove_masks
+from attnmask.models.fairseq import FairseqAdapter, load_checkpoint_state
+from attnmask.masks.rules import Window, window_keep
+from attnmask.runtime import apply_masks
 from attnmask.store import read_masks, read_patterns, write_masks, write_patterns
 from attnmask.translate import evaluate_fairseq, load_translation_model, make_reverse_task, train_fairseq
 
@@ -93,17 +95,20 @@ def test_site_tau_compiles_per_site(run):
 
 
 def test_masked_collection_gives_zero_probability_to_pruned_cells(run):
-    """Collect again with the masks applied: pruned cells get exactly 0, rows still sum to their count."""
+    """Collect again with the masks applied: cells the runtime prunes (the plane after the row guarantee
+    of attnmask.masks.rules) get exactly 0, rows still sum to their count."""
     adapter, masks = run["adapter"], read_masks(run["masks"])
-    apply_masks(adapter.model, masks)
-    try:
+    with apply_masks(adapter.model, masks):
         result = collect(adapter, adapter.examples(), batch_size=7, max_length=MAX_LENGTH)
-    finally:
-        remove_masks(adapter.model)
     dense = run["result"]
     for name in SITES:
-        keep, site = masks.sites[name].keep, result.sites[name]
+        mask, site = masks.sites[name], result.sites[name]
+        plane_q, plane_k = mask.keep.shape[2:]
+        keep = np.stack([window_keep(torch.from_numpy(layer), Window(plane_q, plane_k), causal=mask.causal,
+                                     cross=name == "decoder.cross", beyond="dense")[0].numpy()
+                         for layer in mask.keep])
         assert (site.sum[~keep] == 0).all(), name
+        assert (keep != mask.keep).mean() < 0.05, name  # the guarantee changes few cells
         np.testing.assert_allclose(site.sum.sum(-1), dense.sites[name].sum.sum(-1), atol=1e-4)
         assert np.abs(site.sum - dense.sites[name].sum).max() > 1e-3  # the masks changed attention
 
@@ -129,7 +134,7 @@ def test_incremental_decoding_equals_full_sequence_with_masks(run):
         state: dict = {}
         steps = [model.decoder(prev[:, : t + 1], encoder_out=encoder_out, incremental_state=state)[0][:, -1]
                  for t in range(prev.size(1))]
-        remove_masks(model)
+        model._attnmask_handle.remove()
         dense, _ = model.decoder(prev, encoder_out=model.encoder(net["src_tokens"], src_lengths=net["src_lengths"]))
     incremental = torch.stack(steps, 1)
     real = prev.ne(task.target_dictionary.pad())
@@ -160,7 +165,7 @@ def test_beyond_error_refuses_longer_sentences(run, tmp_path):
                                                             if k not in ("digest", "sites")}, "beyond": "error"})
     task, model, *_ = load_translation_model(run["checkpoint"], run["data"], store.path)
     net = _forced_batch(task, model)["net_input"]
-    with pytest.raises(AttnmaskError, match="longer than"), torch.inference_mode():
+    with pytest.raises(AttnmaskError, match="leaves the mask.s 4x4 plane"), torch.inference_mode():
         model(net["src_tokens"], net["src_lengths"], net["prev_output_tokens"])
 
 

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from attnmask.collect import collect
 from attnmask.compile import CompileSettings, compile_masks
 from attnmask.errors import AttnmaskError
-from attnmask.lm import (Vocabulary, batchify, eval_lm, load_masks, segments, train_lm)
+from attnmask.lm import Vocabulary, batchify, eval_lm, segments, train_lm
+from attnmask.masks.rules import Window, window_keep
 from attnmask.models import load_adapter
 from attnmask.models.transfo_xl import TransfoXLAdapter
-from attnmask.models.transfo_xl_model import (KeepPlanes, TransfoXLConfig, TransfoXLLM, blocked_cells,
-                                              relative_shift, sinusoid)
+from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM, blocked_cells, relative_shift, sinusoid
+from attnmask.runtime import apply_masks
 from attnmask.store import SiteMask, write_masks, write_patterns
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transfo_xl_tiny"
@@ -264,36 +265,51 @@ def test_collected_cells_are_tokens_back(tmp_path):
                 break
 
 
-def test_masks_applied_in_first_segments_aligned_on_tokens_back():
+def txl_store(keep: torch.Tensor, causal: bool, beyond: str = "dense"):
+    from attnmask.store import MaskStore, masks_digest
+
+    sites = {"decoder.self": SiteMask(keep.numpy(), causal)}
+    return MaskStore({"digest": masks_digest(sites), "beyond": beyond}, sites)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "blocksparse"])
+def test_masks_applied_in_first_segments_aligned_on_tokens_back(backend):
+    """Segment key j with M memories is plane column (K - Q) - M + j, on every backend; the runtime
+    computes the same outputs as the probabilities it reports."""
     model = tiny_model()
     g = torch.Generator().manual_seed(3)
-    keep = torch.rand(2, 2, 3, 7, generator=g) > 0.4
-    planes = KeepPlanes(keep)
-    model.transformer.attention_masks = planes
+    keep = (torch.rand(2, 2, 3, 7, generator=g) > 0.4) & torch.ones(3, 7, dtype=torch.bool).tril(4)
     ids = torch.randint(0, 40, (2, 3))
-    mems = model.transformer.empty_mems(2)
-    for _ in range(3):  # memories 0, 3, 4
-        probs, out = capture_probs(model, ids, mems)
-        m = mems[0].shape[1]
-        for layer, p in probs.items():
-            aligned = keep[layer][:, :, 4 - m:]
-            allowed = aligned & ~blocked_cells(3, m, None)
-            rescued = ~allowed.any(-1)
-            assert torch.all(p[:, ~allowed.expand_as(p[0]) & ~rescued[..., None].expand_as(p[0])] == 0)
-            torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
-            assert torch.all(p[:, allowed] > 0)
-        mems = out.mems
-    model.transformer.attention_masks = KeepPlanes(keep, beyond="error")
-    with pytest.raises(AttnmaskError, match="exceed"):
-        model(torch.randint(0, 40, (2, 5)), model.transformer.empty_mems(2))
+    with apply_masks(model, txl_store(keep, causal=True), backend="eager"):
+        mems = model.transformer.empty_mems(2)
+        expected = []
+        for _ in range(3):  # memories 0, 3, 4
+            probs, out = capture_probs(model, ids, mems)
+            m = mems[0].shape[1]
+            for layer, p in probs.items():
+                allowed, _ = window_keep(keep[layer], Window(3, m + 3, 0, 4 - m), causal=True, cross=False,
+                                         beyond="dense")
+                assert torch.all(p[:, ~allowed] == 0) and torch.all(p[:, allowed] > 0)
+                torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
+            expected.append(out.hidden)
+            mems = out.mems
+    with apply_masks(model, txl_store(keep, causal=True), backend=backend), torch.inference_mode():
+        mems = model.transformer.empty_mems(2)
+        for want in expected:
+            out = model(ids, mems)
+            torch.testing.assert_close(out.hidden, want, atol=1e-5, rtol=1e-5)
+            mems = out.mems
+    with apply_masks(model, txl_store(keep, causal=True, beyond="error"), backend=backend):
+        with pytest.raises(AttnmaskError, match="leaves the mask's 3x7 plane"):
+            model(torch.randint(0, 40, (2, 5)), model.transformer.empty_mems(2))
 
 
 def test_dense_beyond_keeps_cells_outside_the_plane():
-    keep = torch.zeros(1, 1, 2, 3, dtype=torch.bool)  # plane: 1 memory, 2 queries
-    aligned = KeepPlanes(keep).for_segment(0, 3, 2)  # 3 queries, 2 memories
+    keep = torch.zeros(1, 2, 3, dtype=torch.bool)  # plane: 1 memory, 2 queries
+    aligned, _ = window_keep(keep, Window(3, 5, 0, 1 - 2), causal=False, cross=False, beyond="dense")
     assert aligned[0, :2, 0].all()  # two tokens further back than the plane reaches
     assert aligned[0, 2].all()  # a query row beyond the plane
-    assert not aligned[0, :2, 1:4].any()  # inside the plane: as compiled (key 4 is their future)
+    assert not aligned[0, :2, 1:4].any()  # inside the plane: as compiled
 
 
 def test_compile_and_train_with_masks_round_trip(tmp_path):

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import torch
 
-from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, pick_device
+from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, pick_device
 
-__all__ = ["AttentionSink", "Batch", "ModelAdapter", "Site", "load_adapter", "pick_device"]
+__all__ = ["AttentionSink", "Batch", "MaskSeam", "ModelAdapter", "Site", "load_adapter", "mask_seam", "pick_device"]
+
+_MASK_SEAMS = ("attnmask.models.hf:HuggingFaceSeam", "attnmask.models.fairseq:FairseqSeam",
+               "attnmask.models.transfo_xl:TransfoXLSeam")
+
+
+def mask_seam(model: torch.nn.Module) -> MaskSeam:
+    """The MaskSeam of the model's family; an AttnmaskError for a model no family claims."""
+    import importlib
+
+    from attnmask.errors import AttnmaskError
+
+    for spec in _MASK_SEAMS:
+        module, name = spec.split(":")
+        seam = getattr(importlib.import_module(module), name)
+        if seam.claims(model):
+            return seam
+    raise AttnmaskError(f"{type(model).__name__} is not a model attnmask can mask (Hugging Face, fairseq "
+                        "translation Transformer or attnmask's Transformer-XL)")
 
 
 def load_adapter(spec: str, device: torch.device | str = "cpu", data: str | None = None,

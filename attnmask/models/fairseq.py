@@ -1,26 +1,21 @@
 """fairseq translation Transformers: per-head attention capture and masks inside MultiheadAttention.
 
-fairseq's `MultiheadAttention` has a documented extension point, `apply_sparse_mask(scores, T, S, B)`,
-called on the raw scores [B*H, T, S] before the causal mask, the key padding mask and the softmax;
-and it feeds the probabilities (after softmax, before dropout) to its `dropout_module`. attnmask
-swaps the class of each attention instance of a loaded model for `AttnmaskMultiheadAttention`, a
-subclass that (no fairseq file is edited, parameters and state_dict keys are unchanged):
+attnmask swaps the class of each attention instance of a loaded model for `AttnmaskMultiheadAttention`,
+a subclass (no fairseq file is edited, parameters and state_dict keys are unchanged) that:
 
-* always takes fairseq's own (non-fused) attention path, so both seams run;
-* reports per-head probabilities [B, H, T, S] to a sink from a pre-hook on its dropout module;
-* adds -inf to the scores of pruned (query position, key position) cells of its layer's `keep`.
+* for collection, takes fairseq's own (non-fused) attention path and reports per-head probabilities
+  [B, H, T, S] (after softmax, before dropout) to a sink from a pre-hook on its dropout module;
+* with masks applied (attnmask.apply_masks), computes q, k, v itself, with fairseq's key/value cache for
+  incremental decoding, and hands them to the mask runtime, so every backend, block-sparse ones
+  included, runs inside fairseq.
 
 Positions. A mask cell (q, k) is indexed by the position of the query and key tokens in their
-sentences: for keys, position = (number of real tokens up to and including it) - 1, which handles
-left-padded sources (fairseq's default) and right-padded targets alike. Decoder queries are the last
-T of the target positions seen so far; in incremental decoding the self-attention's cached keys give
-the current target position, which it shares with the cross-attention of the same layer, so step t
-uses mask row t at both sites.
-
-Rows. Padding queries are never masked. Cells outside the store's plane follow the store's `beyond`
-attribute: "dense" keeps them, "error" raises. A real query row left with no kept real key (a short
-source, say) gets its own position (self-attention) or source position 0 (cross-attention), as in
-attnmask.runtime.guarantee_rows.
+sentences. Left-padded sentences (fairseq's default for sources) are rolled so that their first real
+token sits at slot 0, which makes every batch right-padded for the runtime, and rolled back after.
+Decoder queries are the last T of the target positions seen so far; in incremental decoding the
+self-attention's cached keys give the current target position, which it shares with the
+cross-attention of the same layer (`_attnmask_cursor`), so step t uses mask row t at both sites.
+The mask rules themselves (causality, length policy, row guarantee) are attnmask/masks/rules.py.
 """
 
 from __future__ import annotations
@@ -33,8 +28,8 @@ from typing import Iterable, Iterator
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached
-from attnmask.store import BEYOND_POLICIES, MaskStore, json_digest
+from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, sink_attached
+from attnmask.store import json_digest
 
 FAMILY = "fairseq"
 _VOLATILE_MODEL_KEYS = {"_name", "data", "no_progress_bar", "log_format", "log_interval", "seed", "cpu",
@@ -184,20 +179,23 @@ def _attnmask_class():
 class _AttnmaskAttentionMixin:
     """Methods of AttnmaskMultiheadAttention (a MultiheadAttention subclass; see the module docstring).
 
-    Attributes set by `install_attention`: _attnmask_site, _attnmask_layer, _attnmask_cursor (dict
-    shared by a decoder layer's self- and cross-attention), _attnmask_sink, _attnmask_beyond and the
-    non-persistent buffer _attnmask_keep (bool [H, Q, K] or None).
+    Attributes set by `install_attention`: _attnmask_site, _attnmask_cursor (dict shared by a decoder
+    layer's self- and cross-attention: the number of target positions already decoded), _attnmask_sink;
+    by the runtime: _attnmask_mask (a runtime.MaskedAttention) while masks are applied.
     """
 
     def forward(self, query, key, value, key_padding_mask=None, incremental_state=None, need_weights=True,
                 static_kv=False, attn_mask=None, before_softmax=False, need_head_weights=False):
-        self._attnmask_key_padding = key_padding_mask
         if self._attnmask_site == "decoder.self":
             self._attnmask_cursor["start"] = self._cached_keys(incremental_state)
-        return super().forward(query, key, value, key_padding_mask=key_padding_mask,
-                               incremental_state=incremental_state, need_weights=need_weights,
-                               static_kv=static_kv, attn_mask=attn_mask, before_softmax=before_softmax,
-                               need_head_weights=need_head_weights)
+        masked = self.__dict__.get("_attnmask_mask")
+        if masked is None or before_softmax or self.bias_k is not None or self.add_zero_attn:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   incremental_state=incremental_state, need_weights=need_weights,
+                                   static_kv=static_kv, attn_mask=attn_mask, before_softmax=before_softmax,
+                                   need_head_weights=need_head_weights)
+        return self._masked_forward(masked, query, key, key_padding_mask, incremental_state,
+                                    need_weights or need_head_weights, need_head_weights, static_kv)
 
     def _cached_keys(self, incremental_state) -> int:
         """Number of target positions already decoded (0 without incremental state)."""
@@ -207,54 +205,80 @@ class _AttnmaskAttentionMixin:
         prev = saved.get("prev_key") if saved else None
         return 0 if prev is None else int(prev.size(2))
 
-    def _positions(self, tgt_len: int, src_len: int, bsz: int, device):
-        """(query_pos [B, T], query_real [B, T], key_pos [B, S], key_real [B, S]) in sentence positions."""
-        padding = self._attnmask_key_padding
-        if padding is not None and padding.dim() == 2 and padding.size(1) == src_len:
-            key_real = ~padding.to(device=device, dtype=torch.bool)
-            if key_real.size(0) != bsz:  # beam search: one source row per beam group
-                key_real = key_real.repeat_interleave(bsz // key_real.size(0), dim=0)
-        else:
-            key_real = torch.ones(bsz, src_len, dtype=torch.bool, device=device)
-        key_pos = (key_real.long().cumsum(1) - 1).clamp(min=0)
+    def _project(self, query, key, key_padding_mask, incremental_state, static_kv):
+        """q [B, H, T, D] (unscaled), k, v [B, H, S, D] and the key padding mask [B, S] (True = pad), with
+        fairseq's key/value cache read and updated as MultiheadAttention.forward does."""
+        tgt_len, bsz, _ = query.shape
+        saved = self._get_input_buffer(incremental_state) if incremental_state is not None else None
+        q = self.q_proj(query)
+        source = query if self.self_attention else key
+        reuse = saved is not None and "prev_key" in saved and static_kv
+        k = v = None
+        if not reuse:
+            k, v = self.k_proj(source), self.v_proj(source)
+
+        def heads(x):  # [N, B', H·D] -> [B', H, N, D]
+            return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+        q = heads(q)
+        k = None if k is None else heads(k)
+        v = None if v is None else heads(v)
+        if saved is not None:
+            if "prev_key" in saved:
+                k = saved["prev_key"] if static_kv else torch.cat([saved["prev_key"], k], dim=2)
+                v = saved["prev_value"] if static_kv else torch.cat([saved["prev_value"], v], dim=2)
+            key_padding_mask = self._append_prev_key_padding_mask(
+                key_padding_mask=key_padding_mask, prev_key_padding_mask=saved.get("prev_key_padding_mask"),
+                batch_size=k.shape[0], src_len=k.shape[2], static_kv=static_kv)
+            saved.update(prev_key=k, prev_value=v, prev_key_padding_mask=key_padding_mask)
+            self._set_input_buffer(incremental_state, saved)
+        if k.shape[0] != bsz:  # beam search: one source row per beam group
+            beams = bsz // k.shape[0]
+            k, v = k.repeat_interleave(beams, 0), v.repeat_interleave(beams, 0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.repeat_interleave(beams, 0)
+        return q, k, v, key_padding_mask
+
+    def _masked_forward(self, masked, query, key, key_padding_mask, incremental_state, need_weights,
+                        need_head_weights, static_kv):
+        """Attention through the mask runtime: out [T, B, E] and, if asked, the weights [B, T, S]
+        averaged over heads ([H, B, T, S] per head)."""
+        from attnmask.masks.rules import Window
+        from attnmask.runtime import Call
+
+        tgt_len, bsz, embed_dim = query.shape
+        q, k, v, key_padding_mask = self._project(query, key, key_padding_mask, incremental_state, static_kv)
+        src_len = k.shape[2]
+        shift = left_padding(key_padding_mask)
+        if shift is not None:  # sentence positions count from the first real token: move it to slot 0
+            k, v = roll_positions(k, -shift), roll_positions(v, -shift)
+            if self.self_attention and tgt_len == src_len:
+                q = roll_positions(q, -shift)
+        key_len = None if key_padding_mask is None else src_len - key_padding_mask.sum(-1)
+        if key_len is not None and bool((key_len == src_len).all()):
+            key_len = None
         if self._attnmask_site == "decoder.cross":
-            start = self._attnmask_cursor.get("start", 0)
-            query_pos = (start + torch.arange(tgt_len, device=device)).expand(bsz, tgt_len)
-            query_real = torch.ones(bsz, tgt_len, dtype=torch.bool, device=device)
-        else:  # self-attention: the queries are the last T keys
-            query_pos, query_real = key_pos[:, src_len - tgt_len:], key_real[:, src_len - tgt_len:]
-        return query_pos, query_real, key_pos, key_real
-
-    def _allowed(self, tgt_len: int, src_len: int, bsz: int, device) -> torch.Tensor:
-        """allowed [B, H, T, S]: keep[h, query_pos[b, t], key_pos[b, s]], with the row rules applied."""
-        keep = self._attnmask_keep
-        plane_q, plane_k = keep.shape[1:]
-        query_pos, query_real, key_pos, key_real = self._positions(tgt_len, src_len, bsz, device)
-        query_in, key_in = query_pos < plane_q, key_pos < plane_k
-        if self._attnmask_beyond == "error" and ((query_real & ~query_in).any() or (key_real & ~key_in).any()):
-            raise AttnmaskError(f"{self._attnmask_site}: a sentence is longer than the masks' {plane_q}x{plane_k} "
-                                "plane (the masks were compiled with --beyond error)")
-        rows, cols = query_pos.clamp(max=plane_q - 1), key_pos.clamp(max=plane_k - 1)
-        allowed = keep[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
-        untouched = ~(query_in[:, :, None] & key_in[:, None, :]) | ~query_real[:, :, None]
-        allowed = allowed | untouched[:, None]
-        usable = allowed & key_real[:, None, None, :]
-        if self._attnmask_site == "decoder.self":
-            usable = usable & (key_pos[:, None, :] <= query_pos[:, :, None])[:, None]
-        empty = ~usable.any(-1)  # [B, H, T]
-        if empty.any():
-            anchor = torch.zeros_like(query_pos) if self._attnmask_site == "decoder.cross" else query_pos
-            fallback = (key_pos[:, None, :] == anchor[:, :, None]) & key_real[:, None, :]  # [B, T, S]
-            allowed = allowed | (empty[..., None] & fallback[:, None])
-        return allowed
-
-    def apply_sparse_mask(self, attn_weights, tgt_len: int, src_len: int, bsz: int):
-        keep = getattr(self, "_attnmask_keep", None)
-        if keep is None:
-            return attn_weights
-        allowed = self._allowed(tgt_len, src_len, bsz, attn_weights.device)
-        scores = attn_weights.view(bsz, self.num_heads, tgt_len, src_len)
-        return scores.masked_fill(~allowed, float("-inf")).view(bsz * self.num_heads, tgt_len, src_len)
+            window = Window(tgt_len, src_len, row0=self._attnmask_cursor.get("start", 0))
+        else:
+            window = Window.self_attention(tgt_len, src_len)
+        sink = self._attnmask_sink
+        dropout = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
+        call = Call(window, self.scaling, key_len, dropout, need_probs=need_weights or sink is not None)
+        out, probs = masked.attend(q, k, v, call, self.training)
+        rolled_queries = shift is not None and self.self_attention and tgt_len == src_len
+        if rolled_queries:
+            out = roll_positions(out, shift)
+        if probs is not None and shift is not None:
+            probs = roll_positions(probs.transpose(-1, -2), shift).transpose(-1, -2)
+            if rolled_queries:
+                probs = roll_positions(probs, shift)
+        if sink is not None:
+            sink(self._attnmask_site, self._attnmask_layer, probs)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim))
+        if not need_weights:
+            return out, None
+        weights = probs.to(out.dtype).transpose(0, 1)  # [H, B, T, S]
+        return out, weights if need_head_weights else weights.mean(0)
 
     def _report_probabilities(self, probs: torch.Tensor) -> None:
         """Pass probs [B*H, T, S] (after softmax, before dropout) to the sink as [B, H, T, S]."""
@@ -262,6 +286,22 @@ class _AttnmaskAttentionMixin:
         if sink is not None:
             t, s = probs.shape[-2:]
             sink(self._attnmask_site, self._attnmask_layer, probs.view(-1, self.num_heads, t, s))
+
+
+def left_padding(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """long [B]: padding slots before each sentence's first real token; None when none are."""
+    if key_padding_mask is None:
+        return None
+    pad = key_padding_mask.bool()
+    leading = pad.long().cumprod(-1).sum(-1)
+    return leading if bool(leading.any()) else None
+
+
+def roll_positions(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] with each sentence b's positions rolled by shift[b] along N (slot n -> n + shift)."""
+    n = x.shape[2]
+    index = (torch.arange(n, device=x.device)[None, :] - shift[:, None]) % n  # [B, N]
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
 AttnmaskMultiheadAttention = None
@@ -306,9 +346,7 @@ def install_attention(model) -> dict[str, list]:
             module.skip_embed_dim_check = True  # only effect: never take the fused path that hides both seams
             module.use_xformers = False
             module._attnmask_site, module._attnmask_layer = site, layer
-            module._attnmask_sink, module._attnmask_beyond = None, "dense"
-            module._attnmask_key_padding = None
-            module.register_buffer("_attnmask_keep", None, persistent=False)
+            module._attnmask_sink = None
             module.dropout_module._attnmask_owner = weakref.ref(module)
             module.dropout_module.register_forward_pre_hook(_dropout_pre_hook)
     for self_attn, cross_attn in zip(sites["decoder.self"], sites["decoder.cross"]):
@@ -320,33 +358,27 @@ def install_attention(model) -> dict[str, list]:
     return sites
 
 
-def apply_masks(model, store: MaskStore) -> dict:
-    """Put the store's keep [L, H, Q, K] of every site it holds on the model; other sites stay dense.
+class FairseqSeam(MaskSeam):
+    """fairseq translation Transformers: masks inside AttnmaskMultiheadAttention (see the module docstring)."""
 
-    Returns the record {'digest', 'path', 'sites', 'beyond'} to keep with a checkpoint.
-    """
-    sites = install_attention(model)
-    beyond = store.attrs.get("beyond", "dense")
-    if beyond not in BEYOND_POLICIES:
-        raise AttnmaskError(f"{store.path} has an unknown length policy beyond={beyond!r}")
-    for name, mask in store.sites.items():
-        modules = sites[name]
-        if mask.layers != len(modules) or any(mask.heads != m.num_heads for m in modules):
-            raise AttnmaskError(f"{store.path}: site {name} has {mask.layers} layers x {mask.heads} heads, the "
-                                f"model {len(modules)} x {modules[0].num_heads}; the masks are for another model")
-        device = next(modules[0].parameters()).device
-        for layer, module in enumerate(modules):
-            module._attnmask_keep = torch.from_numpy(mask.keep[layer].copy()).to(device)
-            module._attnmask_beyond = beyond
-    return {"digest": store.digest, "path": str(store.path), "sites": sorted(store.sites), "beyond": beyond}
+    @staticmethod
+    def claims(model) -> bool:
+        return type(model).__module__.startswith("fairseq.") and hasattr(model, "encoder")
 
+    @staticmethod
+    def sites(model) -> dict[str, list]:
+        return install_attention(model)
 
-def remove_masks(model) -> None:
-    """Make every attention module dense again (the class swap stays; it changes no result)."""
-    for modules in attention_sites(model).values():
-        for module in modules:
-            if hasattr(module, "_attnmask_keep"):
-                module._attnmask_keep = None
+    @staticmethod
+    def heads(module) -> int:
+        return int(module.num_heads)
+
+    @staticmethod
+    def enable(model, record: dict):
+        """The class swap stays after removal (it changes no result); the record goes with checkpoints
+        through the caller (translate.py, the fairseq plugin)."""
+        install_attention(model)
+        return lambda: None
 
 
 # ----------------------------------------------------------------------------------------------

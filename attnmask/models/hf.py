@@ -6,7 +6,8 @@ mask builder with `AttentionMaskInterface` (without it transformers hands the fu
 attention and consults per-module state that attnmask sets on the model's attention modules:
 
     module._attnmask_sink   sink(site, layer, probs) called with probs after softmax, before dropout
-    module._attnmask_mask   a mask backend object (attnmask/runtime.py) the call is handed to
+    module._attnmask_mask   a runtime.MaskedAttention the call is handed to (masks applied)
+    module._attnmask_override  token pruning's attention for the current forward (attnmask/pruning.py)
 
 The site of a module is read from its own flags: `is_cross_attention` -> decoder.cross,
 `is_causal` -> decoder.self, otherwise encoder.self; its layer is `module.layer_idx`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached
+from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, sink_attached
 from attnmask.store import json_digest
 
 ATTENTION_NAME = "attnmask"
@@ -61,44 +63,67 @@ def site_of(module: nn.Module) -> str:
     return "decoder.self" if getattr(module, "is_causal", False) else "encoder.self"
 
 
-def eager_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                        attention_mask: torch.Tensor | None, scaling: float | None,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ · scaling + attention_mask + bias) in float32: [batch, heads, queries, keys].
-
-    query [B, H, Q, D], key [B, Hkv, K, D] (grouped-query keys are repeated to H heads);
-    attention_mask is the additive float mask of transformers' eager mask builder; bias is an
-    optional additive float32 [H, Q, K] mask (0 where kept, -inf where pruned) set by the runtime.
-    """
-    if key.shape[1] != query.shape[1]:
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]].float()
-    if bias is not None:
-        scores = scores + bias
-    return scores.softmax(dim=-1)
-
-
 def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None,
-                    dropout: float = 0.0, bias: torch.Tensor | None = None):
-    """out [B, Q, H, D] = dropout(P) · V with P from `eager_probabilities`; P goes to the module's sink.
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0):
+    """The model's own attention, reporting P to the module's sink: (out [B, q, H, D], P).
 
-    Returns (out, P after dropout), like transformers' eager attention.
+    P = softmax(q kᵀ · scaling + attention_mask) in float32 [B, H, q, k]; query [B, H, q, D], key/value
+    [B, Hkv, k, D] (grouped-query keys repeated); attention_mask: transformers' additive eager mask.
     """
-    probs = eager_probabilities(module, query, key, attention_mask, scaling, bias)
+    from attnmask.runtime import repeat_kv
+
+    heads = query.shape[1]
+    key, value = repeat_kv(key, heads), repeat_kv(value, heads)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2)).float()
+    if attention_mask is not None:
+        scores += attention_mask[..., : key.shape[-2]]
+    probs = scores.softmax(dim=-1)
     sink = getattr(module, "_attnmask_sink", None)
     if sink is not None:
         sink(site_of(module), module.layer_idx, probs)
-    probs = probs.to(value.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    if value.shape[1] != probs.shape[1]:
-        value = value.repeat_interleave(probs.shape[1] // value.shape[1], dim=1)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return out, probs
+    dropped = nn.functional.dropout(probs.to(value.dtype), p=dropout, training=module.training)
+    return torch.matmul(dropped, value).transpose(1, 2).contiguous(), probs
+
+
+_padding_cache: dict[tuple, tuple] = {}
+
+
+def right_padding(attention_mask: torch.Tensor | None, q: int, k: int, causal: bool
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Read transformers' mask [B, 1, q, k] (additive, 0 = kept; or bool) as (key_len, model_allowed).
+
+    key_len [B] when the mask is exactly right padding (and the causal band of the last q of k positions
+    when `causal`), which every backend expresses; else model_allowed bool [B, 1, q, k], the mask itself.
+    One answer per mask tensor is cached: every layer of a forward pass receives the same tensor.
+    """
+    if attention_mask is None:
+        return None, None
+    cache_key = (id(attention_mask), q, k, causal)
+    hit = _padding_cache.get(cache_key)
+    if hit is not None and hit[0]() is attention_mask:
+        return hit[1]
+    answer = _read_padding(attention_mask, q, k, causal)
+    if len(_padding_cache) > 8:
+        _padding_cache.clear()
+    _padding_cache[cache_key] = (weakref.ref(attention_mask), answer)
+    return answer
+
+
+def _read_padding(mask: torch.Tensor, q: int, k: int, causal: bool):
+    from attnmask.masks.rules import causal_band
+
+    allowed = mask[..., :k]
+    allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+    if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[2] != q:
+        return None, allowed
+    key_len = allowed[:, 0, -1, :].sum(-1)  # the last query sees every real key, also under causality
+    expected = torch.arange(k, device=mask.device)[None, None, :] < key_len[:, None, None]
+    if causal:
+        expected = expected & causal_band(q, k, k - q, mask.device)
+    if not torch.equal(expected, allowed[:, 0]):
+        return None, allowed
+    return (None if bool((key_len == k).all()) else key_len), None
 
 
 def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -106,14 +131,30 @@ def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        dropout: float = 0.0, **kwargs):
     """The registered `attnmask` attention function.
 
-    When the runtime has set a mask backend on the module (`module._attnmask_mask`, see
-    attnmask/runtime.py) the call goes to `backend.attend(...)`; otherwise it is eager attention
-    that reports its probabilities to the module's sink, if one is set.
+    With masks applied (`module._attnmask_mask`, a runtime.MaskedAttention) the call goes to the mask
+    runtime; otherwise it is the model's own eager attention, reporting probabilities to the sink.
+    Token pruning takes over a module's attention for the duration of its forward by setting
+    `module._attnmask_override(module, query, key, value, attention_mask, scaling, dropout)`.
     """
-    backend = getattr(module, "_attnmask_mask", None)
-    if backend is not None:
-        return backend.attend(module, query, key, value, attention_mask, scaling, dropout)
-    return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+    from attnmask.masks.rules import Window
+    from attnmask.runtime import Call
+
+    override = module.__dict__.get("_attnmask_override")
+    if override is not None:
+        return override(module, query, key, value, attention_mask, scaling, dropout)
+    masked = module.__dict__.get("_attnmask_mask")
+    if masked is None:
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+    q, k = query.shape[-2], key.shape[-2]
+    window = Window(q, k) if masked.cross else Window.self_attention(q, k)
+    key_len, model_allowed = right_padding(attention_mask, q, k, masked.causal)
+    sink = getattr(module, "_attnmask_sink", None)
+    call = Call(window, query.shape[-1] ** -0.5 if scaling is None else scaling, key_len,
+                dropout if module.training else 0.0, model_allowed=model_allowed, need_probs=sink is not None)
+    out, probs = masked.attend(query, key, value, call, module.training)
+    if sink is not None:
+        sink(site_of(module), module.layer_idx, probs)
+    return out.transpose(1, 2).contiguous(), probs
 
 
 def register_attention() -> None:
@@ -244,3 +285,54 @@ class HuggingFaceAdapter(ModelAdapter):
 
     def forward(self, batch: Batch):
         return self.model(**batch.inputs)
+
+
+def module_heads(module: nn.Module, config) -> int:
+    for attr in ("num_attention_heads", "num_heads", "n_head"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return int(config.num_attention_heads)
+
+
+class HuggingFaceSeam(MaskSeam):
+    """transformers models: masks through the registered `attnmask` attention function."""
+
+    @staticmethod
+    def claims(model: nn.Module) -> bool:
+        from transformers import PreTrainedModel
+
+        return isinstance(model, PreTrainedModel)
+
+    @staticmethod
+    def sites(model: nn.Module) -> dict[str, list[nn.Module]]:
+        by_layer: dict[str, dict[int, nn.Module]] = {}
+        for m in attention_modules(model):
+            layers = by_layer.setdefault(site_of(m), {})
+            if int(m.layer_idx) in layers:
+                raise AttnmaskError(f"{type(model).__name__}: two {site_of(m)} attention modules in layer "
+                                    f"{m.layer_idx}; this model is not supported")
+            layers[int(m.layer_idx)] = m
+        return {site: [layers[i] for i in sorted(layers)] for site, layers in by_layer.items()}
+
+    @staticmethod
+    def heads(module: nn.Module) -> int:
+        return module_heads(module, module.config)
+
+    @staticmethod
+    def enable(model: nn.Module, record: dict):
+        config = model.config
+        previous_impl = config._attn_implementation
+        previous_record = getattr(config, "attnmask", None)
+        register_attention()
+        model.set_attn_implementation(ATTENTION_NAME)
+        config.attnmask = record
+
+        def restore():
+            model.set_attn_implementation(previous_impl)
+            if previous_record is None:
+                config.__dict__.pop("attnmask", None)
+            else:
+                config.attnmask = previous_record
+
+        return restore

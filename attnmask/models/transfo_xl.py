@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site
+from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site
 from attnmask.models.transfo_xl_model import TransfoXLLM
 from attnmask.store import json_digest
 
@@ -127,3 +127,24 @@ class TransfoXLAdapter(ModelAdapter):
             yield
         finally:
             body.prob_sink = previous
+
+
+class TransfoXLSeam(MaskSeam):
+    """attnmask's Transformer-XL: masks inside each layer's RelativeAttention (`dec_attn`)."""
+
+    @staticmethod
+    def claims(model: torch.nn.Module) -> bool:
+        return isinstance(model, TransfoXLLM)
+
+    @staticmethod
+    def sites(model: TransfoXLLM) -> dict[str, list[torch.nn.Module]]:
+        return {SITE: [layer.dec_attn for layer in model.transformer.layers]}
+
+    @staticmethod
+    def heads(module: torch.nn.Module) -> int:
+        return int(module.n_head)
+
+    @staticmethod
+    def enable(model: TransfoXLLM, record: dict):
+        """Nothing to switch: RelativeAttention consults its mask itself; attnmask.lm saves the record."""
+        return lambda: None

@@ -30,8 +30,8 @@ and one logit per tail cluster; a tail token's log-probability is log P(cluster)
 cluster).
 
 attnmask's seam: every attention hands its probabilities [B, H, T, K] (after softmax, before
-dropout) to `TransfoXLLM.transformer.prob_sink(layer, probs)` when one is set, and applies
-`transformer.attention_masks` (a `KeepPlanes`, keys aligned on "tokens back") to its scores.
+dropout) to `TransfoXLLM.transformer.prob_sink(layer, probs)` when one is set; with masks applied
+(attnmask.apply_masks) each `dec_attn` runs in the mask runtime, its plane keys aligned on "tokens back".
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.store import BEYOND_POLICIES
 
 MODEL_TYPE = "transfo-xl"
 WEIGHTS_SAFETENSORS = "model.safetensors"
@@ -179,45 +178,44 @@ def sinusoid(distances: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-class KeepPlanes:
-    """Compiled keep masks [L, H, Qp, Kp] on a plane whose keys are Pm = Kp - Qp memories then Qp
-    segment positions, applied to segments of any length T with any number M of memories.
+class RelativeScores:
+    """The position term of Transformer-XL's scores, scaled: S[b, h, i, j] = scale · (q_i + v)·r_p,
+    p = j + T - 1 - i (relative_shift), for the mask runtime (a blocksparse.ScoreTerm).
 
-    Cell (query i, key j) of a segment is plane cell (i, Pm - M + j): the same "tokens back" as at
-    collection. Cells outside the plane (T > Qp rows, or keys more than Pm memories back) follow
-    `beyond`: "dense" keeps them, "error" refuses the segment.
+    q_r [B, H, T, D] = q + v (r_r_bias); r_k [K, H, D], row p encodes distance K - 1 - p. Cells with
+    j > M + i (the future) have no such p; they are masked by the causal band, whatever their value.
     """
 
-    def __init__(self, keep: torch.Tensor, beyond: str = "dense"):
-        if keep.dim() != 4 or keep.dtype != torch.bool:
-            raise AttnmaskError("keep masks must be bool [layers, heads, queries, keys]")
-        if beyond not in BEYOND_POLICIES:
-            raise AttnmaskError(f"unknown length policy beyond={beyond!r} (dense or error)")
-        self.keep = keep
-        self.beyond = beyond
-        self.plane_queries = keep.shape[2]
-        self.plane_memory = keep.shape[3] - keep.shape[2]
-        self._cache: dict[tuple, torch.Tensor] = {}
+    def __init__(self, q_r: torch.Tensor, r_k: torch.Tensor, mem: int, scale: float):
+        self.q_r, self.r_k, self.mem, self.scale = q_r, r_k, mem, scale
 
-    def check_lengths(self, tgt_len: int, mem_len: int) -> None:
-        if self.beyond == "error" and (tgt_len > self.plane_queries or mem_len > self.plane_memory):
-            raise AttnmaskError(
-                f"segments of {tgt_len} tokens with {mem_len} memories exceed the masks' plane of "
-                f"{self.plane_queries} queries and {self.plane_memory} memories (length policy 'error')")
+    def dense(self) -> torch.Tensor:
+        """[B, H, T, K]."""
+        by_distance = torch.einsum("bhid,phd->bhip", self.q_r, self.r_k)
+        return relative_shift(by_distance, self.mem) * self.scale
 
-    def for_segment(self, layer: int, t: int, mem: int) -> torch.Tensor:
-        """bool [H, T, M+T]: True where the compiled mask keeps the cell (see class docstring)."""
-        key = (layer, t, mem)
-        if key not in self._cache:
-            self.check_lengths(t, mem)
-            plane = self.keep[layer]
-            out = torch.ones(plane.shape[0], t, mem + t, dtype=torch.bool, device=plane.device)
-            col = self.plane_memory - mem + torch.arange(mem + t, device=plane.device)
-            inside = (col >= 0) & (col < plane.shape[-1])
-            rows = min(t, self.plane_queries)
-            out[:, :rows, inside] = plane[:, :rows][:, :, col[inside]]
-            self._cache[key] = out
-        return self._cache[key]
+    def tiles(self, heads: torch.Tensor, q_blocks: torch.Tensor, columns: torch.Tensor, tile: int) -> torch.Tensor:
+        """[B, R, T, c·T] for rows (heads [R], q_blocks [R]) and their gathered key columns [R, c·T].
+
+        Within a T x T tile (query block I, key block J) p = J·T + e + T_seg - 1 - I·T - a for local
+        query a and key e: a band of 2T - 1 rows of r_k starting at p_lo = (J - I)·T + T_seg - T.
+        One matmul per row against its bands, then cell (a, e) reads band entry e - a + T - 1.
+        """
+        batch, _, t, dim = self.q_r.shape
+        rows, c = heads.shape[0], columns.shape[1] // tile
+        n_q = -(-t // tile)
+        q_r = nn.functional.pad(self.q_r, (0, 0, 0, n_q * tile - t)).view(batch, -1, tile, dim)
+        q_r = q_r[:, heads * n_q + q_blocks]  # [B, R, T, D]
+        k_blocks = columns[:, ::tile] // tile  # [R, c]
+        p_lo = (k_blocks - q_blocks[:, None]) * tile + t - tile  # [R, c]
+        p = (p_lo[:, :, None] + torch.arange(2 * tile - 1, device=p_lo.device)).clamp(0, self.r_k.shape[0] - 1)
+        bands = self.r_k[p, heads[:, None, None]]  # [R, c, 2T-1, D]
+        scores = torch.matmul(q_r, bands.view(rows, -1, dim).transpose(-1, -2)[None])  # [B, R, T, c(2T-1)]
+        scores = scores.view(batch, rows, tile, c, 2 * tile - 1)
+        a = torch.arange(tile, device=p.device)
+        index = (a[None, :] - a[:, None] + tile - 1)  # [a, e] -> e - a + T - 1
+        index = index[None, None, :, None, :].expand(batch, rows, tile, c, tile)
+        return (scores.gather(-1, index) * self.scale).view(batch, rows, tile, c * tile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,16 +287,17 @@ class RelativeAttention(nn.Module):
         else:  # the model's global biases, registered here too (as Hugging Face does)
             self.r_w_bias, self.r_r_bias = shared_biases
         self.r_net = nn.Linear(d, h * dh, bias=False)
+        self.same_length = config.same_length
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, H·Dh] -> [B, H, N, Dh]."""
         return x.view(x.shape[0], x.shape[1], self.n_head, self.d_head).transpose(1, 2)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, mem: torch.Tensor, blocked: torch.Tensor,
-                keep: torch.Tensor | None = None,
                 sink: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """h [B, T, D], positions [K, D] (distance K-1-p at row p), mem [B, M, D], blocked [T, K];
-        keep bool [H, T, K] or None. Returns the layer's attention output [B, T, D]."""
+        """h [B, T, D], positions [K, D] (distance K-1-p at row p), mem [B, M, D], blocked [T, K] (True:
+        not attended). With masks applied (`self._attnmask_mask`, a runtime.MaskedAttention) attention
+        runs in the mask runtime. Returns the layer's attention output [B, T, D]."""
         t, m = h.shape[1], mem.shape[1]
         x = torch.cat([mem, h], dim=1)
         if self.pre_lnorm:
@@ -306,35 +305,34 @@ class RelativeAttention(nn.Module):
         q, k, v = self.qkv_net(x).chunk(3, dim=-1)
         q, k, v = self.heads(q[:, -t:]), self.heads(k), self.heads(v)
         r_k = self.r_net(positions).view(-1, self.n_head, self.d_head)  # [K, H, Dh]
-
-        content = torch.einsum("bhid,bhjd->bhij", q + self.r_w_bias[:, None, :], k)
-        by_distance = torch.einsum("bhid,phd->bhip", q + self.r_r_bias[:, None, :], r_k)
-        scores = (content + relative_shift(by_distance, m)) * self.scale
-
-        if keep is not None:
-            blocked = self.with_keep(blocked, keep)
-        scores = scores.float().masked_fill(blocked, torch.finfo(torch.float32).min)
-        probs = scores.softmax(dim=-1).type_as(v)
-        if sink is not None:
-            sink(probs)
-        probs = self.dropatt(probs)
-
-        attended = torch.einsum("bhij,bhjd->bhid", probs, v).transpose(1, 2).reshape(h.shape[0], t, -1)
+        term = RelativeScores(q + self.r_r_bias[:, None, :], r_k, m, self.scale)
+        masked = self.__dict__.get("_attnmask_mask")
+        if masked is None:
+            scores = torch.einsum("bhid,bhjd->bhij", q + self.r_w_bias[:, None, :], k) * self.scale + term.dense()
+            probs = scores.float().masked_fill(blocked, torch.finfo(torch.float32).min).softmax(dim=-1).type_as(v)
+            if sink is not None:
+                sink(probs)
+            attended = torch.einsum("bhij,bhjd->bhid", self.dropatt(probs), v)
+        else:
+            attended = self.masked_attention(masked, q, k, v, term, blocked, t, m, sink)
+        attended = attended.transpose(1, 2).reshape(h.shape[0], t, -1)
         out = h + self.drop(self.o_net(attended))
         return out if self.pre_lnorm else self.layer_norm(out)
 
-    @staticmethod
-    def with_keep(blocked: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """blocked [T, K] | not keep [H, T, K] -> [H, T, K]. A row the mask would empty entirely keeps
-        the query's own key, so every query still attends somewhere (and no NaN appears)."""
-        allowed = ~blocked & keep
-        empty = ~allowed.any(dim=-1, keepdim=True)
-        if empty.any():
-            t, k = blocked.shape
-            own = torch.zeros_like(blocked)
-            own[torch.arange(t), torch.arange(k - t, k)] = True
-            allowed = allowed | (empty & own)
-        return ~allowed
+    def masked_attention(self, masked, q, k, v, term: RelativeScores, blocked, t: int, m: int, sink):
+        """[B, H, T, Dh] through the mask runtime. The segment's T queries and M + T keys sit on the
+        plane at rows 0.., columns (K - Q) - M.. (keys counted back from the query); the causal band
+        is the runtime's, so `blocked` is passed on only when it is more (same_length)."""
+        from attnmask.masks.rules import Window
+        from attnmask.runtime import Call
+
+        window = Window(t, m + t, 0, masked.key_offset - m)
+        call = Call(window, self.scale, dropout=self.dropatt.p if self.training else 0.0, extra=term,
+                    model_allowed=~blocked if self.same_length else None, need_probs=sink is not None)
+        out, probs = masked.attend(q + self.r_w_bias[:, None, :], k, v, call, self.training)
+        if sink is not None:
+            sink(probs)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -358,8 +356,8 @@ class DecoderLayer(nn.Module):
         self.dec_attn = RelativeAttention(config, shared_biases)
         self.pos_ff = FeedForward(config)
 
-    def forward(self, h, positions, mem, blocked, keep=None, sink=None):
-        return self.pos_ff(self.dec_attn(h, positions, mem, blocked, keep, sink))
+    def forward(self, h, positions, mem, blocked, sink=None):
+        return self.pos_ff(self.dec_attn(h, positions, mem, blocked, sink))
 
 
 class TransfoXLBody(nn.Module):
@@ -377,9 +375,8 @@ class TransfoXLBody(nn.Module):
             shared = (self.r_w_bias, self.r_r_bias)
         self.layers = nn.ModuleList(DecoderLayer(config, shared) for _ in range(config.n_layer))
         self.pos_emb = SinusoidPositions(config.d_model)
-        # attnmask's seam: set by the adapter (collection) and the trainer (masks)
+        # attnmask's collection seam, set by the adapter (masks: attnmask.apply_masks on dec_attn)
         self.prob_sink: Callable[[int, torch.Tensor], None] | None = None
-        self.attention_masks: KeepPlanes | None = None
 
     @property
     def mem_len(self) -> int:
@@ -415,9 +412,8 @@ class TransfoXLBody(nn.Module):
         layer_inputs = []
         for n, layer in enumerate(self.layers):
             layer_inputs.append(h)
-            keep = None if self.attention_masks is None else self.attention_masks.for_segment(n, t, m)
             sink = None if self.prob_sink is None else (lambda p, n=n: self.prob_sink(n, p))
-            h = layer(h, positions, mems[n], blocked, keep, sink)
+            h = layer(h, positions, mems[n], blocked, sink)
         return self.drop(h), self.next_mems(layer_inputs, mems)
 
     def next_mems(self, layer_inputs: list[torch.Tensor], mems: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Mask rules (rules.py) and the block-sparse kernel (blocksparse.py); the runtime is attnmask.runtime."""

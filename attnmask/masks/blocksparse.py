@@ -1,0 +1,202 @@
+"""Block-sparse attention by gathering kept key tiles: the fast path where FlexAttention is slow (CPU).
+
+The call's allowed mask [H, q, k] (attnmask.masks.rules.window_keep) is cut into T x T tiles after
+zero-padding q and k up to multiples of T (nq = ceil(q / T) query blocks, nk = ceil(k / T) key
+blocks; bucket cells are never allowed). A tile is kept if it allows any cell. For query block i of
+head h (a "row" of tiles) with kept key tiles j_1 < ... < j_c:
+
+    out[b, h, block i] = softmax(q_i K_iᵀ · scale + mask_i) V_i,   K_i = [k_{j_1}; ...; k_{j_c}]  [c·T, D]
+
+where mask_i is 0 where allowed and the dtype's minimum elsewhere (cells of partial tiles, padding
+keys beyond a sequence's length), plus an optional additive score term (Transformer-XL's relative
+positions). Rows with equal c form a group: one gather of [R, c·T, D] keys and values and one
+scaled_dot_product_attention call per group, so the work is the kept tiles only and runs in SDPA's
+fused kernel. A row with no kept tile gives 0 (only bucket rows beyond the call have none: the row
+guarantee keeps a key in every real row). A finite minimum instead of -inf keeps rows whose keys are
+all padding finite (their values are never read).
+
+`TileLayout` is built once per (site, layer, call shape) and cached by the runtime; a call only
+gathers, builds the padding mask of the groups that need one (when the batch has padding), and runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+TILE = 128
+"""Tile side (queries x keys) of the block-sparse kernels; FlexAttention's BLOCK_SIZE too."""
+
+
+def blocks(n: int, tile: int = TILE) -> int:
+    """Number of tiles covering n positions: ceil(n / tile)."""
+    return -(-n // tile)
+
+
+@dataclass
+class TileGroup:
+    """Rows of tiles keeping the same number c of key tiles."""
+
+    heads: torch.Tensor  # long [R]: head of each row
+    q_blocks: torch.Tensor  # long [R]: query block of each row
+    k_blocks: torch.Tensor  # long [R, c]: kept key blocks, ascending
+    cells: torch.Tensor | None  # bool [R, T, c·T]: allowed cells; None when every tile is full
+    columns: torch.Tensor  # long [R, c·T]: the call's key index of each gathered key
+
+
+@dataclass
+class TileLayout:
+    """The kept tiles of an allowed mask [H, q, k] (see the module docstring)."""
+
+    heads: int
+    q: int
+    k: int
+    tile: int
+    groups: list[TileGroup]
+    kept_tiles: int  # tiles computed per sequence, over all heads
+    total_tiles: int  # H · nq · nk
+
+    @property
+    def kept_share(self) -> float:
+        return self.kept_tiles / max(self.total_tiles, 1)
+
+
+def pad_to_tiles(allowed: torch.Tensor, tile: int) -> torch.Tensor:
+    """allowed [H, q, k] zero-padded (False) to [H, nq·T, nk·T]."""
+    heads, q, k = allowed.shape
+    qb, kb = blocks(q, tile) * tile, blocks(k, tile) * tile
+    if (qb, kb) == (q, k):
+        return allowed
+    out = torch.zeros(heads, qb, kb, dtype=torch.bool, device=allowed.device)
+    out[:, :q, :k] = allowed
+    return out
+
+
+def tile_classes(allowed: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, all) bool [H, nq, nk] of a tile-padded mask [H, nq·T, nk·T]: tiles with some / every cell allowed."""
+    heads, qb, kb = allowed.shape
+    tiles = allowed.view(heads, qb // tile, tile, kb // tile, tile)
+    return tiles.any(4).any(2), tiles.all(4).all(2)
+
+
+def tile_layout(allowed: torch.Tensor, tile: int = TILE) -> TileLayout:
+    """Group the rows of kept tiles of allowed [H, q, k] by their number of kept key tiles."""
+    heads, q, k = allowed.shape
+    padded = pad_to_tiles(allowed, tile)
+    some, full = tile_classes(padded, tile)
+    nq, nk = some.shape[1:]
+    count = some.sum(-1)  # [H, nq]
+    # kept key blocks first, ascending: a stable sort of "not kept"
+    order = torch.sort((~some).to(torch.int8), dim=-1, stable=True).indices
+    groups = []
+    offsets = torch.arange(tile, device=allowed.device)
+    for c in sorted(set(count.flatten().tolist()) - {0}):
+        head, q_block = (count == c).nonzero(as_tuple=True)
+        k_blocks = order[head, q_block, :c]  # [R, c]
+        columns = (k_blocks[:, :, None] * tile + offsets).flatten(1)  # [R, c·T]
+        partial = ~full[head[:, None], q_block[:, None], k_blocks].all()
+        cells = None
+        if partial:
+            rows = q_block[:, None] * tile + offsets  # [R, T]
+            cells = padded[head[:, None, None], rows[:, :, None], columns[:, None, :]]
+        groups.append(TileGroup(head, q_block, k_blocks, cells, columns))
+    return TileLayout(heads, q, k, tile, groups, int(count.sum()), heads * nq * nk)
+
+
+class ScoreTerm(Protocol):
+    """An additive score term beside q·kᵀ (Transformer-XL's relative positions), in two shapes."""
+
+    def dense(self) -> torch.Tensor:
+        """[B, H, q, k]."""
+
+    def tiles(self, heads: torch.Tensor, q_blocks: torch.Tensor, columns: torch.Tensor, tile: int) -> torch.Tensor:
+        """[B, R, T, c·T] for rows (heads [R], q_blocks [R]) and gathered key columns [R, c·T]."""
+
+
+def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim -2 of x [B, H, n, D] to `length`."""
+    extra = length - x.shape[-2]
+    return x if extra == 0 else nn.functional.pad(x, (0, 0, 0, extra))
+
+
+def group_mask(group: TileGroup, key_len: torch.Tensor | None, extra: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask [B or 1, R, T or 1, c·T] of one group: 0 where allowed, dtype minimum elsewhere,
+    plus the extra score term; None when nothing is masked or added."""
+    allowed = None if group.cells is None else group.cells[None]
+    if key_len is not None:
+        real = (group.columns[None] < key_len[:, None, None])[:, :, None, :]  # [B, R, 1, c·T]
+        allowed = real if allowed is None else allowed & real
+    if allowed is None:
+        return extra
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask if extra is None else mask + extra
+
+
+class _Workspace(threading.local):
+    """Gather buffers reused across calls (inference only): a fresh multi-megabyte tensor per call costs
+    more in page faults than the gather itself. One flat buffer per (purpose, device, dtype), grown as needed."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, purpose: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        size = 1
+        for n in shape:
+            size *= n
+        key = (purpose, like.device, like.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=like.dtype, device=like.device)
+            self.buffers[key] = buffer
+        return buffer[:size].view(shape)
+
+
+_workspace = _Workspace()
+
+
+def gather_tiles(tiles: torch.Tensor, index: torch.Tensor, purpose: str, reuse: bool) -> torch.Tensor:
+    """tiles [B, N, T, D] at tile indices index [n] of dim 1: [B, n, T, D]."""
+    if not reuse:
+        return tiles.index_select(1, index)
+    out = _workspace.take(purpose, (tiles.shape[0], index.numel()) + tuple(tiles.shape[2:]), tiles)
+    for b in range(tiles.shape[0]):  # dim-0 index_select copies whole contiguous tiles
+        torch.index_select(tiles[b], 0, index, out=out[b])
+    return out
+
+
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TileLayout,
+                           key_len: torch.Tensor | None = None, scale: float | None = None,
+                           dropout: float = 0.0, extra: ScoreTerm | None = None) -> torch.Tensor:
+    """Masked attention over the layout's kept tiles: out [B, H, q, D] (see the module docstring).
+
+    query [B, H, q, D], key/value [B, Hkv, k, D] with H % Hkv == 0; key_len [B]: real keys of each
+    sequence (right padding), None when all are real. Differentiable in query, key, value.
+    """
+    batch, heads, q, dim = query.shape
+    kv_heads, k = key.shape[1], key.shape[2]
+    tile = layout.tile
+    nq, nk = blocks(q, tile), blocks(k, tile)
+    query_tiles = _pad_positions(query, nq * tile).reshape(batch, heads * nq, tile, dim)
+    key_tiles = _pad_positions(key, nk * tile).reshape(batch, kv_heads * nk, tile, dim)
+    value_tiles = _pad_positions(value, nk * tile).reshape(batch, kv_heads * nk, tile, value.shape[-1])
+    out = query.new_zeros(batch, heads * nq, tile, value.shape[-1])
+    group_size = heads // kv_heads
+    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    for g in layout.groups:
+        rows = g.heads * nq + g.q_blocks
+        kv_index = ((g.heads // group_size)[:, None] * nk + g.k_blocks).flatten()
+        r, c = g.k_blocks.shape
+        keys = gather_tiles(key_tiles, kv_index, "key", reuse).view(batch, r, c * tile, dim)
+        values = gather_tiles(value_tiles, kv_index, "value", reuse).view(batch, r, c * tile, -1)
+        score = None if extra is None else extra.tiles(g.heads, g.q_blocks, g.columns, tile)
+        mask = group_mask(g, key_len, score, query.dtype)
+        attended = nn.functional.scaled_dot_product_attention(
+            gather_tiles(query_tiles, rows, "query", reuse), keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
+        out.index_copy_(1, rows, attended)
+    return out.view(batch, heads, nq * tile, -1)[:, :, :q]

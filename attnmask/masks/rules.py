@@ -1,0 +1,127 @@
+"""The mask rules, each written once: the causal band, the window of a plane, the length policy and
+the row guarantee. compile, analyze, the runtime and every model family use these.
+
+Coordinates. A site's plane keep [H, Q, K] holds queries 0..Q-1 and keys 0..K-1. On a Transformer-XL
+plane the first K - Q keys are memories, so query r's own token sits at key column r + (K - Q); on a
+square plane at column r. `key_offset = K - Q` is that shift ("diagonal offset").
+
+A call (one attention computation) has q queries and k keys. `Window(q, k, row0, col0)` places it on
+the plane: call query i is plane row row0 + i, call key j is plane column col0 + j.
+
+    Hugging Face / fairseq self-attention   row0 = k - q (the last q positions: key/value cache), col0 = 0
+    cross-attention                         row0 = 0 (or the decoding step), col0 = 0
+    Transformer-XL, M memories              row0 = 0, col0 = (K - Q) - M (keys counted back from the query)
+
+Rules, in plane coordinates (r, c):
+
+* causal band: c <= r + key_offset (a causal query never sees a later token);
+* beyond the plane: r >= Q, c < 0 or c >= K. The mask store's `beyond` policy says what happens there:
+  "dense" keeps those cells (the model's own rules, causality and padding, still apply), "error"
+  refuses the call;
+* row guarantee: a self-attention row that keeps no key at or before the query's own token keeps that
+  token, so every real query of a right-padded batch attends to a real key; a cross-attention row that
+  keeps nothing keeps source token 0. Masks compiled with min_keep >= 1 on a causal site never need it.
+  (A cross-attention row can still lose every kept key to a short source's padding; it then attends
+  to nothing and its output is 0, on every backend.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnmask.errors import AttnmaskError
+
+BEYOND_POLICIES = ("dense", "error")
+
+
+def causal_band(queries: int, keys: int, key_offset: int = 0, device=None) -> torch.Tensor:
+    """bool [queries, keys]: True where key c <= query r + key_offset."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(key_offset)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A call of q queries and k keys placed on a plane: query i is row row0 + i, key j column col0 + j."""
+
+    q: int
+    k: int
+    row0: int = 0
+    col0: int = 0
+
+    @classmethod
+    def self_attention(cls, q: int, k: int) -> "Window":
+        """The last q of k positions query (a key/value cache holds the first k - q)."""
+        return cls(q, k, row0=k - q)
+
+    def fits(self, plane_q: int, plane_k: int) -> bool:
+        return self.row0 >= 0 and self.col0 >= 0 and self.row0 + self.q <= plane_q and self.col0 + self.k <= plane_k
+
+
+def check_beyond(window: Window, plane_q: int, plane_k: int, beyond: str, site: str) -> None:
+    """Raise an AttnmaskError when the call leaves the plane and the policy is "error"."""
+    if beyond not in BEYOND_POLICIES:
+        raise AttnmaskError(f"unknown length policy beyond={beyond!r} (dense or error)")
+    if beyond == "error" and not window.fits(plane_q, plane_k):
+        raise AttnmaskError(
+            f"site {site}: a call of {window.q} queries x {window.k} keys (from row {window.row0}, column "
+            f"{window.col0}) leaves the mask's {plane_q}x{plane_k} plane (the masks were compiled with "
+            "--beyond error)")
+
+
+def plane_window(plane: torch.Tensor, window: Window, fill: bool = True) -> torch.Tensor:
+    """plane [H, Q, K] read through the window: [H, q, k], `fill` at cells beyond the plane.
+
+    A view of the plane when the window fits inside it."""
+    heads, plane_q, plane_k = plane.shape
+    if window.fits(plane_q, plane_k):
+        return plane[:, window.row0:window.row0 + window.q, window.col0:window.col0 + window.k]
+    out = torch.full((heads, window.q, window.k), fill, dtype=plane.dtype, device=plane.device)
+    r_lo, r_hi = max(window.row0, 0), min(window.row0 + window.q, plane_q)
+    c_lo, c_hi = max(window.col0, 0), min(window.col0 + window.k, plane_k)
+    if r_lo < r_hi and c_lo < c_hi:
+        out[:, r_lo - window.row0:r_hi - window.row0, c_lo - window.col0:c_hi - window.col0] = \
+            plane[:, r_lo:r_hi, c_lo:c_hi]
+    return out
+
+
+def guarantee_rows(allowed: torch.Tensor, window: Window, key_offset: int, cross: bool) -> tuple[torch.Tensor, int]:
+    """allowed [..., q, k] (heads, or batch and heads) with the row guarantee; also the number of rows
+    that needed it.
+
+    Self-attention: row i keeping no column <= a_i = row0 + i + key_offset - col0 (its own token) gets
+    (i, a_i). Cross-attention: a row keeping nothing gets column 0.
+    """
+    q, k = window.q, window.k
+    columns = torch.arange(k, device=allowed.device)
+    if cross:
+        anchor = torch.zeros(q, dtype=torch.long, device=allowed.device)
+        empty = ~allowed.any(-1)
+    else:
+        anchor = (window.row0 + torch.arange(q, device=allowed.device) + key_offset - window.col0).clamp(0, k - 1)
+        empty = ~(allowed & (columns[None, :] <= anchor[:, None])).any(-1)  # [..., q]
+    if not bool(empty.any()):
+        return allowed, 0
+    allowed = allowed.clone()
+    allowed[..., torch.arange(q, device=allowed.device), anchor] |= empty
+    return allowed, int(empty.sum())
+
+
+def window_keep(plane: torch.Tensor, window: Window, *, causal: bool, cross: bool, beyond: str,
+                site: str = "?") -> tuple[torch.Tensor, int]:
+    """What a call may attend to: bool [H, q, k] and the number of rows the row guarantee changed.
+
+        allowed[h, i, j] = keep[h, row0 + i, col0 + j]   (True beyond the plane: policy "dense")
+                           and, for a causal site, col0 + j <= row0 + i + key_offset
+    then the row guarantee. key_offset = K - Q of the plane. Padding is not part of it: the runtime
+    applies each sequence's length on top.
+    """
+    heads, plane_q, plane_k = plane.shape
+    check_beyond(window, plane_q, plane_k, beyond, site)
+    allowed = plane_window(plane, window, fill=True)
+    key_offset = plane_k - plane_q
+    if causal:
+        band = causal_band(window.q, window.k, window.row0 + key_offset - window.col0, plane.device)
+        allowed = allowed & band
+    return guarantee_rows(allowed, window, key_offset, cross)
