@@ -7,7 +7,7 @@ WHEELS ?= $(HOME)/.cache/attnmask/wheels
 FAIRSEQ := fairseq-fixed==0.12.3.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# CPU speed figures of benchmarks/README.md (long: about an hour on 2 cores)
+bench: install
+	$(BIN)/python benchmarks/runtime_speed.py --device cpu --out benchmarks/out/cpu
+
+# On a machine with an NVIDIA GPU: the CUDA tests, then issue 12's GPU figures (bf16, L=4096, batch 8)
+gpu-bench: install
+	$(BIN)/python -m pytest -q -m cuda
+	$(BIN)/python benchmarks/runtime_speed.py --device cuda --out benchmarks/out/gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,38 +1,39 @@
-"""`attnmask bench`: how fast do compiled masks run, for the attention op alone and the whole model?
+"""`attnmask bench`: how much time do compiled masks save, for the attention op and the whole model?
 
-For every length L of `--lengths` and every masked backend b (eager, sdpa, flex), against dense SDPA:
+Models: random-weight presets of each family (`bert-base`, `fairseq-base`, `transfo-xl-base`; speed
+does not depend on the weights) or a Hugging Face / Transformer-XL folder. For every length L:
 
-* op level: one attention call on random q, k, v [B, H, L, D] (H, D of the model) through the
-  backend's `attend` (what the runtime runs, including per-call mask preparation), with the keep
-  plane of one layer;
-* model level: one inference forward pass of the model on random token ids [B, L] with the masks
-  applied to every layer (`apply_masks(..., backend=b)`); the dense baseline is the model with
-  transformers' SDPA attention.
+* op level, per attention site: one attention call on random q, k, v [B, H, L, D] through
+  `MaskedAttention.attend` (what the runtime runs) against the family's dense attention with
+  scaled_dot_product_attention (is_causal on causal sites; Transformer-XL: L queries, L memories,
+  its position term as SDPA's float mask);
+* model level: one inference forward pass at L tokens (fairseq: L source and L target tokens;
+  Transformer-XL: an L-token segment after L memories), masks on every layer, against the same
+  model with dense SDPA attention.
 
-Each measurement runs `warmup` untimed calls (they include torch.compile's first compilation) and then
-`repeats` timed calls: CUDA events on a GPU, `time.perf_counter` on the CPU. Reported per row: the
-median, min, max and the quartiles of the repeats in ms, the speed-up median(dense) / median(b),
-peak memory (CUDA only: peak allocated during one call minus what was allocated before it) and FLOPs.
-FLOPs: attention is 4 · B · H · L² · D for dense SDPA and for the masked eager and sdpa backends
-(they compute every score) and 4 · T² · D per computed T x T tile (full or partial) for flex, i.e.
-what the block-sparse kernel does; whole-model FLOPs are the dense forward pass counted by
-`torch.utils.flop_counter` under eager attention, with the attention part replaced accordingly.
+Timing (the project's rule): every variant is timed once per round, the order rotates between rounds,
+and the reported speed-up is the median and min-max over rounds of the per-round ratio
+time(dense) / time(variant), never a ratio of medians. CUDA events on a GPU, perf_counter on the CPU;
+the load average before and after is recorded (a CPU figure is a ratio; absolute times hold on a GPU).
 
-Masks: a mask store (`--masks`), or without one a synthetic block mask per length L (plane L x L):
-per (layer, head), the diagonal tiles plus uniformly drawn other tiles, so that a share 1 - tau of
-the eligible tiles is kept (eligible: all tiles; causal sites: tiles on or below the diagonal) but
-never fewer than the diagonal (one tile per row, as the compiler's min_keep = 1), so with n tiles a
-side at least 1/n is kept: 25 % at L = 512 with 128-tiles, 12.5 % at 1024, 10 % from 2048 on.
+FLOPs: dense attention is 4 · B · H · q · k · D (q kᵀ and P V), plus 2 · B · H · q · k · D for a
+position term; eager and sdpa compute all of it; blocksparse and flex compute the kept T x T tiles of
+the call (at whole-tile lengths), 4 · T² · D each (position term: 2 · T · (2T - 1) · D). The FLOP ideal
+is dense / computed. Model level: a = the attention share of the dense model's FLOPs (the rest counted
+by torch.utils.flop_counter), and the Amdahl limit is 1 / (1 - a + a / ideal). "Of possible" is the
+share of the time saving the ideal (op) or the limit (model) allows that was measured:
+(1 - 1 / speed-up) / (1 - 1 / limit).
 
-Token pruning (`--prune-tokens SPEC`): the whole-model benchmark runs once more per SPEC inside
-`attnmask.pruning.pruning_context(model, SPEC)` on the dense model (variant "prune-tokens SPEC"); the
-pruned forward computes attention eagerly (it needs the probabilities to rank tokens).
+Synthetic masks (no `--masks`), per (layer, head) on an L x L plane (Transformer-XL: L x 2L) with n
+tiles a side and E eligible tiles (all, or for causal sites those on or below the diagonal): each
+block-row first keeps one eligible tile at or before its diagonal (what the row guarantee needs, so
+the runtime adds nothing), then tiles drawn uniformly from the rest, max(n, E - floor(tau · E)) in
+all (floor as compile takes it). The share asked for is kept exactly unless it is below one tile per block-row; the output says so.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -45,15 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnmask.compile import causal_plane, expand_tiles
 from attnmask.errors import AttnmaskError
 
-MASKED_BACKENDS = ("eager", "sdpa", "flex")
+MASKED_BACKENDS = ("eager", "sdpa", "blocksparse", "flex")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RANDOM_MODELS = {
-    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-}
-"""Built-in random-weight configurations (no download, no weights): speed does not depend on weights."""
 
 
 @dataclass
@@ -62,15 +58,16 @@ class BenchSettings:
     masks: str | None = None
     tau: float = 0.9
     block_size: int = 128
-    lengths: list[int] = field(default_factory=lambda: [128, 512, 2048, 4096])
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     model_lengths: list[int] | None = None  # default: the same as lengths
-    batch_size: int = 8
+    batch_size: int = 2
     dtype: str = "float32"
     device: str = "auto"
-    repeats: int = 10
-    warmup: int = 3
-    backends: list[str] = field(default_factory=lambda: list(MASKED_BACKENDS))
+    rounds: int = 7
+    warmup: int = 2
+    backends: list[str] = field(default_factory=lambda: ["sdpa", "blocksparse"])
     op: bool = True
+    backward: bool = False  # op level: time forward + backward
     whole_model: bool = True
     prune_tokens: list[str] = field(default_factory=list)
     seed: int = 0
@@ -82,8 +79,8 @@ class BenchSettings:
             raise AttnmaskError("--lengths must be positive integers")
         if self.dtype not in DTYPES:
             raise AttnmaskError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0:
-            raise AttnmaskError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
+        if self.batch_size < 1 or self.rounds < 1 or self.warmup < 0:
+            raise AttnmaskError("--batch-size and --rounds must be >= 1 and --warmup >= 0")
         if self.masks is None and not (0 <= self.tau < 1):
             raise AttnmaskError(f"--tau must lie in [0, 1), got {self.tau}")
         if self.block_size < 1:
@@ -96,20 +93,21 @@ class BenchSettings:
 @dataclass
 class Row:
     level: str  # "op" | "model"
+    site: str  # op: the attention site; model: "all"
     length: int
-    variant: str  # "dense-sdpa", a masked backend, or "prune-tokens SPEC"
+    variant: str  # "dense", a masked backend, or "prune-tokens SPEC"
     median_ms: float | None = None
     min_ms: float | None = None
     max_ms: float | None = None
-    q1_ms: float | None = None
-    q3_ms: float | None = None
-    repeats: int = 0
-    speedup: float | None = None  # median(dense) / median(this)
-    peak_mib: float | None = None
-    flops: float | None = None
-    kept: float | None = None  # share of attention entries computed (flex: of tiles)
+    speedup: float | None = None  # median over rounds of time(dense) / time(variant)
+    speedup_min: float | None = None
+    speedup_max: float | None = None
+    attention_gflop: float | None = None
+    kept_tiles: float | None = None  # share of the call's T x T tiles computed
+    ideal: float | None = None  # op: dense / computed attention FLOPs; model: the Amdahl limit
+    of_possible: float | None = None  # (1 - 1/speedup) / (1 - 1/ideal)
     note: str = ""
-    tokens_kept: list[dict] | None = None  # token pruning: PruneStats.rows(), tokens entering each layer
+    tokens_kept: list[dict] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,334 +117,466 @@ class Row:
 def parse_lengths(text: str) -> list[int]:
     """'128,512' -> [128, 512]."""
     try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise AttnmaskError(f"--lengths expects comma-separated integers, got {text!r}") from None
-    return values
 
 
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
-    """Milliseconds of `repeats` calls of fn after `warmup` untimed ones (CUDA events on a GPU)."""
-    for _ in range(warmup):
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """{name: [ms per round]}: each variant once per round, the order rotated by one each round."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        return times
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_once(variants[name], device))
     return times
 
 
-def summarize(times: list[float]) -> dict:
-    """median, min, max and the quartiles (inclusive method) of a list of milliseconds."""
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "q1_ms": q1, "q3_ms": q3, "repeats": len(times)}
+def ratio_summary(dense: list[float], variant: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of dense[r] / variant[r]."""
+    ratios = [d / v for d, v in zip(dense, variant)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak CUDA memory allocated during one call beyond what was allocated before it; None on CPU."""
-    if device.type != "cuda":
+def possible_share(speedup: float | None, limit: float | None) -> float | None:
+    """Share of the time saving `limit` allows that `speedup` achieved: (1 - 1/s) / (1 - 1/limit)."""
+    if speedup is None or limit is None or limit <= 1.0 + 1e-9:
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    return (1 - 1 / speedup) / (1 - 1 / limit)
 
 
-def eager_model_flops(model: nn.Module, forward: Callable[[], Any]) -> float:
-    """FLOPs of one dense forward pass, counted by torch.utils.flop_counter with eager attention.
-
-    Eager attention makes the attention matmuls visible to the counter on every device (it does
-    not count CPU SDPA kernels).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with FlopCounterMode(display=False) as counter:
-            forward()
-    finally:
-        model.set_attn_implementation(previous)
-    return float(counter.get_total_flops())
-
-
-def attention_flops(batch: int, heads: int, q_len: int, k_len: int, dim: int) -> float:
-    """Dense attention FLOPs: q kᵀ and P v, 2 · q · k · D multiply-adds each, per (batch, head)."""
-    return 4.0 * batch * heads * q_len * k_len * dim
+def rows_of(level: str, site: str, length: int, times: dict[str, list[float]],
+            flops: dict[str, tuple[float, float | None]], ideal_of: Callable[[float], float | None]) -> list[Row]:
+    """Rows of one interleaved measurement; flops[name] = (attention FLOPs, kept tile share)."""
+    dense = times["dense"]
+    rows = []
+    for name, ms in times.items():
+        speedup = ratio_summary(dense, ms)
+        attention, kept = flops.get(name, (None, None))
+        ideal = None if attention is None else ideal_of(attention)
+        row = Row(level, site, length, name, statistics.median(ms), min(ms), max(ms), *speedup,
+                  None if attention is None else attention / 1e9, kept, ideal)
+        row.of_possible = None if name == "dense" else possible_share(row.speedup, ideal)
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
-# Model and masks
+# Models: one small description per family preset
 
 
-def load_bench_model(spec: str, positions: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A Hugging Face base model in eval mode with dense SDPA attention.
+@dataclass
+class BenchModel:
+    """A model to time: its masking seam's sites and how to run it at a length.
 
-    `bert-base` is a random-weight BERT-base-sized model with `positions` positions; a folder with
-    config.json but no weights gets random weights (timing does not depend on them).
+    plane(site, L) -> (Q, K) of the masks; window(site, L) -> the op-level call's Window;
+    forward(L, batch) -> a zero-argument function running one inference forward pass at L tokens;
+    term(q, k, L) -> the op's additive score term (Transformer-XL) or None.
     """
-    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(0)
-    if spec in RANDOM_MODELS and not Path(spec).exists():
-        config = BertConfig(**RANDOM_MODELS[spec], max_position_embeddings=max(512, positions))
-        model = BertModel(config, add_pooling_layer=False)
-        model.set_attn_implementation("sdpa")
-    else:
-        from attnmask.models.hf import resolve_model_path
-
-        path = resolve_model_path(spec)
-        has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-        try:
-            if has_weights:
-                model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
-            else:
-                model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
-                                              attn_implementation="sdpa")
-        except (OSError, ValueError, KeyError) as e:
-            raise AttnmaskError(f"cannot load a Hugging Face model from {spec}: {str(e).splitlines()[0]}") from None
-    return model.to(device=device, dtype=dtype).eval()
+    model: nn.Module
+    heads: int
+    head_dim: int
+    plane: Callable[[str, int], tuple[int, int]]
+    window: Callable[[str, int], Any]
+    forward: Callable[[int, int], Callable[[], Any]]
+    term: Callable[[torch.Tensor, int], Any] | None = None
+    positions: int | None = None
 
 
-def model_positions(model: nn.Module) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+def _self_window(site: str, length: int):
+    from attnmask.masks.rules import Window
+
+    return Window(length, length) if site == "decoder.cross" else Window.self_attention(length, length)
 
 
-def attention_shape(model: nn.Module) -> tuple[int, int]:
-    """(heads, head dim) of the model's attention."""
+def bert_base(positions: int) -> BenchModel:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        max_position_embeddings=max(512, positions))
+    return _hf_bench_model(BertModel(config, add_pooling_layer=False))
+
+
+def _hf_bench_model(model: nn.Module) -> BenchModel:
+    model.set_attn_implementation("sdpa")
     cfg = model.config
     heads = cfg.num_attention_heads
-    return heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    vocab = cfg.vocab_size
+
+    def forward(length: int, batch: int):
+        ids = torch.randint(1, vocab, (batch, length), device=model.device)
+        return lambda: model(input_ids=ids)
+
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return BenchModel(model, heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                      lambda site, n: (n, n), _self_window, forward, positions=positions)
 
 
-def synthetic_keep(layers: int, heads: int, plane: int, tau: float, block: int, causal: bool,
+def fairseq_base(positions: int, **sizes) -> BenchModel:
+    """fairseq's `transformer` architecture (6 + 6 layers, 512 wide, 8 heads; `sizes` overrides its
+    arguments, e.g. encoder_layers=2), random weights."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from attnmask.models.fairseq import import_fairseq
+
+    import_fairseq()
+    from fairseq.data import Dictionary
+    from fairseq.models.transformer import TransformerModel, base_architecture
+
+    words = Dictionary()
+    for i in range(1000):
+        words.add_symbol(f"w{i}")
+    args = Namespace(max_source_positions=positions + 2, max_target_positions=positions + 2, dropout=0.0, **sizes)
+    base_architecture(args)
+    model = TransformerModel.build_model(args, SimpleNamespace(source_dictionary=words, target_dictionary=words))
+
+    def forward(length: int, batch: int):
+        tokens = torch.randint(words.nspecial, len(words), (batch, length), device=next(model.parameters()).device)
+        lengths = torch.full((batch,), length, device=tokens.device)
+        return lambda: model(tokens, lengths, tokens)
+
+    return BenchModel(model, args.encoder_attention_heads, args.encoder_embed_dim // args.encoder_attention_heads,
+                      lambda site, n: (n, n), _self_window, forward, positions=positions)
+
+
+def transfo_xl_base(positions: int, **sizes) -> BenchModel:
+    """attnmask's Transformer-XL, `lm.PRESETS['base']` widths with 12 layers (`sizes` overrides them);
+    segments of L after L memories."""
+    from attnmask.lm import PRESETS
+    from attnmask.masks.rules import Window
+    from attnmask.models.transfo_xl_model import RelativeScores, TransfoXLConfig, TransfoXLLM
+
+    preset = {k: v for k, v in PRESETS["base"].items() if k != "tgt_len"}
+    preset.update(n_layer=12, mem_len=positions, dropout=0.0)
+    preset.update(sizes)
+    model = TransfoXLLM(TransfoXLConfig(vocab_size=1000, cutoffs=[], clamp_len=-1, same_length=False, **preset))
+    heads, dim = preset["n_head"], preset["d_head"]
+
+    def forward(length: int, batch: int):
+        ids = torch.randint(0, 1000, (batch, length), device=next(model.parameters()).device)
+        mems = [torch.zeros(batch, length, preset["d_model"], device=ids.device) for _ in range(preset["n_layer"])]
+        return lambda: model(ids, mems)
+
+    def term(query: torch.Tensor, length: int):
+        g = torch.Generator(device=query.device).manual_seed(1)
+        r_k = torch.randn(2 * length, heads, dim, generator=g, device=query.device, dtype=query.dtype)
+        return RelativeScores(query, r_k, length, dim ** -0.5)
+
+    return BenchModel(model, heads, dim, lambda site, n: (n, 2 * n), lambda site, n: Window(n, 2 * n),
+                      forward, term, positions)
+
+
+PRESET_MODELS = {"bert-base": bert_base, "fairseq-base": fairseq_base, "transfo-xl-base": transfo_xl_base}
+"""Random-weight presets (no download): speed does not depend on the weights."""
+
+
+def load_bench_model(spec: str, positions: int, device: torch.device, dtype: torch.dtype) -> BenchModel:
+    """A preset, or a Hugging Face folder ('minilm' too; a folder with config.json but no weights gets
+    random weights), in eval mode on the device."""
+    torch.manual_seed(0)
+    if spec in PRESET_MODELS and not Path(spec).exists():
+        bench_model = PRESET_MODELS[spec](positions)
+    else:
+        from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        from attnmask.models.hf import resolve_model_path
+
+        hf_logging.set_verbosity_error()
+        path = resolve_model_path(spec)
+        try:
+            if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+                model = AutoModel.from_pretrained(path, local_files_only=True)
+            else:
+                model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        except (OSError, ValueError, KeyError) as e:
+            raise AttnmaskError(f"cannot load a Hugging Face model from {spec}: {str(e).splitlines()[0]}") from None
+        bench_model = _hf_bench_model(model)
+    bench_model.model.to(device=device, dtype=dtype).eval()
+    return bench_model
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+
+
+def eligible_tiles(n_q: int, n_k: int, offset: int, causal: bool) -> np.ndarray:
+    """bool [n_q, n_k]: tiles a causal site can use (on or below the diagonal i + offset), or all."""
+    rows, cols = np.meshgrid(np.arange(n_q), np.arange(n_k), indexing="ij")
+    return cols <= rows + offset if causal else np.ones((n_q, n_k), bool)
+
+
+def tiles_asked(queries: int, keys: int, tau: float, block: int, causal: bool) -> tuple[int, int]:
+    """(tiles kept per head, tiles tau asks for): E - floor(tau · E) as compile counts it (tau read as the
+    decimal it prints as), and at least one per block-row."""
+    from attnmask.compile import prune_count
+
+    n_q, n_k = -(-queries // block), -(-keys // block)
+    eligible = int(eligible_tiles(n_q, n_k, (keys - queries) // block, causal).sum())
+    asked = eligible - prune_count(tau, eligible)
+    return max(n_q, asked), asked
+
+
+def synthetic_keep(layers: int, heads: int, queries: int, keys: int, tau: float, block: int, causal: bool,
                    seed: int) -> np.ndarray:
-    """bool [layers, heads, plane, plane]: diagonal tiles plus random tiles, a share 1 - tau of the eligible.
-
-    Per (layer, head) with n = ceil(plane / block) tiles a side and E eligible tiles (n² or, causal,
-    n(n+1)/2), max(n, round((1 - tau) · E)) tiles are kept: the n diagonal ones and uniformly drawn
-    others; causal sites then drop the entries k > q.
-    """
+    """bool [layers, heads, Q, K] of whole tiles (see the module docstring): per block-row one eligible
+    tile at or before its diagonal, then uniform others, `tiles_asked(...)[0]` in all."""
     rng = np.random.default_rng(seed)
-    n = -(-plane // block)
-    eligible = np.tri(n, dtype=bool) if causal else np.ones((n, n), dtype=bool)
-    off_diagonal = np.flatnonzero(eligible & ~np.eye(n, dtype=bool))
-    target = max(n, round((1 - tau) * int(eligible.sum())))
-    keep = np.zeros((layers, heads, plane, plane), dtype=bool)
+    n_q, n_k = -(-queries // block), -(-keys // block)
+    offset = (keys - queries) // block  # diagonal tile of block-row i: i + offset
+    eligible = eligible_tiles(n_q, n_k, offset, causal)
+    target = tiles_asked(queries, keys, tau, block, causal)[0]
+    keep = np.zeros((layers, heads, queries, keys), dtype=bool)
+    band = np.tri(queries, keys, keys - queries, dtype=bool)
     for layer in range(layers):
         for head in range(heads):
-            tiles = np.eye(n, dtype=bool)
-            chosen = rng.choice(off_diagonal, size=min(target - n, off_diagonal.size), replace=False)
-            tiles.flat[chosen] = True
-            full = expand_tiles(tiles, block, plane, plane)
-            keep[layer, head] = full & causal_plane(plane, plane) if causal else full
+            tiles = np.zeros((n_q, n_k), bool)
+            for i in range(n_q):
+                tiles[i, rng.integers(0, min(i + offset, n_k - 1) + 1)] = True
+            rest = np.flatnonzero(eligible & ~tiles)
+            tiles.flat[rng.choice(rest, size=min(target - n_q, rest.size), replace=False)] = True
+            full = np.repeat(np.repeat(tiles, block, 0), block, 1)[:queries, :keys]
+            keep[layer, head] = full & band if causal else full
     return keep
 
 
-def synthetic_store(model: nn.Module, plane: int, tau: float, block: int, seed: int):
-    """A MaskStore of synthetic block masks for every attention site of the model."""
-    from attnmask.runtime import model_sites, module_heads
+def synthetic_store(bench_model: BenchModel, length: int, tau: float, block: int, seed: int):
+    """A MaskStore of synthetic block masks for every attention site of the model at length L."""
+    from attnmask.models import mask_seam
     from attnmask.store import MaskStore, SiteMask, masks_digest
 
+    seam = mask_seam(bench_model.model)
     sites = {}
-    for name, layers in model_sites(model).items():
-        heads = module_heads(layers[0][0], model.config)
-        causal = name == "decoder.self"
-        sites[name] = SiteMask(synthetic_keep(len(layers), heads, plane, tau, block, causal, seed), causal)
+    for name, modules in seam.sites(bench_model.model).items():
+        causal = seam.is_causal(name)
+        q, k = bench_model.plane(name, length)
+        sites[name] = SiteMask(synthetic_keep(len(modules), seam.heads(modules[0]), q, k, tau, block, causal, seed),
+                               causal)
     attrs = {"digest": masks_digest(sites), "tau": tau, "block_size": block, "beyond": "dense",
              "synthetic": True, "seed": seed}
     return MaskStore(attrs, sites)
 
 
-class _OpModule(nn.Module):
-    """Stands in for an attention module at op level: eval mode, layer 0, no sink."""
+def computed_flops(masked, window, batch: int, dim: int, term: bool) -> tuple[float, float]:
+    """(attention FLOPs, kept tile share) of one block-sparse call of `masked` (a MaskedAttention)."""
+    layout = masked.layout(window)
+    t = layout.tile
+    per_tile = 4 * t * t * dim + (2 * t * (2 * t - 1) * dim if term else 0)
+    return float(batch * layout.kept_tiles * per_tile), layout.kept_share
 
-    def __init__(self, causal: bool):
-        super().__init__()
-        self.layer_idx = 0
-        self.is_causal = causal
-        self.eval()
+
+def dense_attention_flops(batch: int, heads: int, q: int, k: int, dim: int, term: bool) -> float:
+    """4 · B · H · q · k · D, plus 2 · B · H · q · k · D for a position term."""
+    return (4.0 + 2.0 * term) * batch * heads * q * k * dim
 
 
 # ----------------------------------------------------------------------------------------------
 # The two levels
 
 
-def op_spec(store, device: torch.device):
-    """MaskSpec of layer 0 of the store's first site (row guarantee applied, as the runtime does)."""
-    from attnmask.runtime import MaskSpec, guarantee_rows
+def with_backward(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], Any]:
+    """forward, then the gradients of sum(out · g) for a fixed random g with respect to `inputs`."""
+    weight: list[torch.Tensor] = []
 
-    site = sorted(store.sites)[0]
-    mask = store.sites[site]
-    keep, _ = guarantee_rows(torch.from_numpy(mask.keep[0]).to(device), site)
-    return MaskSpec(site, 0, keep, mask.causal, store.attrs.get("beyond", "dense"), dict(store.attrs),
-                    dict(mask.attrs))
+    def step():
+        out = forward()
+        if not weight:
+            weight.append(torch.randn_like(out))
+        torch.autograd.grad((out * weight[0]).sum(), inputs)
+
+    return step
 
 
-def run_op_level(settings: BenchSettings, store_for: Callable[[int], Any], heads: int, dim: int,
-                 device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> list[Row]:
-    """Rows of the attention op at every length: dense SDPA, then each masked backend."""
-    from attnmask.runtime import BACKENDS, _load_optional_backends
+def bare_flex_kernel(masked, call, q, k, v) -> Callable[[], Any]:
+    """The compiled FlexAttention kernel with the plan's BlockMask built beforehand (no runtime around it)."""
+    from attnmask.flex import _pad_positions, compiled_flex_attention
 
-    _load_optional_backends()
+    plan = masked.flex_plan(call.window)
+    block_mask = plan.block_mask(None, q.requires_grad)
+    q_pad, k_pad = plan.padded_length
+    qp, kp, vp = _pad_positions(q, q_pad), _pad_positions(k, k_pad), _pad_positions(v, k_pad)
+    return lambda: compiled_flex_attention()(qp, kp, vp, block_mask=block_mask, scale=call.scale)[:, :, :q.shape[2]]
+
+
+def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, device, dtype, log) -> list[Row]:
+    """Per length and site: dense SDPA against MaskedAttention.attend with each backend."""
+    from attnmask.models import mask_seam
+    from attnmask.runtime import Call, MaskedAttention
+
+    seam = mask_seam(bench_model.model)
+    heads, dim, batch = bench_model.heads, bench_model.head_dim, settings.batch_size
     rows = []
     for length in settings.lengths:
-        spec = op_spec(store_for(length), device)
-        module = _OpModule(spec.causal)
-        g = torch.Generator(device=device).manual_seed(settings.seed)
-        q, k, v = (torch.randn(settings.batch_size, heads, length, dim, generator=g, device=device, dtype=dtype)
-                   for _ in range(3))
-        scale = dim ** -0.5
-        log(f"op L={length}: dense sdpa")
+        store = store_for(length)
+        for site, mask in sorted(store.sites.items()):
+            window = bench_model.window(site, length)
+            g = torch.Generator(device=device).manual_seed(settings.seed)
+            q = torch.randn(batch, heads, window.q, dim, generator=g, device=device, dtype=dtype)
+            k, v = (torch.randn(batch, heads, window.k, dim, generator=g, device=device, dtype=dtype) for _ in range(2))
+            for t in (q, k, v):
+                t.requires_grad_(settings.backward)
+            term = None if bench_model.term is None else bench_model.term(q, length)
+            keep = torch.from_numpy(mask.keep[0]).to(device)
+            causal = bool(mask.causal)
+            scale = dim ** -0.5
+            call = Call(window, scale, extra=term)
+            if term is None:
+                def dense():
+                    return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            else:
+                from attnmask.masks.rules import causal_band
 
-        def dense():
-            return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=spec.causal)
+                blocked = ~causal_band(window.q, window.k, window.k - window.q, device)
 
-        with torch.inference_mode():
-            base = _measure("op", length, "dense-sdpa", dense, settings, device)
-        base.flops = attention_flops(settings.batch_size, heads, length, length, dim)
-        base.kept = 1.0
-        rows.append(base)
-        for name in settings.backends:
-            if name not in BACKENDS:
-                rows.append(Row("op", length, name, note="backend not available"))
-                continue
-            log(f"op L={length}: {name}")
-            try:
-                backend = BACKENDS[name](spec)
-
-                def masked(backend=backend):
-                    return backend.attend(module, q, k, v, None, scale, 0.0)
-
-                with torch.inference_mode():
-                    row = _measure("op", length, name, masked, settings, device)
-                row.flops, row.kept = _masked_flops(backend, settings.batch_size, heads, length, dim)
-            except AttnmaskError as e:
-                row = Row("op", length, name, note=str(e))
-            row.speedup = _ratio(base, row)
-            rows.append(row)
+                def dense():
+                    bias = term.dense().masked_fill(blocked, torch.finfo(dtype).min)
+                    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+            variants = {"dense": dense}
+            masks = {}
+            for name in settings.backends:
+                masks[name] = MaskedAttention(site, 0, keep, causal=causal, cross=seam.is_cross(site),
+                                              beyond="dense", backend=name)
+                variants[name] = (lambda m=masks[name]: m.attend(q, k, v, call)[0])
+            if "flex" in masks:  # the compiled kernel alone, BlockMask prebuilt: the runtime's overhead is the rest
+                variants["flex-kernel"] = bare_flex_kernel(masks["flex"], call, q, k, v)
+            if settings.backward:
+                variants = {n: with_backward(fn, [q, k, v]) for n, fn in variants.items()}
+            log(f"op {site} L={length}: {', '.join(variants)}")
+            with torch.inference_mode(mode=not settings.backward):
+                times = interleaved(variants, settings.rounds, settings.warmup, device)
+            dense_flops = dense_attention_flops(batch, heads, window.q, window.k, dim, term is not None)
+            flops = {"dense": (dense_flops, 1.0)}
+            for name, m in masks.items():
+                sparse = name in ("blocksparse", "flex")
+                flops[name] = (computed_flops(m, window, batch, dim, term is not None) if sparse
+                               else (dense_flops, 1.0))
+            if "flex" in masks:
+                flops["flex-kernel"] = flops["flex"]
+            new = rows_of("op", site, length, times, flops, lambda f: dense_flops / f)
+            kept, asked = tiles_asked(*keep.shape[1:], settings.tau, settings.block_size, causal)
+            if settings.masks is None and kept > asked:
+                for row in new:
+                    row.note = f"row guarantee: {kept} tiles a head kept, tau asks {asked}"
+            rows += new
     return rows
 
 
-def _masked_flops(backend, batch: int, heads: int, length: int, dim: int) -> tuple[float, float]:
-    """(attention FLOPs, share of the dense FLOPs) of one masked call of L queries and keys.
-
-    eager and sdpa compute every score: 4 · B · H · L² · D. flex computes only the T x T tiles its
-    BlockMask keeps (full or partial), each 4 · T² · D, at the bucket length.
-    """
-    dense = attention_flops(batch, heads, length, length, dim)
-    if getattr(backend, "name", "") != "flex":
-        return dense, 1.0
-    from attnmask.flex import kept_tiles
-
-    layout = backend.layout(length, length)
-    flops = 4.0 * kept_tiles(layout) * batch * layout.block ** 2 * dim
-    return flops, flops / dense
-
-
-def _measure(level: str, length: int, variant: str, fn, settings: BenchSettings,
-             device: torch.device) -> Row:
-    times = time_calls(fn, settings.repeats, settings.warmup, device)
-    row = Row(level, length, variant, **summarize(times))
-    row.peak_mib = peak_memory_mib(fn, device)
-    return row
-
-
-def _ratio(base: Row, row: Row) -> float | None:
-    if base.median_ms is None or row.median_ms is None or row.median_ms == 0:
-        return None
-    return base.median_ms / row.median_ms
+def attention_accounting(handle, forward, bench_model: BenchModel, batch: int) -> tuple[float, float, float]:
+    """(dense attention FLOPs, computed attention FLOPs, kept tile share) of one forward pass with the
+    handle's masks, from the call shapes its MaskedAttentions saw."""
+    term = bench_model.term is not None
+    dense = computed = 0.0
+    kept = total = 0
+    handle.enable()
+    try:
+        with torch.inference_mode():
+            forward()
+        for m in handle.masks:
+            for window in list(m._allowed):
+                d = dense_attention_flops(batch, bench_model.heads, window.q, window.k, bench_model.head_dim, term)
+                dense += d
+                if handle.backend in ("blocksparse", "flex"):
+                    computed += computed_flops(m, window, batch, bench_model.head_dim, term)[0]
+                    layout = m.layout(window)
+                    kept, total = kept + layout.kept_tiles, total + layout.total_tiles
+                else:
+                    computed += d
+    finally:
+        handle.remove()
+    return dense, computed, (kept / total if total else 1.0)
 
 
-def run_model_level(settings: BenchSettings, model: nn.Module, store_for: Callable[[int], Any],
-                    device: torch.device, log: Callable[[str], None]) -> list[Row]:
-    """Rows of one inference forward pass of the whole model at every length."""
+def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for, device, log) -> list[Row]:
+    """Per length: one inference forward pass, dense against each masked backend (and token pruning)."""
     from attnmask.runtime import apply_masks
 
-    heads, dim = attention_shape(model)
-    limit = model_positions(model)
-    vocab = model.config.vocab_size
+    model, batch = bench_model.model, settings.batch_size
     rows = []
     for length in settings.model_lengths or settings.lengths:
-        store = store_for(length)
-        layers = sum(m.layers for m in store.sites.values())
-        if limit is not None and length > limit:
-            rows.append(Row("model", length, "dense-sdpa", note=f"longer than the model's {limit} positions"))
+        if bench_model.positions is not None and length > bench_model.positions:
+            rows.append(Row("model", "all", length, "dense",
+                            note=f"longer than the model's {bench_model.positions} positions"))
             continue
-        g = torch.Generator(device=device).manual_seed(settings.seed)
-        ids = torch.randint(1, vocab, (settings.batch_size, length), generator=g, device=device)
-
-        def forward():
-            return model(input_ids=ids)
-
-        log(f"model L={length}: dense sdpa")
-        with torch.inference_mode():
-            base = _measure("model", length, "dense-sdpa", forward, settings, device)
-            base.flops = eager_model_flops(model, forward)
-        base.kept = 1.0
-        rows.append(base)
-        dense_attention = layers * attention_flops(settings.batch_size, heads, length, length, dim)
+        store = store_for(length)
+        torch.manual_seed(settings.seed)
+        forward = bench_model.forward(length, batch)
+        variants: dict[str, Callable[[], Any]] = {"dense": forward}
+        handles = {}
         for name in settings.backends:
-            log(f"model L={length}: {name}")
-            try:
-                with apply_masks(model, store, backend=name) as handle, torch.inference_mode():
-                    row = _measure("model", length, name, forward, settings, device)
-                    backends = {id(m._attnmask_mask): m._attnmask_mask for m in handle.modules}
-                    attention = sum(_masked_flops(obj, settings.batch_size, heads, length, dim)[0]
-                                    for obj in backends.values())
-                    row.flops = base.flops - dense_attention + attention
-                    row.kept = attention / dense_attention
-            except AttnmaskError as e:
-                row = Row("model", length, name, note=str(e))
-            row.speedup = _ratio(base, row)
-            rows.append(row)
+            handles[name] = handle = apply_masks(model, store, backend=name)
+            handle.remove()
+
+            def masked(handle=handle):
+                handle.enable()
+                try:
+                    return forward()
+                finally:
+                    handle.remove()
+
+            variants[name] = masked
+        pruned_stats = {}
         for spec in settings.prune_tokens:
-            log(f"model L={length}: prune-tokens {spec}")
-            with pruning_context(model, spec) as handle, torch.inference_mode():
-                row = _measure("model", length, f"prune-tokens {spec}", forward, settings, device)
-                row.tokens_kept = handle.stats.rows()
-            row.speedup = _ratio(base, row)
-            rows.append(row)
+            from attnmask.pruning import pruning_context
+
+            def pruned(spec=spec):
+                with pruning_context(model, spec) as handle:
+                    forward()
+                pruned_stats[spec] = handle.stats
+
+            variants[f"prune-tokens {spec}"] = pruned
+        log(f"model L={length}: {', '.join(variants)}")
+        with torch.inference_mode():
+            times = interleaved(variants, settings.rounds, settings.warmup, device)
+            model_flops = dense_model_flops(model, forward)
+        flops, dense_attention = {}, 0.0
+        for name, handle in handles.items():
+            dense_attention, computed, kept = attention_accounting(handle, forward, bench_model, batch)
+            flops[name] = (computed, kept)
+        flops["dense"] = (dense_attention, 1.0)
+        share = min(dense_attention / model_flops, 1.0) if model_flops else 0.0
+        new = rows_of("model", "all", length, times, flops,
+                      lambda attention: 1.0 / (1.0 - share + share * attention / dense_attention))
+        for row in new:
+            if row.variant.startswith("prune-tokens"):
+                row.tokens_kept = pruned_stats[row.variant.split(" ", 1)[1]].rows()
+            if row.variant == "dense":
+                row.note = f"attention {share:.0%} of {model_flops / 1e9:.0f} GFLOP"
+        rows += new
     return rows
 
 
-def pruning_context(model: nn.Module, spec: str):
-    """The token-pruning seam: attnmask.pruning.pruning_context(model, spec), a context manager in
-    which `model(...)` runs with token pruning (spec syntax: attnmask.pruning.parse_spec)."""
-    try:
-        from attnmask.pruning import pruning_context as context
-    except ImportError:
-        raise AttnmaskError("--prune-tokens needs token pruning (attnmask/pruning.py), which this "
-                            "version of attnmask does not have") from None
-    return context(model, spec)
+def dense_model_flops(model: nn.Module, forward: Callable[[], Any]) -> float:
+    """FLOPs of one dense forward pass, counted by torch.utils.flop_counter with SDPA's math kernel,
+    whose matmuls the counter sees on every device (it does not count the fused CPU kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
-
-def check_pruning_spec(spec: str) -> None:
-    """Fail before any timing on a bad --prune-tokens spec."""
-    try:
-        from attnmask.pruning import parse_spec
-    except ImportError:
-        raise AttnmaskError("--prune-tokens needs token pruning (attnmask/pruning.py), which this "
-                            "version of attnmask does not have") from None
-    parse_spec(spec)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        forward()
+    return float(counter.get_total_flops())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,53 +591,53 @@ def machine_description(device: torch.device) -> str:
 
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: None) -> dict:
-    """Run the benchmark and return its JSON-ready result (settings, machine, rows)."""
+    """Run the benchmark and return its JSON-ready result (settings, machine, load, rows)."""
+    from attnmask.models import mask_seam
     from attnmask.models.base import pick_device
     from attnmask.runtime import check_fit, load_store
 
     settings.validate()
-    for spec in settings.prune_tokens:
-        check_pruning_spec(spec)
+    if settings.prune_tokens:
+        from attnmask.pruning import parse_spec
+
+        for spec in settings.prune_tokens:
+            parse_spec(spec)
     device = pick_device(settings.device)
     dtype = DTYPES[settings.dtype]
     if dtype == torch.float16 and device.type == "cpu":
         raise AttnmaskError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
     store = load_store(settings.masks) if settings.masks else None
     all_lengths = settings.lengths + (settings.model_lengths or [])
-    model = load_bench_model(settings.model, max(all_lengths), device, dtype)
-    synthetic: dict[int, Any] = {}
-    if store is None:
-        def store_for(length: int):
-            """A synthetic store whose plane is the length: tau holds at every length."""
-            if length not in synthetic:
-                synthetic.clear()  # one plane at a time: a 4096 plane of BERT-base is 2.4 GB
-                synthetic[length] = synthetic_store(model, length, settings.tau, settings.block_size,
-                                                    settings.seed)
-            return synthetic[length]
-    else:
-        check_fit(model, store)
+    bench_model = load_bench_model(settings.model, max(all_lengths), device, dtype)
+    cache: dict[int, Any] = {}
 
-        def store_for(length: int):
+    def store_for(length: int):
+        if store is not None:
             return store
-    heads, dim = attention_shape(model)
+        if length not in cache:
+            cache.clear()  # one plane at a time: a 4096 plane of BERT-base is 2.4 GB
+            cache[length] = synthetic_store(bench_model, length, settings.tau, settings.block_size, settings.seed)
+        return cache[length]
+
+    if store is not None:
+        seam = mask_seam(bench_model.model)
+        check_fit(seam.sites(bench_model.model), seam, store)
+    load_before = os.getloadavg()[0]
     rows = []
     if settings.op:
-        rows += run_op_level(settings, store_for, heads, dim, device, dtype, log)
+        rows += run_op_level(settings, bench_model, store_for, device, dtype, log)
     if settings.whole_model:
-        rows += run_model_level(settings, model, store_for, device, log)
-    if store is None:
-        masks = {"synthetic": True, "tau": settings.tau, "block_size": settings.block_size,
-                 "seed": settings.seed}
-    else:
-        masks = {"synthetic": False, "path": settings.masks, "digest": store.attrs.get("digest"),
-                 "tau": store.attrs.get("tau"), "block_size": store.attrs.get("block_size")}
+        rows += run_model_level(settings, bench_model, store_for, device, log)
+    masks = ({"synthetic": True, "tau": settings.tau, "block_size": settings.block_size, "seed": settings.seed}
+             if store is None else
+             {"synthetic": False, "path": settings.masks, "digest": store.attrs.get("digest"),
+              "tau": store.attrs.get("tau"), "block_size": store.attrs.get("block_size")})
     return {
-        "format": "attnmask.bench", "version": 1,
-        "machine": machine_description(device), "device": str(device),
-        "torch": torch.__version__,
-        "settings": {**asdict(settings), "heads": heads, "head_dim": dim},
-        "masks": masks,
-        "rows": [asdict(r) for r in rows],
+        "format": "attnmask.bench", "version": 2,
+        "machine": machine_description(device), "device": str(device), "torch": torch.__version__,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "settings": {**asdict(settings), "heads": bench_model.heads, "head_dim": bench_model.head_dim},
+        "masks": masks, "rows": [asdict(r) for r in rows],
     }
 
 
@@ -523,33 +653,29 @@ def write_json(result: dict, out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _fmt(value, digits=2, suffix="") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}{suffix}"
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def results_table(result: dict):
-    """A rich table: one row per (level, length, variant); the quartiles are in the JSON."""
+    """A rich table: one row per (level, site, length, variant)."""
     from rich.table import Table
 
-    settings = result["settings"]
-    table = Table(title=f"attnmask bench: {settings['model']}, {settings['dtype']}, batch "
-                        f"{settings['batch_size']}, {settings['repeats']} repeats, on {result['machine']}")
+    s = result["settings"]
+    load = result["load_average"]
+    table = Table(title=f"attnmask bench: {s['model']}, {s['dtype']}, batch {s['batch_size']}, {s['rounds']} "
+                        f"interleaved rounds, on {result['machine']} (load {load[0]:.2f} -> {load[1]:.2f})")
     notes = any(r["note"] for r in result["rows"])
-    peaks = any(r["peak_mib"] is not None for r in result["rows"])
-    columns = ["level", "L", "variant", "median ms", "min-max ms", "speed-up"]
-    columns += ["peak MiB"] * peaks + ["GFLOP", "kept"] + ["note"] * notes
+    columns = ["level", "site", "L", "variant", "median ms", "speed-up (min-max)", "GFLOP", "tiles",
+               "ideal", "of possible"] + ["note"] * notes
     for col in columns:
-        table.add_column(col, justify="left" if col in ("level", "variant", "note") else "right")
+        table.add_column(col, justify="left" if col in ("level", "site", "variant", "note") else "right",
+                         no_wrap=col != "note")
     for r in result["rows"]:
-        spread = "-" if r["min_ms"] is None else f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
-        cells = [r["level"], str(r["length"]), r["variant"], _fmt(r["median_ms"]), spread,
-                 _fmt(r["speedup"], suffix="x")]
-        cells += [_fmt(r["peak_mib"], 1)] * peaks
-        cells += [_fmt(None if r["flops"] is None else r["flops"] / 1e9, 2),
-                  _fmt(None if r["kept"] is None else 100 * r["kept"], 1, "%")]
-        cells += [r["note"]] * notes
-        table.add_row(*cells)
+        spread = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"
+        cells = [r["level"], r["site"], str(r["length"]), r["variant"], _fmt(r["median_ms"], 1), spread,
+                 _fmt(r["attention_gflop"], 1), _fmt(None if r["kept_tiles"] is None else 100 * r["kept_tiles"], 1, "%"),
+                 _fmt(r["ideal"], 2, "x"), _fmt(None if r["of_possible"] is None else 100 * r["of_possible"], 0, "%")]
+        table.add_row(*cells, *([r["note"]] * notes))
     return table
 
 

@@ -54,7 +54,7 @@ class FlexPlan:
         some, full = tile_classes(self.cells, tile)
         self.some, self.full = some[None], full[None]
         self.kept_tiles = int(some.sum())
-        self._unpadded = None
+        self._unpadded: dict[bool, object] = {}  # need_backward -> BlockMask
 
     @property
     def padded_length(self) -> tuple[int, int]:
@@ -64,8 +64,8 @@ class FlexPlan:
         """The BlockMask of a batch (key_len None: no padding, built once and cached)."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        if key_len is None and self._unpadded is not None:
-            return self._unpadded
+        if key_len is None and need_backward in self._unpadded:
+            return self._unpadded[need_backward]
         cells = self.cells
         if key_len is None:
             partial, full = self.some & ~self.full, self.full
@@ -81,7 +81,7 @@ class FlexPlan:
                                         mask_mod=mask_mod, seq_lengths=self.padded_length,
                                         compute_q_blocks=need_backward)
         if key_len is None:
-            self._unpadded = mask
+            self._unpadded[need_backward] = mask
         return mask
 
 

@@ -307,6 +307,18 @@ class MaskHandle(AbstractContextManager):
                 "beyond": self.store.attrs.get("beyond", "dense"), "backend": self.backend,
                 "path": None if self.store.path is None else str(self.store.path)}
 
+    def enable(self) -> None:
+        """Put the masks (back) on the model; what they derived from the planes is kept."""
+        if self.active:
+            return
+        if getattr(self.model, "_attnmask_handle", None) is not None:
+            raise AttnmaskError("masks are already applied to this model; remove them first")
+        self.restore = self.seam.enable(self.model, self.record())
+        for module, masked in zip(self.modules, self.masks):
+            module._attnmask_mask = masked
+        self.model._attnmask_handle = self
+        self.active = True
+
     def remove(self) -> None:
         if not self.active:
             return
@@ -340,11 +352,7 @@ def apply_masks(model: nn.Module, masks: MaskStore | str | os.PathLike, backend:
             handle.masks.append(MaskedAttention(site, layer, keep[layer], causal=bool(mask.causal),
                                                 cross=seam.is_cross(site), beyond=beyond, backend=name))
             handle.modules.append(module)
-    handle.restore = seam.enable(model, handle.record())
-    for module, masked in zip(handle.modules, handle.masks):
-        module._attnmask_mask = masked
-    model._attnmask_handle = handle
-    handle.active = True
+    handle.enable()
     logger.info("attnmask: %s backend (%s)", name, reason)
     return handle
 

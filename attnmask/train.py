@@ -56,7 +56,7 @@ class TrainSettings:
     eval_split: float = 0.2
     seed: int = 0
     device: str = "auto"
-    backend: str = "eager"
+    backend: str = "auto"
     limit: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -442,7 +442,7 @@ class EvalSettings:
     batch_size: int = 32
     max_length: int | None = None  # None: the training max length, else 128
     device: str = "auto"
-    backend: str = "eager"
+    backend: str = "auto"
     limit: int | None = None
     pruning: dict | str | None = None  # PruningConfig fields; None: as trained (metrics.json); "none": off
 
@@ -672,7 +672,7 @@ class DemoSettings:
     lr: float = 1e-4
     seed: int = 0
     device: str = "auto"
-    backend: str = "eager"
+    backend: str = "auto"
     overwrite: bool = False
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import Window
 from attnmask.pruning import (PositionedMask, PruningConfig, TokenPruner, install_pruning, keep_decision,
                               parse_schedule, stats_table, token_importance)
 
@@ -324,15 +325,16 @@ def test_static_masks_follow_the_surviving_positions(family, site, monkeypatch):
     ids, mask = padded_batch((13, 9, 4))
     store = random_store(site)
     seen = []
-    original_attend = PositionedMask.attend
+    original_call = PositionedMask.__call__
 
     def recording(self, module, query, *args):
-        out = original_attend(self, module, query, *args)
+        out = original_call(self, module, query, *args)
+        n = int(self.state.positions.max()) + 1
         seen.append((module.layer_idx, self.state.positions.clone(), self.state.real.clone(),
-                     self.last_allowed.clone(), self.inner.spec.keep))
+                     self.last_allowed.clone(), self.inner.allowed(Window.self_attention(n, n))))
         return out
 
-    monkeypatch.setattr(PositionedMask, "attend", recording)
+    monkeypatch.setattr(PositionedMask, "__call__", recording)
     with apply_masks(model, store, backend="eager"):
         out = run(model, PruningConfig("topk", keep_rate=0.3, first_pruned_layer=1), ids, mask)
         dense_masked = run(model, PruningConfig("topk", keep_rate=1.0), ids, mask)
@@ -349,7 +351,8 @@ def test_static_masks_follow_the_surviving_positions(family, site, monkeypatch):
             p = pos[b, slots]
             expected = keep[:, p[:, None], p[None, :]]
             got = allowed[b][:, slots][:, :, slots]
-            # rows the pruning emptied keep their diagonal; all other rows equal the mask at (pos_i, pos_j)
+            # rows the row guarantee rescued on the slots keep their diagonal; all others equal the mask
+            # at (pos_i, pos_j)
             restored = got & ~expected
             assert (restored == (torch.eye(len(p), dtype=torch.bool) & restored)).all()
             rows_ok = ~restored.any(-1)
@@ -468,7 +471,7 @@ def test_bench_reports_tokens_kept_per_layer(tmp_path):
     tiny_bert().config.save_pretrained(model_dir)
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", str(model_dir), "--lengths", "32", "--batch-size", "2",
-                                      "--repeats", "1", "--warmup", "0", "--no-op", "--backends", "sdpa",
+                                      "--rounds", "1", "--warmup", "0", "--no-op", "--backends", "sdpa",
                                       "--prune-tokens", "schedule:0,0.5,0.5,0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "tokens kept per layer" in result.output

@@ -115,6 +115,11 @@ class MaskSeam(ABC):
         digest etc.) with the model; returns the function that undoes both."""
 
     @staticmethod
+    def is_causal(site: str) -> bool:
+        """Sites whose queries never see later tokens (the store's `causal` flag says so per store)."""
+        return site == "decoder.self"
+
+    @staticmethod
     def is_cross(site: str) -> bool:
         """Cross-attention sites (queries from one sequence, keys from another)."""
         return site == "decoder.cross"

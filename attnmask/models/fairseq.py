@@ -3,8 +3,9 @@
 attnmask swaps the class of each attention instance of a loaded model for `AttnmaskMultiheadAttention`,
 a subclass (no fairseq file is edited, parameters and state_dict keys are unchanged) that:
 
-* for collection, takes fairseq's own (non-fused) attention path and reports per-head probabilities
-  [B, H, T, S] (after softmax, before dropout) to a sink from a pre-hook on its dropout module;
+* for collection, takes fairseq's own non-fused attention path and reports per-head probabilities
+  [B, H, T, S] (after softmax, before dropout) to a sink from a pre-hook on its dropout module
+  (without a sink and without masks it is fairseq's attention as it was, fused path included);
 * with masks applied (attnmask.apply_masks), computes q, k, v itself, with fairseq's key/value cache for
   incremental decoding, and hands them to the mask runtime, so every backend, block-sparse ones
   included, runs inside fairseq.
@@ -190,6 +191,8 @@ class _AttnmaskAttentionMixin:
             self._attnmask_cursor["start"] = self._cached_keys(incremental_state)
         masked = self.__dict__.get("_attnmask_mask")
         if masked is None or before_softmax or self.bias_k is not None or self.add_zero_attn:
+            # fairseq's fused path hides the probabilities: take it only when no sink needs them
+            self.skip_embed_dim_check = self._attnmask_sink is not None or self._attnmask_unfused
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    incremental_state=incremental_state, need_weights=need_weights,
                                    static_kv=static_kv, attn_mask=attn_mask, before_softmax=before_softmax,
@@ -343,7 +346,7 @@ def install_attention(model) -> dict[str, list]:
                 raise AttnmaskError(f"{site} layer {layer} is a {type(module).__name__}, not fairseq's "
                                     "MultiheadAttention; this model is not supported")
             module.__class__ = cls
-            module.skip_embed_dim_check = True  # only effect: never take the fused path that hides both seams
+            module._attnmask_unfused = module.skip_embed_dim_check  # the module's own setting
             module.use_xformers = False
             module._attnmask_site, module._attnmask_layer = site, layer
             module._attnmask_sink = None

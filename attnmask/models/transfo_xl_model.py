@@ -204,7 +204,7 @@ class RelativeScores:
         batch, _, t, dim = self.q_r.shape
         rows, c = heads.shape[0], columns.shape[1] // tile
         n_q = -(-t // tile)
-        q_r = nn.functional.pad(self.q_r, (0, 0, 0, n_q * tile - t)).view(batch, -1, tile, dim)
+        q_r = nn.functional.pad(self.q_r, (0, 0, 0, n_q * tile - t)).reshape(batch, -1, tile, dim)
         q_r = q_r[:, heads * n_q + q_blocks]  # [B, R, T, D]
         k_blocks = columns[:, ::tile] // tile  # [R, c]
         p_lo = (k_blocks - q_blocks[:, None]) * tile + t - tile  # [R, c]
@@ -307,11 +307,15 @@ class RelativeAttention(nn.Module):
         r_k = self.r_net(positions).view(-1, self.n_head, self.d_head)  # [K, H, Dh]
         term = RelativeScores(q + self.r_r_bias[:, None, :], r_k, m, self.scale)
         masked = self.__dict__.get("_attnmask_mask")
-        if masked is None:
+        if masked is None and sink is None:  # the dense model: SDPA with the position term as its float mask
+            bias = term.dense().to(q.dtype).masked_fill(blocked, torch.finfo(q.dtype).min)
+            attended = nn.functional.scaled_dot_product_attention(
+                q + self.r_w_bias[:, None, :], k, v, attn_mask=bias, scale=self.scale,
+                dropout_p=self.dropatt.p if self.training else 0.0)
+        elif masked is None:
             scores = torch.einsum("bhid,bhjd->bhij", q + self.r_w_bias[:, None, :], k) * self.scale + term.dense()
             probs = scores.float().masked_fill(blocked, torch.finfo(torch.float32).min).softmax(dim=-1).type_as(v)
-            if sink is not None:
-                sink(probs)
+            sink(probs)
             attended = torch.einsum("bhij,bhjd->bhid", self.dropatt(probs), v)
         else:
             attended = self.masked_attention(masked, q, k, v, term, blocked, t, m, sink)

@@ -1,0 +1,318 @@
+"""The mask rules, the block-sparse and FlexAttention kernels against a float64 reference, and bench."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attnmask.errors import AttnmaskError
+from attnmask.masks.blocksparse import block_sparse_attention, tile_layout
+from attnmask.masks.rules import Window, causal_band, check_beyond, guarantee_rows, plane_window, window_keep
+
+
+def reference(query, key, value, allowed, key_len=None, scale=None, extra=None):
+    """float64 masked softmax attention: allowed [H, q, k], key_len [B]; empty rows give 0."""
+    heads = query.shape[1]
+    key = key.double().repeat_interleave(heads // key.shape[1], 1)
+    value = value.double().repeat_interleave(heads // value.shape[1], 1)
+    mask = allowed[None].expand(query.shape[0], -1, -1, -1)
+    if key_len is not None:
+        mask = mask & (torch.arange(key.shape[2])[None, :] < key_len[:, None])[:, None, None, :]
+    scores = query.double() @ key.transpose(-1, -2) * (scale or query.shape[-1] ** -0.5)
+    if extra is not None:
+        scores = scores + extra.double()
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return probs @ value
+
+
+def random_allowed(heads, q, k, density, seed, causal=False, offset=0):
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.rand(heads, q, k, generator=g) < density
+    if causal:
+        allowed &= causal_band(q, k, offset)
+    return allowed
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules
+
+
+def test_causal_band_with_a_key_offset():
+    band = causal_band(3, 5, 2)  # two memory keys first
+    assert band.tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
+
+
+def test_window_reads_the_plane_and_fills_beyond_it():
+    plane = torch.arange(2 * 4 * 4).view(2, 4, 4) % 3 == 0
+    inside = plane_window(plane, Window.self_attention(2, 3))  # the last 2 of 3 positions
+    assert torch.equal(inside, plane[:, 1:3, :3]) and inside.data_ptr() == plane[:, 1:3, :3].data_ptr()
+    beyond = plane_window(plane, Window(5, 6, 0, -1), fill=True)  # one key before the plane, 5 rows
+    assert beyond[:, :, 0].all() and beyond[:, 4].all() and beyond[:, :, 5].all()
+    assert torch.equal(beyond[:, :4, 1:5], plane)
+    with pytest.raises(AttnmaskError, match="leaves the mask's 4x4 plane"):
+        check_beyond(Window(5, 5), 4, 4, "error", "encoder.self")
+    check_beyond(Window(4, 4), 4, 4, "error", "encoder.self")
+
+
+def test_row_guarantee_self_and_cross():
+    keep = torch.zeros(1, 3, 3, dtype=torch.bool)
+    keep[0, 0, 2] = True  # row 0 keeps only a later key
+    keep[0, 1, 0] = True  # row 1 is fine
+    fixed, rescued = guarantee_rows(keep, Window(3, 3), 0, cross=False)
+    assert rescued == 2  # rows 0 and 2
+    assert fixed[0, 0, 0] and fixed[0, 0, 2] and fixed[0, 2, 2] and not fixed[0, 1, 1]
+    crossed, rescued = guarantee_rows(keep, Window(3, 3), 0, cross=True)
+    assert rescued == 1 and crossed[0, 2, 0] and not crossed[0, 0, 0]  # only the empty row, key 0
+
+
+def test_window_keep_aligns_memory_keys_by_tokens_back():
+    """Plane of 2 queries after 3 memories; a segment with 1 memory reads columns 2.. (tokens back)."""
+    plane = random_allowed(1, 2, 5, 0.6, seed=4, causal=True, offset=3)
+    plane[:, :, 2:] = True
+    allowed, _ = window_keep(plane, Window(2, 3, 0, 3 - 1), causal=True, cross=False, beyond="dense")
+    assert torch.equal(allowed, plane[:, :, 2:] & causal_band(2, 3, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@pytest.mark.parametrize("q_len,causal,lengths", [(300, False, None), (300, True, (300, 170)),
+                                                  (129, False, (129, 1)), (64, True, None)])
+def test_block_sparse_matches_float64_in_outputs_and_gradients(q_len, causal, lengths):
+    heads, dim = 4, 16
+    plane = random_allowed(heads, 320, 320, 0.3, seed=q_len)
+    allowed, _ = window_keep(plane, Window.self_attention(q_len, q_len), causal=causal, cross=False, beyond="dense")
+    layout = tile_layout(allowed, 64)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, heads, q_len, dim, generator=g, requires_grad=True) for _ in range(3))
+    key_len = None if lengths is None else torch.tensor(lengths)
+    out = block_sparse_attention(q, k, v, layout, key_len)
+    ref = reference(q, k, v, allowed, key_len)
+    real = torch.ones(2, q_len, dtype=torch.bool) if key_len is None else torch.arange(q_len) < key_len[:, None]
+    real = real[:, None, :, None].expand_as(ref)
+    assert (out.double() - ref)[real].abs().max() <= 1e-5
+    weight = torch.randn(out.shape, generator=g) * real
+    got = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_block_sparse_grouped_query_heads_and_bfloat16():
+    heads, kv_heads, dim, length = 4, 2, 32, 200
+    allowed = random_allowed(heads, length, length, 0.4, seed=5)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, heads, length, dim, generator=g)
+    k, v = (torch.randn(1, kv_heads, length, dim, generator=g) for _ in range(2))
+    layout = tile_layout(allowed, 64)
+    ref = reference(q, k, v, allowed)
+    assert (block_sparse_attention(q, k, v, layout).double() - ref).abs().max() <= 1e-5
+    low = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout)
+    assert (low.double() - ref).abs().max() <= 1e-2 * max(1.0, ref.abs().max().item())
+
+
+def test_tile_layout_keeps_exactly_the_tiles_with_an_allowed_cell():
+    allowed = torch.zeros(2, 130, 200, dtype=torch.bool)
+    allowed[0, 0, 0] = allowed[0, 129, 199] = allowed[1, 70, 70] = True
+    layout = tile_layout(allowed, 64)
+    assert (layout.kept_tiles, layout.total_tiles) == (3, 2 * 3 * 4)
+    rows = sorted((int(h), int(i), tuple(j.tolist())) for grp in layout.groups
+                  for h, i, j in zip(grp.heads, grp.q_blocks, grp.k_blocks))
+    assert rows == [(0, 0, (0,)), (0, 2, (3,)), (1, 1, (1,))]
+
+
+def test_flex_attention_matches_float64_and_builds_the_block_mask_once():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from attnmask.flex import FlexPlan, flex_attention_call
+    from attnmask.runtime import Call
+
+    heads, dim, length = 2, 16, 200
+    allowed, _ = window_keep(random_allowed(heads, 256, 256, 0.3, seed=7), Window.self_attention(length, length),
+                             causal=True, cross=False, beyond="dense")
+    plan = FlexPlan(allowed, 128)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, heads, length, dim, generator=g) for _ in range(3))
+    for key_len in (None, torch.tensor([200, 90])):
+        out = flex_attention_call(q, k, v, plan, Call(Window.self_attention(length, length), dim ** -0.5, key_len),
+                                  training=False)
+        ref = reference(q, k, v, allowed, key_len)
+        rows = length if key_len is None else 90
+        assert (out.double() - ref)[:, :, :rows].abs().max() <= 1e-5
+    assert plan.block_mask(None, False) is plan.block_mask(None, False)
+
+
+def test_transformer_xl_position_term_per_tile_equals_the_dense_term():
+    from attnmask.models.transfo_xl_model import RelativeScores
+
+    g = torch.Generator().manual_seed(4)
+    t, mem, heads, dim, tile = 70, 50, 3, 8, 32
+    term = RelativeScores(torch.randn(2, heads, t, dim, generator=g), torch.randn(t + mem, heads, dim, generator=g),
+                          mem, 0.5)
+    dense = term.dense()  # [B, H, t, M + t]
+    allowed, _ = window_keep(torch.ones(heads, t, t + mem, dtype=torch.bool), Window(t, t + mem), causal=True,
+                             cross=False, beyond="dense")
+    for group in tile_layout(allowed, tile).groups:
+        tiles = term.tiles(group.heads, group.q_blocks, group.columns, tile)
+        rows = group.q_blocks[:, None] * tile + torch.arange(tile)
+        for r in range(len(group.heads)):
+            inside = (rows[r] < t)[:, None] & (group.columns[r] < t + mem)[None, :]
+            inside &= group.columns[r][None, :] <= rows[r][:, None] + mem  # cells the band allows
+            want = dense[:, group.heads[r]][:, rows[r].clamp(max=t - 1)][:, :, group.columns[r].clamp(max=t + mem - 1)]
+            assert torch.allclose(tiles[:, r][:, inside], want[:, inside], atol=1e-5)
+
+
+def test_fairseq_left_padding_rolls_to_the_front_and_back():
+    from attnmask.models.fairseq import left_padding, roll_positions
+
+    pad = torch.tensor([[True, True, False, False, False], [False] * 5])
+    shift = left_padding(pad)
+    assert shift.tolist() == [2, 0] and left_padding(torch.zeros(2, 5, dtype=torch.bool)) is None
+    x = torch.arange(10.0).view(2, 1, 5, 1)
+    front = roll_positions(x, -shift)
+    assert front[0, 0, :3, 0].tolist() == [2.0, 3.0, 4.0] and torch.equal(front[1], x[1])
+    assert torch.equal(roll_positions(front, shift), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bench
+
+
+def test_synthetic_masks_keep_the_share_tau_asks_and_one_tile_per_row():
+    from attnmask.bench import synthetic_keep, tiles_asked
+
+    keep = synthetic_keep(layers=2, heads=3, queries=500, keys=500, tau=0.75, block=50, causal=False, seed=0)
+    tiles = keep.reshape(2, 3, 10, 50, 10, 50)
+    kept_any, kept_all = tiles.any(axis=(3, 5)), tiles.all(axis=(3, 5))
+    assert np.array_equal(kept_any, kept_all)  # whole tiles only
+    assert (kept_any.sum(axis=(2, 3)) == 25).all() and tiles_asked(500, 500, 0.75, 50, False) == (25, 25)
+    assert (np.cumsum(kept_any, -1)[..., np.arange(10), np.arange(10)] >= 1).all()  # a tile at or before the diagonal
+    assert not np.array_equal(kept_any[0, 0], kept_any[0, 1])  # heads differ
+    causal = synthetic_keep(1, 1, 500, 500, 0.9, 50, causal=True, seed=0)
+    assert not np.triu(causal[0, 0], 1).any()
+    assert tiles_asked(500, 500, 0.9, 50, True) == (10, 6)  # 10 % of 55 eligible < one per row
+    assert causal.reshape(10, 50, 10, 50).any(axis=(1, 3)).sum() == 10
+
+
+def test_interleaved_rounds_rotate_the_order_and_ratios_are_per_round():
+    from attnmask.bench import interleaved, possible_share, ratio_summary
+
+    order = []
+    interleaved({n: (lambda n=n: order.append(n)) for n in "abc"}, rounds=3, warmup=0, device=torch.device("cpu"))
+    assert order == list("abcbcacab")
+    assert ratio_summary([10.0, 20.0, 30.0], [5.0, 5.0, 30.0]) == (2.0, 1.0, 4.0)
+    assert possible_share(2.0, 4.0) == pytest.approx(0.5 / 0.75) and possible_share(1.5, 1.0) is None
+
+
+def test_bench_cli_times_op_and_model_and_writes_json(tmp_path):
+    from transformers import BertConfig
+    from typer.testing import CliRunner
+
+    from attnmask.cli import app
+
+    model_dir = tmp_path / "tiny"
+    BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=300).save_pretrained(model_dir)
+    out = tmp_path / "bench.json"
+    args = ["bench", str(model_dir), "--lengths", "256", "--batch-size", "2", "--rounds", "2", "--warmup", "1",
+            "--tau", "0.5", "--block-size", "128", "--backends", "sdpa,blocksparse", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    rows = {(r["level"], r["variant"]): r for r in doc["rows"]}
+    assert set(rows) == {(lvl, v) for lvl in ("op", "model") for v in ("dense", "sdpa", "blocksparse")}
+    for r in rows.values():
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+    dense_flops = 4 * 2 * 4 * 256 * 256 * 8
+    assert rows[("op", "dense")]["attention_gflop"] * 1e9 == pytest.approx(dense_flops)
+    assert rows[("op", "blocksparse")]["kept_tiles"] == 0.5  # 2 of 2 x 2 tiles at tau 0.5
+    assert rows[("op", "blocksparse")]["ideal"] == pytest.approx(2.0)
+    assert rows[("op", "sdpa")]["ideal"] == 1.0
+    assert 0 < rows[("model", "dense")]["note"].count("attention")
+    assert len(doc["load_average"]) == 2 and doc["masks"]["synthetic"]
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+def test_one_store_gives_identical_keep_decisions_in_every_family():
+    """The same decoder.self plane applied to GPT-2, a fairseq Transformer and Transformer-XL (no
+    memories): each family's attention is non-zero exactly where window_keep allows."""
+    from transformers import GPT2Config, GPT2Model
+
+    from attnmask.bench import fairseq_base, transfo_xl_base
+    from attnmask.models.hf import attention_modules
+    from attnmask.runtime import apply_masks
+    from attnmask.store import MaskStore, SiteMask, masks_digest
+
+    layers, heads, plane, t = 2, 2, 24, 20
+    keep = random_allowed(layers * heads, plane, plane, 0.3, seed=9, causal=True).view(layers, heads, plane, plane)
+    sites = {"decoder.self": SiteMask(keep.numpy(), True)}
+    store = MaskStore({"digest": masks_digest(sites), "beyond": "dense"}, sites)
+    expected = [window_keep(keep[n], Window.self_attention(t, t), causal=True, cross=False, beyond="dense")[0]
+                for n in range(layers)]
+    torch.manual_seed(0)
+    gpt2 = GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=layers, n_head=heads, n_positions=64,
+                                bos_token_id=0, eos_token_id=0)).eval()
+    fairseq = fairseq_base(64, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                           decoder_attention_heads=heads, encoder_embed_dim=16, decoder_embed_dim=16,
+                           encoder_ffn_embed_dim=32, decoder_ffn_embed_dim=32).model.eval()
+    txl = transfo_xl_base(t, n_layer=layers, n_head=heads, d_head=8, d_model=16, d_embed=16, d_inner=32,
+                          mem_len=0).model.eval()
+    seen: dict[str, dict[int, torch.Tensor]] = {"gpt2": {}, "fairseq": {}, "txl": {}}
+
+    def sink(family):
+        return lambda site, layer, probs: seen[family].__setitem__(layer, probs.detach()) if site == "decoder.self" else None
+
+    ids = torch.randint(4, 50, (2, t))
+    with torch.no_grad():
+        with apply_masks(gpt2, store, backend="eager"):
+            for m in attention_modules(gpt2):
+                m._attnmask_sink = sink("gpt2")
+            gpt2(input_ids=ids)
+        with apply_masks(fairseq, store, backend="eager") as handle:
+            for m in handle.modules:
+                m._attnmask_sink = sink("fairseq")
+            fairseq(ids, torch.full((2,), t), ids)
+        with apply_masks(txl, store, backend="eager"):
+            txl.transformer.prob_sink = lambda layer, probs: seen["txl"].__setitem__(layer, probs.detach())
+            txl(ids, txl.transformer.empty_mems(2))
+    for family, probs in seen.items():
+        for layer in range(layers):
+            assert torch.equal(probs[layer] > 0, expected[layer][None].expand_as(probs[layer])), (family, layer)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["blocksparse", "flex"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cuda_backends_match_float64_in_outputs_and_gradients(backend, dtype, tolerance):
+    """FlexAttention's own backward and the block-sparse kernel on the GPU, padded and causal."""
+    from attnmask.runtime import Call, MaskedAttention
+
+    heads, dim, length = 4, 64, 700
+    plane = random_allowed(heads, 768, 768, 0.3, seed=11, causal=True)
+    masked = MaskedAttention("decoder.self", 0, plane.cuda(), causal=True, cross=False, beyond="dense",
+                             backend=backend)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(2, heads, length, dim, generator=g, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    key_len = torch.tensor([700, 333], device="cuda")
+    call = Call(Window.self_attention(length, length), dim ** -0.5, key_len)
+    out, _ = masked.attend(q, k, v, call)
+    allowed = masked.allowed(call.window).cpu()
+    ref = reference(q.cpu(), k.cpu(), v.cpu(), allowed, key_len.cpu())
+    real = (torch.arange(length) < key_len.cpu()[:, None])[:, None, :, None].expand_as(ref)
+    err = (out.cpu().double() - ref)[real].norm() / ref[real].norm()
+    assert err <= tolerance
+    weight = torch.randn(out.shape, device="cuda", dtype=dtype) * real.cuda()
+    got = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * weight.cpu().double()).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert (a.cpu().double() - b).norm() / b.norm() <= 10 * tolerance
