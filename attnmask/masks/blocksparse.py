@@ -21,6 +21,7 @@ gathers, builds the padding mask of the groups that need one (when the batch has
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Protocol
@@ -147,33 +148,28 @@ class _Workspace(threading.local):
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def take(self, purpose: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        size = 1
-        for n in shape:
-            size *= n
+        size = math.prod(shape)
         key = (purpose, like.device, like.dtype)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < size:
-            buffer = torch.empty(size, dtype=like.dtype, device=like.device)
-            self.buffers[key] = buffer
+            buffer = self.buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buffer[:size].view(shape)
 
 
 _workspace = _Workspace()
 
 
-def gather_tiles(tiles: torch.Tensor, index: torch.Tensor, purpose: str, reuse: bool) -> torch.Tensor:
+def gather_tiles(tiles: torch.Tensor, index: torch.Tensor, purpose: str | None = None) -> torch.Tensor:
     """tiles [B, N, T, D] at tile indices index [n] of dim 1: [B, n, T, D].
 
-    Rows are gathered from a [N, T·D] view: index_select copies whole rows there (several times
-    faster than on the 3-d tile view)."""
+    Rows are gathered from a [B, N, T·D] view, where index_select copies whole rows. With a `purpose`
+    the result lands in a reused workspace buffer (valid until the next gather for that purpose)."""
     batch, _, tile, dim = tiles.shape
     flat = tiles.reshape(batch, -1, tile * dim)
-    if not reuse:
+    if purpose is None:
         return flat.index_select(1, index).view(batch, -1, tile, dim)
     out = _workspace.take(purpose, (batch, index.numel(), tile * dim), tiles)
-    for b in range(batch):
-        torch.index_select(flat[b], 0, index, out=out[b])
-    return out.view(batch, -1, tile, dim)
+    return torch.index_select(flat, 1, index, out=out).view(batch, -1, tile, dim)
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TileLayout,
@@ -202,9 +198,9 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         every_row = rows.numel() == rows_total  # one group, rows in order: no gather, no scatter
         kv_index = ((g.heads // group_size)[:, None] * nk + g.k_blocks).flatten()
         r, c = g.k_blocks.shape
-        keys = gather_tiles(key_tiles, kv_index, "key", reuse).view(batch, r, c * tile, dim)
-        values = gather_tiles(value_tiles, kv_index, "value", reuse).view(batch, r, c * tile, -1)
-        queries = query_tiles if every_row else gather_tiles(query_tiles, rows, "query", reuse)
+        keys = gather_tiles(key_tiles, kv_index, "key" if reuse else None).view(batch, r, c * tile, dim)
+        values = gather_tiles(value_tiles, kv_index, "value" if reuse else None).view(batch, r, c * tile, -1)
+        queries = query_tiles if every_row else gather_tiles(query_tiles, rows, "query" if reuse else None)
         score = None if extra is None else extra.tiles(g.heads, g.q_blocks, g.columns, tile)
         mask = group_mask(g, key_len, score, query.dtype)
         attended = nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
