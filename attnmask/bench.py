@@ -17,7 +17,7 @@ time(dense) / time(variant), never a ratio of medians. CUDA events on a GPU, per
 the load average before and after is recorded (a CPU figure is a ratio; absolute times hold on a GPU).
 
 FLOPs: dense attention is 4 · B · H · q · k · D (q kᵀ and P V), plus 2 · B · H · q · k · D for a
-position term; eager and sdpa compute all of it; blocksparse and flex compute the kept T x T tiles of
+position term (a causal op's dense SDPA with is_causal computes the lower half: q (q + 1) / 2 cells); eager and sdpa compute all of it; blocksparse and flex compute the kept T x T tiles of
 the call (at whole-tile lengths), 4 · T² · D each (position term: 2 · T · (2T - 1) · D). The FLOP ideal
 is dense / computed. Model level: a = the attention share of the dense model's FLOPs (the rest counted
 by torch.utils.flop_counter), and the Amdahl limit is 1 / (1 - a + a / ideal). "Of possible" is the
@@ -388,9 +388,12 @@ def computed_flops(masked, window, batch: int, dim: int, term: bool) -> tuple[fl
     return float(batch * layout.kept_tiles * per_tile), layout.kept_share
 
 
-def dense_attention_flops(batch: int, heads: int, q: int, k: int, dim: int, term: bool) -> float:
-    """4 · B · H · q · k · D, plus 2 · B · H · q · k · D for a position term."""
-    return (4.0 + 2.0 * term) * batch * heads * q * k * dim
+def dense_attention_flops(batch: int, heads: int, q: int, k: int, dim: int, term: bool,
+                          causal_square: bool = False) -> float:
+    """4 · B · H · cells · D, plus 2 · B · H · cells · D for a position term; cells = q · k, or
+    q (q + 1) / 2 for a square causal call run with SDPA's is_causal (which skips the upper half)."""
+    cells = q * (q + 1) / 2 if causal_square else q * k
+    return (4.0 + 2.0 * term) * batch * heads * cells * dim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,12 +470,13 @@ def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, de
             log(f"op {site} L={length}: {', '.join(variants)}")
             with torch.inference_mode(mode=not settings.backward):
                 times = interleaved(variants, settings.rounds, settings.warmup, device)
-            dense_flops = dense_attention_flops(batch, heads, window.q, window.k, dim, term is not None)
+            dense_flops = dense_attention_flops(batch, heads, window.q, window.k, dim, term is not None,
+                                                causal_square=causal and term is None and window.q == window.k)
             flops = {"dense": (dense_flops, 1.0)}
-            for name, m in masks.items():
+            for name, m in masks.items():  # eager and sdpa with a mask compute every cell
                 sparse = name in ("blocksparse", "flex")
-                flops[name] = (computed_flops(m, window, batch, dim, term is not None) if sparse
-                               else (dense_flops, 1.0))
+                flops[name] = (computed_flops(m, window, batch, dim, term is not None) if sparse else
+                               (dense_attention_flops(batch, heads, window.q, window.k, dim, term is not None), 1.0))
             if "flex" in masks:
                 flops["flex-kernel"] = flops["flex"]
             new = rows_of("op", site, length, times, flops, lambda f: dense_flops / f)

@@ -124,6 +124,16 @@ def sdpa_attention(query, key, value, allowed: torch.Tensor, call: Call):
         enable_gqa=key.shape[1] != query.shape[1])
 
 
+def _memo(cache: dict, window: Window, build):
+    """cache[window], built on first use; a cache that reaches _CACHE_LIMIT call shapes starts over."""
+    hit = cache.get(window)
+    if hit is None:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        hit = cache[window] = build()
+    return hit
+
+
 class MaskedAttention:
     """The compiled mask of one (site, layer) and the backend that applies it.
 
@@ -153,35 +163,23 @@ class MaskedAttention:
 
     def allowed(self, window: Window) -> torch.Tensor:
         """bool [H, q, k]: `window_keep` of the plane for this call shape (cached)."""
-        hit = self._allowed.get(window)
-        if hit is None:
-            if len(self._allowed) >= _CACHE_LIMIT:
-                self._allowed.clear()
-            hit, rescued = window_keep(self.keep, window, causal=self.causal, cross=self.cross,
-                                       beyond=self.beyond, site=self.site)
+        def build():
+            allowed, rescued = window_keep(self.keep, window, causal=self.causal, cross=self.cross,
+                                           beyond=self.beyond, site=self.site)
             self.rescued_rows = max(self.rescued_rows, rescued)
-            self._allowed[window] = hit
-        return hit
+            return allowed
+
+        return _memo(self._allowed, window, build)
 
     def layout(self, window: Window) -> TileLayout:
         """The kept tiles of `allowed(window)` (cached)."""
-        hit = self._layouts.get(window)
-        if hit is None:
-            if len(self._layouts) >= _CACHE_LIMIT:
-                self._layouts.clear()
-            hit = self._layouts[window] = tile_layout(self.allowed(window), self.tile)
-        return hit
+        return _memo(self._layouts, window, lambda: tile_layout(self.allowed(window), self.tile))
 
     def flex_plan(self, window: Window):
         """The FlexAttention BlockMask plan of this call shape (cached; attnmask/flex.py)."""
         from attnmask.flex import FlexPlan
 
-        hit = self._flex.get(window)
-        if hit is None:
-            if len(self._flex) >= _CACHE_LIMIT:
-                self._flex.clear()
-            hit = self._flex[window] = FlexPlan(self.allowed(window), self.tile)
-        return hit
+        return _memo(self._flex, window, lambda: FlexPlan(self.allowed(window), self.tile))
 
     def backend_for(self, call: Call, query: torch.Tensor, needs_grad: bool) -> str:
         """The backend that runs this call: the chosen one, unless it cannot express the call."""

@@ -242,7 +242,7 @@ def make_reverse_task(folder: str | Path, *, vocab: int = 16, train: int = 2000,
                 tokens = [rng.choice(words) for _ in range(rng.randint(min_length, max_length))]
                 src.write(" ".join(tokens) + "\n")
                 tgt.write(" ".join(reversed(tokens)) + "\n")
-    preprocess([f"--source-lang=src", "--target-lang=tgt", f"--trainpref={raw}/train",
+    preprocess(["--source-lang=src", "--target-lang=tgt", f"--trainpref={raw}/train",
                 f"--validpref={raw}/valid", f"--testpref={raw}/test", f"--destdir={out}",
                 "--joined-dictionary", "--workers=1"])
     return out
