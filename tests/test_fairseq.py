@@ -251,3 +251,21 @@ def test_cli_collect_compile_train_eval(run, tmp_path):
     assert r.exit_code == 0 and '"masks": null' in r.output, r.output
     r = cli.invoke(app, ["collect", str(tmp_path / "nope.pt"), data, "--out", str(tmp_path / "x.zarr")])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_plugin_checks_recorded_masks_before_the_model_is_built(run, tmp_path):
+    """fairseq-generate calls task.load_state_dict before build_model: the right masks pass, other masks
+    and missing masks are refused (issue 13, item 7)."""
+    from attnmask.fairseq_plugin.task import AttnmaskTranslationConfig, AttnmaskTranslationTask
+
+    digest = read_masks(run["masks"]).digest
+    saved = {"attnmask_masks": {"digest": digest, "path": str(run["masks"])}}
+    with_masks = AttnmaskTranslationTask.setup_task(
+        AttnmaskTranslationConfig(data=str(run["data"]), attnmask_masks=str(run["masks"])))
+    with_masks.load_state_dict(saved)  # no model built yet: the named store is read directly
+    with pytest.raises(ValueError, match="trained with masks"):
+        with_masks.load_state_dict({"attnmask_masks": {"digest": "sha256:other", "path": "x"}})
+    without = AttnmaskTranslationTask.setup_task(AttnmaskTranslationConfig(data=str(run["data"])))
+    with pytest.raises(ValueError, match="pass them with --attnmask-masks"):
+        without.load_state_dict(saved)
+    without.load_state_dict({})  # a dense checkpoint loads without masks
