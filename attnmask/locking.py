@@ -1,4 +1,5 @@
-"""Exclusive locks on output stores, so that two writers never interleave in one store.
+"""Locks on local stores: an exclusive lock per output store, so that two writers never interleave in
+one store, and flocks on store folders, so that readers never see a store half replaced.
 
 The lock of a local store `dir/name.zarr` is the file `dir/.name.zarr.lock`, held with an exclusive
 `fcntl.flock`. The kernel releases a flock when its process dies (even by `kill -9`), so a lock
@@ -7,13 +8,25 @@ The file holds the owner's pid and host, only to name the owner in the error mes
 
 Locks are re-entrant within a process (a `collect` holds the lock for its whole run and the final
 `write_patterns` takes it again).
+
+A reader holds a shared flock on the store's folder while it reads (`reading`), and a writer replacing
+the store takes it exclusively before moving the old folder aside (`replacing`): the writer waits for
+the readers inside, and a reader arriving during the swap waits for it, then reads the new folder. The
+name is missing for a moment between the writer's two renames: the writer holds the parent folder
+exclusively meanwhile, and a reader that finds the name missing looks again under a shared lock of the
+parent, so it sees the new store, or learns that there is none.
+
+A temporary of a remote store is named after its writer (`owner_tag`), so that later writers on the
+same host remove only those whose writer is gone (`owner_gone`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from attnmask.errors import AttnmaskError
@@ -88,3 +101,103 @@ class StoreLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers against a writer replacing the store
+
+
+@contextlib.contextmanager
+def _flocked(folder: Path, operation: int) -> Iterator[None]:
+    """Holds flock(`operation`) on the folder `folder` while inside."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(out: Path) -> Iterator[None]:
+    """Inside, nobody reads the existing store folder `out` (the caller waits until its readers are done),
+    and readers that find `out` missing wait: the caller may move `out` aside and another folder in."""
+    with _flocked(out, fcntl.LOCK_EX), _flocked(out.parent, fcntl.LOCK_EX):
+        yield
+
+
+@contextlib.contextmanager
+def reading(out: Path) -> Iterator[None]:
+    """Inside, the folder at `out` stays the one found on entry: a writer replacing it waits. When `out`
+    is missing (after any replacement in progress has finished) or is not a folder, nothing is held and
+    the caller's own reading reports it."""
+    fd = _pinned(out)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _pinned(out: Path) -> int | None:
+    """A descriptor of the folder `out` holding its shared lock, checked to still be the folder at `out`;
+    None when there is no folder at `out`."""
+    while True:
+        fd = _open_folder(out)
+        if fd is None:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if _still_at(fd, out):
+            return fd
+        os.close(fd)  # a writer replaced `out` before we got the lock: pin what is there now
+
+
+def _still_at(fd: int, out: Path) -> bool:
+    """True when the folder open as `fd` is the one at `out` now."""
+    try:
+        now = os.stat(out)
+    except OSError:
+        return False
+    here = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _open_folder(out: Path) -> int | None:
+    """A descriptor of the folder `out`, or None when it is not a folder or is missing even after any
+    replacement in progress (which holds the parent folder) has finished."""
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    try:
+        return os.open(out, flags)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        with _flocked(out.parent, fcntl.LOCK_SH):
+            return os.open(out, flags)
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Owners of remote temporaries
+
+
+def owner_tag() -> str:
+    """'<pid>@<host>' of this process, to be put in the name of a temporary it writes."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def owner_gone(tag: str) -> bool:
+    """True when `tag` (from owner_tag) names a process of this host that no longer exists. A process of
+    another host, or a malformed tag, is never taken for gone."""
+    pid, _, host = tag.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, but another user's
+        pass
+    return False

@@ -12,23 +12,35 @@ A mask store holds per site `keep`, bool [layers, heads, queries, keys]: True wh
 
 Stores are written to a temporary sibling folder and renamed into place, so a crash never leaves a
 half-written store under the requested name, and an existing store is replaced only on request.
-While a local store is written its lock (attnmask/locking.py) is held, so two writers never mix.
+While a local store is written its lock (attnmask/locking.py) is held, so two writers never mix, and
+the writer first removes what killed writers left (`_clean_leftovers`). Readers hold the store
+shared while they read (locking.reading), so they see the old store or the new one, never a mix.
+Every read also checks the arrays against the root attribute `digest`.
 
 A store may also be any fsspec URL (`s3://bucket/x.zarr`, `memory://x.zarr`, ...), read through
-zarr's FsspecStore. Object stores have no atomic rename, so a remote store is built in a local
-temporary folder and uploaded with its root `zarr.json` last: until that last file lands the URL
-is not a readable store. Options for the filesystem (endpoint, credentials) come from the JSON in
-the environment variable ATTNMASK_STORAGE_OPTIONS, e.g. '{"endpoint_url": "http://127.0.0.1:9000"}'.
+zarr's FsspecStore. Object stores have no rename and no locks, so a remote store is written in full
+to a sibling prefix `.NAME.tmp-<random>-<pid>@<host>` and then committed (`_commit`): a marker
+object `COMMIT_MARKER` naming the temporary is put into the URL, the old objects are deleted, the
+temporary's objects are copied in (root `zarr.json` last), and the marker and the temporary are
+deleted. While the marker is there without a root `zarr.json`, readers read the temporary, and the
+next write to the URL finishes the commit. So after a failed or killed write the URL stays readable
+(the old store until the commit starts, the new one from then on), and the next write cleans up
+after it. A temporary is deleted by its writer when the write fails, or by a later writer on the same
+host once its writer is gone. Remote writers take no lock: never write one URL from two processes at
+once. Options for the filesystem (endpoint, credentials) come from the JSON in the environment variable
+ATTNMASK_STORAGE_OPTIONS, e.g. '{"endpoint_url": "http://127.0.0.1:9000"}'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import hashlib
 import json
 import os
+import posixpath
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +50,16 @@ import numpy as np
 import zarr
 
 from attnmask.errors import AttnmaskError
-from attnmask.locking import StoreLock
+from attnmask.masks.rules import BEYOND_POLICIES  # the mask store attribute `beyond`
+from attnmask.locking import StoreLock, owner_gone, owner_tag, reading, replacing
 
 PATTERNS_FORMAT = "attnmask.patterns"
 MASKS_FORMAT = "attnmask.masks"
 FORMAT_VERSION = 1
 SITE_NAMES = ("encoder.self", "decoder.self", "decoder.cross")
-BEYOND_POLICIES = ("dense", "error")  # mask store attribute `beyond`: what runs beyond the plane
 STORAGE_OPTIONS_ENV = "ATTNMASK_STORAGE_OPTIONS"
+COMMIT_MARKER = ".attnmask-commit"  # object in a remote store's prefix while a commit into it is unfinished
+HEX8 = "[0-9a-f]" * 8  # glob of the random part of a temporary's name
 
 
 def attnmask_version() -> str:
@@ -98,11 +112,12 @@ class SitePatterns:
     def heads(self) -> int:
         return self.sum.shape[1]
 
-    def mean(self) -> np.ndarray:
-        """Average pattern [L, H, Q, K]: sum / count where count > 0, and 0 where count == 0."""
+    def mean(self, layer: int | None = None) -> np.ndarray:
+        """Average pattern [L, H, Q, K], or one layer's [H, Q, K]: sum / count where count > 0, and 0
+        where count == 0."""
         inverse = np.zeros(self.count.shape)
         np.divide(1.0, self.count, out=inverse, where=self.count > 0)
-        return self.sum * inverse
+        return (self.sum if layer is None else self.sum[layer]) * inverse
 
 
 @dataclass
@@ -150,8 +165,8 @@ def patterns_digest(sites: dict[str, SitePatterns]) -> str:
     for name in sorted(sites):
         s = sites[name]
         h.update(f"{name}:{s.sum.shape}:{s.causal}".encode())
-        h.update(np.ascontiguousarray(s.sum, dtype="<f8").tobytes())
-        h.update(np.ascontiguousarray(s.count, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(s.sum, dtype="<f8"))  # hashed in place: no copy of the pattern
+        h.update(np.ascontiguousarray(s.count, dtype="<i8"))
     return "sha256:" + h.hexdigest()
 
 
@@ -193,15 +208,18 @@ def storage_options() -> dict:
 
 
 def remote_fs(url: str):
-    """(filesystem, root path inside it) of an fsspec URL."""
+    """(filesystem, root path inside it) of an fsspec URL. The filesystem (fsspec shares one instance per
+    set of options) forgets the listings it cached: other processes may have changed them since."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url, **storage_options())
+        fs, root = fsspec.core.url_to_fs(url, **storage_options())
     except ImportError as e:
         raise AttnmaskError(f"{url} needs an extra package ({e}); for s3:// install attnmask[remote]") from None
     except ValueError as e:
         raise AttnmaskError(f"{url} is not a usable fsspec URL: {e}") from None
+    fs.invalidate_cache()
+    return fs, root
 
 
 def _remote_call(url: str, fn, *args):
@@ -219,6 +237,84 @@ def _exists(path: str | os.PathLike) -> bool:
         return local_path(path).exists()
     fs, root = remote_fs(path)
     return bool(_remote_call(path, fs.exists, root))
+
+
+def _remote_store(url: str, read_only: bool):
+    from zarr.storage import FsspecStore
+
+    return FsspecStore.from_url(url, read_only=read_only, storage_options=storage_options())
+
+
+def _temp_stem(root: str) -> str:
+    """Common start of the paths of the temporaries of the remote store at `root`: `<parent>/.<name>.tmp-`."""
+    parent, name = posixpath.split(root)
+    return posixpath.join(parent, f".{name}.tmp-")
+
+
+def _pending_commit(url: str) -> str | None:
+    """The temporary (a path in the URL's filesystem) that an unfinished commit into the remote store
+    `url` copies from, or None when no commit is unfinished."""
+    fs, root = remote_fs(url)
+    try:
+        name = _remote_call(url, fs.cat_file, f"{root}/{COMMIT_MARKER}").decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    temp = posixpath.join(posixpath.dirname(root), name)
+    if "/" in name or not temp.startswith(_temp_stem(root)):
+        raise AttnmaskError(f"{url} holds a damaged {COMMIT_MARKER} ({name[:60]!r}); inspect and delete it "
+                            "by hand")
+    return temp
+
+
+def _remote_location(url: str) -> str:
+    """The URL to read the remote store `url` from: `url` itself, or, while a commit into it is unfinished
+    and its root zarr.json is missing, the complete temporary that the commit copies from."""
+    fs, root = remote_fs(url)
+    if _remote_call(url, fs.exists, f"{root}/zarr.json"):
+        return url
+    temp = _pending_commit(url)
+    return url if temp is None else fs.unstrip_protocol(temp)
+
+
+def _commit(url: str, temp: str) -> None:
+    """Make the complete store at the temporary `temp` the store at `url` (see the module docstring)."""
+    fs, root = remote_fs(url)
+    _remote_call(url, fs.pipe_file, f"{root}/{COMMIT_MARKER}", posixpath.basename(temp).encode())
+    _finish_commit(url)
+
+
+def _finish_commit(url: str) -> None:
+    """Carry out the unfinished commit into `url`, if any: afterwards `url` holds the store of the commit's
+    temporary, and neither the marker nor the temporary is left. Each step may be repeated after a kill."""
+    temp = _pending_commit(url)
+    if temp is None:
+        return
+    fs, root = remote_fs(url)
+    marker, head = f"{root}/{COMMIT_MARKER}", f"{root}/zarr.json"
+    new = _remote_call(url, fs.find, temp)
+    if f"{temp}/zarr.json" not in new:
+        raise AttnmaskError(f"{url}: the temporary {temp} of its unfinished commit is incomplete; delete both "
+                            "by hand")
+    old = [f for f in _remote_call(url, fs.find, root) if f != marker]
+    if head in old:
+        _remote_call(url, fs.rm_file, head)  # from here on readers read the temporary
+    rest = [f for f in old if f != head]
+    if rest:
+        _remote_call(url, fs.rm, rest)
+    for f in sorted(new, key=lambda f: f == f"{temp}/zarr.json"):  # the root zarr.json last
+        _remote_call(url, fs.cp_file, f, root + f[len(temp):])
+    _remote_call(url, fs.rm_file, marker)
+    _remote_call(url, fs.rm, temp, True)
+
+
+def _remove_dead_temps(url: str) -> None:
+    """Delete the temporaries of the remote store `url` whose writer was a process of this host that is
+    gone (a temporary is named `<stem><8 hex digits>-<owner tag>`)."""
+    fs, root = remote_fs(url)
+    stem = _temp_stem(root)
+    for temp in _remote_call(url, fs.glob, f"{glob.escape(stem)}{HEX8}-*"):
+        if owner_gone(temp[len(stem) + 9:]):
+            _remote_call(url, fs.rm, temp, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,19 +342,36 @@ def _is_store(path: Path | str) -> bool:
 
 
 def _replace_atomically(tmp: Path, out: Path) -> None:
-    """Move the finished store `tmp` to `out`; an old store at `out` is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    """Move the finished store `tmp` to `out`. An old store at `out` is moved aside only while no reader
+    is inside it (locking.replacing), and removed afterwards."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    with replacing(out):
         os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def _fill_group(folder: Path, root_attrs: dict, arrays: dict[str, dict[str, np.ndarray]],
+def _clean_leftovers(out: Path) -> None:
+    """Remove what killed writers of `out` left beside it. The caller holds the store's lock, so none of
+    those writers is alive: their temporaries `.NAME.tmp-*` are removed, and a store they moved aside as
+    `.NAME.old-*` is put back if `out` is missing (killed between the two renames), else removed."""
+    stem = f".{glob.escape(out.name)}"
+    for tmp in out.parent.glob(f"{stem}.tmp-{HEX8}"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(out.parent.glob(f"{stem}.old-{HEX8}")):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out)
+
+
+def _fill_group(store, root_attrs: dict, arrays: dict[str, dict[str, np.ndarray]],
                 site_attrs: dict[str, dict]) -> None:
-    root = zarr.open_group(str(folder), mode="w", zarr_format=3)
+    """Write a complete store into `store` (a local folder's path, or a zarr store)."""
+    root = zarr.open_group(store, mode="w", zarr_format=3)
     root.attrs.update(root_attrs)
     for site, named in arrays.items():
         g = root.create_group(site)
@@ -269,26 +382,10 @@ def _fill_group(folder: Path, root_attrs: dict, arrays: dict[str, dict[str, np.n
             arr[...] = data
 
 
-def _upload(folder: Path, url: str) -> None:
-    """Copy a finished local store to `url`, root zarr.json last (it is what makes the URL a store)."""
-    fs, root = remote_fs(url)
-    if _remote_call(url, fs.exists, root):
-        if _remote_call(url, fs.exists, f"{root}/zarr.json"):
-            _remote_call(url, fs.rm, f"{root}/zarr.json")  # the old store stops being readable first
-        _remote_call(url, fs.rm, root, True)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p == folder / "zarr.json")
-    for f in files:
-        _remote_call(url, fs.put_file, str(f), f"{root}/{f.relative_to(folder).as_posix()}")
-
-
 def _write_group(out: Path | str, root_attrs: dict, arrays: dict[str, dict[str, np.ndarray]],
                  site_attrs: dict[str, dict], overwrite: bool) -> None:
     if is_url(out):
-        check_output(out, overwrite)
-        with tempfile.TemporaryDirectory(prefix="attnmask-upload-") as folder:
-            _fill_group(Path(folder) / "store.zarr", root_attrs, arrays, site_attrs)
-            _upload(Path(folder) / "store.zarr", out)
+        _write_remote(out, root_attrs, arrays, site_attrs, overwrite)
         return
     out = local_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,12 +393,32 @@ def _write_group(out: Path | str, root_attrs: dict, arrays: dict[str, dict[str, 
         _write_local(out, root_attrs, arrays, site_attrs, overwrite)
 
 
+def _write_remote(url: str, root_attrs: dict, arrays: dict[str, dict[str, np.ndarray]],
+                  site_attrs: dict[str, dict], overwrite: bool) -> None:
+    """Write the remote store `url` in full to a temporary of this process, then commit it. An unfinished
+    commit of an earlier writer is finished first, and temporaries of gone writers are deleted."""
+    _finish_commit(url)
+    _remove_dead_temps(url)
+    check_output(url, overwrite)
+    fs, root = remote_fs(url)
+    temp = f"{_temp_stem(root)}{uuid.uuid4().hex[:8]}-{owner_tag()}"
+    try:
+        _remote_call(url, _fill_group, _remote_store(fs.unstrip_protocol(temp), False), root_attrs, arrays,
+                     site_attrs)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(temp, True)
+        raise
+    _commit(url, temp)
+
+
 def _write_local(out: Path, root_attrs: dict, arrays: dict[str, dict[str, np.ndarray]],
                  site_attrs: dict[str, dict], overwrite: bool) -> None:
+    _clean_leftovers(out)
     out = check_output(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _fill_group(tmp, root_attrs, arrays, site_attrs)
+        _fill_group(str(tmp), root_attrs, arrays, site_attrs)
         _replace_atomically(tmp, out)
     finally:
         if tmp.exists():
@@ -351,9 +468,22 @@ def write_masks(path: str | os.PathLike, sites: dict[str, SiteMask], attrs: dict
 # Reading
 
 
+def _snapshot(path: Path | str):
+    """Context in which a local store stays one version (locking.reading); remote stores cannot be held,
+    and their readers rely on the digest check alone."""
+    return contextlib.nullcontext() if is_url(path) else reading(local_path(path))
+
+
+def _check_digest(path: Path | str, attrs: dict, actual: str) -> None:
+    """Refuse a store whose arrays do not hash to its root attribute `digest`."""
+    if attrs.get("digest") != actual:
+        raise AttnmaskError(f"{path}: its arrays do not match its digest {attrs.get('digest')!r} (the store is "
+                            "damaged, or was being replaced while it was read)")
+
+
 def _read_root_attrs(path: Path | str) -> dict:
     if is_url(path):
-        fs, root = remote_fs(path)
+        fs, root = remote_fs(_remote_location(path))
         doc = json.loads(_remote_call(path, fs.cat_file, f"{root}/zarr.json"))
     else:
         with open(local_path(path) / "zarr.json") as fh:
@@ -366,6 +496,11 @@ def _read_root_attrs(path: Path | str) -> dict:
 def store_kind(path: str | os.PathLike) -> str:
     """'patterns' or 'masks', after checking the path is an attnmask store of a known version."""
     p = path if is_url(path) else local_path(path)
+    with _snapshot(p):
+        return _kind(p)
+
+
+def _kind(p: Path | str) -> str:
     if not _exists(p):
         raise AttnmaskError(f"store {p} does not exist")
     try:
@@ -385,15 +520,12 @@ def store_kind(path: str | os.PathLike) -> str:
 
 
 def _open(path: Path | str, want: str) -> zarr.Group:
-    kind = store_kind(path)
+    kind = _kind(path)
     if kind != want:
         raise AttnmaskError(f"{path} is a {kind} store, but a {want} store is needed here")
     try:
         if is_url(path):
-            from zarr.storage import FsspecStore
-
-            remote = FsspecStore.from_url(path, read_only=True, storage_options=storage_options())
-            return zarr.open_group(remote, mode="r", zarr_format=3)
+            return zarr.open_group(_remote_store(_remote_location(path), True), mode="r", zarr_format=3)
         return zarr.open_group(str(path), mode="r", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - any zarr failure means the store is unreadable
         raise AttnmaskError(f"{path} cannot be opened as a zarr v3 group: {e}") from None
@@ -431,8 +563,16 @@ def _load(group: zarr.Group, name: str, path: Path, site: str) -> np.ndarray:
 
 
 def read_patterns(path: str | os.PathLike) -> PatternStore:
-    """Read and validate a pattern store (shapes agree, sums finite and >= 0, counts >= 0)."""
+    """Read and validate a pattern store (shapes agree, sums finite and >= 0, counts >= 0, the arrays hash
+    to the digest). A local store is read whole from one version while another process replaces it."""
     p = path if is_url(path) else local_path(path)
+    with _snapshot(p):
+        store = _read_patterns(p)
+    _check_digest(p, store.attrs, patterns_digest(store.sites))
+    return store
+
+
+def _read_patterns(p: Path | str) -> PatternStore:
     root = _open(p, "patterns")
     sites = {}
     for name in _site_names(root, p):
@@ -456,8 +596,16 @@ def read_patterns(path: str | os.PathLike) -> PatternStore:
 
 
 def read_masks(path: str | os.PathLike) -> MaskStore:
-    """Read and validate a mask store."""
+    """Read and validate a mask store (the keep bits hash to the digest). A local store is read whole from
+    one version while another process replaces it."""
     p = path if is_url(path) else local_path(path)
+    with _snapshot(p):
+        store = _read_masks(p)
+    _check_digest(p, store.attrs, masks_digest(store.sites))
+    return store
+
+
+def _read_masks(p: Path | str) -> MaskStore:
     root = _open(p, "masks")
     sites = {}
     for name in _site_names(root, p):
