@@ -429,11 +429,11 @@ def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attr
                    overwrite: bool = False) -> PatternStore:
     """Write a pattern store; `attrs` are the identity attributes (model, data, sequences, ...)."""
     root_attrs = {
-        "format": PATTERNS_FORMAT,
-        "version": FORMAT_VERSION,
         "created": now_iso(),
         "attnmask_version": attnmask_version(),
         **attrs,
+        "format": PATTERNS_FORMAT,  # after attrs: a caller cannot make the store unreadable
+        "version": FORMAT_VERSION,
         "sites": sorted(sites),
         "digest": patterns_digest(sites),
     }
@@ -449,11 +449,11 @@ def write_masks(path: str | os.PathLike, sites: dict[str, SiteMask], attrs: dict
                 overwrite: bool = False) -> MaskStore:
     """Write a mask store; `attrs` are the compile settings and the source store's identity."""
     root_attrs = {
-        "format": MASKS_FORMAT,
-        "version": FORMAT_VERSION,
         "created": now_iso(),
         "attnmask_version": attnmask_version(),
         **attrs,
+        "format": MASKS_FORMAT,  # after attrs: a caller cannot make the store unreadable
+        "version": FORMAT_VERSION,
         "sites": sorted(sites),
         "digest": masks_digest(sites),
     }

@@ -266,3 +266,12 @@ def test_a_damaged_commit_marker_is_one_error_line(s3):
         write_patterns(url, edition(0), {"edition": 0}, overwrite=True)
     with pytest.raises(AttnmaskError, match="damaged .attnmask-commit"):
         read_patterns(url)
+
+
+def test_caller_attributes_cannot_replace_the_format_or_version(tmp_path):
+    from attnmask.store import SiteMask, read_masks, write_masks
+
+    sites = {"encoder.self": SiteMask(np.ones((1, 1, 2, 2), dtype=bool), False)}
+    store = write_masks(tmp_path / "m.zarr", sites, {"format": "other", "version": 0, "tau": 0.5})
+    again = read_masks(store.path)
+    assert again.attrs["format"] == "attnmask.masks" and again.attrs["version"] >= 1 and again.attrs["tau"] == 0.5
