@@ -90,7 +90,7 @@ def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if extra == 0 else nn.functional.pad(x, (0, 0, 0, extra))
 
 
-def flex_attention_call(query, key, value, plan: FlexPlan, call, training: bool) -> torch.Tensor:
+def flex_attention_call(query, key, value, plan: FlexPlan, call) -> torch.Tensor:
     """out [B, H, q, D]: FlexAttention over the plan's tiles (query [B, H, q, D], key/value [B, Hkv, k, D])."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     q_len = query.shape[-2]

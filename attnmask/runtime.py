@@ -159,7 +159,8 @@ class MaskedAttention:
     def to(self, device: torch.device) -> None:
         """Move the plane to `device`, forgetting what was derived from it."""
         self.keep = self.keep.to(device)
-        self._allowed.clear(), self._layouts.clear(), self._flex.clear()
+        for cache in (self._allowed, self._layouts, self._flex):
+            cache.clear()
 
     def allowed(self, window: Window) -> torch.Tensor:
         """bool [H, q, k]: `window_keep` of the plane for this call shape (cached)."""
@@ -209,7 +210,7 @@ class MaskedAttention:
                                           call.dropout, call.extra), None
         from attnmask.flex import flex_attention_call
 
-        return flex_attention_call(query, key, value, self.flex_plan(call.window), call, training), None
+        return flex_attention_call(query, key, value, self.flex_plan(call.window), call), None
 
 
 # ----------------------------------------------------------------------------------------------

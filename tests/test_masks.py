@@ -137,8 +137,7 @@ def test_flex_attention_matches_float64_and_builds_the_block_mask_once():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, heads, length, dim, generator=g) for _ in range(3))
     for key_len in (None, torch.tensor([200, 90])):
-        out = flex_attention_call(q, k, v, plan, Call(Window.self_attention(length, length), dim ** -0.5, key_len),
-                                  training=False)
+        out = flex_attention_call(q, k, v, plan, Call(Window.self_attention(length, length), dim ** -0.5, key_len))
         ref = reference(q, k, v, allowed, key_len)
         rows = length if key_len is None else 90
         assert (out.double() - ref)[:, :, :rows].abs().max() <= 1e-5
