@@ -63,8 +63,43 @@ def new_collection_id() -> str:
     return uuid.uuid4().hex
 
 
+def state_problem(state: CollectState) -> str | None:
+    """What makes `state` something `collect` never holds, or None: counters that are not non-negative
+    integers, settings that are not a JSON object (with `checkpoint_every` None or a positive integer),
+    sites whose sums and counts are missing, of other dtypes or disagreeing shapes, or sums that are not
+    probabilities summed over the counted sequences (NaN, infinite, negative or above the counts)."""
+    for name in ("cursor", "batches", "sequences", "tokens"):
+        value = getattr(state, name)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return f"its {name} is {value!r}, not a non-negative integer"
+    if not isinstance(state.settings, dict) or not isinstance(state.collection, str):
+        return "its settings or collection id are malformed"
+    every = state.settings.get("checkpoint_every")
+    if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        return f"its checkpoint_every is {every!r}, not a positive integer"
+    if set(state.sums) != set(state.counts):
+        return "its sums and counts name different sites"
+    for name, total in state.sums.items():
+        count = state.counts[name]
+        if not (isinstance(total, np.ndarray) and isinstance(count, np.ndarray)) \
+                or total.dtype != np.float64 or count.dtype != np.int64:
+            return f"site {name} is not float64 sums with int64 counts"
+        if total.ndim != 4 or count.ndim != 2 or total.shape[2:] != count.shape:
+            return f"site {name} has sums {total.shape} and counts {count.shape}, which disagree"
+        if (count < 0).any():
+            return f"site {name} has negative counts"
+        bound = count * (1 + 1e-9) + 1e-9  # a probability summed over n sequences lies in [0, n]
+        if not all(((layer >= 0) & (layer <= bound)).all() for layer in total):
+            return f"site {name} has NaN, infinite, negative or above-count sums"
+    return None
+
+
 def save_checkpoint(path: Path, state: CollectState) -> None:
-    """Write `state` to `path` atomically (temporary file, fsync, os.replace, fsync of the folder)."""
+    """Write `state` to `path` atomically (temporary file, fsync, os.replace, fsync of the folder); a state
+    that `load_checkpoint` would refuse (NaN sums, say) is refused here, before it is written."""
+    problem = state_problem(state)
+    if problem is not None:
+        raise AttnmaskError(f"refusing to write the checkpoint {path}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"version": CHECKPOINT_VERSION, "cursor": state.cursor, "batches": state.batches,
             "sequences": state.sequences, "tokens": state.tokens, "settings": state.settings,
@@ -87,22 +122,28 @@ def save_checkpoint(path: Path, state: CollectState) -> None:
 
 
 def load_checkpoint(path: Path) -> CollectState:
-    """Read a checkpoint written by `save_checkpoint`; a damaged one is a clear error."""
+    """Read a checkpoint written by `save_checkpoint`; a damaged or tampered one is a clear error."""
+    def damaged(why: str) -> AttnmaskError:
+        return AttnmaskError(f"checkpoint {path} is {why}; delete its folder and collect again")
+
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
-            sums = {n: z[f"sum:{n}"] for n in meta["sites"]}
-            counts = {n: z[f"count:{n}"] for n in meta["sites"]}
+            sites = meta.get("sites") if isinstance(meta, dict) else None
+            if not (isinstance(sites, list) and all(isinstance(n, str) for n in sites)):
+                raise damaged("malformed (no list of sites)")
+            sums = {n: z[f"sum:{n}"] for n in sites}
+            counts = {n: z[f"count:{n}"] for n in sites}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        raise AttnmaskError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete its folder "
-                            "and collect again") from None
+        raise damaged(f"unreadable ({type(e).__name__})") from None
     if meta.get("version") != CHECKPOINT_VERSION:
         raise AttnmaskError(f"checkpoint {path} has version {meta.get('version')!r}, expected {CHECKPOINT_VERSION}")
-    for n in sums:
-        if sums[n].dtype != np.float64 or counts[n].dtype != np.int64:
-            raise AttnmaskError(f"checkpoint {path} holds wrong dtypes for site {n}")
-    return CollectState(sums, counts, meta["cursor"], meta["batches"], meta["sequences"], meta["tokens"],
-                        meta["settings"], meta.get("collection", ""))
+    state = CollectState(sums, counts, meta.get("cursor"), meta.get("batches"), meta.get("sequences"),
+                         meta.get("tokens"), meta.get("settings"), meta.get("collection", ""))
+    problem = state_problem(state)
+    if problem is not None:
+        raise damaged(f"damaged: {problem}")
+    return state
 
 
 def check_resumable(state: CollectState, settings: dict, path: Path) -> None:

@@ -1,7 +1,8 @@
 """The `attnmask` command line (Typer). Commands stay thin: the work is done by the stage modules.
 
-Every command runs under `guarded`: a user error (AttnmaskError, or an OS error such as a missing
-permission) prints one line `error: ...` on stderr and exits 1, never a traceback.
+One rule for bad input, in every command: a user error (AttnmaskError, an OS error such as a missing
+permission, or a value Click cannot parse) prints one line `error: ...` on stderr and exits 1, never a
+traceback (`guarded` and `OneLineErrors`). Output that does not go to a terminal is never wrapped or cut.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,14 +22,56 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
+from typer.core import TyperGroup
 
 from attnmask.errors import AttnmaskError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Data-informed global attention sparsity: collect patterns, compile masks, run them.")
-console = Console()
 PATTERNS_DIR = Path("patterns")
 DEFAULT_MAX_LENGTH = 128
+UNWRAPPED_WIDTH = 100_000  # console columns when stdout is not a terminal: no line is wrapped or cut
+console = Console()
+
+
+def fit_console() -> None:
+    """When stdout is not a terminal (a pipe, a file), print every line whole, whatever its length, and
+    tables at their natural width, so that `tail -1` and grep see one line and no cell loses a digit."""
+    if not console.is_terminal:
+        console.width = UNWRAPPED_WIDTH
+        console.soft_wrap = True
+
+
+# Click's UsageError: what Click raises for a command line it cannot parse (a value that is not a number,
+# an unknown option, a missing argument). Reached through Typer's public BadParameter, its subclass,
+# because newer Typers carry their own copy of Click.
+ClickUsageError = typer.BadParameter.__base__
+
+
+class OneLineErrors(TyperGroup):
+    """The app's Click group: a command line Click cannot parse gives one `error: ...` line and exit
+    status 1, as every other bad value does (`guarded`); `attnmask` alone prints the help."""
+
+    def parse_args(self, ctx, args):
+        if not args:
+            typer.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        fit_console()
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickUsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            typer.echo(f"error: {' '.join(e.format_message().split()).rstrip('.')}{hint}", err=True)
+            sys.exit(1)
+        except typer.Abort:  # end of input where some was expected
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Data-informed global attention sparsity: collect patterns, compile masks, run them.")
 
 
 def guarded(fn: Callable) -> Callable:
@@ -54,11 +100,59 @@ def command(*args, **kwargs):
     return register
 
 
-def progress_bar(unit: str = "seq") -> Progress:
-    """A rich progress bar with a rate column in `unit`/s (goes to stderr, quiet when not a terminal)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False)
+def options_given(ctx: typer.Context, names: set[str]) -> list[str]:
+    """The options among `names` (parameter names) given on the command line, as their flags."""
+    return [p.opts[0] for p in ctx.command.params
+            if p.param_type_name == "option" and p.name in names
+            and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+
+
+def not_applying(flags: list[str], where: str) -> AttnmaskError:
+    return AttnmaskError(f"{', '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply {where}")
+
+
+def refuse_unused(ctx: typer.Context, applies: set[str], where: str) -> None:
+    """Refuse every option given on the command line that is not in `applies` (parameter names): an option
+    that does not apply `where` is an error, never silently ignored."""
+    given = options_given(ctx, {p.name for p in ctx.command.params} - applies)
+    if given:
+        raise not_applying(given, where)
+
+
+def check_output_path(out: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, a local output that could not be written in the end: a link at the path
+    that leads nowhere (broken, or a loop), or a nearest existing ancestor that is not a folder this
+    process may write into (missing folders are created when the output is written)."""
+    from attnmask.store import is_url, local_path
+
+    if is_url(out):
+        return
+    path = local_path(out)
+    for at in (path, *path.absolute().parents):
+        if not os.path.lexists(at):
+            continue
+        if not os.path.exists(at):
+            raise AttnmaskError(f"{option} {out}: {at} is a symbolic link that leads nowhere (broken or a loop)")
+        if at == path:
+            continue  # an existing output: store.check_output and --overwrite decide
+        if not os.path.isdir(at):
+            raise AttnmaskError(f"{option} {out}: {at} is not a folder")
+        if not os.access(at, os.W_OK | os.X_OK):
+            raise AttnmaskError(f"{option} {out}: no permission to write into {at}")
+        return
+
+
+def stderr_progress(*columns) -> Progress:
+    """A rich progress display on stderr, silent when stderr is not a terminal: a log or a pipe gets only
+    real lines, and an error stays one line."""
+    err = Console(stderr=True)
+    return Progress(*columns, console=err, disable=not err.is_terminal)
+
+
+def progress_bar() -> Progress:
+    """The collection's progress bar, with a rate column (the task's field `rate`)."""
+    return stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
 
 def short_name(spec: str) -> str:
@@ -88,7 +182,8 @@ def parse_site_taus(values: list[str]) -> dict[str, float]:
 
 @command()
 def collect(
-    model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm'."),
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Hugging Face model folder, 'minilm', or a fairseq checkpoint (.pt)."),
     data: str = typer.Argument(..., help="Text file, CSV/TSV/JSONL (.gz/.bz2), datasets folder, or 'rotten-tomatoes'."),
     out: Optional[str] = typer.Option(None, help="Pattern store to write, a path or an fsspec URL (s3://...) "
                                       "[default: patterns/<model>-<data>.zarr]."),
@@ -102,8 +197,8 @@ def collect(
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint sums, counts and the data cursor "
                                                    "every N batches (at the next window boundary)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
-    split: str = typer.Option("valid", help="fairseq (MODEL is a .pt checkpoint, DATA its binarized folder): "
-                              "train, valid or test."),
+    split: Optional[str] = typer.Option(None, help="fairseq (MODEL is a .pt checkpoint, DATA its binarized "
+                                        "folder) only: train, valid or test [default: valid]."),
 ):
     """Stream the model's average attention probabilities over DATA into a pattern store.
 
@@ -118,15 +213,21 @@ def collect(
     if (max_length is not None and max_length < 1) or batch_size < 1 or (limit is not None and limit < 1):
         raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
     if model.endswith(".pt"):  # fairseq checkpoint + binarized data folder
-        return collect_fairseq_command(model, data, split, out, max_length or DEFAULT_MAX_LENGTH, batch_size,
-                                       limit, device, overwrite)
+        refuse_unused(ctx, {"out", "max_length", "batch_size", "limit", "device", "overwrite", "split"},
+                      "to a fairseq checkpoint")
+        return collect_fairseq_command(model, data, split or "valid", out, max_length or DEFAULT_MAX_LENGTH,
+                                       batch_size, limit, device, overwrite)
+    if split is not None:
+        raise AttnmaskError("--split applies only to a fairseq checkpoint (MODEL a .pt file)")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
     world = launched_world()
     source = resolve_data(data, text_column)
     out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}.zarr")
-    if world.is_main and not resume:
-        check_output(out, overwrite)
+    if world.is_main:
+        check_output_path(out)
+        if not resume:
+            check_output(out, overwrite)
     run_device = start(world, pick_device(device))
     lock = StoreLock(out) if world.is_main and not is_url(out) else None
     try:
@@ -281,6 +382,7 @@ def collect_fairseq_command(model, data, split, out, max_length, batch_size, lim
     from attnmask.translate import collect_fairseq
 
     out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}-{split}.zarr")
+    check_output_path(out)
     start = time.perf_counter()
     store, result, skipped = collect_fairseq(model, data, split=split, out=out, max_length=max_length,
                                              batch_size=batch_size, limit=limit, device=pick_device(device),
@@ -293,6 +395,7 @@ def collect_fairseq_command(model, data, split, out, max_length, batch_size, lim
 
 @command(name="compile")
 def compile_command(
+    ctx: typer.Context,
     patterns: str = typer.Argument(..., help="Pattern store written by `collect` (a path or an fsspec URL)."),
     tau: float = typer.Option(0.9, help="Share of eligible attention entries to prune, in [0, 1)."),
     scope: str = typer.Option("layer", help="Pool of the pruning: layer, head or global."),
@@ -313,9 +416,10 @@ def compile_command(
     settings = CompileSettings(tau=tau, scope=scope, block_size=block_size, min_keep=min_keep,
                                random=random, seed=seed, beyond=beyond, site_tau=parse_site_taus(site_tau))
     settings.validate()
-    stem = patterns.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
-    suffix = f".tau{tau:g}" + (f".b{block_size}" if block_size > 1 else "") + (f".random{seed}" if random else "")
-    out = out or str(PATTERNS_DIR / f"{stem}{suffix}.masks.zarr")
+    if not random and options_given(ctx, {"seed"}):
+        raise AttnmaskError("--seed applies only with --random")
+    out = out or str(PATTERNS_DIR / default_masks_name(patterns, settings))
+    check_output_path(out)
     if str(out) == str(patterns) or (Path(out).exists() and Path(out).resolve() == Path(patterns).resolve()):
         raise AttnmaskError(f"--out {out} is the input pattern store; choose another output")
     check_output(out, overwrite)
@@ -326,6 +430,36 @@ def compile_command(
     written = write_masks(out, sites, attrs, overwrite=overwrite)
     console.print(f"wrote [bold]{out}[/] in {time.perf_counter() - start:.1f} s")
     console.print(compile_table(written))
+
+
+def name_number(x: float) -> str:
+    """`x` for a file name: as `{x:g}` prints it (0.9, 1e-05), or in full where that drops digits."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
+def default_masks_name(patterns: str, settings) -> str:
+    """`<store>.tau<T>[.scope-<S>][.b<B>][.minkeep<M>][.random<SEED>][.beyond-<P>][.<site>-tau<T>...].masks.zarr`:
+    the pattern store's name and every compile setting that differs from its default, so that different
+    compilations never share a default name. Site names are written with `-` for anything but letters,
+    digits, `_` and `-`."""
+    from attnmask.compile import CompileSettings
+
+    default = CompileSettings()
+    parts = [patterns.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr"), f"tau{name_number(settings.tau)}"]
+    if settings.scope != default.scope:
+        parts.append(f"scope-{settings.scope}")
+    if settings.block_size != default.block_size:
+        parts.append(f"b{settings.block_size}")
+    if settings.min_keep != default.min_keep:
+        parts.append(f"minkeep{settings.min_keep}")
+    if settings.random:
+        parts.append(f"random{settings.seed}")
+    if settings.beyond != default.beyond:
+        parts.append(f"beyond-{settings.beyond}")
+    parts += [f"{re.sub(r'[^A-Za-z0-9_-]', '-', site)}-tau{name_number(t)}"
+              for site, t in sorted(settings.site_tau.items())]
+    return ".".join([*parts, "masks.zarr"])
 
 
 def compile_table(masks) -> Table:
@@ -427,6 +561,7 @@ def plot(
     """Heatmaps of the average pattern (or of a mask's kept entries) as a layers x heads grid per site."""
     from attnmask.plot import plot_store
 
+    check_output_path(out)
     written = plot_store(store, out, site, layers, heads, log, per_head, patterns, overwrite)
     console.print(f"wrote {len(written)} image(s) to [bold]{out}[/]")
 
@@ -463,6 +598,7 @@ def report(
     sparsity and attention mass kept."""
     from attnmask.report import write_report
 
+    check_output_path(out)
     console.print(f"wrote [bold]{write_report(store, out, masks, log, overwrite)}[/]")
 
 
@@ -476,6 +612,22 @@ def pruning_options(prune_tokens, keep_rate, final_threshold, schedule, learn_th
     from attnmask.pruning import options_config
 
     return options_config(prune_tokens, keep_rate, final_threshold, schedule, learn_thresholds, temperature, lam)
+
+
+PRUNING_METHOD_OF = {"keep_rate": "topk", "final_threshold": "threshold", "schedule": "schedule",
+                     "learn_thresholds": "threshold", "temperature": "threshold", "lambda_": "threshold"}
+
+
+def refuse_unused_pruning(ctx: typer.Context, prune_tokens: str | None, learn_thresholds: bool = False) -> None:
+    """Refuse token-pruning options that the chosen --prune-tokens method (or none) does not use;
+    --temperature and --lambda apply only with --learn-thresholds."""
+    method = None if prune_tokens in (None, "none") else prune_tokens
+    given = options_given(ctx, {name for name, m in PRUNING_METHOD_OF.items() if m != method})
+    if given:
+        raise not_applying(given, f"to --prune-tokens {prune_tokens}" if prune_tokens else "without --prune-tokens")
+    given = [] if learn_thresholds else options_given(ctx, {"temperature", "lambda_"})
+    if given:
+        raise not_applying(given, "without --learn-thresholds")
 
 
 def print_pruning(record: dict | None, note: str | None = None) -> None:
@@ -493,9 +645,8 @@ def print_pruning(record: dict | None, note: str | None = None) -> None:
 
 def training_bar():
     """(rich progress, callback(step, total, loss, epoch)) for attnmask.train."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True))
+    bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
     state = {}
 
     def callback(step, total, loss, epoch):
@@ -521,6 +672,7 @@ def metrics_table(title: str, rows: list[dict], columns: list[str]) -> Table:
 
 @command()
 def train(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm'."),
     data: str = typer.Argument(..., help="Labelled table (CSV/TSV/JSONL, datasets folder) or 'rotten-tomatoes'."),
     masks: str = typer.Option(..., help="Mask store written by `compile`, or 'none' for the dense baseline."),
@@ -534,13 +686,15 @@ def train(
     label_column: Optional[str] = typer.Option(None, help="Column holding the label [default: label; category for rotten-tomatoes]."),
     labels: Optional[str] = typer.Option(None, help="Comma-separated label values to keep [rotten-tomatoes: fresh,rotten]."),
     epochs: int = typer.Option(1, help="Passes over the training split."),
-    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW, linear warmup and decay)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, linear warmup and decay) "
+                                       "[default: 5e-5; --task lm: 2e-4, or 1e-3 from scratch]."),
     batch_size: int = typer.Option(16, help="Examples per step."),
-    max_length: int = typer.Option(128, help="Tokens per example (longer ones are truncated)."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per example (longer ones are truncated) "
+                                             "[default: 128; --task lm: the model's tgt_len]."),
     eval_split: float = typer.Option(0.2, help="Share of the examples held out for evaluation."),
     seed: int = typer.Option(0, help="Seed of the split, the head's initialisation and the batch order."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backend: str = typer.Option("eager", help="Mask backend: eager, sdpa, flex or auto."),
+    backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
     limit: Optional[int] = typer.Option(None, help="Use a seeded random sample of N labelled examples."),
     resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in OUT."),
@@ -557,10 +711,11 @@ def train(
     """Fine-tune a sequence classifier with the masks applied in training and evaluation.
 
     `attnmask train fairseq DATA_BIN --masks MASKS -- <fairseq-train arguments>` trains a fairseq
-    translation model with fairseq's own loop and the masks inside every attention (--out unused)."""
+    translation model with fairseq's own loop and the masks inside every attention."""
     if model == "fairseq":
         from attnmask.translate import train_fairseq
 
+        refuse_unused(ctx, {"masks"}, "to fairseq (pass fairseq-train arguments after --)")
         record = train_fairseq(data, None if masks == "none" else masks, fairseq_args or [])
         console.print(f"trained with masks {record['digest'] if record else 'none (dense)'}")
         return
@@ -568,28 +723,34 @@ def train(
         raise AttnmaskError(f"unexpected extra arguments {' '.join(fairseq_args)} (only MODEL fairseq takes them)")
     if out is None:
         raise AttnmaskError("--out is required (the folder for the trained model)")
+    check_output_path(out)
     if task == "lm":
         from attnmask.lm import train_lm
         from attnmask.models import pick_device
 
+        refuse_unused(ctx, {"masks", "out", "task", "config", "steps", "epochs", "lr", "batch_size", "max_length",
+                            "seed", "device", "backend", "overwrite"}, "to --task lm")
         summary = train_lm(None if model == "none" else model, data, out=out, config=config,
                            masks=None if masks == "none" else masks, steps=steps, epochs=epochs,
-                           batch_size=batch_size, lr=None if lr == 5e-5 else lr,
-                           tgt_len=None if max_length == 128 else max_length, seed=seed,
-                           device=pick_device(device), overwrite=overwrite, log=console.print)
+                           batch_size=batch_size, lr=lr, tgt_len=max_length, seed=seed,
+                           device=pick_device(device), overwrite=overwrite, log=console.print, backend=backend)
         console.print(f"trained {out}: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
                       f"{summary['seconds']:.1f} s, masks {summary['masks'] or 'none'}")
         return
     from attnmask.train import TrainSettings
     from attnmask.train import train as run_train
 
+    refuse_unused(ctx, {p.name for p in ctx.command.params} - {"config", "steps"}, f"to --task {task}")
+    pruning = pruning_options(prune_tokens, keep_rate, final_threshold, schedule, learn_thresholds, temperature,
+                              lambda_)
+    refuse_unused_pruning(ctx, prune_tokens, learn_thresholds)
+    given = {k: v for k, v in {"lr": lr, "max_length": max_length}.items() if v is not None}
     settings = TrainSettings(model=model, data=data, out=str(out), masks=None if masks == "none" else masks,
                              task=task, text_column=text_column, label_column=label_column,
-                             labels=labels.split(",") if labels else None, epochs=epochs, lr=lr,
-                             batch_size=batch_size, max_length=max_length, eval_split=eval_split, seed=seed,
-                             device=device, backend=backend, limit=limit, resume=resume, overwrite=overwrite,
-                             pruning=pruning_options(prune_tokens, keep_rate, final_threshold, schedule,
-                                                     learn_thresholds, temperature, lambda_))
+                             labels=labels.split(",") if labels else None, epochs=epochs,
+                             batch_size=batch_size, eval_split=eval_split, seed=seed, device=device,
+                             backend=backend, limit=limit, resume=resume, overwrite=overwrite, pruning=pruning,
+                             **given)
     settings.validate()
     bar, callback = training_bar()
     with bar:
@@ -602,6 +763,7 @@ def train(
 
 @command(name="eval")
 def eval_command(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="A model folder written by `train`."),
     data: str = typer.Argument(..., help="Labelled data (as for `train`)."),
     masks: Optional[str] = typer.Option(None, help="Mask store, or 'none' [default: the masks recorded in the model]."),
@@ -612,16 +774,13 @@ def eval_command(
     batch_size: int = typer.Option(32, help="Examples per batch."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example [default: as in training]."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backend: str = typer.Option("eager", help="Mask backend: eager, sdpa, flex or auto."),
+    backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
     limit: Optional[int] = typer.Option(None, help="With --split all: only the first N examples."),
     prune_tokens: Optional[str] = typer.Option(None, help="Token pruning: topk, threshold, schedule or none "
                                                "[default: as in training]."),
     keep_rate: float = typer.Option(0.5, help="topk: share of tokens entering the last layer."),
     final_threshold: float = typer.Option(0.01, help="threshold: importance threshold at the last layer."),
     schedule: Optional[str] = typer.Option(None, help="schedule: per-layer fractions removed."),
-    learn_thresholds: bool = typer.Option(False, help="Not used by eval (learned thresholds come from training)."),
-    temperature: float = typer.Option(1e-3, help="Not used by eval."),
-    lambda_: float = typer.Option(0.1, "--lambda", help="Not used by eval."),
     data_bin: Optional[str] = typer.Argument(None, help="MODEL fairseq: the binarized data folder (DATA is the checkpoint)."),
     beam: int = typer.Option(5, help="fairseq: beam size."),
 ):
@@ -635,31 +794,35 @@ def eval_command(
 
         if data_bin is None:
             raise AttnmaskError("usage: attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS]")
+        refuse_unused(ctx, {"masks", "split", "batch_size", "limit", "device", "backend", "beam"}, "to fairseq")
         result = evaluate_fairseq(data, data_bin, "recorded" if masks is None else None if masks == "none" else masks,
                                   split="test" if split == "auto" else split, beam=beam, max_sentences=batch_size,
-                                  limit=limit, device=pick_device(device))
-        console.print(json.dumps(result.summary()))
+                                  limit=limit, device=pick_device(device), backend=backend)
+        typer.echo(json.dumps(result.summary()))
         if result.trained_with and result.trained_with != result.masks:
             console.print(f"note: the checkpoint was trained with masks {result.trained_with}")
         return
     if data_bin is not None:
         raise AttnmaskError(f"unexpected extra argument {data_bin} (only MODEL fairseq takes DATA_BIN)")
+    refuse_unused(ctx, {p.name for p in ctx.command.params} - {"beam"}, "without MODEL fairseq")
     if task == "lm":
         from attnmask.lm import eval_lm
         from attnmask.models import pick_device
 
+        refuse_unused(ctx, {"masks", "task", "batch_size", "max_length", "device", "backend"}, "to --task lm")
         result = eval_lm(model, data, masks=masks, batch_size=batch_size,
-                         tgt_len=max_length, device=pick_device(device))
+                         tgt_len=max_length, device=pick_device(device), backend=backend)
         console.print(f"perplexity {result['perplexity']:.2f} over {result['tokens']} tokens "
                       f"({result['seconds']:.1f} s), masks {result['masks'] or 'none'}")
         return
     from attnmask.train import EvalSettings, evaluate
 
+    pruning = "none" if prune_tokens == "none" else pruning_options(prune_tokens, keep_rate, final_threshold, schedule)
+    refuse_unused_pruning(ctx, prune_tokens)
     result = evaluate(EvalSettings(model=model, data=data, masks=masks, task=task, text_column=text_column,
                                    label_column=label_column, split=split, batch_size=batch_size,
                                    max_length=max_length, device=device, backend=backend, limit=limit,
-                                   pruning="none" if prune_tokens == "none" else pruning_options(
-                                       prune_tokens, keep_rate, final_threshold, schedule)))
+                                   pruning=pruning))
     print_pruning(result.get("pruning"), result.get("pruning_note"))
     console.print(metrics_table(f"eval {model} on {data}", [result],
                                 ["masks", "sparsity", "backend", "split", "examples", "accuracy"]))
@@ -684,13 +847,14 @@ def sweep(
     eval_split: float = typer.Option(0.2, help="Held-out share."),
     seed: int = typer.Option(0, help="Seed of split, initialisation, order and random masks."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backend: str = typer.Option("eager", help="Mask backend: eager, sdpa, flex or auto."),
+    backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
     limit: Optional[int] = typer.Option(None, help="Use a seeded random sample of N labelled examples."),
 ):
     """Compile, train and evaluate at each tau (and random masks) -> sweep.csv, sweep.png and a table."""
     from attnmask.train import TrainSettings, parse_taus
     from attnmask.train import sweep as run_sweep
 
+    check_output_path(out)
     base = TrainSettings(model=model, data=data, out="", text_column=text_column, label_column=label_column,
                          epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                          eval_split=eval_split, seed=seed, device=device, backend=backend, limit=limit)
@@ -720,6 +884,7 @@ def demo(
     """collect -> compile -> train dense and masked MiniLM classifiers on Rotten Tomatoes fresh vs rotten."""
     from attnmask.train import DemoSettings, run_demo
 
+    check_output_path(out)
     bar, callback = training_bar()
     settings = DemoSettings(out=str(out), limit=limit, collect_limit=collect_limit, tau=tau, epochs=epochs,
                             max_length=max_length, device=device, overwrite=overwrite)
@@ -750,6 +915,7 @@ def merge(
 
     if out in stores:
         raise AttnmaskError(f"--out {out} is one of the input stores; choose another output")
+    check_output_path(out)
     check_output(out, overwrite)
     loaded = [read_patterns(s) for s in stores]
     sites, attrs = merge_patterns(loaded)
@@ -764,8 +930,9 @@ def merge(
 
 @command()
 def bench(
-    model: str = typer.Argument(..., help="Hugging Face model folder, 'minilm', or 'bert-base' "
-                                "(random BERT-base-sized weights)."),
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Hugging Face model folder, 'minilm', or a random-weight preset: "
+                                "bert-base, fairseq-base, transfo-xl-base."),
     masks: Optional[str] = typer.Option(None, help="Mask store to run [default: a synthetic block mask "
                                         "at --tau and --block-size]."),
     tau: float = typer.Option(0.9, help="Synthetic masks: share of tiles pruned."),
@@ -774,33 +941,41 @@ def bench(
                                            "or schedule, with parameters after a colon, e.g. "
                                            "topk:keep-rate=0.3,start=1 / threshold:final-threshold=0.01 / "
                                            "schedule:0,0,0.2,0.2,0.2,0.15 (repeatable)."),
-    lengths: str = typer.Option("128,512,2048,4096", help="Sequence lengths, comma-separated."),
+    lengths: str = typer.Option("1024,2048,4096", help="Sequence lengths, comma-separated."),
     model_lengths: Optional[str] = typer.Option(None, help="Lengths of the whole-model benchmark "
                                                 "[default: --lengths]."),
-    batch_size: int = typer.Option(8, help="Sequences per call."),
+    batch_size: int = typer.Option(2, help="Sequences per call."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16 (float16 on CUDA)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backends: str = typer.Option("eager,sdpa,flex", help="Masked backends to time, comma-separated."),
-    repeats: int = typer.Option(10, help="Timed calls per measurement (after the warm-up)."),
-    warmup: int = typer.Option(3, help="Untimed calls first (they include compilation)."),
+    backends: str = typer.Option("sdpa,blocksparse", help="Masked backends to time, comma-separated "
+                                 "(eager, sdpa, blocksparse, flex)."),
+    rounds: int = typer.Option(7, help="Interleaved rounds: every variant timed once per round, order rotated."),
+    warmup: int = typer.Option(2, help="Untimed calls of each variant first (they include compilation)."),
     op: bool = typer.Option(True, "--op/--no-op", help="Benchmark the attention op alone."),
+    backward: bool = typer.Option(False, help="Op level: time forward + backward."),
     whole_model: bool = typer.Option(True, "--model/--no-model", help="Benchmark the whole model."),
     seed: int = typer.Option(0, help="Seed of the inputs and the synthetic masks."),
     out: Optional[str] = typer.Option(None, help="JSON to write [default: benchmarks/out/bench-MODEL-TIME.json]."),
     overwrite: bool = typer.Option(False, help="Replace an existing JSON."),
 ):
-    """Time dense SDPA against the masked backends, for the attention op and the whole model."""
+    """Time dense SDPA against the masked backends, for the attention op and the whole model
+    (interleaved rounds; per-round speed-ups, FLOP ideal and Amdahl limit)."""
     from attnmask.bench import (BenchSettings, default_out, parse_lengths, results_table, run_bench,
                                 tokens_kept_tables, write_json)
 
+    synthetic_only = options_given(ctx, {"tau", "block_size"}) if masks is not None else []
+    if synthetic_only:
+        raise not_applying(synthetic_only, "with --masks (they shape the synthetic masks)")
     target = Path(out) if out else default_out(model)
+    check_output_path(target)
     if target.exists() and not overwrite:
         raise AttnmaskError(f"output {target} already exists (pass --overwrite to replace it)")
     settings = BenchSettings(
         model=model, masks=masks, tau=tau, block_size=block_size, lengths=parse_lengths(lengths),
         model_lengths=parse_lengths(model_lengths) if model_lengths else None, batch_size=batch_size,
-        dtype=dtype, device=device, repeats=repeats, warmup=warmup,
-        backends=[b for b in backends.replace(" ", "").split(",") if b], op=op, whole_model=whole_model,
+        dtype=dtype, device=device, rounds=rounds, warmup=warmup,
+        backends=[b for b in backends.replace(" ", "").split(",") if b], op=op, backward=backward,
+        whole_model=whole_model,
         prune_tokens=list(prune_tokens), seed=seed)
     result = run_bench(settings, log=lambda line: typer.echo(line, err=True))
     console.print(results_table(result))

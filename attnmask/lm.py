@@ -253,6 +253,8 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
         raise AttnmaskError(f"output {out} already exists (pass --overwrite to replace it)")
     if (steps is not None and steps < 1) or epochs < 1 or batch_size < 1:
         raise AttnmaskError("--steps, --epochs and --batch-size must be positive")
+    if lr is not None and not lr > 0:
+        raise AttnmaskError(f"--lr must be positive, got {lr}")
     lines = read_lines(text)
     if model is None:
         if config is None:

@@ -428,6 +428,8 @@ def _write_local(out: Path, root_attrs: dict, arrays: dict[str, dict[str, np.nda
 def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attrs: dict,
                    overwrite: bool = False) -> PatternStore:
     """Write a pattern store; `attrs` are the identity attributes (model, data, sequences, ...)."""
+    for name, site in sites.items():  # refuse to write what no reader would accept (e.g. NaN from a model)
+        check_site_values(path, name, np.asarray(site.sum), np.asarray(site.count))
     root_attrs = {
         "created": now_iso(),
         "attnmask_version": attnmask_version(),
@@ -572,6 +574,20 @@ def read_patterns(path: str | os.PathLike) -> PatternStore:
     return store
 
 
+def check_site_values(where, name: str, sums: np.ndarray, count: np.ndarray) -> None:
+    """A pattern site's sums [L, H, Q, K] and count [Q, K] must be finite, non-negative and at most the
+    count (a probability summed over n sequences is at most n); checked on write and on read."""
+    if sums.ndim != 4 or count.ndim != 2 or sums.shape[2:] != count.shape:
+        raise AttnmaskError(f"{where}: site {name} has sum {sums.shape} and count {count.shape}, which disagree")
+    if not np.isfinite(sums).all() or (sums < 0).any():
+        raise AttnmaskError(f"{where}: site {name} has NaN, infinite or negative sums")
+    if (count < 0).any():
+        raise AttnmaskError(f"{where}: site {name} has negative counts")
+    if (sums > count * (1 + 1e-9) + 1e-9).any():
+        raise AttnmaskError(f"{where}: site {name} has sums larger than their counts (a probability "
+                            "summed over n sequences is at most n)")
+
+
 def _read_patterns(p: Path | str) -> PatternStore:
     root = _open(p, "patterns")
     sites = {}
@@ -579,17 +595,9 @@ def _read_patterns(p: Path | str) -> PatternStore:
         g = _site_group(root, name, p)
         s = _load(g, "sum", p, name)
         c = _load(g, "count", p, name)
-        if s.ndim != 4 or c.ndim != 2 or s.shape[2:] != c.shape:
-            raise AttnmaskError(f"{p}: site {name} has sum {s.shape} and count {c.shape}, which disagree")
         if s.dtype != np.float64 or c.dtype != np.int64:
             raise AttnmaskError(f"{p}: site {name} has dtypes {s.dtype}/{c.dtype}, expected float64/int64")
-        if not np.isfinite(s).all() or (s < 0).any():
-            raise AttnmaskError(f"{p}: site {name} has NaN, infinite or negative sums")
-        if (c < 0).any():
-            raise AttnmaskError(f"{p}: site {name} has negative counts")
-        if (s > c * (1 + 1e-9) + 1e-9).any():
-            raise AttnmaskError(f"{p}: site {name} has sums larger than their counts (a probability "
-                                "summed over n sequences is at most n)")
+        check_site_values(p, name, s, c)
         attrs = {k: v for k, v in g.attrs.items() if k not in ("causal", "layers", "heads")}
         sites[name] = SitePatterns(s, c, bool(g.attrs.get("causal", False)), attrs)
     return PatternStore(dict(root.attrs), sites, str(p))

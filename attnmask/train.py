@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -259,6 +261,19 @@ def accuracy(model, tokenizer, texts: list[str], labels: list[int], batch_size: 
 # Training
 
 
+def read_record(path: Path, need: str | None = None) -> dict:
+    """A JSON object a run wrote (settings.json, metrics.json), in which `need` (if given) holds an
+    object; a damaged file is a clear error."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or (need is not None and not isinstance(record.get(need), dict)):
+        raise AttnmaskError(f"{path} is damaged (not a JSON object{f' with {need!r}' if need else ''}); "
+                            "train the run again (--overwrite)")
+    return record
+
+
 def prepare_out(settings: TrainSettings) -> Path:
     """Check the output folder: new, resumable (--resume), or replaceable (--overwrite)."""
     out = Path(settings.out)
@@ -268,7 +283,7 @@ def prepare_out(settings: TrainSettings) -> Path:
             raise AttnmaskError(f"{out} holds a finished run; nothing to resume")
         if not ckpt.exists():
             raise AttnmaskError(f"{out} has no checkpoint to resume from")
-        saved = json.loads((out / "settings.json").read_text())["settings"]
+        saved = read_record(out / "settings.json", "settings")["settings"]
         mine = settings.comparable()
         diff = [k for k in mine if saved.get(k) != mine[k]]
         if diff:
@@ -297,6 +312,33 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, epoch: int, step_in_
     if old.exists():
         shutil.rmtree(old)
     tmp.rename(old)
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, device: torch.device) -> tuple[int, int, int]:
+    """Restore the state `save_checkpoint` wrote into model, optimizer, scheduler and torch's RNG; returns
+    (epoch, step in epoch, global step). The file is read with torch's weights-only unpickler, which
+    builds tensors and plain containers and refuses anything else, so a planted file cannot run code;
+    a damaged or foreign file is one clear error."""
+    path = out / "checkpoint" / "state.pt"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the pickle protocol of a foreign file
+            state = torch.load(path, map_location=device, weights_only=True)
+        counters = [state[k] for k in ("epoch", "step_in_epoch", "global_step")]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counters):
+            raise ValueError("its step counters are not non-negative integers")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    except pickle.UnpicklingError:
+        raise AttnmaskError(f"checkpoint {path} is damaged or holds objects other than tensors and plain values "
+                            "(never loaded: they could run code); pass --overwrite to start the run over") from None
+    except Exception as e:  # noqa: BLE001 - zip, I/O, key, type and shape errors of a damaged file
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise AttnmaskError(f"checkpoint {path} cannot be resumed ({type(e).__name__}{': ' if detail else ''}"
+                            f"{detail}); pass --overwrite to start the run over") from None
+    return counters[0], counters[1], counters[2]
 
 
 def train_classifier(settings: TrainSettings, progress: Callable | None = None) -> dict:
@@ -341,12 +383,7 @@ def train_classifier(settings: TrainSettings, progress: Callable | None = None) 
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
     start_epoch, start_step, global_step = 0, 0, 0
     if settings.resume:
-        state = torch.load(out / "checkpoint" / "state.pt", map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        torch.set_rng_state(state["torch_rng"])
+        start_epoch, start_step, global_step = load_checkpoint(out, model, optimizer, scheduler, device)
 
     started = time.perf_counter()
     losses: list[float] = []
@@ -446,6 +483,12 @@ class EvalSettings:
     limit: int | None = None
     pruning: dict | str | None = None  # PruningConfig fields; None: as trained (metrics.json); "none": off
 
+    def validate(self) -> None:
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise AttnmaskError("--batch-size and --limit must be positive")
+        if self.max_length is not None and self.max_length < 2:
+            raise AttnmaskError(f"--max-length must be at least 2, got {self.max_length}")
+
 
 def pruning_for_eval(model_dir: Path, pruning: dict | str | None):
     """(PruningConfig or None, note): explicit, 'none', or the one the model was trained with."""
@@ -456,7 +499,7 @@ def pruning_for_eval(model_dir: Path, pruning: dict | str | None):
     if isinstance(pruning, dict):
         return config_from_fields(pruning), "requested"
     metrics = model_dir / "metrics.json"
-    record = json.loads(metrics.read_text()).get("pruning") if metrics.exists() else None
+    record = read_record(metrics).get("pruning") if metrics.exists() else None
     if record is None:
         return None, "off (the model was trained without token pruning)"
     return recorded_config(record), "as trained"
@@ -498,7 +541,7 @@ def evaluate_classifier(settings: EvalSettings) -> dict:
 
     device = pick_device(settings.device)
     path = resolve_model_path(settings.model)
-    trained = json.loads((path / "settings.json").read_text()) if (path / "settings.json").exists() else None
+    trained = read_record(path / "settings.json", "settings") if (path / "settings.json").exists() else None
     model, tokenizer = load_classifier(settings.model, None, None, device)
     store, note = masks_for_eval(path, recorded_masks(model), settings.masks)
     names = label_names(model)
@@ -511,12 +554,14 @@ def evaluate_classifier(settings: EvalSettings) -> dict:
     if use == "eval":
         if not same_data:
             raise AttnmaskError("--split eval needs the data the model was trained on")
+        if settings.limit is not None:
+            raise AttnmaskError("--limit applies only with --split all (the held-out split is fixed by training)")
         _, idx = split(len(data.texts), ts["eval_split"], ts["seed"], ts.get("limit"))
     elif use == "all":
         idx = list(range(len(data.texts)))[: settings.limit]
     else:
         raise AttnmaskError(f"--split must be auto, eval or all, got {settings.split!r}")
-    max_length = settings.max_length or ts.get("max_length") or 128
+    max_length = settings.max_length if settings.max_length is not None else ts.get("max_length", 128)
     if store is not None:
         check_lengths(store, max_length)
     handle = apply_masks(model, store, backend=settings.backend) if store is not None else None
@@ -547,6 +592,7 @@ EVALUATORS: dict[str, Callable[[EvalSettings], dict]] = {"classify": evaluate_cl
 
 
 def evaluate(settings: EvalSettings) -> dict:
+    settings.validate()
     if settings.task not in EVALUATORS:
         raise AttnmaskError(f"--task {settings.task!r} is not supported (choose from {', '.join(EVALUATORS)})")
     return EVALUATORS[settings.task](settings)
@@ -688,6 +734,15 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
     from attnmask.models import load_adapter, pick_device
     from attnmask.store import write_patterns, write_masks
 
+    compile_settings = CompileSettings(tau=settings.tau)
+    compile_settings.validate()
+    base = TrainSettings(model="minilm", data="rotten-tomatoes", out="", epochs=settings.epochs, lr=settings.lr,
+                         batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
+                         device=settings.device, backend=settings.backend, limit=settings.limit)
+    base.validate()
+    if settings.collect_limit < 1:
+        raise AttnmaskError(f"--collect-limit must be positive, got {settings.collect_limit}")
+    device = pick_device(settings.device)
     out = Path(settings.out)
     if out.exists() and any(out.iterdir()):
         if not settings.overwrite:
@@ -697,7 +752,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
         shutil.rmtree(out)
     out.mkdir(parents=True)
     started = time.perf_counter()
-    device = pick_device(settings.device)
 
     say(f"1/4 collect: MiniLM attention over the first {settings.collect_limit} Rotten Tomatoes snippets "
         f"(max length {settings.max_length})")
@@ -713,14 +767,11 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
     t_collect = time.perf_counter() - started
 
     say(f"2/4 compile: tau {settings.tau} (scope layer)")
-    sites, attrs = compile_masks(patterns, CompileSettings(tau=settings.tau))
+    sites, attrs = compile_masks(patterns, compile_settings)
     masks = write_masks(out / "masks.zarr", sites, attrs)
     sparsity = mask_sparsity(masks)
     weighted = data_weighted_sparsity(masks, patterns)
 
-    base = TrainSettings(model="minilm", data="rotten-tomatoes", out="", epochs=settings.epochs, lr=settings.lr,
-                         batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
-                         device=settings.device, backend=settings.backend, limit=settings.limit)
     say(f"3/4 train dense: fresh vs rotten, {settings.limit} snippets (80/20 split, seed {settings.seed}), "
         f"{settings.epochs} epoch(s)")
     dense = train(replace(base, out=str(out / "dense")), progress)

@@ -275,3 +275,15 @@ def test_caller_attributes_cannot_replace_the_format_or_version(tmp_path):
     store = write_masks(tmp_path / "m.zarr", sites, {"format": "other", "version": 0, "tau": 0.5})
     again = read_masks(store.path)
     assert again.attrs["format"] == "attnmask.masks" and again.attrs["version"] >= 1 and again.attrs["tau"] == 0.5
+
+
+def test_a_pattern_store_with_nan_sums_is_never_written(tmp_path):
+    from attnmask.errors import AttnmaskError
+    from attnmask.store import SitePatterns, write_patterns
+
+    sums = np.zeros((1, 1, 2, 2))
+    sums[0, 0, 1, 1] = np.nan
+    site = SitePatterns(sums, np.ones((2, 2), dtype=np.int64), False, {})
+    with pytest.raises(AttnmaskError, match="NaN"):
+        write_patterns(tmp_path / "p.zarr", {"encoder.self": site}, {"model": {}})
+    assert not (tmp_path / "p.zarr").exists()

@@ -396,3 +396,9 @@ def test_cli_trains_collects_and_evaluates_a_language_model(tmp_path):
     res = runner.invoke(app, ["eval", str(model), str(text), "--task", "lm", "--batch-size", "2",
                               "--device", "cpu"])
     assert res.exit_code == 0 and "perplexity" in res.output, res.output
+
+
+def test_a_learning_rate_that_is_not_positive_is_refused(tmp_path):
+    (tmp_path / "t.txt").write_text("a b c\n" * 20)
+    with pytest.raises(AttnmaskError, match="--lr must be positive"):
+        train_lm(None, tmp_path / "t.txt", out=tmp_path / "m", config="small", lr=0.0, steps=1)
