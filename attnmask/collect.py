@@ -44,12 +44,13 @@ class PatternAccumulator:
         self.sum = {s.name: torch.zeros(s.layers, s.heads, *planes[s.name], dtype=torch.float64, device=device)
                     for s in sites}
         self.count = {s.name: torch.zeros(planes[s.name], dtype=torch.int64, device=device) for s in sites}
-        self._valid: dict[str, torch.Tensor] = {}
+        self._query_weights: dict[str, torch.Tensor] = {}
         self.sequences = 0
         self.tokens = 0
 
     def begin(self, batch: Batch) -> None:
-        """Count the real (query, key) cells of the batch: valid[b, q, k] = query_real[b, q] & key_real[b, k]."""
+        """Count the real (query, key) cells of the batch: valid[b, q, k] = query_real[b, q] & key_real[b, k];
+        keep the query weights [Q, B] float32 (1.0 where query q of sequence b is real) for the sums."""
         for name in self.sum:
             query_real, key_real = batch.real[name]
             valid = query_real[:, :, None] & key_real[:, None, :]
@@ -59,7 +60,7 @@ class PatternAccumulator:
                 raise AttnmaskError(f"site {name}: a batch of {q}x{k} positions exceeds the store's "
                                     f"{plane_q}x{plane_k} plane")
             self.count[name][:q, :k] += valid.sum(0)
-            self._valid[name] = valid.to(torch.float32)
+            self._query_weights[name] = query_real.T.to(torch.float32)
         self.sequences += batch.size
         self.tokens += batch.tokens
 
@@ -67,12 +68,11 @@ class PatternAccumulator:
         """Add sum over b of valid[b] * probs[b] ([batch, heads, q, k]) into the top-left corner.
 
         The sum over the batch's sequences is taken in float32 (a batch adds at most `batch` terms per
-        cell) and added to the float64 running sums; this einsum is ~2.5x faster than one in float64."""
+        cell) and added to the float64 running sums (see `real_query_sum` for how it is taken)."""
         if site not in self.sum:
             return
-        valid = self._valid[site]
         q, k = probs.shape[-2:]
-        contribution = torch.einsum("bhqk,bqk->hqk", probs.float(), valid[:, :q, :k])
+        contribution = real_query_sum(probs.float(), self._query_weights[site][:q])
         self.sum[site][layer, :, :q, :k] += contribution
 
     def load_state(self, sums: dict[str, Any], counts: dict[str, Any], sequences: int, tokens: int) -> None:
@@ -89,6 +89,19 @@ class PatternAccumulator:
         return {name: SitePatterns(self.sum[name].cpu().numpy(), self.count[name].cpu().numpy(),
                                    self.sites[name].causal)
                 for name in self.sum}
+
+
+def real_query_sum(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum over b of weights[q, b] * probs[b, h, q, k]: [H, Q, K] in probs' dtype, from probs [B, H, Q, K]
+    and weights [Q, B] (1 where query q of sequence b is real, else 0).
+
+    This equals sum over b of valid[b, q, k] * probs[b, h, q, k] with valid = query_real & key_real,
+    because a real query gives probability exactly 0 to keys that are not real: Hugging Face adds the
+    dtype's minimum to their scores, which the float32 softmax turns into 0; fairseq fills them with
+    -inf; Transformer-XL pads missing memory with zeros. So only padding query rows are excluded.
+    It is one [1, B] x [B, K] product per (h, q), read in place from probs: no [B, H, Q, K] temporary,
+    where the einsum over valid first copied probs into a (q, k)-major layout."""
+    return torch.matmul(weights[:, None, :], probs.permute(1, 2, 0, 3)).squeeze(-2)
 
 
 @dataclass

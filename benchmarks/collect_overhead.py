@@ -1,15 +1,22 @@
-"""Sequences per second of `collect` against a plain forward pass of the same model on the same batches.
+"""Time of `collect` against a plain forward pass of the same model on the same batches (goal: <= 1.10x).
 
     python benchmarks/collect_overhead.py [--model minilm] [--limit 512] [--batch-size 32] [--max-length 128]
+                                          [--rounds 5]
 
-The plain forward uses the model's default attention (SDPA) under torch.inference_mode(); collection
-uses attnmask's capture (eager probabilities added into float64 sums on the device). Both run over the
-identical list of batches, alternating, `--repeats` times; the medians and the ratio are printed.
+Variants, all over the identical list of batches under torch.inference_mode(): `plain`, the model's
+default attention (SDPA); `eager`, attnmask's capture with a sink that does nothing (the price of
+computing the probabilities); `collect`, the capture adding them into float64 sums on the device.
+Each round times every variant once, and the order rotates from round to round, so that slow drifts
+of a shared machine fall on all; the figures are the per-round ratios to `plain`, reported as their
+median and min-max over rounds, with the load average before and after. The same ratios of the
+process's CPU time are reported too: when other processes leave this one less than its cores, wall
+time mostly measures them, CPU time much less so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -21,6 +28,10 @@ from attnmask.data import iter_texts, resolve_data
 from attnmask.models import load_adapter
 
 
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="minilm")
@@ -28,7 +39,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     adapter = load_adapter(args.model, "cuda" if torch.cuda.is_available() else "cpu")
@@ -37,38 +48,66 @@ def main() -> None:
     sites = adapter.sites()
     planes = {s.name: adapter.plane(s.name, args.max_length) for s in sites}
     model = adapter.model.eval()
+    model.set_attn_implementation("sdpa")  # capture switches to attnmask's attention and back
 
-    def plain() -> float:
-        model.set_attn_implementation("sdpa")
-        start = time.perf_counter()
+    def synchronize() -> None:
+        if adapter.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(run) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) of run()."""
+        synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        synchronize()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    def plain() -> None:
         with torch.inference_mode():
             for batch in batches:
                 adapter.forward(batch)
-        return time.perf_counter() - start
 
-    def collecting() -> float:
+    def collecting() -> None:
         acc = PatternAccumulator(sites, planes, adapter.device)
-        start = time.perf_counter()
         with torch.inference_mode(), adapter.capture(acc):
             for batch in batches:
                 acc.begin(batch)
                 adapter.forward(batch)
         acc.result()
-        return time.perf_counter() - start
 
-    plain(), collecting()  # warm-up
-    plain_times, collect_times = [], []
-    for _ in range(args.repeats):
-        plain_times.append(plain())
-        collect_times.append(collecting())
+    def eager() -> None:
+        with torch.inference_mode(), adapter.capture(lambda site, layer, probs: None):
+            for batch in batches:
+                adapter.forward(batch)
+
+    variants = {"plain": plain, "eager": eager, "collect": collecting}
+    for run in variants.values():  # warm-up
+        run()
+    load_before = load_average()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            wall, used = timed(variants[name])
+            times[name].append(wall)
+            cpu[name].append(used)
+
     n = len(texts)
-    p, c = statistics.median(plain_times), statistics.median(collect_times)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"device {adapter.device}")
-    print(f"{n} sequences, batch {args.batch_size}, max length {args.max_length}, {args.repeats} repeats")
-    print(f"plain forward: {n / p:.1f} seq/s (runs {', '.join(f'{n / t:.1f}' for t in plain_times)})")
-    print(f"collect:       {n / c:.1f} seq/s (runs {', '.join(f'{n / t:.1f}' for t in collect_times)})")
-    print(f"ratio collect/plain time: {c / p:.3f}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads, device {adapter.device}")
+    print(f"load average (1, 5, 15 min): {load_before} before the rounds, {load_average()} after")
+    print(f"{n} sequences in {len(batches)} batches, batch {args.batch_size}, max length {args.max_length}, "
+          f"{args.rounds} rounds (order rotated)")
+    for name, ts in times.items():
+        print(f"{name + ':':9s} median {n / statistics.median(ts):.1f} seq/s "
+              f"(rounds {', '.join(f'{n / t:.1f}' for t in ts)})")
+    for name in names[1:]:
+        for what, seconds in (("time", times), ("CPU time", cpu)):
+            ratios = [v / p for v, p in zip(seconds[name], seconds["plain"])]
+            print(f"{name}/plain {what + ':':9s} median {statistics.median(ratios):.3f}, "
+                  f"min {min(ratios):.3f}, max {max(ratios):.3f} "
+                  f"(rounds {', '.join(f'{x:.3f}' for x in ratios)})")
 
 
 if __name__ == "__main__":
