@@ -30,9 +30,6 @@ from attnmask.errors import AttnmaskError
 from attnmask.models.base import Batch, ModelAdapter, Site
 from attnmask.store import SitePatterns
 
-# Families whose examples are independent sequences, so that the stream may be cut into windows
-# and shards (Transformer-XL carries memory across its whole stream: it can be neither).
-INDEPENDENT_FAMILIES = ("huggingface",)
 WINDOW_BATCHES = 16
 
 
@@ -138,9 +135,9 @@ def windows(examples: Iterable[Any], size: int) -> Iterator[list]:
 
 
 def check_windowable(adapter: ModelAdapter, what: str) -> None:
-    if adapter.family not in INDEPENDENT_FAMILIES:
-        raise AttnmaskError(f"{what} is not supported for {adapter.family} models (their examples form one "
-                            "stream with memory, which cannot be cut)")
+    if not adapter.windowable:
+        raise AttnmaskError(f"{what} is not supported for {adapter.family} models (their examples are "
+                            "collected in one pass, which cannot be cut)")
 
 
 def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: int, max_length: int,
@@ -148,7 +145,7 @@ def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: in
                resume=None, rank: int = 0, world: int = 1, checkpoint_every: int | None = None) -> CollectResult:
     """Accumulate attention over `examples` (possibly none); with `checkpoint`, save between windows.
 
-    Models of INDEPENDENT_FAMILIES get the examples in windows of `collection_window` examples and
+    Windowable models (`adapter.windowable`) get the examples in windows of `collection_window` examples and
     the batches j = 0, 1, 2, ... of the run are numbered across windows: this process runs batch j
     iff j % world == rank. Every process forms the same batches as a single process would, so the
     sums of all ranks add up to the single-process sums up to float64 rounding.
@@ -179,7 +176,7 @@ def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: in
 
     adapter.model.eval()
     with torch.inference_mode(), adapter.capture(acc):
-        if adapter.family not in INDEPENDENT_FAMILIES:
+        if not adapter.windowable:
             if world > 1:
                 check_windowable(adapter, "distributed collection")
             for batch in adapter.batches(examples, batch_size, max_length):

@@ -60,6 +60,9 @@ class ModelAdapter(ABC):
 
     family: str = "?"
     model: torch.nn.Module
+    windowable: bool = False
+    """True when examples are independent sequences, so collection may cut the stream into windows
+    (checkpoints, resume) and shards (distributed); Transformer-XL carries memory across its stream."""
 
     @abstractmethod
     def identity(self) -> dict:

@@ -174,6 +174,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 class HuggingFaceAdapter(ModelAdapter):
     family = "huggingface"
+    windowable = True
 
     def __init__(self, model: nn.Module, tokenizer, name: str):
         register_attention()
