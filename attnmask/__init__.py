@@ -1,12 +1,18 @@
-"""attnmask: data-informed global attention sparsity (collect patterns, compile masks, run them)."""
+"""attnmask: data-informed global attention sparsity (collect patterns, compile masks, run them).
+
+The Python API (attnmask/api.py): `collect_patterns`, `compile_masks`, `apply_masks`, `load_model`.
+"""
 
 __version__ = "0.1.0"
 
+API = ("collect_patterns", "compile_masks", "apply_masks", "load_model")
+__all__ = [*API, "__version__"]
+
 
 def __getattr__(name):
-    """`attnmask.apply_masks` without importing torch at package import."""
-    if name == "apply_masks":
-        from attnmask.runtime import apply_masks
+    """The API functions, imported on first use: `import attnmask` does not import torch."""
+    if name in API:
+        from attnmask import api
 
-        return apply_masks
+        return getattr(api, name)
     raise AttributeError(f"module 'attnmask' has no attribute {name!r}")

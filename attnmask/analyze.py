@@ -163,16 +163,58 @@ def js_distances(P: np.ndarray, W: np.ndarray) -> np.ndarray:
     distributions J_a and J_b (they share the marginal W). JSD(x, y) = H((x + y) / 2) - H(x)/2 - H(y)/2
     with H the Shannon entropy in bits. 0 means identical patterns (redundant heads).
     """
-    joint = P * W[:, None]
-    heads = joint.shape[0]
-    own = -_xlogx(joint, np.log2).reshape(heads, -1).sum(1)
+    heads = P.shape[0]
+    joint = (P * W[:, None]).reshape(heads, -1)
+    own = -_xlogx(joint, np.log2).sum(1)
     out = np.zeros((heads, heads))
-    for a in range(heads):
-        for b in range(a + 1, heads):
-            mixed = -_xlogx((joint[a] + joint[b]) / 2, np.log2).sum()
-            divergence = max(mixed - (own[a] + own[b]) / 2, 0.0)
-            out[a, b] = out[b, a] = min(np.sqrt(divergence), 1.0)
+    for a in range(heads - 1):  # head a against all later heads at once
+        mixed = -_xlogx((joint[a] + joint[a + 1:]) / 2, np.log2).sum(1)
+        divergence = np.maximum(mixed - (own[a] + own[a + 1:]) / 2, 0.0)
+        out[a, a + 1:] = out[a + 1:, a] = np.minimum(np.sqrt(divergence), 1.0)
     return out
+
+
+def site_js_distances(site: SitePatterns, key_offset: int = 0) -> np.ndarray:
+    """js_distances between all heads of a site, across layers: [L*H, L*H], head (l, h) at index l*H + h."""
+    plane = site_plane(site.count, site.causal, key_offset)
+    P = np.concatenate([layer_distributions(site, layer, plane) for layer in range(site.layers)])
+    return js_distances(P, plane.weights)
+
+
+def cluster_order(distances: np.ndarray) -> list[int]:
+    """Leaf order of an average-linkage clustering of a symmetric distance matrix [N, N]: similar items end
+    up next to each other, so clusters show as blocks along the diagonal of the reordered matrix.
+
+    With scipy: UPGMA (average linkage) with optimal leaf ordering. Without: average_linkage_order."""
+    n = distances.shape[0]
+    if n < 3:
+        return list(range(n))
+    try:
+        from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+        from scipy.spatial.distance import squareform
+    except ImportError:
+        return average_linkage_order(distances)
+    condensed = squareform(distances, checks=False)
+    tree = linkage(condensed, method="average")
+    return [int(i) for i in leaves_list(optimal_leaf_ordering(tree, condensed))]
+
+
+def average_linkage_order(distances: np.ndarray) -> list[int]:
+    """Leaf order of average-linkage clustering, by hand: repeatedly merge the two clusters A, B with the
+    smallest mean distance over pairs (a in A, b in B), the new cluster listing A's items then B's."""
+    clusters = [[i] for i in range(distances.shape[0])]
+    between = distances.astype(np.float64).copy()  # mean distance between the current clusters
+    np.fill_diagonal(between, np.inf)
+    while len(clusters) > 1:
+        a, b = np.unravel_index(np.argmin(between), between.shape)
+        a, b = min(a, b), max(a, b)
+        size_a, size_b = len(clusters[a]), len(clusters[b])
+        merged = (between[a] * size_a + between[b] * size_b) / (size_a + size_b)
+        between[a], between[:, a] = merged, merged
+        between[a, a] = np.inf
+        between = np.delete(np.delete(between, b, 0), b, 1)
+        clusters[a] = clusters[a] + clusters.pop(b)
+    return clusters[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +238,7 @@ class HeadStats:
     share99: float
     nearest_head: int        # the most similar other head of the same layer (-1 if none)
     nearest_js: float        # its Jensen-Shannon distance
+    token_classes: dict[str, float] | None = None  # TokenClasses.shares(): attention share per key class
 
 
 def site_key_offset(*sites: SitePatterns | SiteMask | None) -> int:
@@ -237,6 +280,8 @@ def site_stats(name: str, site: SitePatterns, key_offset: int = 0,
         shares = concentration(P, W, plane.eligible)
         js = js_distances(P, W)
         distances.append(js)
+        classes = site.token_classes
+        class_shares = classes.shares()[layer] if classes is not None else None
         for head in range(site.heads):
             others = np.delete(np.arange(site.heads), head)
             nearest = int(others[np.argmin(js[head, others])]) if others.size else -1
@@ -246,6 +291,7 @@ def site_stats(name: str, site: SitePatterns, key_offset: int = 0,
                 **{k: float(v[head]) for k, v in values.items()},
                 share50=float(shares[head, 0]), share90=float(shares[head, 1]), share99=float(shares[head, 2]),
                 nearest_head=nearest, nearest_js=float(js[head, nearest]) if nearest >= 0 else 0.0,
+                token_classes=None if classes is None else dict(zip(classes.names, map(float, class_shares[head]))),
             ))
     return stats, np.stack(distances) if distances else np.zeros((0, site.heads, site.heads))
 
@@ -261,15 +307,18 @@ def select_sites(available: list[str], site: str | None) -> list[str]:
 
 def store_stats(store: PatternStore, site: str | None = None) -> dict:
     """{'store': attrs, 'sites': {name: {'key_offset', 'causal', 'shape', 'heads': [HeadStats...],
-    'js': [layers][H][H]}}} for every site (or the one named)."""
+    'js': [layers][H][H], 'token_shares'}}} for every site (or the one named). `token_shares` is
+    {class: share of the key tokens} (TokenClasses.token_shares) when the store has token classes, else None."""
     out = {"store": _plain(store.attrs), "sites": {}}
     for name in select_sites(list(store.sites), site):
         s = store.sites[name]
         offset = site_key_offset(s)
         stats, js = site_stats(name, s, offset)
+        classes = s.token_classes
         out["sites"][name] = {
             "causal": s.causal, "key_offset": offset, "shape": list(s.sum.shape),
             "heads": [asdict(h) for h in stats], "js": np.round(js, 6).tolist(),
+            "token_shares": None if classes is None else dict(zip(classes.names, map(float, classes.token_shares()))),
         }
     return out
 
@@ -394,13 +443,21 @@ def stats_table(name: str, result: dict):
                ("first", "first", ".3f"), ("diag", "diagonal", ".3f"), ("prev", "previous", ".3f"),
                ("next", "next", ".3f"), ("50%", "share50", ".2%"), ("90%", "share90", ".2%"),
                ("99%", "share99", ".2%"), ("nearest", "nearest_head", "d"), ("JS", "nearest_js", ".3f")]
+    classes = list(result["token_shares"] or {})
     for title, _, _ in columns:
         table.add_column(title, justify="right")
+    for name in classes:
+        table.add_column(name, justify="right")
     for head in result["heads"]:
-        table.add_row(*(format(head[key], fmt) for _, key, fmt in columns))
+        table.add_row(*(format(head[key], fmt) for _, key, fmt in columns),
+                      *(format(head["token_classes"][c], ".3f") for c in classes))
     table.caption = ("entropy in nats (max H: uniform rows); distance in tokens; first/diag/prev/next: "
                      "attention mass; 50/90/99%: share of observed cells holding that mass; nearest: "
                      "most similar head of the layer and its Jensen-Shannon distance")
+    if classes:
+        table.caption += ("; " + ", ".join(classes) + ": share of attention received by those key tokens "
+                          "(their share of all tokens: " + ", ".join(
+                              f"{c} {v:.3f}" for c, v in result["token_shares"].items()) + ")")
     return table
 
 

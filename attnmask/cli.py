@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
@@ -187,8 +188,9 @@ def collect(
     data: str = typer.Argument(..., help="Text file, CSV/TSV/JSONL (.gz/.bz2), datasets folder, or 'rotten-tomatoes'."),
     out: Optional[str] = typer.Option(None, help="Pattern store to write, a path or an fsspec URL (s3://...) "
                                       "[default: patterns/<model>-<data>.zarr]."),
-    max_length: Optional[int] = typer.Option(None, help="Tokens per sequence (longer ones are truncated); the "
-                                             "plane size [default: 128; Transformer-XL: its tgt_len]."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per sequence (longer ones are truncated; fairseq: "
+                                             "sentence pairs with a longer side are skipped); the plane size "
+                                             "[default: 128; Transformer-XL: its tgt_len]."),
     batch_size: int = typer.Option(32, help="Sequences per batch."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N examples."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -197,33 +199,39 @@ def collect(
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint sums, counts and the data cursor "
                                                    "every N batches (at the next window boundary)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
-    split: Optional[str] = typer.Option(None, help="fairseq (MODEL is a .pt checkpoint, DATA its binarized "
-                                        "folder) only: train, valid or test [default: valid]."),
+    split: Optional[str] = typer.Option(None, help="Dataset split of DATA [default: train, or the only one; "
+                                        "a file is the split train]; fairseq: train, valid or test "
+                                        "[default: valid]."),
+    token_classes: bool = typer.Option(False, "--token-classes", help="Also sum the attention each class of "
+                                       "key token receives ([CLS], [SEP], punctuation, other; Hugging Face)."),
 ):
     """Stream the model's average attention probabilities over DATA into a pattern store.
 
     Under `torchrun --nproc-per-node N -m attnmask collect ...` the N processes share the data and
     rank 0 writes the store (see README, "Distributed collection")."""
-    from attnmask.data import resolve_data
+    if (max_length is not None and max_length < 1) or batch_size < 1 or (limit is not None and limit < 1):
+        raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
+    from attnmask.models import collection_input
+
+    source = collection_input(model, data, split=split, text_column=text_column, token_classes=token_classes)
+    out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}"
+                                    f"{f'-{source.split}' if source.split else ''}.zarr")
+    _collect(source, data, out, device, max_length, batch_size, limit, overwrite, checkpoint_every, resume,
+             token_classes)
+
+
+def _collect(source, data, out, device, max_length, batch_size, limit, overwrite, checkpoint_every, resume,
+             token_classes=False):
+    """Collect `source` (attnmask.models.collection_input) into the store `out`: locking, the
+    processes of a distributed run, checkpoints and resuming."""
     from attnmask.distributed import agree, launched_world, start, stop
     from attnmask.locking import StoreLock
     from attnmask.models import pick_device
     from attnmask.store import check_output, is_url
 
-    if (max_length is not None and max_length < 1) or batch_size < 1 or (limit is not None and limit < 1):
-        raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
-    if model.endswith(".pt"):  # fairseq checkpoint + binarized data folder
-        refuse_unused(ctx, {"out", "max_length", "batch_size", "limit", "device", "overwrite", "split"},
-                      "to a fairseq checkpoint")
-        return collect_fairseq_command(model, data, split or "valid", out, max_length or DEFAULT_MAX_LENGTH,
-                                       batch_size, limit, device, overwrite)
-    if split is not None:
-        raise AttnmaskError("--split applies only to a fairseq checkpoint (MODEL a .pt file)")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
     world = launched_world()
-    source = resolve_data(data, text_column)
-    out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}.zarr")
     if world.is_main:
         check_output_path(out)
         if not resume:
@@ -238,22 +246,20 @@ def collect(
         except AttnmaskError as e:
             error = e
         agree(world, error)
-        _collect_locked(world, model, source, data, out, run_device, max_length, batch_size, limit,
-                        overwrite, checkpoint_every, resume)
+        _collect_locked(world, source, data, out, run_device, max_length, batch_size, limit,
+                        overwrite, checkpoint_every, resume, token_classes)
     finally:
         if lock is not None:
             lock.release()
         stop(world)
 
 
-def _collect_locked(world, model, source, data, out, run_device, max_length, batch_size, limit, overwrite,
-                    checkpoint_every, resume):
+def _collect_locked(world, source, data, out, run_device, max_length, batch_size, limit, overwrite,
+                    checkpoint_every, resume, token_classes=False):
     """The body of `collect` once the output is locked (on rank 0) and every rank has joined."""
     import itertools
 
     from attnmask.collect import CheckpointPlan, accumulate, check_windowable
-    from attnmask.data import count_texts, iter_texts
-    from attnmask.models import load_adapter
     from attnmask.checkpoint import (check_resumable, checkpoint_dir, checkpoint_file, load_checkpoint,
                                      new_collection_id, remove_checkpoints)
     from attnmask.distributed import agree, barrier, broadcast, reduce_result
@@ -263,10 +269,10 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
     folder = checkpoint_dir(out)
     ckpt = checkpoint_file(folder, world.rank, world.size)
     try:
-        total = count_texts(source, limit)
+        adapter = source.load(run_device)
+        total = source.count(limit)
         if total == 0:
             raise AttnmaskError(f"{data} holds no examples")
-        adapter = load_adapter(model, run_device)
         max_length = max_length or getattr(adapter, "default_max_length", None) or DEFAULT_MAX_LENGTH
         if hasattr(adapter, "check_max_length"):
             adapter.check_max_length(max_length)
@@ -314,7 +320,7 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
                 and done.get("max_length") == max_length and done.get("sequences") == total
     if broadcast(world, finished):
         remove_checkpoints(folder)
-        console.print(f"{out} was already completed by the interrupted run; nothing to do")
+        console.print(f"{escape(str(out))} was already completed by the interrupted run; nothing to do")
         return
     error = None
     try:
@@ -328,7 +334,7 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
     if checkpoint_every is not None:
         plan = CheckpointPlan(ckpt, checkpoint_every, settings, collection)
 
-    examples = iter_texts(source, limit)
+    examples = source.examples(limit)
     if state is not None:
         examples = itertools.islice(examples, state.cursor, None)
     start_time = time.perf_counter()
@@ -348,7 +354,7 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
 
             result = accumulate(adapter, examples, batch_size=batch_size, max_length=max_length,
                                 on_batch=advance, checkpoint=plan, resume=state, rank=world.rank,
-                                world=world.size, checkpoint_every=checkpoint_every)
+                                world=world.size, checkpoint_every=checkpoint_every, token_classes=token_classes)
     except AttnmaskError as e:
         error = e
     except OSError as e:  # e.g. a full disk while checkpointing: tell the other ranks, too
@@ -362,9 +368,10 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
                  "max_length": max_length, "processes": world.size, "collection": collection}
         store = write_patterns(out, result.sites, attrs, overwrite=overwrite)
         seconds = time.perf_counter() - start_time
-        console.print(f"wrote [bold]{out}[/]: {result.sequences} sequences, {result.tokens} tokens "
+        console.print(f"wrote [bold]{escape(str(out))}[/]: {result.sequences} sequences, {result.tokens} tokens "
                       f"in {seconds:.1f} s ({result.sequences / seconds:.1f} seq/s"
-                      f"{f' over {world.size} processes' if world.distributed else ''})")
+                      f"{f' over {world.size} processes' if world.distributed else ''})"
+                      f"{source.note(total, result.sequences)}")
         console.print(inspect_table(store_summary(store)))
     barrier(world)
     ckpt.unlink(missing_ok=True)
@@ -376,60 +383,55 @@ def _collect_locked(world, model, source, data, out, run_device, max_length, bat
 # compile
 
 
-def collect_fairseq_command(model, data, split, out, max_length, batch_size, limit, device, overwrite):
-    """`collect CHECKPOINT.pt DATA_BIN --split S`: see attnmask.translate.collect_fairseq."""
-    from attnmask.models import pick_device
-    from attnmask.translate import collect_fairseq
-
-    out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}-{split}.zarr")
-    check_output_path(out)
-    start = time.perf_counter()
-    store, result, skipped = collect_fairseq(model, data, split=split, out=out, max_length=max_length,
-                                             batch_size=batch_size, limit=limit, device=pick_device(device),
-                                             overwrite=overwrite)
-    seconds = time.perf_counter() - start
-    console.print(f"wrote [bold]{out}[/]: {result.sequences} sentence pairs, {result.tokens} tokens in "
-                  f"{seconds:.1f} s" + (f" ({skipped} pairs longer than --max-length skipped)" if skipped else ""))
-    console.print(inspect_table(store_summary(store)))
-
-
 @command(name="compile")
 def compile_command(
     ctx: typer.Context,
     patterns: str = typer.Argument(..., help="Pattern store written by `collect` (a path or an fsspec URL)."),
-    tau: float = typer.Option(0.9, help="Share of eligible attention entries to prune, in [0, 1)."),
+    tau: float = typer.Option(0.9, help="Share of the budget's weight to prune, in [0, 1): of the attention "
+                              "entries computed on the data (--budget data) or of the plane's cells (plane)."),
+    budget: str = typer.Option("data", help="What tau counts: data (each entry weighted by how many collected "
+                               "sequences reach it) or plane (every eligible cell once; fixed-length inputs)."),
     scope: str = typer.Option("layer", help="Pool of the pruning: layer, head or global."),
     block_size: int = typer.Option(1, help="Prune B x B tiles instead of entries (for block-sparse kernels)."),
     min_keep: int = typer.Option(1, help="Entries (tiles) always kept in every query row (block-row)."),
-    random: bool = typer.Option(False, "--random", help="Random baseline: prune uniformly drawn entries."),
+    random: bool = typer.Option(False, "--random", help="Random baseline: the same budget, entries and row "
+                                "guarantee drawn uniformly at random (no attention means used)."),
     seed: int = typer.Option(0, help="Seed of --random."),
     beyond: str = typer.Option("dense", help="Sequences longer than the plane: dense (keep) or error."),
     site_tau: list[str] = typer.Option([], help="Per-site tau, e.g. decoder.cross=0.5 (repeatable)."),
+    held_out: Optional[str] = typer.Option(None, help="A pattern store collected on held-out data (same model "
+                                           "and --max-length): also report the masks' figures there."),
     out: Optional[str] = typer.Option(None, help="Mask store to write, a path or an fsspec URL "
-                                      "[default: beside PATTERNS in patterns/]."),
+                                      "[default: beside PATTERNS, named after it and every setting that differs from its default]."),
     overwrite: bool = typer.Option(False, help="Replace an existing mask store."),
 ):
-    """Compile a pattern store into sparse attention masks that prune a share TAU of the entries."""
+    """Compile a pattern store into sparse attention masks that prune a share TAU of the attention work."""
     from attnmask.compile import CompileSettings, compile_masks
     from attnmask.store import check_output, read_patterns, write_masks
 
-    settings = CompileSettings(tau=tau, scope=scope, block_size=block_size, min_keep=min_keep,
+    settings = CompileSettings(tau=tau, scope=scope, budget=budget, block_size=block_size, min_keep=min_keep,
                                random=random, seed=seed, beyond=beyond, site_tau=parse_site_taus(site_tau))
     settings.validate()
     if not random and options_given(ctx, {"seed"}):
         raise AttnmaskError("--seed applies only with --random")
-    out = out or str(PATTERNS_DIR / default_masks_name(patterns, settings))
+    if out is None:  # beside the pattern store (a folder or a URL prefix)
+        parent = patterns.rstrip("/").rpartition("/")[0]
+        out = f"{parent}/{default_masks_name(patterns, settings)}" if parent else default_masks_name(patterns, settings)
     check_output_path(out)
-    if str(out) == str(patterns) or (Path(out).exists() and Path(out).resolve() == Path(patterns).resolve()):
-        raise AttnmaskError(f"--out {out} is the input pattern store; choose another output")
+    for given in (patterns, held_out):
+        if given is not None and (str(out) == str(given) or (Path(out).exists() and Path(out).resolve() == Path(given).resolve())):
+            raise AttnmaskError(f"--out {out} is the input pattern store {given}; choose another output")
     check_output(out, overwrite)
     store = read_patterns(patterns)
+    held = read_patterns(held_out) if held_out is not None else None
     start = time.perf_counter()
     with console.status("compiling masks"):
-        sites, attrs = compile_masks(store, settings)
+        sites, attrs = compile_masks(store, settings, held_out=held)
     written = write_masks(out, sites, attrs, overwrite=overwrite)
-    console.print(f"wrote [bold]{out}[/] in {time.perf_counter() - start:.1f} s")
+    console.print(f"wrote [bold]{escape(str(out))}[/] in {time.perf_counter() - start:.1f} s")
     console.print(compile_table(written))
+    for line in figures_lines(written.attrs):
+        console.print(line)
 
 
 def name_number(x: float) -> str:
@@ -439,7 +441,7 @@ def name_number(x: float) -> str:
 
 
 def default_masks_name(patterns: str, settings) -> str:
-    """`<store>.tau<T>[.scope-<S>][.b<B>][.minkeep<M>][.random<SEED>][.beyond-<P>][.<site>-tau<T>...].masks.zarr`:
+    """`<store>.tau<T>[.scope-<S>][.budget-<U>][.b<B>][.minkeep<M>][.random<SEED>][.beyond-<P>][.<site>-tau<T>...].masks.zarr`:
     the pattern store's name and every compile setting that differs from its default, so that different
     compilations never share a default name. Site names are written with `-` for anything but letters,
     digits, `_` and `-`."""
@@ -449,6 +451,8 @@ def default_masks_name(patterns: str, settings) -> str:
     parts = [patterns.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr"), f"tau{name_number(settings.tau)}"]
     if settings.scope != default.scope:
         parts.append(f"scope-{settings.scope}")
+    if settings.budget != default.budget:
+        parts.append(f"budget-{settings.budget}")
     if settings.block_size != default.block_size:
         parts.append(f"b{settings.block_size}")
     if settings.min_keep != default.min_keep:
@@ -463,13 +467,40 @@ def default_masks_name(patterns: str, settings) -> str:
 
 
 def compile_table(masks) -> Table:
-    table = Table(title="achieved sparsity (pruned / eligible entries) and attention mass kept")
-    for col in ("site", "layer", "tau", "sparsity", "mass kept"):
+    table = Table(title="per layer: data sparsity (share of the attention entries computed on the collected data "
+                  "that the masks remove), attention mass kept on that data, plane sparsity (eligible cells)")
+    for col in ("site", "layer", "tau", "data sparsity", "mass kept", "plane sparsity"):
         table.add_column(col, justify="left" if col == "site" else "right", no_wrap=col == "site")
     for name, site in masks.sites.items():
-        for layer, (sparsity, mass) in enumerate(zip(site.attrs["layer_sparsity"], site.attrs["mass_kept"])):
-            table.add_row(name, str(layer), f"{site.attrs['tau']:g}", f"{sparsity:.4f}", f"{mass:.4f}")
+        a = site.attrs
+        for layer, (data, mass, plane) in enumerate(zip(a["data_sparsity"], a["mass_kept"], a["plane_sparsity"])):
+            table.add_row(name, str(layer), f"{a['tau']:g}", f"{data:.4f}", f"{mass:.4f}", f"{plane:.4f}")
     return table
+
+
+def figures_text(f: dict) -> str:
+    """'data sparsity 0.8712, mass kept 0.6610, plane sparsity 0.9000' (figures of attnmask.accounting)."""
+    if f.get("data_sparsity") is None:
+        return f"plane sparsity {f['plane_sparsity']:.4f} (data figures not recorded)"
+    return (f"data sparsity {f['data_sparsity']:.4f}, attention mass kept {f['mass_kept']:.4f}, "
+            f"plane sparsity {f['plane_sparsity']:.4f}")
+
+
+def figures_lines(attrs: dict, measured: dict | None = None) -> list[str]:
+    """The headline of a mask store: its figures on its source data, on the held-out store compile was
+    given, and on a pattern store measured now."""
+    budget = attrs.get("budget", "plane")
+    lines = [f"tau {attrs.get('tau')} counts the {'data' if budget == 'data' else 'plane'} budget "
+             f"({'attention entries computed on the collected data' if budget == 'data' else 'eligible plane cells'})"
+             f"{'; random baseline' if attrs.get('random') else ''}"]
+    if "figures" in attrs:
+        lines.append(f"on the collected data ({(attrs.get('source') or {}).get('path')}): {figures_text(attrs['figures'])}")
+    for label, f in (("held out", attrs.get("held_out")), ("measured", measured)):
+        if f:
+            sequences = f["patterns"].get("sequences")
+            lines.append(f"{label} on {f['patterns']['path']}{f' ({sequences} sequences)' if sequences else ''}: "
+                         f"{figures_text(f)}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,13 +508,15 @@ def compile_table(masks) -> Table:
 
 
 def store_summary(store) -> dict:
-    """A JSON-able summary of a pattern or mask store: identity and per-site shape and coverage."""
+    """A JSON-able summary of a pattern or mask store: identity and per-site shape and coverage, or
+    sparsity (data sparsity and mass kept on the source data first, plane sparsity second)."""
+    from attnmask.accounting import combined
     from attnmask.store import MaskStore
 
     is_masks = isinstance(store, MaskStore)
     keys = ("format", "version", "created", "attnmask_version", "digest", "model", "data", "sequences",
-            "tokens", "max_length", "tau", "scope", "block_size", "min_keep", "random", "seed", "beyond",
-            "site_tau", "source")
+            "tokens", "max_length", "tau", "budget", "scope", "block_size", "min_keep", "random", "seed", "beyond",
+            "site_tau", "source", "figures", "held_out")
     summary = {k: store.attrs[k] for k in keys if k in store.attrs}
     summary["path"] = store.path
     summary["sites"] = {}
@@ -492,7 +525,11 @@ def store_summary(store) -> dict:
         entry = {"layers": shape[0], "heads": shape[1], "queries": shape[2], "keys": shape[3],
                  "causal": site.causal}
         if is_masks:
-            entry["sparsity"] = float(sum(site.attrs.get("layer_sparsity", [0])) / max(len(site.attrs.get("layer_sparsity", [0])), 1))
+            if "totals" in site.attrs:
+                entry.update(combined([site.attrs["totals"]]))
+            else:
+                layers = site.attrs.get("layer_sparsity", [0])
+                entry.update(data_sparsity=None, mass_kept=None, plane_sparsity=float(sum(layers) / max(len(layers), 1)))
             entry["kept_share"] = float(site.keep.mean())
         else:
             entry["coverage"] = float((site.count > 0).mean())
@@ -506,13 +543,14 @@ def inspect_table(summary: dict) -> Table:
     title = f"{summary['path']} ({summary['format']} v{summary['version']})"
     table = Table(title=title)
     cols = ["site", "layers", "heads", "queries x keys", "causal"]
-    cols += ["sparsity", "kept share"] if is_masks else ["coverage", "sequences", "tokens"]
+    cols += ["data sparsity", "mass kept", "plane sparsity", "kept cells"] if is_masks else ["coverage", "sequences", "tokens"]
     for col in cols:
         table.add_column(col, no_wrap=col == "site", min_width=13 if col == "site" else None)
     for name, s in summary["sites"].items():
         row = [name, str(s["layers"]), str(s["heads"]), f"{s['queries']} x {s['keys']}", str(s["causal"])]
         if is_masks:
-            row += [f"{s['sparsity']:.4f}", f"{s['kept_share']:.4f}"]
+            row += ["-" if s[k] is None else f"{s[k]:.4f}" for k in ("data_sparsity", "mass_kept", "plane_sparsity",
+                                                                    "kept_share")]
         else:
             row += [f"{s['coverage']:.4f}", str(summary.get("sequences")), str(summary.get("tokens"))]
         table.add_row(*row)
@@ -522,20 +560,30 @@ def inspect_table(summary: dict) -> Table:
 @command()
 def inspect(
     store: str = typer.Argument(..., help="A pattern store or a mask store (a path or an fsspec URL)."),
+    patterns: Optional[str] = typer.Option(None, help="For a mask store: a pattern store (e.g. collected on "
+                                           "held-out data) to measure the masks' data sparsity and mass kept on."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Describe a pattern or mask store: sites, layers, heads, coverage or sparsity."""
+    from attnmask.accounting import measure
     from attnmask.store import read_masks, read_patterns, store_kind
 
     loaded = read_patterns(store) if store_kind(store) == "patterns" else read_masks(store)
+    if patterns is not None and "tau" not in loaded.attrs:
+        raise AttnmaskError("--patterns applies only to a mask store")
     summary = store_summary(loaded)
+    if patterns is not None:
+        summary["measured"] = measure(loaded, read_patterns(patterns))
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     console.print(inspect_table(summary))
     if "tau" in summary:
-        console.print(f"tau {summary['tau']}, scope {summary['scope']}, block size {summary['block_size']}, "
-                      f"min keep {summary['min_keep']}, random {summary['random']}, beyond {summary['beyond']}")
+        console.print(f"tau {summary['tau']}, budget {summary.get('budget', 'plane')}, scope {summary['scope']}, "
+                      f"block size {summary['block_size']}, min keep {summary['min_keep']}, random {summary['random']}, "
+                      f"beyond {summary['beyond']}")
+        for line in figures_lines(loaded.attrs, summary.get("measured"))[1:]:
+            console.print(line)
     else:
         console.print(f"model {summary['model']['name']}, data {summary['data']['name']}, "
                       f"max length {summary['max_length']}")
@@ -552,18 +600,28 @@ def plot(
     layers: Optional[str] = typer.Option(None, help="Layers to draw, e.g. 0,3 or 2-5 [default: all]."),
     heads: Optional[str] = typer.Option(None, help="Heads to draw, e.g. 0,3 or 2-5 [default: all]."),
     out: Path = typer.Option(Path("plots"), help="Folder for the PNGs."),
-    log: bool = typer.Option(False, "--log", help="Logarithmic colour scale."),
-    per_head: bool = typer.Option(False, "--per-head", help="Also one full-resolution image per head."),
+    kind: str = typer.Option("all", help="Figures to draw: all, or a comma list of heatmap, entropy (entropy "
+                             "against attention distance), positions (mass on first token, diagonal, "
+                             "neighbours), tokens (attention to [CLS]/[SEP]/punctuation; needs collect "
+                             "--token-classes), similarity (clustered Jensen-Shannon distances between heads)."),
+    scale: str = typer.Option("head-log", help="Heatmap colours: head-log (each panel log-scaled to its own "
+                              "max), head-linear, shared-log or shared-linear (one scale for all panels)."),
+    per_head: bool = typer.Option(False, "--per-head", help="Also one full-resolution heatmap per head."),
     patterns: Optional[str] = typer.Option(None, help="With a mask store: its pattern store, drawn with "
                                                       "pruned entries greyed out."),
     overwrite: bool = typer.Option(False, help="Replace existing PNGs."),
 ):
-    """Heatmaps of the average pattern (or of a mask's kept entries) as a layers x heads grid per site."""
+    """Figures of a pattern store per site: heatmaps of the average pattern as a layers x heads grid and
+    Clark et al.-style per-head figures; of a mask store: its kept entries."""
     from attnmask.plot import plot_store
 
     check_output_path(out)
-    written = plot_store(store, out, site, layers, heads, log, per_head, patterns, overwrite)
-    console.print(f"wrote {len(written)} image(s) to [bold]{out}[/]")
+    with stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("plot", total=None)
+        written = plot_store(store, out, site, layers, heads, scale, per_head, patterns, overwrite, kind,
+                             on_step=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"wrote {len(written)} image(s) to [bold]{escape(str(out))}[/]: " + ", ".join(p.name for p in written[:6])
+                  + (", ..." if len(written) > 6 else ""))
 
 
 @command()
@@ -591,43 +649,65 @@ def report(
     store: str = typer.Argument(..., help="A pattern store."),
     masks: list[str] = typer.Option([], "--masks", help="A mask store to include (repeat for several)."),
     out: Path = typer.Option(..., help="Folder for index.html."),
-    log: bool = typer.Option(False, "--log", help="Logarithmic colour scale for the heatmaps."),
+    scale: str = typer.Option("head-log", help="Heatmap colours, as in `plot --scale`."),
     overwrite: bool = typer.Option(False, help="Replace an existing index.html."),
 ):
-    """One self-contained HTML page: store metadata, head statistics, heatmaps, and each mask's
-    sparsity and attention mass kept."""
+    """One self-contained HTML page: store metadata, heatmaps and per-head figures, a sortable table of
+    head statistics, and each mask's sparsity and attention mass kept."""
     from attnmask.report import write_report
 
     check_output_path(out)
-    console.print(f"wrote [bold]{write_report(store, out, masks, log, overwrite)}[/]")
+    with stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("report", total=None)
+        page = write_report(store, out, masks, scale, overwrite,
+                            on_step=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"wrote [bold]{escape(str(page))}[/]")
 
 
 # ----------------------------------------------------------------------------------------------
 # train / eval / sweep / demo (logic in attnmask/train.py)
 
 
-def pruning_options(prune_tokens, keep_rate, final_threshold, schedule, learn_thresholds=False,
-                    temperature=1e-3, lam=0.1) -> dict | None:
-    """The token-pruning options as PruningConfig fields (attnmask/pruning.py), or None."""
-    from attnmask.pruning import options_config
+def pruning_options(prune_tokens: str | None, learn_thresholds: bool = False) -> dict | str | None:
+    """--prune-tokens SPEC (attnmask.pruning.parse_spec) with --learn-thresholds as PruningConfig fields;
+    'none' stays 'none' (explicitly off), no spec is None."""
+    from dataclasses import replace
 
-    return options_config(prune_tokens, keep_rate, final_threshold, schedule, learn_thresholds, temperature, lam)
+    from attnmask.pruning import PruningConfig, config_fields, parse_spec
+
+    if prune_tokens is None or prune_tokens == "none":
+        if learn_thresholds:
+            raise AttnmaskError("--learn-thresholds needs --prune-tokens threshold (e.g. threshold:0.01)")
+        return prune_tokens
+    config = parse_spec(prune_tokens)
+    defaults = PruningConfig(config.method)
+    if not learn_thresholds and (config.temperature, config.lam) != (defaults.temperature, defaults.lam):
+        raise AttnmaskError("temperature and lambda in --prune-tokens apply only with --learn-thresholds")
+    config = replace(config, learn_thresholds=learn_thresholds)
+    config.validate()
+    return config_fields(config)
 
 
-PRUNING_METHOD_OF = {"keep_rate": "topk", "final_threshold": "threshold", "schedule": "schedule",
-                     "learn_thresholds": "threshold", "temperature": "threshold", "lambda_": "threshold"}
+PRUNE_SPEC_HELP = ("Token pruning as one spec METHOD[:KEY=VALUE,...]: topk:keep-rate=0.3,start=1, "
+                   "threshold:final-threshold=0.01 (threshold:0.01), schedule:0,0,0.2,0.2,0.2,0.15; keys "
+                   "keep-rate, final-threshold, start (first pruned layer, default 1), ramp (flat, the default, or "
+                   "linear: the threshold or removed share grows from start to the last layer), temperature, lambda")
+RETIRED_PRUNING_OPTIONS = {"keep_rate": "topk:keep-rate=0.3", "final_threshold": "threshold:final-threshold=0.01",
+                           "schedule": "schedule:0,0,0.2,0.2", "temperature": "threshold:0.01,temperature=0.05",
+                           "lambda_": "threshold:0.01,lambda=0.5"}
 
 
-def refuse_unused_pruning(ctx: typer.Context, prune_tokens: str | None, learn_thresholds: bool = False) -> None:
-    """Refuse token-pruning options that the chosen --prune-tokens method (or none) does not use;
-    --temperature and --lambda apply only with --learn-thresholds."""
-    method = None if prune_tokens in (None, "none") else prune_tokens
-    given = options_given(ctx, {name for name, m in PRUNING_METHOD_OF.items() if m != method})
-    if given:
-        raise not_applying(given, f"to --prune-tokens {prune_tokens}" if prune_tokens else "without --prune-tokens")
-    given = [] if learn_thresholds else options_given(ctx, {"temperature", "lambda_"})
-    if given:
-        raise not_applying(given, "without --learn-thresholds")
+def retired_option(flag: str) -> typer.Option:
+    return typer.Option(None, flag, hidden=True)
+
+
+def refuse_retired_pruning(ctx: typer.Context) -> None:
+    """The token-pruning options before the one spec (--keep-rate, ...) are one error line naming the spec
+    that replaces them."""
+    for name, example in RETIRED_PRUNING_OPTIONS.items():
+        for flag in options_given(ctx, {name}):
+            raise AttnmaskError(f"{flag} is no longer an option: token pruning is one spec, "
+                                f"e.g. --prune-tokens {example}")
 
 
 def print_pruning(record: dict | None, note: str | None = None) -> None:
@@ -644,7 +724,7 @@ def print_pruning(record: dict | None, note: str | None = None) -> None:
 
 
 def training_bar():
-    """(rich progress, callback(step, total, loss, epoch)) for attnmask.train."""
+    """(rich progress, callback(step, total, loss, epoch)) for attnmask.train and attnmask.lm.train_lm."""
     bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
     state = {}
@@ -662,103 +742,145 @@ def training_bar():
 
 
 def metrics_table(title: str, rows: list[dict], columns: list[str]) -> Table:
+    """Rows as a table; a cell too wide for the terminal folds onto more lines, never loses characters."""
     table = Table(title=title)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("kind", "model", "masks", "run") else "right")
+        table.add_column(col, justify="left" if col in ("kind", "model", "masks", "run") else "right",
+                         overflow="fold")
     for row in rows:
-        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns])
+        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else
+                        "none" if row.get(c, "") is None else str(row.get(c, "")) for c in columns])
     return table
+
+
+def print_metrics(title: str, row: dict, columns: list[str], as_json: bool, as_csv: bool) -> None:
+    """One result: a table, every field as one JSON object (--json), or the table's columns as CSV (--csv);
+    under torchrun / accelerate launch only the first process prints."""
+    import csv
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        typer.echo(json.dumps(row))
+    elif as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
+    else:
+        console.print(metrics_table(title, [row], columns))
+
+
+def output_format(as_json: bool, as_csv: bool) -> None:
+    if as_json and as_csv:
+        raise AttnmaskError("choose one of --json and --csv")
 
 
 @command()
 def train(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm'."),
-    data: str = typer.Argument(..., help="Labelled table (CSV/TSV/JSONL, datasets folder) or 'rotten-tomatoes'."),
+    data: str = typer.Argument(..., help="Labelled data (CSV/TSV/JSON/Parquet, a datasets folder) or "
+                               "'rotten-tomatoes'; --task lm: a text file."),
     masks: str = typer.Option(..., help="Mask store written by `compile`, or 'none' for the dense baseline."),
     out: Path = typer.Option(None, help="Folder for the model, settings.json and metrics.json (required "
                              "except for fairseq, whose --save-dir is a fairseq-train argument)."),
     task: str = typer.Option("classify", help="classify (sequence classification), or lm (Transformer-XL "
                              "language model on a text file; MODEL 'none' with --config trains from scratch)."),
     config: Optional[str] = typer.Option(None, help="--task lm: preset small or base to train from scratch."),
-    steps: Optional[int] = typer.Option(None, help="--task lm: training segments [default: --epochs passes]."),
+    steps: Optional[int] = typer.Option(None, help="--task lm: optimizer steps [default: --epochs passes]."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
-    label_column: Optional[str] = typer.Option(None, help="Column holding the label [default: label; category for rotten-tomatoes]."),
-    labels: Optional[str] = typer.Option(None, help="Comma-separated label values to keep [rotten-tomatoes: fresh,rotten]."),
-    epochs: int = typer.Option(1, help="Passes over the training split."),
+    label_column: Optional[str] = typer.Option(None, help="Column holding the label [default: label; category for rotten-tomatoes(-full)]."),
+    labels: Optional[str] = typer.Option(None, help="Comma-separated label values to keep [rotten-tomatoes(-full): fresh,rotten]."),
+    split: Optional[str] = typer.Option(None, help="Dataset split of DATA to read [default: the data's own]."),
+    epochs: int = typer.Option(1, help="Passes over the training examples."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, linear warmup and decay) "
                                        "[default: 5e-5; --task lm: 2e-4, or 1e-3 from scratch]."),
-    batch_size: int = typer.Option(16, help="Examples per step."),
+    batch_size: int = typer.Option(16, help="Examples per batch and process (--task lm: parallel streams)."),
+    gradient_accumulation: int = typer.Option(1, help="Batches per optimizer step."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (mixed precision; fp16 needs CUDA)."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example (longer ones are truncated) "
                                              "[default: 128; --task lm: the model's tgt_len]."),
     eval_split: float = typer.Option(0.2, help="Share of the examples held out for evaluation."),
-    seed: int = typer.Option(0, help="Seed of the split, the head's initialisation and the batch order."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed of the held-out split, the head's initialisation and the batch order."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (several GPUs: start with torchrun or "
+                               "accelerate launch)."),
     backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
-    limit: Optional[int] = typer.Option(None, help="Use a seeded random sample of N labelled examples."),
-    resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace an existing run in OUT."),
-    prune_tokens: Optional[str] = typer.Option(None, help="Dynamic token pruning: topk, threshold or schedule."),
-    keep_rate: float = typer.Option(0.5, help="topk: share of tokens entering the last layer."),
-    final_threshold: float = typer.Option(0.01, help="threshold: importance threshold at the last layer."),
-    schedule: Optional[str] = typer.Option(None, help="schedule: per-layer fractions removed, e.g. 0,0,0.2,0.2,0.2,0.15."),
-    learn_thresholds: bool = typer.Option(False, help="threshold: learn per-layer thresholds (soft stage, "
-                                          "first half of the steps), then freeze them and remove tokens."),
-    temperature: float = typer.Option(1e-3, help="Temperature of the soft stage's sigmoid mask."),
-    lambda_: float = typer.Option(0.1, "--lambda", help="Weight of the kept-fraction penalty (soft stage)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N labelled examples (then split by --seed)."),
+    report_to: str = typer.Option("none", help="Trainer logging integrations, comma-separated (tensorboard, "
+                                  "wandb, ...), or none."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in OUT."),
+    prune_tokens: Optional[str] = typer.Option(None, help=PRUNE_SPEC_HELP + " (the last two with "
+                                               "--learn-thresholds)."),
+    learn_thresholds: bool = typer.Option(False, "--learn-thresholds", help="With --prune-tokens threshold: "
+                                          "learn per-layer thresholds (soft stage, first half of the steps), "
+                                          "then freeze them and remove tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print the metrics table as CSV."),
+    keep_rate: Optional[str] = retired_option("--keep-rate"),
+    final_threshold: Optional[str] = retired_option("--final-threshold"),
+    schedule: Optional[str] = retired_option("--schedule"),
+    temperature: Optional[str] = retired_option("--temperature"),
+    lambda_: Optional[str] = retired_option("--lambda"),
     fairseq_args: Optional[list[str]] = typer.Argument(None, help="MODEL fairseq: fairseq-train arguments, after --."),
 ):
-    """Fine-tune a sequence classifier with the masks applied in training and evaluation.
+    """Fine-tune a model with the masks applied in training and evaluation (transformers.Trainer).
 
     `attnmask train fairseq DATA_BIN --masks MASKS -- <fairseq-train arguments>` trains a fairseq
     translation model with fairseq's own loop and the masks inside every attention."""
+    refuse_retired_pruning(ctx)
     if model == "fairseq":
         from attnmask.translate import train_fairseq
 
         refuse_unused(ctx, {"masks"}, "to fairseq (pass fairseq-train arguments after --)")
-        record = train_fairseq(data, None if masks == "none" else masks, fairseq_args or [])
+        record = train_fairseq(data, None if masks == "none" else masks, fairseq_args or [],
+                               warn=lambda line: typer.echo(f"warning: {line}", err=True))
         console.print(f"trained with masks {record['digest'] if record else 'none (dense)'}")
         return
     if fairseq_args:
         raise AttnmaskError(f"unexpected extra arguments {' '.join(fairseq_args)} (only MODEL fairseq takes them)")
     if out is None:
         raise AttnmaskError("--out is required (the folder for the trained model)")
+    output_format(as_json, as_csv)
     check_output_path(out)
     if task == "lm":
         from attnmask.lm import train_lm
         from attnmask.models import pick_device
 
         refuse_unused(ctx, {"masks", "out", "task", "config", "steps", "epochs", "lr", "batch_size", "max_length",
-                            "seed", "device", "backend", "overwrite"}, "to --task lm")
-        summary = train_lm(None if model == "none" else model, data, out=out, config=config,
-                           masks=None if masks == "none" else masks, steps=steps, epochs=epochs,
-                           batch_size=batch_size, lr=lr, tgt_len=max_length, seed=seed,
-                           device=pick_device(device), overwrite=overwrite, log=console.print, backend=backend)
-        console.print(f"trained {out}: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
-                      f"{summary['seconds']:.1f} s, masks {summary['masks'] or 'none'}")
+                            "seed", "device", "backend", "overwrite", "resume", "precision", "gradient_accumulation",
+                            "report_to", "as_json", "as_csv"}, "to --task lm")
+        bar, callback = training_bar()
+        with bar:
+            summary = train_lm(None if model == "none" else model, data, out=out, config=config,
+                               masks=None if masks == "none" else masks, steps=steps, epochs=epochs,
+                               batch_size=batch_size, lr=lr, tgt_len=max_length, seed=seed,
+                               device=pick_device(device), overwrite=overwrite, resume=resume, precision=precision,
+                               gradient_accumulation=gradient_accumulation, report_to=report_to,
+                               progress=callback, backend=backend)
+        print_metrics(f"trained {out}", summary, ["masks", "steps", "train_loss", "seconds"], as_json, as_csv)
         return
     from attnmask.train import TrainSettings
     from attnmask.train import train as run_train
 
     refuse_unused(ctx, {p.name for p in ctx.command.params} - {"config", "steps"}, f"to --task {task}")
-    pruning = pruning_options(prune_tokens, keep_rate, final_threshold, schedule, learn_thresholds, temperature,
-                              lambda_)
-    refuse_unused_pruning(ctx, prune_tokens, learn_thresholds)
+    pruning = pruning_options(prune_tokens, learn_thresholds)
     given = {k: v for k, v in {"lr": lr, "max_length": max_length}.items() if v is not None}
     settings = TrainSettings(model=model, data=data, out=str(out), masks=None if masks == "none" else masks,
                              task=task, text_column=text_column, label_column=label_column,
                              labels=labels.split(",") if labels else None, epochs=epochs,
                              batch_size=batch_size, eval_split=eval_split, seed=seed, device=device,
-                             backend=backend, limit=limit, resume=resume, overwrite=overwrite, pruning=pruning,
-                             **given)
+                             backend=backend, limit=limit, split=split, precision=precision,
+                             gradient_accumulation=gradient_accumulation, report_to=report_to, resume=resume,
+                             overwrite=overwrite, pruning=pruning, **given)
     settings.validate()
     bar, callback = training_bar()
     with bar:
         metrics = run_train(settings, callback)
-    print_pruning(metrics.get("pruning"))
-    console.print(metrics_table(f"trained {out}", [{**metrics, "masks": metrics["masks"] or "none"}],
-                                ["masks", "sparsity", "backend", "train_examples", "eval_examples",
-                                 "train_loss_last_epoch", "accuracy", "train_seconds"]))
+    if not (as_json or as_csv) and int(os.environ.get("RANK", "0")) == 0:
+        print_pruning(metrics.get("pruning"))
+    print_metrics(f"trained {out}", metrics, ["masks", "sparsity", "backend", "train_examples", "eval_examples",
+                                              "train_loss_last_epoch", "accuracy", "train_seconds"], as_json, as_csv)
 
 
 @command(name="eval")
@@ -770,133 +892,205 @@ def eval_command(
     task: str = typer.Option("classify", help="classify, or lm (perplexity of a Transformer-XL on a text file)."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the label."),
-    split: str = typer.Option("auto", help="eval (the held-out split of training), all, or auto (eval when DATA is the training data)."),
+    split: Optional[str] = typer.Option(None, help="Dataset split of DATA to read [default: the data's own; "
+                                        "fairseq: test]."),
+    on: str = typer.Option("auto", help="held-out (the examples training held out), all, or auto (held-out "
+                           "when DATA is the training data)."),
     batch_size: int = typer.Option(32, help="Examples per batch."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example [default: as in training]."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (fp16 needs CUDA)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
-    limit: Optional[int] = typer.Option(None, help="With --split all: only the first N examples."),
-    prune_tokens: Optional[str] = typer.Option(None, help="Token pruning: topk, threshold, schedule or none "
+    limit: Optional[int] = typer.Option(None, help="Only the first N of the examples evaluated (fairseq: "
+                                        "sentence ids 0..N-1 of the split, whatever --batch-size)."),
+    prune_tokens: Optional[str] = typer.Option(None, help=PRUNE_SPEC_HELP + "; 'none' turns it off "
                                                "[default: as in training]."),
-    keep_rate: float = typer.Option(0.5, help="topk: share of tokens entering the last layer."),
-    final_threshold: float = typer.Option(0.01, help="threshold: importance threshold at the last layer."),
-    schedule: Optional[str] = typer.Option(None, help="schedule: per-layer fractions removed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print the result table as CSV."),
+    keep_rate: Optional[str] = retired_option("--keep-rate"),
+    final_threshold: Optional[str] = retired_option("--final-threshold"),
+    schedule: Optional[str] = retired_option("--schedule"),
+    temperature: Optional[str] = retired_option("--temperature"),
+    lambda_: Optional[str] = retired_option("--lambda"),
     data_bin: Optional[str] = typer.Argument(None, help="MODEL fairseq: the binarized data folder (DATA is the checkpoint)."),
     beam: int = typer.Option(5, help="fairseq: beam size."),
+    post_process: Optional[str] = typer.Option(None, "--post-process", "--remove-bpe", help="fairseq: turn "
+                                               "target pieces back into words before scoring: subword_nmt "
+                                               "(removes '@@ '), sentencepiece, wordpiece, ... [default: none, "
+                                               "BLEU of the binarized tokens as they are]."),
+    bleu_tokenize: str = typer.Option("13a", help="fairseq: sacrebleu's tokenizer (13a, intl, zh, char, none, "
+                                      "...); the output's signature names it."),
 ):
     """Report the accuracy of a trained classifier, with the masks it was trained with.
 
     `attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS] [--split test]` decodes with beam
     search (masked when --masks is given) and reports sacrebleu BLEU."""
+    refuse_retired_pruning(ctx)
     if model == "fairseq":
         from attnmask.models import pick_device
         from attnmask.translate import evaluate_fairseq
 
         if data_bin is None:
             raise AttnmaskError("usage: attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS]")
-        refuse_unused(ctx, {"masks", "split", "batch_size", "limit", "device", "backend", "beam"}, "to fairseq")
+        refuse_unused(ctx, {"masks", "split", "batch_size", "limit", "device", "backend", "beam", "post_process",
+                            "bleu_tokenize"}, "to fairseq")
         result = evaluate_fairseq(data, data_bin, "recorded" if masks is None else None if masks == "none" else masks,
-                                  split="test" if split == "auto" else split, beam=beam, max_sentences=batch_size,
-                                  limit=limit, device=pick_device(device), backend=backend)
+                                  split=split or "test", beam=beam, max_sentences=batch_size,
+                                  limit=limit, post_process=post_process, tokenize=bleu_tokenize,
+                                  device=pick_device(device), backend=backend)
+        for line in result.warnings:
+            typer.echo(f"warning: {line}", err=True)
         typer.echo(json.dumps(result.summary()))
         if result.trained_with and result.trained_with != result.masks:
             console.print(f"note: the checkpoint was trained with masks {result.trained_with}")
         return
     if data_bin is not None:
         raise AttnmaskError(f"unexpected extra argument {data_bin} (only MODEL fairseq takes DATA_BIN)")
-    refuse_unused(ctx, {p.name for p in ctx.command.params} - {"beam"}, "without MODEL fairseq")
+    refuse_unused(ctx, {p.name for p in ctx.command.params} - {"beam", "post_process", "bleu_tokenize"},
+                  "without MODEL fairseq")
+    output_format(as_json, as_csv)
     if task == "lm":
         from attnmask.lm import eval_lm
         from attnmask.models import pick_device
 
-        refuse_unused(ctx, {"masks", "task", "batch_size", "max_length", "device", "backend"}, "to --task lm")
+        refuse_unused(ctx, {"masks", "task", "batch_size", "max_length", "device", "backend", "as_json", "as_csv"},
+                      "to --task lm")
         result = eval_lm(model, data, masks=masks, batch_size=batch_size,
                          tgt_len=max_length, device=pick_device(device), backend=backend)
-        console.print(f"perplexity {result['perplexity']:.2f} over {result['tokens']} tokens "
-                      f"({result['seconds']:.1f} s), masks {result['masks'] or 'none'}")
+        print_metrics(f"eval {model} on {data}", result, ["masks", "tokens", "loss", "perplexity", "seconds"],
+                      as_json, as_csv)
         return
     from attnmask.train import EvalSettings, evaluate
 
-    pruning = "none" if prune_tokens == "none" else pruning_options(prune_tokens, keep_rate, final_threshold, schedule)
-    refuse_unused_pruning(ctx, prune_tokens)
+    pruning = pruning_options(prune_tokens)
     result = evaluate(EvalSettings(model=model, data=data, masks=masks, task=task, text_column=text_column,
-                                   label_column=label_column, split=split, batch_size=batch_size,
-                                   max_length=max_length, device=device, backend=backend, limit=limit,
-                                   pruning=pruning))
-    print_pruning(result.get("pruning"), result.get("pruning_note"))
-    console.print(metrics_table(f"eval {model} on {data}", [result],
-                                ["masks", "sparsity", "backend", "split", "examples", "accuracy"]))
-    console.print(f"masks: {result['masks_note']}")
+                                   label_column=label_column, split=split, on=on, batch_size=batch_size,
+                                   max_length=max_length, precision=precision, device=device, backend=backend,
+                                   limit=limit, pruning=pruning))
+    if not (as_json or as_csv):
+        print_pruning(result.get("pruning"), result.get("pruning_note"))
+    print_metrics(f"eval {model} on {data}", result, ["masks", "sparsity", "backend", "split", "on", "examples",
+                                                      "accuracy"], as_json, as_csv)
+    if not (as_json or as_csv):
+        console.print(f"masks: {result['masks_note']}")
 
 
 @command()
 def sweep(
     model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm'."),
     data: str = typer.Argument(..., help="Labelled data (as for `train`)."),
-    patterns: Path = typer.Option(..., help="Pattern store written by `collect` for MODEL."),
-    taus: str = typer.Option("0,0.5,0.8,0.9,0.95", help="Comma-separated taus."),
-    random: bool = typer.Option(False, "--random", help="Also train with random masks at each tau."),
-    out: Path = typer.Option(..., help="Folder for masks/, runs/, sweep.csv and sweep.png (finished runs are reused)."),
+    patterns: Path = typer.Option(..., help="Pattern store written by `collect` for MODEL (collect it on training "
+                                  "text: snippets of the held-out splits in it would leak into the masks)."),
+    taus: str = typer.Option("0,0.5,0.8,0.9,0.95", help="Comma-separated taus (tau 0 is the dense run)."),
+    random: bool = typer.Option(False, "--random", help="Also train with random masks of the same budget at each tau."),
+    seeds: int = typer.Option(1, help="Seeds per setting (split, initialisation, order, random masks): "
+                              "--seed, --seed + 1, ...; means and paired 95 % intervals over them."),
+    out: Path = typer.Option(..., help="Folder for masks/, runs/, sweep.csv, summary.csv, sweep.json and sweep.png "
+                             "(finished runs are reused)."),
     scope: str = typer.Option("layer", help="Compile scope: layer, head or global."),
+    budget: str = typer.Option("data", help="Compile budget: data or plane (see `compile --budget`)."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the label."),
+    labels: Optional[str] = typer.Option(None, help="Comma-separated label values to keep (default: all)."),
     epochs: int = typer.Option(1, help="Passes over the training split (every run)."),
     lr: float = typer.Option(5e-5, help="Peak learning rate."),
     batch_size: int = typer.Option(16, help="Examples per step."),
     max_length: int = typer.Option(128, help="Tokens per example."),
     eval_split: float = typer.Option(0.2, help="Held-out share."),
-    seed: int = typer.Option(0, help="Seed of split, initialisation, order and random masks."),
+    seed: int = typer.Option(0, help="First seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
-    limit: Optional[int] = typer.Option(None, help="Use a seeded random sample of N labelled examples."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N labelled examples."),
 ):
-    """Compile, train and evaluate at each tau (and random masks) -> sweep.csv, sweep.png and a table."""
-    from attnmask.train import TrainSettings, parse_taus
-    from attnmask.train import sweep as run_sweep
+    """Compile, train and evaluate at each tau over seeds (and random masks) -> tables, CSVs and sweep.png."""
+    from attnmask.compile import CompileSettings
+    from attnmask.experiments import parse_taus
+    from attnmask.experiments import sweep as run_sweep
+    from attnmask.train import TrainSettings
 
     check_output_path(out)
+    if seeds < 1:
+        raise AttnmaskError(f"--seeds must be at least 1, got {seeds}")
     base = TrainSettings(model=model, data=data, out="", text_column=text_column, label_column=label_column,
-                         epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                         eval_split=eval_split, seed=seed, device=device, backend=backend, limit=limit)
+                         labels=labels.split(",") if labels else None, epochs=epochs, lr=lr, batch_size=batch_size,
+                         max_length=max_length, eval_split=eval_split, seed=seed, device=device, backend=backend,
+                         limit=limit)
     base.validate()
-    tau_list = parse_taus(taus)
+    CompileSettings(scope=scope, budget=budget).validate()
+    options = {"scope": scope, "budget": budget}
+    variants = {"data": options, **({"random": {**options, "random": True}} if random else {})}
     bar, callback = training_bar()
     with bar:
-        rows = run_sweep(base, str(patterns), tau_list, random, out, compile_options={"scope": scope},
-                         on_run=lambda name, row: bar.console.print(f"{name}: accuracy {row['accuracy']:.4f}"),
-                         progress=callback)
-    console.print(metrics_table(f"sweep {model} on {data}", rows,
-                                ["kind", "tau", "sparsity", "accuracy", "train_loss_last_epoch", "train_seconds"]))
-    console.print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
+        result = run_sweep(base, str(patterns), parse_taus(taus), variants, out, list(range(seed, seed + seeds)),
+                           on_run=lambda name, row: bar.console.print(f"{name}: accuracy {row['accuracy']:.4f}"),
+                           progress=callback)
+    console.print(sweep_table(f"sweep {model} on {data}: {seeds} seed(s)", result))
+    console.print(f"majority class {result['majority']:.4f}; sparsity = data sparsity (share of the attention entries "
+                  "computed on the collected data that the masks remove), mass kept on that data, plane sparsity; "
+                  "differences are paired by seed, ± the 95 % t-interval's half-width")
+    console.print(f"wrote {out / 'sweep.csv'}, {out / 'summary.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+
+
+def points(value: float | None, interval: float | None) -> str:
+    """'+1.2 ± 3.4' in accuracy points; '-' for no value."""
+    if value is None:
+        return "-"
+    return f"{100 * value:+.1f}" + (f" ± {100 * interval:.1f}" if interval is not None else "")
+
+
+def sweep_table(title: str, result: dict) -> Table:
+    table = Table(title=title)
+    for col in ("kind", "tau", "seeds", "sparsity", "mass kept", "plane", "accuracy", "- dense", "- random"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for e in result["summary"]:
+        sd = f" ± {e['accuracy_sd']:.4f}" if e["accuracy_sd"] is not None else ""
+        table.add_row(e["kind"], f"{e['tau']:g}", str(e["seeds"]), f"{e['sparsity']:.4f}", f"{e['mass_kept']:.4f}",
+                      f"{e['plane_sparsity']:.4f}", f"{e['accuracy']:.4f}{sd}", points(e["vs_dense"], e["vs_dense_ci"]),
+                      points(e["vs_random"], e["vs_random_ci"]))
+    return table
 
 
 @command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the demo's stores and runs."),
-    limit: int = typer.Option(600, help="Fresh/rotten snippets used (seeded sample; 80/20 split)."),
-    collect_limit: int = typer.Option(500, help="Snippets whose attention is collected."),
-    tau: float = typer.Option(0.9, help="Share of attention entries pruned."),
+    limit: int = typer.Option(1000, help="Fresh/rotten snippets used (the first N; 80/20 split by the seed)."),
+    tau: float = typer.Option(0.9, help="Share of the attention entries computed on the data that the masks remove."),
     epochs: int = typer.Option(1, help="Training epochs."),
-    max_length: int = typer.Option(64, help="Tokens per snippet."),
+    max_length: int = typer.Option(32, help="Tokens per snippet."),
+    seed: int = typer.Option(0, help="Seed of the split, the training and the random masks."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace an existing demo folder."),
 ):
-    """collect -> compile -> train dense and masked MiniLM classifiers on Rotten Tomatoes fresh vs rotten."""
-    from attnmask.train import DemoSettings, run_demo
+    """collect -> compile -> train dense, data-informed and random MiniLM classifiers (Rotten Tomatoes fresh vs rotten)."""
+    from attnmask.experiments import DemoSettings, binomial_se, run_demo
 
     check_output_path(out)
     bar, callback = training_bar()
-    settings = DemoSettings(out=str(out), limit=limit, collect_limit=collect_limit, tau=tau, epochs=epochs,
-                            max_length=max_length, device=device, overwrite=overwrite)
+    settings = DemoSettings(out=str(out), limit=limit, tau=tau, epochs=epochs, max_length=max_length, seed=seed,
+                            device=device, overwrite=overwrite)
     with bar:
         s = run_demo(settings, say=bar.console.print, progress=callback)
-    console.print(metrics_table("demo: MiniLM, Rotten Tomatoes fresh vs rotten", [
-        {"model": "dense", "sparsity": 0.0, "accuracy": s["dense_accuracy"], "train s": s["dense_train_seconds"]},
-        {"model": f"masked (tau {tau:g})", "sparsity": s["sparsity"], "accuracy": s["masked_accuracy"],
-         "train s": s["masked_train_seconds"]}], ["model", "sparsity", "accuracy", "train s"]))
-    console.print(f"{s['train_examples']} training / {s['eval_examples']} held-out snippets; sparsity is pruned / "
-                  f"eligible entries of the plane ({s['data_weighted_sparsity']:.4f} weighted by how many "
-                  f"collected snippets reach each entry); total time {s['seconds']:.0f} s")
+    n = s["eval_examples"]
+    table = Table(title=f"demo: MiniLM, Rotten Tomatoes fresh vs rotten, {s['train_examples']} training / {n} "
+                        f"held-out snippets, seed {seed}")
+    for col in ("masks", "data sparsity", "mass kept", "held-out data sparsity", "plane sparsity", "accuracy ± SE",
+                "final train loss"):
+        table.add_column(col, justify="left" if col == "masks" else "right")
+    table.add_row("majority class", "", "", "", "", f"{s['majority']:.3f} ± {binomial_se(s['majority'], n):.3f}", "")
+    for kind, label in (("dense", "dense"), ("data", f"data-informed, tau {tau:g}"), ("random", f"random, tau {tau:g}")):
+        m = s["runs"][kind]
+        held = s["held_out"].get(kind)
+        loss = m.get("train_loss_last_epoch")
+        table.add_row(label, f"{m['sparsity']:.3f}", f"{m['mass_kept']:.3f}",
+                      f"{held['data_sparsity']:.3f}" if held else "0.000", f"{m['plane_sparsity']:.3f}",
+                      f"{m['accuracy']:.3f} ± {binomial_se(m['accuracy'], n):.3f}",
+                      f"{loss:.3f}" if loss is not None else "-")
+    console.print(table)
+    console.print("data sparsity: share of the attention entries computed on the training snippets that the masks "
+                  "remove (held-out: on the held-out snippets); mass kept: share of the attention probability kept; "
+                  "plane sparsity: share of the plane's eligible cells pruned; SE = sqrt(p (1 - p) / n)")
+    console.print(s["reading"])
+    console.print(f"total time {s['seconds']:.0f} s; everything is in {out}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,7 +1114,7 @@ def merge(
     loaded = [read_patterns(s) for s in stores]
     sites, attrs = merge_patterns(loaded)
     written = write_patterns(out, sites, attrs, overwrite=overwrite)
-    console.print(f"wrote [bold]{out}[/]: {attrs['sequences']} sequences from {len(loaded)} stores")
+    console.print(f"wrote [bold]{escape(str(out))}[/]: {attrs['sequences']} sequences from {len(loaded)} stores")
     console.print(inspect_table(store_summary(written)))
 
 
@@ -937,10 +1131,8 @@ def bench(
                                         "at --tau and --block-size]."),
     tau: float = typer.Option(0.9, help="Synthetic masks: share of tiles pruned."),
     block_size: int = typer.Option(128, help="Synthetic masks: tile size."),
-    prune_tokens: list[str] = typer.Option([], help="Also time token pruning with this spec: topk, threshold "
-                                           "or schedule, with parameters after a colon, e.g. "
-                                           "topk:keep-rate=0.3,start=1 / threshold:final-threshold=0.01 / "
-                                           "schedule:0,0,0.2,0.2,0.2,0.15 (repeatable)."),
+    prune_tokens: list[str] = typer.Option([], help="Also time this token pruning (repeatable). "
+                                           + PRUNE_SPEC_HELP + "."),
     lengths: str = typer.Option("1024,2048,4096", help="Sequence lengths, comma-separated."),
     model_lengths: Optional[str] = typer.Option(None, help="Lengths of the whole-model benchmark "
                                                 "[default: --lengths]."),
@@ -981,7 +1173,98 @@ def bench(
     console.print(results_table(result))
     for table in tokens_kept_tables(result):
         console.print(table)
-    console.print(f"wrote [bold]{write_json(result, target, overwrite)}[/]")
+    console.print(f"wrote [bold]{escape(str(write_json(result, target, overwrite)))}[/]")
+
+
+def compact_bar():
+    """(rich progress, callback(stage, step, total, loss)) for attnmask.compact: one bar per stage."""
+    bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    tasks: dict[str, int] = {}
+
+    def callback(stage, step, total, loss):
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total, loss="")
+        bar.update(tasks[stage], completed=step, loss=f"{loss:.4f}")
+
+    return bar, callback
+
+
+def compact_table(title: str, metrics: dict) -> Table:
+    """Teacher and compact model side by side: parameters, GMACs and accuracy (or embedding cosine)."""
+    quality = "accuracy" if "accuracy" in metrics else "cosine"
+    table = Table(title=title)
+    for col in ("model", "parameters", "encoder parameters", f"GMACs ({metrics['gmacs_length']} tokens)", quality):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    teacher_quality = f"{metrics['teacher_accuracy']:.4f}" if quality == "accuracy" else "1 (reference)"
+    for name, cost, value in (("original", metrics["teacher"], teacher_quality),
+                              ("compact", metrics["student"], f"{metrics[quality]:.4f}")):
+        table.add_row(name, f"{cost['parameters']:,}", f"{cost['encoder_parameters']:,}", f"{cost['gmacs']:.4g}", value)
+    cut = metrics["reduction"]
+    table.caption = (f"compact: {cut['parameters']:.1%} fewer parameters, {cut['gmacs']:.1%} fewer GMACs"
+                     + (f", {metrics['accuracy_share']:.1%} of the original's accuracy, agreement "
+                        f"{metrics['agreement']:.1%}" if quality == "accuracy" and metrics["accuracy_share"] else "")
+                     + f" on {metrics['eval_examples']} held-out examples")
+    return table
+
+
+@command()
+def compact(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Hugging Face BERT folder (a classifier from `train` too), or 'minilm'."),
+    data: str = typer.Argument(..., help="Texts for distillation (as for `collect`); labelled data with --task classify."),
+    replace: Optional[str] = typer.Option(None, help="Encoder blocks to replace, e.g. 2-4 or 1-2,4 (each span "
+                                          "gets its own substitute)."),
+    patterns: Optional[str] = typer.Option(None, help="Without --replace: pattern store collected from MODEL; "
+                                           "spans are proposed from its analysis (the best one is built)."),
+    span_size: Optional[int] = typer.Option(None, help="With --patterns: blocks per proposed span [default: half]."),
+    hidden: int = typer.Option(192, help="Hidden size of the compact blocks."),
+    blocks: int = typer.Option(2, help="Compact blocks per substitute."),
+    heads: int = typer.Option(4, help="Attention heads of a compact block."),
+    intermediate: Optional[int] = typer.Option(None, help="Feed-forward width of a compact block [default: 4 x --hidden]."),
+    task: str = typer.Option("distill", help="distill (hidden states only), or classify (then fine-tune the "
+                             "whole model with the teacher's logits: KL + cross-entropy)."),
+    text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
+    label_column: Optional[str] = typer.Option(None, help="--task classify: column holding the label."),
+    labels: Optional[str] = typer.Option(None, help="--task classify: comma-separated label values to keep."),
+    epochs: int = typer.Option(1, help="Passes over the training split, per training stage."),
+    lr: float = typer.Option(5e-5, help="Learning rate of fine-tuning (teacher and compact model)."),
+    distill_lr: float = typer.Option(1e-3, help="Learning rate of the substitutes' distillation."),
+    batch_size: int = typer.Option(16, help="Examples per step."),
+    max_length: int = typer.Option(128, help="Tokens per example (longer ones are truncated)."),
+    eval_split: float = typer.Option(0.2, help="Share of the examples held out for evaluation."),
+    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
+    limit: Optional[int] = typer.Option(None, help="Use a seeded random sample of N examples."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    gmacs_length: int = typer.Option(128, help="Sequence length at which GMACs are counted."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the compact model (without it, --patterns only "
+                                       "prints the proposals)."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier compact model in OUT."),
+):
+    """Replace a span of encoder blocks with a small encoder trained by distillation."""
+    from attnmask.compact import CompactSettings, proposals_only
+    from attnmask.compact import compact as run_compact
+
+    settings = CompactSettings(
+        model=model, data=data, out=str(out) if out is not None else None, replace=replace, patterns=patterns,
+        span_size=span_size, hidden=hidden, blocks=blocks, heads=heads, intermediate=intermediate, task=task,
+        text_column=text_column, label_column=label_column, labels=labels.split(",") if labels else None,
+        epochs=epochs, lr=lr, distill_lr=distill_lr, batch_size=batch_size, max_length=max_length,
+        eval_split=eval_split, seed=seed, limit=limit, device=device, gmacs_length=gmacs_length, overwrite=overwrite)
+    settings.validate()
+    if out is None and replace is None:
+        refuse_unused(ctx, {"patterns", "span_size"}, "without --out (the proposals are only printed)")
+        for proposal in proposals_only(settings):
+            console.print(f"{proposal.rank}. {proposal.reason}")
+        return
+    if out is None:
+        raise AttnmaskError("--out is required (the folder for the compact model)")
+    check_output_path(out)
+    bar, callback = compact_bar()
+    with bar:
+        record = run_compact(settings, callback, log=console.print)
+    console.print(f"replaced blocks {record['replaced']} ({record['chosen_by']})")
+    console.print(compact_table(f"compact {out}", record["metrics"]))
 
 
 def main() -> None:

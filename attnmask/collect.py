@@ -6,6 +6,14 @@ positions Q_b and real key positions K_b (padding and missing memory excluded):
     sum[s][l, h, q, k]  += P_b(l, h, q -> k)      for q in Q_b, k in K_b
     count[s][q, k]      += 1                      for q in Q_b, k in K_b
 
+With token classes (`collect --token-classes`), every key token k of sequence b also has a class
+c_b(k) (e.g. [CLS], [SEP], punctuation, other; the adapter decides), and per site
+
+    token_class_mass[s][l, h, c] += sum_{q in Q_b} sum_{k in K_b, c_b(k) = c} P_b(l, h, q -> k)
+    token_class_tokens[s][c]     += |{k in K_b : c_b(k) = c}|
+
+which positions cannot show, since such tokens sit at different positions in different sequences.
+
 The sums live on the model's device in float64 and are updated as each layer runs (the adapter's
 attention seam calls the accumulator), so peak memory is one layer's attention whatever the size of
 the dataset.
@@ -28,20 +36,30 @@ import torch
 
 from attnmask.errors import AttnmaskError
 from attnmask.models.base import Batch, ModelAdapter, Site
-from attnmask.store import SitePatterns
+from attnmask.store import SitePatterns, TokenClasses
 
 WINDOW_BATCHES = 16
 
 
 class PatternAccumulator:
-    """Running `sum` [L, H, Q, K] float64 and `count` [Q, K] int64 per site, on one device."""
+    """Running `sum` [L, H, Q, K] float64 and `count` [Q, K] int64 per site, on one device; with
+    `classify` (batch -> {site: class [B, K]}) and the class names, also the token-class sums."""
 
-    def __init__(self, sites: list[Site], planes: dict[str, tuple[int, int]], device: torch.device):
+    def __init__(self, sites: list[Site], planes: dict[str, tuple[int, int]], device: torch.device,
+                 classify: Callable[[Batch], dict[str, torch.Tensor]] | None = None,
+                 class_names: list[str] | None = None):
         self.sites = {s.name: s for s in sites}
         self.sum = {s.name: torch.zeros(s.layers, s.heads, *planes[s.name], dtype=torch.float64, device=device)
                     for s in sites}
         self.count = {s.name: torch.zeros(planes[s.name], dtype=torch.int64, device=device) for s in sites}
         self._query_weights: dict[str, torch.Tensor] = {}
+        self.classify, self.class_names = classify, class_names
+        classes = len(class_names or ())
+        self.class_mass = {s.name: torch.zeros(s.layers, s.heads, classes, dtype=torch.float64, device=device)
+                           for s in sites} if classify else {}
+        self.class_tokens = {s.name: torch.zeros(classes, dtype=torch.int64, device=device)
+                             for s in sites} if classify else {}
+        self._key_onehot: dict[str, torch.Tensor] = {}
         self.sequences = 0
         self.tokens = 0
 
@@ -58,6 +76,8 @@ class PatternAccumulator:
                                     f"{plane_q}x{plane_k} plane")
             self.count[name][:q, :k] += valid.sum(0)
             self._query_weights[name] = query_real.T.to(torch.float32)
+        if self.classify is not None:
+            self._begin_classes(batch)
         self.sequences += batch.size
         self.tokens += batch.tokens
 
@@ -71,6 +91,19 @@ class PatternAccumulator:
         q, k = probs.shape[-2:]
         contribution = real_query_sum(probs.float(), self._query_weights[site][:q])
         self.sum[site][layer, :, :q, :k] += contribution
+        if site in self._key_onehot:
+            self.class_mass[site][layer] += class_mass(probs.float(), self._query_weights[site][:q],
+                                                       self._key_onehot[site][:, :k])
+
+    def _begin_classes(self, batch: Batch) -> None:
+        """One-hot classes [B, K, C] float32 of the batch's real keys (padding keys all zero), and their counts."""
+        classes = self.classify(batch)
+        for name in self.class_mass:
+            _, key_real = batch.real[name]
+            onehot = torch.nn.functional.one_hot(classes[name], len(self.class_names)).float()
+            onehot *= key_real[..., None]
+            self._key_onehot[name] = onehot
+            self.class_tokens[name] += onehot.sum((0, 1)).to(torch.int64)
 
     def load_state(self, sums: dict[str, Any], counts: dict[str, Any], sequences: int, tokens: int) -> None:
         """Start from saved sums and counts (a checkpoint); shapes must match this accumulator's."""
@@ -84,8 +117,21 @@ class PatternAccumulator:
 
     def result(self) -> dict[str, SitePatterns]:
         return {name: SitePatterns(self.sum[name].cpu().numpy(), self.count[name].cpu().numpy(),
-                                   self.sites[name].causal)
+                                   self.sites[name].causal, {}, self._classes_of(name))
                 for name in self.sum}
+
+    def _classes_of(self, name: str) -> TokenClasses | None:
+        if name not in self.class_mass:
+            return None
+        return TokenClasses(list(self.class_names), self.class_mass[name].cpu().numpy(),
+                            self.class_tokens[name].cpu().numpy())
+
+
+def class_mass(probs: torch.Tensor, weights: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """[H, C]: sum over b and q of weights[q, b] * sum_k probs[b, h, q, k] * onehot[b, k, c], the attention that
+    real queries give to keys of each class, from probs [B, H, Q, K], weights [Q, B] and onehot [B, K, C]."""
+    per_query = torch.matmul(probs, onehot[:, None])  # [B, H, Q, C]
+    return torch.einsum("bhqc,qb->hc", per_query, weights)
 
 
 def real_query_sum(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -142,8 +188,10 @@ def check_windowable(adapter: ModelAdapter, what: str) -> None:
 
 def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: int, max_length: int,
                on_batch: Callable[[Batch], None] | None = None, checkpoint: CheckpointPlan | None = None,
-               resume=None, rank: int = 0, world: int = 1, checkpoint_every: int | None = None) -> CollectResult:
-    """Accumulate attention over `examples` (possibly none); with `checkpoint`, save between windows.
+               resume=None, rank: int = 0, world: int = 1, checkpoint_every: int | None = None,
+               token_classes: bool = False) -> CollectResult:
+    """Accumulate attention over `examples` (possibly none); with `checkpoint`, save between windows;
+    with `token_classes`, also the attention each class of key token receives (adapter.token_classes()).
 
     Windowable models (`adapter.windowable`) get the examples in windows of `collection_window` examples and
     the batches j = 0, 1, 2, ... of the run are numbered across windows: this process runs batch j
@@ -157,7 +205,11 @@ def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: in
 
     sites = adapter.sites()
     planes = {s.name: adapter.plane(s.name, max_length) for s in sites}
-    acc = PatternAccumulator(sites, planes, adapter.device)
+    if token_classes and (checkpoint is not None or resume is not None or world > 1):
+        raise AttnmaskError("--token-classes cannot be combined with checkpoints, --resume or distributed "
+                            "collection (their saved and shared state holds the positional sums only)")
+    acc = PatternAccumulator(sites, planes, adapter.device, *(
+        (adapter.key_classes, adapter.token_classes()) if token_classes else ()))
     cursor = batches = 0  # examples consumed in whole windows; batches of the whole run (all ranks)
     if resume is not None:
         acc.load_state(resume.sums, resume.counts, resume.sequences, resume.tokens)
@@ -200,11 +252,12 @@ def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: in
 
 def collect(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: int, max_length: int,
             on_batch: Callable[[Batch], None] | None = None, checkpoint: CheckpointPlan | None = None,
-            resume=None, checkpoint_every: int | None = None) -> CollectResult:
+            resume=None, checkpoint_every: int | None = None, token_classes: bool = False) -> CollectResult:
     """Run the model over `examples` in eval mode under inference_mode and accumulate its attention
     (`checkpoint_every` without `checkpoint` forms the same windows as a checkpointing run)."""
     result = accumulate(adapter, examples, batch_size=batch_size, max_length=max_length, on_batch=on_batch,
-                        checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every)
+                        checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every,
+                        token_classes=token_classes)
     if result.sequences == 0:
         raise AttnmaskError("the dataset is empty: no example to collect attention from")
     return result
@@ -219,3 +272,32 @@ def check_row_sums(site: SitePatterns, atol: float = 1e-6) -> float:
     if not real.any():
         return 0.0
     return float(np.abs(rows[..., real] - real_rows[real]).max())
+
+
+class TextInput:
+    """A model over a text source (attnmask.data), as `attnmask collect` reads it: the interface
+    translate.FairseqInput shares (load, count, examples, identity, note, split)."""
+
+    def __init__(self, model: str, source, split: str | None = None):
+        self.model, self.source, self.split = model, source, split
+
+    def load(self, device):
+        from attnmask.models import load_adapter
+
+        return load_adapter(self.model, device)
+
+    def count(self, limit: int | None) -> int:
+        from attnmask.data import count_texts
+
+        return count_texts(self.source, limit)
+
+    def examples(self, limit: int | None):
+        from attnmask.data import iter_texts
+
+        return iter_texts(self.source, limit)
+
+    def identity(self) -> dict:
+        return self.source.identity()
+
+    def note(self, total: int, sequences: int) -> str:
+        return ""

@@ -5,47 +5,63 @@ For one site with average pattern mean [L, H, Q, K] (sum / count where count > 0
 * eligible[q, k] = count[q, k] > 0 and, for a causal site, k <= q (k <= q + K - Q on a Transformer-XL
   plane whose K - Q first keys are memory). Entries with count == 0 are always kept (nothing unseen is
   pruned); causally masked entries are never kept and never counted.
+* Units: the entries, or with `block_size` B > 1 the B x B tiles of the [Q, K] plane (the last tiles
+  may be smaller). A unit is eligible if it holds an eligible entry; its score is its mean (a tile: the
+  sum of the mean over its eligible entries); its weight is 1 under the plane budget and under the data
+  budget its count (a tile: the sum of count over its eligible entries).
 * Pools: scope `layer` is one pool per layer over its heads, `head` one per (layer, head), `global`
   one per site.
-* Row guarantee: in every (layer, head, query) row, the `min_keep` eligible entries with the largest
-  mean are kept (ties: lower key index first).
-* Each pool prunes exactly floor(tau * #eligible entries in the pool) entries, the ones with the
-  smallest mean among the eligible entries the row guarantee does not protect, ties broken by lower
-  flat index in C order over [L, H, Q, K]; if there are fewer such candidates, all are pruned.
-  tau is read as the decimal it was written as (0.29 is 29/100), so floor(tau * n) is exact.
-* `random`: same pools, counts and row guarantee; the pruned candidates are drawn uniformly.
-* `block_size` B > 1: the same rules on B x B tiles of the [Q, K] plane (the last tiles may be
-  smaller); a tile's score is the sum of the mean over its eligible entries, a tile is eligible if
-  it holds an eligible entry, and kept tiles expand back to entries; the element rules for
-  count == 0 (kept) and causality (k > q never kept) are applied after the expansion.
+* Row guarantee: in every (layer, head, row of units), the `min_keep` eligible units with the largest
+  score are kept (ties: lower column first). The units it does not protect are the candidates.
+* Budget: a pool may prune weight floor(tau * W), W the total weight of the pool's eligible units (tau
+  is read as the decimal it was written as: 0.29 is 29/100, so the floor is exact). It prunes the
+  longest prefix of its candidates, in ascending score with ties broken by lower flat index in C
+  order over [L, H, R, C], whose total weight does not exceed that. Plane budget: exactly
+  floor(tau * #eligible units) units. Data budget: count-weighted, so an entry that few sequences
+  reach weighs little.
+* Unreachable tau: when a pool's candidates weigh less than floor(tau * W), compile fails with the
+  largest tau every pool of the site can reach (min over pools of candidate weight / W).
+* `random`: the same rules with every unit's score replaced by a uniform random key, drawn per layer
+  as np.random.default_rng([seed, crc32(site name), layer]).random((H, R, C)): the row guarantee
+  then protects `min_keep` uniformly drawn eligible units of each row, and the pruned units are a
+  uniformly random order's longest prefix under the same budget. No data mean is used.
+* Kept tiles expand back to entries; the element rules for count == 0 (kept) and causality (k > q
+  never kept) are applied after the expansion.
 
-Compile works one layer at a time: besides the pattern it holds the keep masks and one layer's mean
-and temporaries. A `global` pool spans the layers, so its cut (its n-th smallest candidate score) is
-found first, by a radix selection that passes over the layers a few times (`radix_cut`).
+Compile works one layer at a time: besides the pattern it holds the keep masks and one layer's
+scores and temporaries. A pool's cut (`Cut`: a score t and how many candidates tied at t are
+pruned) is found by a radix selection over the candidates' scores (`prefix_cut`), which for a
+`global` pool passes over the layers a few times.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
+from attnmask.accounting import Tally, combined, eligible_entries, measure, tally, tally_layer
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import BEYOND_POLICIES, causal_band
-from attnmask.store import PatternStore, SiteMask, SitePatterns
+from attnmask.models.base import MaskSeam
+from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns
 
 SCOPES = ("layer", "head", "global")
-RADIX_BITS = 16  # bits of a score fixed per pass when selecting over all layers (scope global)
+BUDGETS = ("data", "plane")
+RADIX_BITS = 16  # bits of a score fixed per pass of the radix selection
 MAGNITUDE_BITS = np.uint64(0x7FFF_FFFF_FFFF_FFFF)
+GATHER_LIMIT = 1 << 20  # candidates sorted at once once a radix prefix holds no more than this
 
 
 @dataclass(frozen=True)
 class CompileSettings:
     tau: float = 0.9
     scope: str = "layer"
+    budget: str = "data"
     block_size: int = 1
     min_keep: int = 1
     random: bool = False
@@ -63,6 +79,8 @@ class CompileSettings:
                 raise AttnmaskError(f"{name} must lie in [0, 1), got {tau}")
         if self.scope not in SCOPES:
             raise AttnmaskError(f"--scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.budget not in BUDGETS:
+            raise AttnmaskError(f"--budget must be data or plane, got {self.budget!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise AttnmaskError(f"--block-size must be a positive integer, got {self.block_size}")
         if not isinstance(self.min_keep, int) or self.min_keep < 0:
@@ -75,23 +93,15 @@ class CompileSettings:
                     raise AttnmaskError(f"--site-tau names site {s!r}, but the store has {', '.join(sites)}")
 
 
-def prune_count(tau: float, eligible: int) -> int:
-    """floor(tau * eligible), with tau taken as the decimal it prints as (exact rational arithmetic)."""
-    return math.floor(Fraction(repr(float(tau))) * eligible)
+def prune_count(tau: float, total: int) -> int:
+    """floor(tau * total), with tau taken as the decimal it prints as (exact rational arithmetic)."""
+    return math.floor(Fraction(repr(float(tau))) * total)
 
 
 def causal_plane(queries: int, keys: int) -> np.ndarray:
     """allowed[q, k] = k <= q + (keys - queries): bool [Q, K], the causal band of a plane whose first
     keys - queries keys are memory (attnmask.masks.rules.causal_band)."""
     return causal_band(queries, keys, keys - queries).numpy()
-
-
-def eligible_entries(count: np.ndarray, causal: bool) -> np.ndarray:
-    """eligible[q, k] = count[q, k] > 0 and, when causal, k <= q + (K - Q): bool [Q, K]."""
-    elig = count > 0
-    if causal:
-        elig &= causal_plane(*count.shape)
-    return elig
 
 
 def tile_sums(x: np.ndarray, b: int) -> np.ndarray:
@@ -113,7 +123,7 @@ def protected_by_rows(score: np.ndarray, elig: np.ndarray, min_keep: int) -> np.
     in each row (ties: lower column first). score [L, H, R, C] >= 0; elig [R, C] broadcasts."""
     if min_keep == 0:
         return np.zeros(score.shape, dtype=bool)
-    masked = np.where(elig, score, -1.0)
+    masked = score if elig.all() else np.where(elig, score, -1.0)  # scores >= 0: -1 ranks ineligible last
     if min_keep == 1:
         best = masked.argmax(axis=-1)  # argmax returns the first of equal maxima: the lower column
         protected = np.zeros(score.shape, dtype=bool)
@@ -138,15 +148,32 @@ class Units:
     elig: np.ndarray  # eligible entries [Q, K]
     block: int
     eligible: np.ndarray  # eligible units [R, C]: the entries, or the tiles holding an eligible entry
+    weight: np.ndarray | None  # float64 [R, C]: a unit's count (a tile's, summed); None: plane budget
 
     @classmethod
-    def of(cls, elig: np.ndarray, block: int) -> "Units":
-        return cls(elig, block, elig if block == 1 else tile_sums(elig.astype(np.int64), block) > 0)
+    def of(cls, elig: np.ndarray, block: int, count: np.ndarray | None) -> "Units":
+        """The units of a plane; `count` [Q, K] for the data budget, None for the plane budget."""
+        eligible = elig if block == 1 else tile_sums(elig.astype(np.int64), block) > 0
+        weight = None
+        if count is not None:  # float64: the sums of integer counts below 2^53 are exact
+            weight = np.where(elig, count, 0).astype(np.float64)
+            weight = weight if block == 1 else tile_sums(weight, block)
+        return cls(elig, block, eligible, weight)
 
     def scores(self, mean: np.ndarray) -> np.ndarray:
         """Scores [H, R, C] of one layer's units: mean [H, Q, K] itself, or per tile the sum of mean over
         its eligible entries."""
         return mean if self.block == 1 else tile_sums(np.where(self.elig, mean, 0.0), self.block)
+
+    def eligible_total(self) -> int:
+        """The total weight of one (layer, head) plane's eligible units."""
+        return self.total(self.eligible)
+
+    def total(self, cand: np.ndarray) -> int:
+        """The total weight of the units flagged in cand [..., R, C]."""
+        if self.weight is None:
+            return int(np.count_nonzero(cand))
+        return int(np.sum(np.broadcast_to(self.weight, cand.shape), where=cand))
 
     def pruned_entries(self, pruned: np.ndarray) -> np.ndarray:
         """Pruned units [H, R, C] as entries [H, Q, K]: a pruned tile prunes its eligible entries."""
@@ -157,9 +184,9 @@ class Units:
 
 @dataclass
 class Cut:
-    """Prunes the n smallest candidates of a pool, ties broken by lower flat position in C order over
-    [L, H, R, C]: those with score < t, then the first `ties` with score == t. The pool's blocks are
-    handed over in C order, each taking what is left of the ties."""
+    """Prunes the candidates of a pool with score < t, then the first `ties` with score == t, in C order
+    over [L, H, R, C]. The pool's blocks are handed over in C order, each taking what is left of the
+    ties."""
 
     t: float
     ties: int = 0
@@ -173,125 +200,138 @@ class Cut:
         return pruned
 
 
-@dataclass
-class Draw:
-    """Prunes the candidates of a pool that rng.choice(#candidates, n, replace=False) drew, candidates
-    numbered in C order: `chosen` holds one flag per candidate, and the pool's blocks, handed over in
-    C order, take their flags in turn."""
-
-    chosen: np.ndarray
-    start: int = 0
-
-    def __call__(self, score: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        pruned = np.zeros(cand.shape, dtype=bool)
-        stop = self.start + int(np.count_nonzero(cand))
-        pruned[cand] = self.chosen[self.start:stop]
-        self.start = stop
-        return pruned
-
-
-def draw(rng: np.random.Generator, candidates: int, n: int) -> Draw:
-    """min(n, candidates) of a pool's candidates drawn uniformly without replacement."""
-    chosen = np.zeros(candidates, dtype=bool)
-    chosen[rng.choice(candidates, size=min(n, candidates), replace=False)] = True
-    return Draw(chosen)
-
-
-def smallest_cut(n: int, candidates: int, nth: Callable[[], Cut]) -> Cut:
-    """The Cut of the n smallest of a pool's candidates: none when n <= 0, all when n >= their number,
-    else nth(), the Cut at the n-th smallest."""
-    if n <= 0:
-        return Cut(-math.inf)
-    if n >= candidates:
-        return Cut(math.inf)
-    return nth()
-
-
-def nth_cut(values: np.ndarray, n: int) -> Cut:
-    """The Cut at the n-th smallest of `values` (1 <= n <= len; partitioned in place): t is that value
-    and ties = n - #{values < t}."""
-    values.partition(n - 1)
-    t = values[n - 1]
-    return Cut(float(t), n - int(np.count_nonzero(values < t)))
-
-
-def sharing(score: np.ndarray, cand: np.ndarray, prefix: int, fixed: int) -> np.ndarray:
-    """The candidates' scores score[cand] whose sort keys have `prefix` as their top `fixed` bits (a
-    fresh array). A sort key is a score's bit pattern with the sign cleared (-0.0 is 0): keys are
-    ordered as the scores >= 0 are, so these scores are those in [lo, hi), where lo and hi are the
-    floats whose bits are prefix and prefix + 1 followed by zeros."""
+def sharing_mask(score: np.ndarray, cand: np.ndarray, prefix: int, fixed: int) -> np.ndarray:
+    """The candidates whose sort keys have `prefix` as their top `fixed` bits. A sort key is a score's
+    bit pattern with the sign cleared (-0.0 is 0): keys are ordered as the scores >= 0 are, so these
+    are the candidates with scores in [lo, hi), lo and hi the floats whose bits are prefix and prefix + 1
+    followed by zeros."""
     if fixed == 0:
-        return score[cand]
+        return cand
     lo, hi = (np.array([prefix, prefix + 1], dtype=np.uint64) << np.uint64(64 - fixed)).view(np.float64)
-    return score[cand & (score >= lo) & (score < hi)]
+    return cand & (score >= lo) & (score < hi)
 
 
-def digit_counts(score: np.ndarray, cand: np.ndarray, prefix: int, fixed: int) -> np.ndarray:
-    """int64 [2^RADIX_BITS]: among the candidates' scores sharing the prefix, how many have each value of
-    the RADIX_BITS bits below the top `fixed` ones of their sort keys."""
-    keys = sharing(score, cand, prefix, fixed).view(np.uint64)
-    keys &= MAGNITUDE_BITS
-    keys >>= 64 - fixed - RADIX_BITS
-    keys &= (1 << RADIX_BITS) - 1
-    return np.bincount(keys.view(np.int64), minlength=1 << RADIX_BITS)
+def unit_weights(weight: np.ndarray | None, shape: tuple, where: np.ndarray) -> np.ndarray:
+    """float64 weights of the units flagged in `where` [shape], in C order (ones for the plane budget)."""
+    if weight is None:
+        return np.ones(int(np.count_nonzero(where)))
+    return np.broadcast_to(weight, shape)[where]
 
 
-def radix_cut(map_blocks: Callable[[Callable], list], n: int, total: int, limit: int,
-              counts: np.ndarray | None = None) -> Cut:
-    """The Cut at the n-th smallest (1 <= n <= total) of `total` candidate scores >= 0: score[cand] over
-    the blocks for which map_blocks(f) returns [f(score, cand), ...] in C order. At most about `limit`
-    scores are held at once. `counts`, when the caller has them (a pass fewer), are the digit_counts
-    of all the scores with no bits fixed.
+def planes(score: np.ndarray, cand: np.ndarray):
+    """(score, cand) of each [R, C] plane of a block, in C order: temporaries stay one plane large."""
+    return zip(score.reshape((-1,) + score.shape[-2:]), cand.reshape((-1,) + cand.shape[-2:]))
 
-    A radix selection on the scores' sort keys: a pass over the blocks counts, among the scores whose
-    top `fixed` bits are `prefix` (the answer's), each value of the next RADIX_BITS bits, and fixes
-    them; `below` counts the scores under the prefix. Once at most `limit` scores share the prefix
-    (usually after one pass) they are gathered and partitioned; if all 64 bits get fixed, the answer
-    is the prefix."""
-    prefix, fixed, below, size = 0, 0, 0, total
-    while size > limit and fixed < 64:
-        if counts is None:
-            counts = sum(map_blocks(lambda score, cand: digit_counts(score, cand, prefix, fixed)))
-        reached = np.cumsum(counts)
-        digit = int(np.searchsorted(reached, n - below))  # the first digit whose count reaches rank n
-        below += int(reached[digit] - counts[digit])
-        size = int(counts[digit])
-        prefix, fixed, counts = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS, None
+
+@dataclass
+class Histogram:
+    """Among the candidates sharing a radix prefix: how many have each value of the RADIX_BITS bits
+    below the top `fixed` ones of their sort keys, and their total weight; summed over blocks."""
+
+    weight: np.ndarray | None
+    prefix: int
+    fixed: int
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(1 << RADIX_BITS, dtype=np.int64))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(1 << RADIX_BITS))
+
+    def __call__(self, score: np.ndarray, cand: np.ndarray) -> None:
+        for plane_score, plane_cand in planes(score, cand):
+            where = sharing_mask(plane_score, plane_cand, self.prefix, self.fixed)
+            keys = plane_score[where].view(np.uint64)
+            keys &= MAGNITUDE_BITS
+            keys >>= 64 - self.fixed - RADIX_BITS
+            keys &= (1 << RADIX_BITS) - 1
+            digits = keys.view(np.int64)
+            self.counts += np.bincount(digits, minlength=1 << RADIX_BITS)
+            if self.weight is not None:
+                self.weights += np.bincount(digits, weights=self.weight[where], minlength=1 << RADIX_BITS)
+        if self.weight is None:
+            self.weights = self.counts.astype(np.float64)
+
+
+def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.ndarray | None,
+               limit: int = GATHER_LIMIT) -> Cut:
+    """The Cut that prunes the longest prefix, in ascending score and then C order, of a pool's
+    candidates whose total weight is at most `budget` (scores >= 0, weights > 0). The candidates are
+    score[cand] over the blocks [..., R, C] on which each_block(f) calls f(score, cand) in C order; a
+    unit's weight is weight[r, c] (None: 1). At most about `limit` scores are held at once.
+
+    With c_1, c_2, ... the sorted candidates and p the prefix's length, t is the score of c_{p+1} (the
+    first that does not fit): every candidate with score < t is pruned, and of those tied at t the
+    first p - #{score < t}. A radix selection finds c_{p+1}: a pass over the blocks sums, among the
+    candidates whose sort keys' top `fixed` bits are `prefix`, the weight of each value of the next
+    RADIX_BITS bits, and fixes the first digit at which the running weight exceeds the budget; `below`
+    is the weight under the prefix. Once at most `limit` candidates share the prefix they are gathered
+    and sorted. If all 64 bits get fixed, t is the prefix and a last pass counts the ties that fit."""
+    prefix, fixed, below, size = 0, 0, 0, None
+    while (size is None or size > limit) and fixed < 64:
+        histogram = Histogram(weight, prefix, fixed)
+        each_block(histogram)
+        reached = np.cumsum(histogram.weights)
+        if fixed == 0 and reached[-1] <= budget:
+            return Cut(math.inf)  # every candidate fits
+        digit = int(np.searchsorted(reached, budget - below, side="right"))
+        below += int(reached[digit] - histogram.weights[digit])
+        size = int(histogram.counts[digit])
+        prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS
     if size > limit:
-        return Cut(float(np.array(prefix, dtype=np.uint64).view(np.float64)), n - below)
-    gathered = np.concatenate(map_blocks(lambda score, cand: sharing(score, cand, prefix, fixed)))
-    return nth_cut(gathered, n - below)
+        t = float(np.array(prefix, dtype=np.uint64).view(np.float64))
+        return Cut(t, tied_prefix(each_block, t, weight, budget - below))
+    scores, weights = [], []
+
+    def gather(score: np.ndarray, cand: np.ndarray) -> None:
+        for plane_score, plane_cand in planes(score, cand):
+            where = sharing_mask(plane_score, plane_cand, prefix, fixed)
+            scores.append(plane_score[where])
+            weights.append(unit_weights(weight, plane_score.shape, where))
+
+    each_block(gather)
+    scores, weights = np.concatenate(scores), np.concatenate(weights)
+    order = np.argsort(scores, kind="stable")  # stable: ties stay in C order
+    scores = scores[order]
+    first_over = int(np.searchsorted(below + np.cumsum(weights[order]), budget, side="right"))
+    t = float(scores[first_over])
+    return Cut(t, first_over - int(np.searchsorted(scores, t, side="left")))
 
 
-def pool_selector(score: np.ndarray, cand: np.ndarray, n: int, rng: np.random.Generator | None):
-    """The selector of a pool that is one block (a layer or a head), score and cand [..., R, C]: a Draw
-    of n of its candidates with `rng`, else the Cut of its n smallest."""
-    candidates = int(np.count_nonzero(cand))
-    if rng is not None:
-        return draw(rng, candidates, n)
-    return smallest_cut(n, candidates, lambda: nth_cut(score[cand], n))
+def tied_prefix(each_block: Callable[[Callable], None], t: float, weight: np.ndarray | None, room: int) -> int:
+    """How many of the candidates with score == t, in C order, fit in weight `room` (a longest prefix)."""
+    state = {"room": room, "taken": 0, "full": False}
+
+    def take(score: np.ndarray, cand: np.ndarray) -> None:
+        for plane_score, plane_cand in planes(score, cand):
+            if state["full"]:
+                return
+            reached = np.cumsum(unit_weights(weight, plane_score.shape, plane_cand & (plane_score == t)))
+            fits = int(np.searchsorted(reached, state["room"], side="right"))
+            state["taken"] += fits
+            state["full"] = fits < len(reached)
+            state["room"] -= int(reached[fits - 1]) if fits else 0
+
+    each_block(take)
+    return state["taken"]
 
 
-def global_selector(site: SitePatterns, units: Units, min_keep: int, candidates: np.ndarray, n: int,
-                    rng: np.random.Generator | None):
-    """The selector of the pool of all layers (scope global). A first pass over the layers fills
-    candidates [L, H, R, C] (and counts the top bits of their scores for `radix_cut`); the
-    candidates' scores are recomputed one layer at a time for each further pass."""
-    counts = np.zeros(1 << RADIX_BITS, dtype=np.int64)
-    for layer in range(site.layers):
-        score = units.scores(site.mean(layer))
-        candidates[layer] = candidate_units(score, units.eligible, min_keep)
-        if rng is None:
-            counts += digit_counts(score, candidates[layer], 0, 0)
-        del score  # so that the next layer's scores are not computed beside these
-    total = int(np.count_nonzero(candidates))
-    if rng is not None:
-        return draw(rng, total, n)
+def random_scores(seed: int, site: str, layer: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform keys [H, R, C] in [0, 1) that replace a layer's scores for the random baseline, from
+    np.random.default_rng([seed, crc32(site), layer]): the same for every pass over the layers."""
+    return np.random.default_rng([seed, zlib.crc32(site.encode()), layer]).random(shape)
 
-    def map_layers(f: Callable) -> list:  # one layer's scores alive at a time
-        return [f(units.scores(site.mean(layer)), candidates[layer]) for layer in range(site.layers)]
 
-    return smallest_cut(n, total, lambda: radix_cut(map_layers, n, total, candidates[0].size, counts))
+@dataclass
+class Scorer:
+    """Scores [H, R, C] of a site's layers: the units' scores of the means, or random keys."""
+
+    name: str
+    site: SitePatterns
+    units: Units
+    seed: int | None  # None: data-informed
+
+    def __call__(self, layer: int) -> np.ndarray:
+        if self.seed is None:
+            return self.units.scores(self.site.mean(layer))
+        shape = (self.site.heads,) + self.units.eligible.shape
+        return random_scores(self.seed, self.name, layer, shape)
 
 
 def layer_blocks(scope: str, heads: int) -> list:
@@ -301,93 +341,143 @@ def layer_blocks(scope: str, heads: int) -> list:
 
 
 @dataclass
-class SiteReport:
-    """What compile achieved on one site: sparsity and kept mass per layer (and per head)."""
+class Reach:
+    """The share of each pool's weight its candidates hold, and whether some pool cannot reach tau."""
 
-    tau: float
-    sparsity: list[list[float]]  # [L][H] pruned eligible entries / eligible entries
-    layer_sparsity: list[float]
-    mass_kept: list[float]  # [L] kept average mass / total average mass over eligible entries
-    eligible: int  # eligible entries per head
-    pruned: int  # pruned entries over all layers and heads
+    shares: list[tuple[str, Fraction]] = field(default_factory=list)
+    short: bool = False
+
+    def add(self, pool: str, candidates: int, total: int, budget: int) -> bool:
+        """Record a pool; True when its candidates hold the budget."""
+        self.shares.append((pool, Fraction(candidates, total) if total else Fraction(1)))
+        self.short |= budget > candidates
+        return budget <= candidates
+
+    def check(self, site: str, tau: float, settings: CompileSettings) -> None:
+        if not self.short:
+            return
+        pool, share = min(self.shares, key=lambda item: item[1])
+        largest = math.floor(share * 10_000) / 10_000
+        what = "count-weighted entries" if settings.budget == "data" else "eligible entries"
+        if settings.block_size > 1:
+            what += f" (in {settings.block_size}x{settings.block_size} tiles)"
+        raise AttnmaskError(
+            f"site {site}: --tau {tau:g} cannot be reached with --budget {settings.budget}: in {pool} the row "
+            f"guarantee (--min-keep {settings.min_keep}) protects {float(1 - share):.2%} of the {what}; "
+            f"the largest reachable tau is {largest:.4f}")
 
 
-def compile_site(site: SitePatterns, settings: CompileSettings, tau: float,
-                 rng: np.random.Generator | None) -> tuple[np.ndarray, SiteReport]:
-    """keep bool [L, H, Q, K] for one site, and its report, computed one layer at a time (a `global`
+def global_cut(scorer: Scorer, min_keep: int, candidates: np.ndarray, tau: float, reach: Reach) -> Cut | None:
+    """The Cut of the pool of all layers (scope global); None when tau cannot be reached. A first pass
+    fills candidates [L, H, R, C]; each further pass recomputes one layer's scores at a time."""
+    units = scorer.units
+    for layer in range(scorer.site.layers):
+        candidates[layer] = candidate_units(scorer(layer), units.eligible, min_keep)
+    pool_total = units.eligible_total() * scorer.site.layers * scorer.site.heads
+    budget = prune_count(tau, pool_total)
+    if not reach.add("the site", units.total(candidates), pool_total, budget):
+        return None
+
+    def each_layer(f: Callable) -> None:  # one layer's scores alive at a time
+        for layer in range(scorer.site.layers):
+            f(scorer(layer), candidates[layer])
+
+    return prefix_cut(each_layer, budget, units.weight)
+
+
+def pool_cut(units: Units, score: np.ndarray, cand: np.ndarray, tau: float, planes: int, pool: str,
+             reach: Reach) -> Cut | None:
+    """The Cut of a pool that is one block (a layer or a head) of `planes` (layer, head) planes, score
+    and cand [..., R, C]; None when tau cannot be reached there, or once it could not in an earlier pool."""
+    total = units.eligible_total() * planes
+    budget = prune_count(tau, total)
+    if not reach.add(pool, units.total(cand), total, budget) or reach.short:
+        return None
+    return prefix_cut(lambda f: f(score, cand), budget, units.weight)
+
+
+def compile_site(name: str, site: SitePatterns, settings: CompileSettings, tau: float) -> tuple[np.ndarray, dict]:
+    """keep bool [L, H, Q, K] for one site and its attributes, computed one layer at a time (a `global`
     pool first finds every layer's candidates and its cut, in passes over the layers)."""
     q, k = site.count.shape
     elig = eligible_entries(site.count, site.causal)
-    units = Units.of(elig, settings.block_size)
-    eligible_per_head = int(units.eligible.sum())
-    min_keep = settings.min_keep
+    units = Units.of(elig, settings.block_size, site.count if settings.budget == "data" else None)
+    scorer = Scorer(name, site, units, settings.seed if settings.random else None)
     keep = np.empty(site.sum.shape, dtype=bool)
+    reach = Reach()
     shared = None
     if settings.scope == "global":
         # keep doubles as the store of entry candidates: keep[l] is written once candidates[l] is used
         candidates = keep if units.block == 1 else np.empty(site.sum.shape[:2] + units.eligible.shape, bool)
-        n_global = prune_count(tau, eligible_per_head * site.layers * site.heads)
-        shared = global_selector(site, units, min_keep, candidates, n_global, rng)
-    n_prune = prune_count(tau, eligible_per_head * (site.heads if settings.scope == "layer" else 1))
+        shared = global_cut(scorer, settings.min_keep, candidates, tau, reach)
+        reach.check(name, tau, settings)
     allowed = causal_plane(q, k) if site.causal else None
-    stats = []
+    cross = MaskSeam.is_cross(name)
+    planes_per_pool = site.heads if settings.scope == "layer" else 1
+    columns, pruned_per_head = [], []
     for layer in range(site.layers):
-        mean = site.mean(layer)
-        score = units.scores(mean)
-        cand = candidates[layer] if shared is not None else candidate_units(score, units.eligible, min_keep)
-        pruned = np.empty(score.shape, dtype=bool)
+        score = scorer(layer)
+        cand = candidates[layer] if shared is not None else candidate_units(score, units.eligible, settings.min_keep)
+        pruned = np.zeros(score.shape, dtype=bool)
         for block in layer_blocks(settings.scope, site.heads):
-            select = shared if shared is not None else pool_selector(score[block], cand[block], n_prune, rng)
-            pruned[block] = select(score[block], cand[block])
+            name_of_pool = f"layer {layer}" + (f" head {block}" if settings.scope == "head" else "")
+            select = shared or pool_cut(units, score[block], cand[block], tau, planes_per_pool, name_of_pool, reach)
+            if select is not None:
+                pruned[block] = select(score[block], cand[block])
+        if reach.short:
+            continue  # tau cannot be reached: the remaining pools are only measured, for the error
         keep[layer] = ~units.pruned_entries(pruned)
         if allowed is not None:
             keep[layer] &= allowed
-        stats.append(layer_stats(mean, elig, keep[layer]))
-        del mean, score  # so that the next layer's mean is not computed beside this one
-    return keep, site_report(tau, int(elig.sum()), stats)
+        pruned_per_head.append(int(elig.sum()) - (keep[layer] & elig).sum(axis=(-2, -1)))
+        columns.append(tally_layer(keep[layer], site.sum[layer], site.count, elig, cross))
+        del score  # so that the next layer's scores are not computed beside these
+    reach.check(name, tau, settings)
+    return keep, site_attrs(tau, settings.budget, int(elig.sum()), np.array(pruned_per_head), tally(columns))
 
 
-def layer_stats(mean: np.ndarray, elig: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """One layer's part of the report, from mean and keep [H, Q, K]: pruned eligible entries per head
-    [H], the sum of mean over eligible entries, and its sum over kept eligible entries."""
-    kept_eligible = keep & elig
-    return (int(elig.sum()) - kept_eligible.sum(axis=(-2, -1)),
-            np.sum(mean, where=np.broadcast_to(elig, mean.shape)), np.sum(mean, where=kept_eligible))
+def site_attrs(tau: float, budget: str, eligible: int, pruned: np.ndarray, t: Tally) -> dict:
+    """The attributes a compiled site records (patterns/README.md): tau and budget; the compiled keep's
+    sparsity, pruned [L, H] / eligible entries, per (layer, head) and layer; per layer the data sparsity,
+    mass kept and plane sparsity of the masks as the runtime applies them (attnmask.accounting); the
+    site's totals."""
+    per_head = pruned / max(eligible, 1)
+    return {
+        "tau": tau,
+        "budget": budget,
+        "sparsity": per_head.round(6).tolist(),
+        "layer_sparsity": per_head.mean(axis=1).round(6).tolist(),
+        "data_sparsity": t.per_layer("pruned_weight", "weight", 0.0),
+        "mass_kept": t.per_layer("kept_mass", "mass", 1.0),
+        "plane_sparsity": t.per_layer("pruned_entries", "entries", 0.0),
+        "eligible": eligible,
+        "pruned": int(pruned.sum()),
+        "totals": t.totals(),
+    }
 
 
-def site_report(tau: float, n_elig: int, stats: list[tuple[np.ndarray, float, float]]) -> SiteReport:
-    """Sparsity per (layer, head) = pruned eligible entries / eligible entries; mass kept per layer =
-    sum of mean over kept eligible entries / sum of mean over eligible entries."""
-    pruned_per_head, total, kept = (np.array(column) for column in zip(*stats))
-    per_head = pruned_per_head / max(n_elig, 1)
-    return SiteReport(
-        tau=tau,
-        sparsity=per_head.round(6).tolist(),
-        layer_sparsity=per_head.mean(axis=1).round(6).tolist(),
-        mass_kept=np.where(total > 0, kept / np.where(total > 0, total, 1), 1.0).round(6).tolist(),
-        eligible=n_elig,
-        pruned=int(pruned_per_head.sum()),
-    )
+def compile_masks(patterns: PatternStore, settings: CompileSettings,
+                  held_out: PatternStore | None = None) -> tuple[dict[str, SiteMask], dict]:
+    """Compile every site of a pattern store; returns the sites and the mask store's root attributes.
 
-
-def compile_masks(patterns: PatternStore, settings: CompileSettings) -> tuple[dict[str, SiteMask], dict]:
-    """Compile every site of a pattern store; returns the sites and the mask store's root attributes."""
+    The root attribute `figures` holds the masks' data sparsity, mass kept and plane sparsity on the
+    source data (attnmask.accounting); with a held-out pattern store, `held_out` holds them there."""
     settings.validate(sorted(patterns.sites))
-    rng = np.random.default_rng(settings.seed) if settings.random else None
     sites = {}
     for name, site in sorted(patterns.sites.items()):
         plane = site.count.shape
         if settings.block_size > max(plane):
             raise AttnmaskError(f"--block-size {settings.block_size} is larger than the {plane[0]}x{plane[1]} "
                                 f"plane of site {name}")
-        keep, report = compile_site(site, settings, settings.tau_for(name), rng)
-        attrs = {**site.attrs, **asdict(report)}
-        sites[name] = SiteMask(keep, site.causal, attrs)
+        keep, attrs = compile_site(name, site, settings, settings.tau_for(name))
+        sites[name] = SiteMask(keep, site.causal, {**site.attrs, **attrs})
     attrs = {
-        **{k: v for k, v in asdict(settings).items()},
+        **asdict(settings),
         "source": {"path": patterns.path, "digest": patterns.attrs.get("digest")},
         "model": patterns.attrs.get("model"),
         "max_length": patterns.attrs.get("max_length"),
+        "figures": combined([s.attrs["totals"] for s in sites.values()]),
     }
+    if held_out is not None:
+        attrs["held_out"] = measure(MaskStore(attrs, sites), held_out)
     return sites, attrs
-

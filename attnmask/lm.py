@@ -12,15 +12,17 @@ Perplexity = exp(sum of -log P(target) / number of targets), over every target o
 from __future__ import annotations
 
 import math
+import pickle
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import Window, check_beyond
@@ -29,7 +31,12 @@ from attnmask.runtime import MaskHandle, apply_masks
 from attnmask.store import MaskStore, read_masks
 
 EOS, UNK = "<eos>", "<unk>"
+UNK_SYMBOLS = (UNK, "<UNK>")
 VOCAB_FILE = "vocab.txt"
+HF_VOCAB_FILES = ("vocab.pkl", "vocab.bin")  # what transformers' TransfoXLTokenizer saves
+_VOCAB_CLASSES = {("collections", "OrderedDict"): OrderedDict, ("collections", "Counter"): Counter,
+                  ("builtins", "set"): set, ("builtins", "frozenset"): frozenset}
+_INERT_MODULES = ("re", "sacremoses", "tokenizers", "transformers")
 SITE = "decoder.self"
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 
@@ -48,14 +55,17 @@ def tokenize(line: str) -> list[str]:
 
 
 class Vocabulary:
-    """Word <-> id; `<eos>` is 0 and `<unk>` 1, then words by decreasing frequency (what the
-    adaptive softmax's cutoffs assume)."""
+    """Word <-> id. Built here: `<eos>` is 0 and `<unk>` 1, then words by decreasing frequency (what the
+    adaptive softmax's cutoffs assume); read from a Hugging Face folder: its own order, wherever `<eos>`
+    and `<unk>` (or `<UNK>`) are."""
 
     def __init__(self, symbols: list[str]):
-        if symbols[:2] != [EOS, UNK]:
-            raise AttnmaskError(f"a vocabulary must start with {EOS} and {UNK}")
         self.symbols = symbols
         self.index = {s: i for i, s in enumerate(symbols)}
+        unk = next((u for u in UNK_SYMBOLS if u in self.index), None)
+        if EOS not in self.index or unk is None or len(self.index) != len(symbols):
+            raise AttnmaskError(f"a vocabulary needs {EOS} and {UNK} and distinct words")
+        self.eos, self.unk = self.index[EOS], self.index[unk]
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -70,12 +80,11 @@ class Vocabulary:
     def encode_lines(self, lines: Iterable[str]) -> torch.Tensor:
         """One long stream [N] of ids: each non-empty line's words then `<eos>`; unknown -> `<unk>`."""
         ids: list[int] = []
-        unk = self.index[UNK]
         for line in lines:
             words = tokenize(line)
             if words:
-                ids.extend(self.index.get(w, unk) for w in words)
-                ids.append(0)
+                ids.extend(self.index.get(w, self.unk) for w in words)
+                ids.append(self.eos)
         return torch.tensor(ids, dtype=torch.long)
 
     def save(self, folder: Path) -> None:
@@ -84,11 +93,85 @@ class Vocabulary:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Vocabulary":
-        path = Path(folder) / VOCAB_FILE
-        if not path.is_file():
-            raise AttnmaskError(f"{folder} has no {VOCAB_FILE} (the word vocabulary of the model)")
-        with open(path, encoding="utf-8") as fh:
-            return cls([line.rstrip("\n") for line in fh if line.rstrip("\n")])
+        """The folder's vocab.txt (one word a line, attnmask's own), else the vocab.pkl or vocab.bin that
+        Hugging Face's TransfoXLTokenizer saved (read by `read_hf_vocab`, which runs no pickled code)."""
+        folder = Path(folder)
+        path = folder / VOCAB_FILE
+        if path.is_file():
+            with open(path, encoding="utf-8") as fh:
+                return cls([line.rstrip("\n") for line in fh if line.rstrip("\n")])
+        for name in HF_VOCAB_FILES:
+            if (folder / name).is_file():
+                return cls(read_hf_vocab(folder / name))
+        raise AttnmaskError(f"{folder} has no {VOCAB_FILE}, {' or '.join(HF_VOCAB_FILES)} (the word vocabulary "
+                            "of the model)")
+
+
+class _Inert:
+    """Stands in for the tokenizer helpers a Hugging Face vocab.pkl names (compiled regexes, sacremoses
+    normalisers, AddedToken): takes any arguments and state, does nothing, is never used."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _VocabUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only plain data: `find_class` (the one way a pickle reaches code)
+    gives OrderedDict, Counter, set and frozenset, `_Inert` for the helper objects of the tokenizer's
+    saved `__dict__` (modules in _INERT_MODULES), and refuses every other global before anything runs."""
+
+    def find_class(self, module, name):
+        if (module, name) in _VOCAB_CLASSES:
+            return _VOCAB_CLASSES[module, name]
+        if module.split(".")[0] in _INERT_MODULES:
+            return _Inert
+        raise AttnmaskError(f"{self.source} names {module}.{name}, which no Transformer-XL vocabulary holds; "
+                            "refusing to read it")
+
+
+def read_hf_vocab(path: Path) -> list[str]:
+    """The words, in id order, of a vocab.pkl (pickle.dump of TransfoXLTokenizer.__dict__) or vocab.bin
+    (torch.save of the same dict, read with torch's weights-only unpickler): its `idx2sym` list, checked
+    against its `sym2idx` mapping (word -> id) when both are there."""
+    try:
+        if path.suffix == ".bin":
+            with torch.serialization.safe_globals([Counter]):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with open(path, "rb") as fh:
+                unpickler = _VocabUnpickler(fh)
+                unpickler.source = path
+                saved = unpickler.load()
+    except AttnmaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        from attnmask.fairseq_safe_load import refused_global
+
+        if refused_global(e):
+            raise AttnmaskError(f"{path} names {refused_global(e)}, which no Transformer-XL vocabulary holds; "
+                                "refusing to read it") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise AttnmaskError(f"{path} is not a Transformer-XL vocabulary ({type(e).__name__}: {first})") from None
+    return _vocab_symbols(saved, path)
+
+
+def _vocab_symbols(saved, path: Path) -> list[str]:
+    """idx2sym of a saved tokenizer dict (or sym2idx ordered by id), validated."""
+    if not isinstance(saved, dict):
+        raise AttnmaskError(f"{path} holds a {type(saved).__name__}, not a saved TransfoXLTokenizer dict")
+    symbols, index = saved.get("idx2sym"), saved.get("sym2idx")
+    if symbols is None and isinstance(index, dict) and all(isinstance(v, int) for v in index.values()):
+        symbols = sorted(index, key=index.get)
+        if sorted(index.values()) != list(range(len(symbols))):
+            raise AttnmaskError(f"{path}: sym2idx ids are not 0..{len(symbols) - 1}")
+    if not isinstance(symbols, list) or not symbols or not all(isinstance(s, str) for s in symbols):
+        raise AttnmaskError(f"{path} has no word list (idx2sym: a list of words)")
+    if isinstance(index, dict) and any(index.get(s) != i for i, s in enumerate(symbols)):
+        raise AttnmaskError(f"{path}: idx2sym and sym2idx disagree")
+    return symbols
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -195,7 +278,7 @@ def eval_lm(model: str | Path, text: str | Path, *, masks: str | Path | MaskStor
     run = load_lm(model, device, tgt_len, mem_len)
     store = None
     if masks is None:
-        masks = recorded_store(run.model.config)
+        masks = recorded_store(model, run.model.config)
     if masks is not None and str(masks) != "none":
         store = load_masks(run.model, masks, run.tgt_len, run.mem_len, backend).store
     result = evaluate(run, run.vocab.encode_lines(read_lines(text)), batch_size)
@@ -203,11 +286,17 @@ def eval_lm(model: str | Path, text: str | Path, *, masks: str | Path | MaskStor
     return result
 
 
-def recorded_store(config: TransfoXLConfig) -> MaskStore | None:
-    """The mask store a model was trained with, if its config records one that still exists."""
+def recorded_store(folder: str | Path, config: TransfoXLConfig) -> MaskStore | None:
+    """The mask store a model folder was saved with: the copy in the folder (runtime.MASKS_IN_FOLDER),
+    digest-checked; for a folder saved before masks were copied into it, the recorded path, if it still
+    exists. None when the config records no masks."""
+    from attnmask.runtime import MASKS_IN_FOLDER, folder_masks
+
     record = config.extra.get("attnmask")
-    if not isinstance(record, dict) or not record.get("path"):
+    if not isinstance(record, dict):
         return None
+    if (Path(folder) / MASKS_IN_FOLDER).exists() or not record.get("path"):
+        return folder_masks(folder, record)
     path = Path(record["path"])
     if not path.exists():
         raise AttnmaskError(f"the model was trained with masks {path}, which no longer exist; "
@@ -232,85 +321,162 @@ def new_model(config: str, vocab: Vocabulary, seed: int) -> TransfoXLLM:
     return TransfoXLLM(cfg)
 
 
+class StreamSegments(torch.utils.data.Dataset):
+    """The LM iterator as a dataset: item i = s·B + b is segment s of stream b (inputs
+    streams[b, sT : sT+t], targets shifted by one, t = T except at the end). Read in order in batches
+    of B items, batch s is segment s of every stream, as `segments` yields it."""
+
+    def __init__(self, streams: torch.Tensor, tgt_len: int):
+        self.streams = streams
+        self.starts = list(range(0, streams.shape[1] - 1, tgt_len))
+        self.tgt_len = tgt_len
+
+    def __len__(self) -> int:
+        return len(self.starts) * self.streams.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        s, b = divmod(i, self.streams.shape[0])
+        start = self.starts[s]
+        t = min(self.tgt_len, self.streams.shape[1] - 1 - start)
+        return {"input_ids": self.streams[b, start:start + t], "labels": self.streams[b, start + 1:start + 1 + t],
+                "first": s == 0}
+
+
+def stack_segments(items: list[dict]) -> dict:
+    """Trainer's collator: one segment of every stream -> input_ids, labels [B, t]; `first`: segment 0."""
+    return {"input_ids": torch.stack([x["input_ids"] for x in items]),
+            "labels": torch.stack([x["labels"] for x in items]), "first": items[0]["first"]}
+
+
+class StreamingLM(nn.Module):
+    """A Transformer-XL as a Trainer model: forward(input_ids [B, t], labels [B, t], first) returns
+    {"loss": mean -log P(target) over the B·t targets}; each layer's memory carries over from one call
+    to the next (detached, as Transformer-XL trains) and starts empty at a stream's first segment."""
+
+    def __init__(self, lm: TransfoXLLM):
+        super().__init__()
+        self.lm = lm
+        self.mems: list[torch.Tensor] | None = None
+        # Trainer's name for the tied tensors a checkpoint leaves out: after loading one it calls tie_weights
+        self._keys_to_ignore_on_save = sorted(set(super().state_dict()) - set(self.state_dict()))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, first: bool = False) -> dict:
+        if first or self.mems is None:
+            self.mems = self.lm.transformer.empty_mems(input_ids.shape[0])
+        out = self.lm(input_ids, self.mems, targets=labels)
+        self.mems = out.mems
+        return {"loss": out.losses.mean()}
+
+    def tie_weights(self) -> None:
+        self.lm.tie_weights()
+
+    def state_dict(self, *args, **kwargs):
+        """Each shared (tied) tensor once, under its first name, so that Trainer's safetensors file can
+        hold it."""
+        full = super().state_dict(*args, **kwargs)
+        seen, out = set(), type(full)()
+        for name, tensor in full.items():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                out[name] = tensor
+        return out
+
+
+class StreamMemories:
+    """The memories of a StreamingLM as checkpoint state, so --resume continues every stream exactly."""
+
+    name = "memories"
+
+    def __init__(self, model: StreamingLM):
+        self.model = model
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {str(i): m.detach().cpu() for i, m in enumerate(self.model.mems or [])}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        device = next(self.model.parameters()).device
+        self.model.mems = [state[str(i)].to(device) for i in range(len(state))] or None
+
+
 def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
              masks: str | Path | MaskStore | None = None, config: str | None = None,
              valid: str | Path | None = None, steps: int | None = 1000, epochs: int = 1, batch_size: int = 16,
              tgt_len: int | None = None, mem_len: int | None = None, lr: float | None = None,
-             seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
-             log: Callable[[str], None] | None = None, backend: str = "auto") -> dict:
-    """Train a Transformer-XL language model on `text` for `steps` segments (None: `epochs` passes
-    over the text), with masks if given.
+             seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False, resume: bool = False,
+             precision: str = "fp32", gradient_accumulation: int = 1, report_to: str = "none",
+             progress: Callable | None = None, backend: str = "auto") -> dict:
+    """Train a Transformer-XL language model on `text` for `steps` optimizer steps (None: `epochs`
+    passes over the text), with masks if given, on transformers.Trainer (attnmask/trainer.py).
 
     model None and config 'small'|'base': from scratch (vocabulary built from `text`); otherwise
-    fine-tune the model folder `model` (its vocabulary). Adam, linear warm-up over the first 5 % of
-    steps then cosine decay, gradients clipped at norm 0.25; the text is read in epochs by the LM
-    iterator. Saves config.json (with "tgt_len" and, with masks, the "attnmask" record),
-    model.safetensors and vocab.txt to `out`. Returns {'steps', 'train_loss', 'seconds',
-    'valid_perplexity' (when `valid`), 'masks'}.
+    fine-tune the model folder `model` (its vocabulary). Adam (AdamW without decay), linear warm-up over
+    the first 5 % of steps then cosine decay, gradients clipped at norm 0.25; one step reads
+    `gradient_accumulation` consecutive segments of every stream. One process only (the memories follow
+    the streams in order). `resume` continues from the last checkpoint in out/checkpoint (the memories
+    are saved with it). Saves config.json (with "tgt_len" and, with masks, the "attnmask" record),
+    model.safetensors, vocab.txt, settings.json and metrics.json to `out`. Returns {'steps',
+    'train_loss' (mean of the last 50 steps), 'seconds', 'valid_perplexity' (when `valid`), 'masks'}.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise AttnmaskError(f"output {out} already exists (pass --overwrite to replace it)")
+    import json
+
+    from attnmask.trainer import LoopSettings, RunFolder, make_trainer, run_training, step_losses, training_arguments
+
     if (steps is not None and steps < 1) or epochs < 1 or batch_size < 1:
         raise AttnmaskError("--steps, --epochs and --batch-size must be positive")
     if lr is not None and not lr > 0:
         raise AttnmaskError(f"--lr must be positive, got {lr}")
+    if model is None and config is None:
+        raise AttnmaskError("give a model folder to fine-tune or --config small|base to train from scratch")
+    if model is not None and config is not None:
+        raise AttnmaskError("--config trains from scratch; it cannot be combined with a model folder")
+    lr = lr or (1e-3 if model is None else 2e-4)
+    comparable = {"model": None if model is None else str(model), "text": str(text), "config": config,
+                  "masks": None if masks is None else str(getattr(masks, "path", masks)), "steps": steps,
+                  "epochs": epochs, "batch_size": batch_size, "tgt_len": tgt_len, "mem_len": mem_len, "lr": lr,
+                  "seed": seed, "precision": precision, "gradient_accumulation": gradient_accumulation}
+    run_dir = RunFolder(Path(out), markers=("settings.json", "checkpoint", "vocab.txt"))
+    loop = LoopSettings(output_dir=run_dir.checkpoints, lr=lr, batch_size=batch_size, epochs=epochs, steps=steps,
+                        warmup_share=0.05, scheduler="cosine", weight_decay=0.0, max_grad_norm=0.25, seed=seed,
+                        use_cpu=torch.device(device).type == "cpu", precision=precision,
+                        gradient_accumulation=gradient_accumulation, report_to=report_to, sequential=True)
     lines = read_lines(text)
     if model is None:
-        if config is None:
-            raise AttnmaskError("give a model folder to fine-tune or --config small|base to train from scratch")
         vocab = Vocabulary.build(lines)
         run = _with_lengths(new_model(config, vocab, seed), vocab, tgt_len, mem_len)
-        run.model.to(device)
-        lr = lr or 1e-3
     else:
-        if config is not None:
-            raise AttnmaskError("--config trains from scratch; it cannot be combined with a model folder")
-        run = load_lm(model, device, tgt_len, mem_len)
-        lr = lr or 2e-4
-    lm, handle = run.model, None
-    if masks is not None:
-        handle = load_masks(lm, masks, run.tgt_len, run.mem_len, backend)
-    streams = batchify(run.vocab.encode_lines(lines), batch_size).to(device)
-    if steps is None:
-        steps = epochs * math.ceil((streams.shape[1] - 1) / run.tgt_len)
-
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(lm.parameters(), lr=lr)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    lm.train()
-    step, recent, start = 0, [], time.perf_counter()
-    while step < steps:
-        mems = lm.transformer.empty_mems(batch_size)
-        for x, y in segments(streams, run.tgt_len):
-            result = lm(x, mems, targets=y)
-            mems = result.mems
-            loss = result.losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lm.parameters(), 0.25)
-            optimizer.step()
-            schedule.step()
-            recent = (recent + [float(loss.detach())])[-50:]
-            step += 1
-            if log is not None and step % 50 == 0:
-                log(f"step {step}/{steps}: loss {np.mean(recent):.3f}")
-            if step >= steps:
-                break
-    seconds = time.perf_counter() - start
-    summary = {"steps": step, "train_loss": float(np.mean(recent)), "seconds": seconds,
-               "masks": handle.store.digest if handle is not None else None}
+        run = load_lm(model, "cpu", tgt_len, mem_len)
+    streams = batchify(run.vocab.encode_lines(lines), batch_size)
+    data = StreamSegments(streams, run.tgt_len)
+    args = training_arguments(loop, len(data.starts))
+    if args.world_size > 1:
+        raise AttnmaskError("--task lm trains in one process (each stream's memory follows its segments in order)")
+    run_dir.check(comparable, resume, overwrite)
+    run_dir.create(resume)
+    lm = run.model.to(args.device)
+    handle = load_masks(lm, masks, run.tgt_len, run.mem_len, backend) if masks is not None else None
+    if not resume:
+        (run_dir.path / "settings.json").write_text(json.dumps({"settings": comparable}, indent=2))
+    streaming = StreamingLM(lm)
+    trainer = make_trainer(streaming, loop, args, data, stack_segments, extensions=[StreamMemories(streaming)],
+                           progress=progress)
+    start = time.perf_counter()
+    run_training(trainer, run_dir.path, resume)
+    recent = step_losses(trainer)[-50:]
+    summary = {"steps": trainer.state.global_step, "train_loss": float(np.mean(recent)) if recent else None,
+               "seconds": time.perf_counter() - start, "masks": handle.store.digest if handle is not None else None}
     if valid is not None:
         summary["valid_perplexity"] = evaluate(run, run.vocab.encode_lines(read_lines(valid)),
                                                batch_size)["perplexity"]
-    save_lm(run, out, handle)
+    save_lm(run, run_dir.path, handle)
+    (run_dir.path / "metrics.json").write_text(json.dumps(summary, indent=2))
+    run_dir.finish()
     return summary
 
 
 def save_lm(run: LMRun, out: Path, handle: MaskHandle | None) -> None:
-    """config.json (+ tgt_len, + "attnmask" record with masks), model.safetensors, vocab.txt."""
+    """config.json (+ tgt_len, + "attnmask" record with masks), model.safetensors, vocab.txt; with masks
+    applied, the model's save_pretrained also writes the mask store into the folder
+    (runtime.follow_saves), where eval_lm and attnmask.load_model find it."""
     config = run.model.config
     config.extra["tgt_len"] = run.tgt_len
     if handle is not None:

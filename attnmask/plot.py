@@ -1,10 +1,15 @@
-"""Heatmaps of pattern and mask stores: a layers x heads grid per site, and one image per head.
+"""Figures of pattern and mask stores: heatmaps (a layers x heads grid per site, one image per head) and
+Clark et al. (2019, "What does BERT look at?") style figures, one point or cell per (layer, head).
 
-Colours (shared by every panel of a figure, so heads can be compared):
+Heatmap colours:
 
-* pattern store: the average pattern A = sum / count on a linear (or, with `log`, logarithmic)
-  viridis scale from 0 to the largest value shown; cells with count == 0 (never observed) are white,
-  which viridis never uses, so they cannot be mistaken for zero (dark purple).
+* pattern store: the average pattern A = sum / count on a viridis scale. By default (`head-log`)
+  every panel is divided by its own maximum and drawn on a log scale of HEAD_LOG_DECADES decades, so
+  that one head at 0.98 does not make the others look blank and faint structure (a diagonal next to a
+  strong first column) shows; the panel's maximum is written in its corner. `head-linear` is linear
+  0..1 of each panel's max; `shared-linear` / `shared-log` use one scale for all panels (to compare
+  magnitudes across heads). The colour bar names the scale. Cells with count == 0 (never observed) are
+  white, which viridis never uses, so they cannot be mistaken for zero (dark purple).
 * mask store alone: kept cells blue, pruned cells light grey, cells outside the causal band white.
 * mask store with its pattern store: the pattern as above, and pruned cells (observed, inside the
   causal band, not kept) in a grey ramp of the same scale (dark grey = much mass pruned).
@@ -14,13 +19,20 @@ Axes are token positions: y the query position, x the key position; on a plane w
 planes longer than MAX_PANEL_CELLS positions are max-pooled (a pooled cell shows its largest value,
 is unobserved only if all its cells are, kept if any cell is kept); per-head images are never pooled.
 
+Per-head figures (pattern stores; statistics from attnmask.analyze, whose docstrings define them):
+`entropy` (entropy against mean attention distance, coloured by layer), `positions` (mass on the
+first token, the diagonal and the neighbours +-1), `tokens` (attention received by [CLS], [SEP],
+punctuation, other; stores collected with --token-classes) and `similarity` (Jensen-Shannon distances
+between all heads of a site, in average-linkage cluster order).
+
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no global backend).
 """
 
 from __future__ import annotations
 
+import functools
 import io
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +43,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from attnmask.analyze import average_pattern, parse_indices, select_sites, site_key_offset
+from attnmask.analyze import (average_pattern, cluster_order, parse_indices, select_sites, site_js_distances,
+                              site_key_offset, site_stats)
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import causal_band
 from attnmask.store import read_masks, read_patterns, store_kind
@@ -42,7 +55,11 @@ KEPT = (0.12, 0.30, 0.62, 1.0)
 PRUNED = (0.82, 0.82, 0.82, 1.0)
 CMAP = "viridis"
 MAX_PANEL_CELLS = 256
-LOG_FLOOR = 1e-6  # the log scale spans at most 6 decades below the largest value
+LOG_FLOOR = 1e-6  # the shared log scale spans at most 6 decades below the largest value
+HEAD_LOG_DECADES = 3  # the per-head log scale: from the panel's max down to a thousandth of it
+SCALES = ("head-log", "head-linear", "shared-log", "shared-linear")
+DEFAULT_SCALE = "head-log"
+KINDS = ("heatmap", "entropy", "positions", "tokens", "similarity")
 
 
 @dataclass
@@ -69,20 +86,58 @@ class SiteView:
 # Colours
 
 
-def color_norm(view: SiteView, log: bool) -> Normalize | None:
-    """Linear 0..max, or log from a tenth of the smallest positive value shown (at least max*LOG_FLOOR) to max;
-    zeros take the lowest colour."""
+def check_scale(scale: str) -> None:
+    if scale not in SCALES:
+        raise AttnmaskError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+
+
+def panel_maxima(view: SiteView) -> np.ndarray:
+    """[L', H'] largest observed value of every panel (1.0 for a panel without a positive value)."""
+    shown = np.where(view.observed, view.values, 0.0).max(axis=(-2, -1))
+    return np.where(shown > 0, shown, 1.0)
+
+
+def scaled(view: SiteView, scale: str) -> tuple[SiteView, np.ndarray | None]:
+    """The view the colours are drawn from, and each panel's maximum [L', H'] for the per-head scales.
+
+    `head-*` scales divide every panel by its own maximum, so each head spans the whole colour scale
+    (a head at 0.98 no longer darkens the others); `shared-*` scales leave the values as they are."""
+    check_scale(scale)
+    if view.values is None or not scale.startswith("head"):
+        return view, None
+    maxima = panel_maxima(view)
+    return replace(view, values=view.values / maxima[..., None, None]), maxima
+
+
+def color_norm(view: SiteView, scale: str) -> Normalize | None:
+    """The norm of `scaled(view, scale)`'s values; zeros take the lowest colour.
+
+    head-linear 0..1 and head-log 10^-HEAD_LOG_DECADES..1 (shares of the panel maximum); shared-linear
+    0..max over all panels; shared-log from a tenth of the smallest positive value shown (at least
+    max * LOG_FLOOR) to max."""
     if view.values is None:
         return None
+    if scale == "head-linear":
+        return Normalize(0.0, 1.0, clip=True)
+    if scale == "head-log":
+        return LogNorm(10.0 ** -HEAD_LOG_DECADES, 1.0, clip=True)
     shown = view.values[..., view.observed]
     vmax = float(shown.max()) if shown.size else 0.0
     vmax = vmax if vmax > 0 else 1.0
-    if not log:
+    if scale == "shared-linear":
         return Normalize(0.0, vmax, clip=True)
     positive = shown[shown > 0]
     # a decade below the smallest positive value, so that it stays distinguishable from zero
     vmin = max(float(positive.min()) / 10 if positive.size else vmax * LOG_FLOOR, vmax * LOG_FLOOR)
     return LogNorm(min(vmin, vmax / 10), vmax, clip=True)
+
+
+def scale_label(scale: str) -> str:
+    """What the colour bar of a pattern shows, for each scale."""
+    return {"head-log": f"mean attention / the panel's max (log, {HEAD_LOG_DECADES} decades)",
+            "head-linear": "mean attention / the panel's max",
+            "shared-log": "mean attention (log, one scale for all panels)",
+            "shared-linear": "mean attention (one scale for all panels)"}[scale]
 
 
 def panel_colors(view: SiteView, li: int, hi: int, norm: Normalize | None) -> np.ndarray:
@@ -174,9 +229,17 @@ def _colorbar(fig: Figure, norm: Normalize | None, rect: list[float], label: str
     fig.colorbar(ScalarMappable(norm=norm, cmap=CMAP), cax=cax, label=label)
 
 
-def grid_figure(view: SiteView, log: bool = False, title: str | None = None) -> Figure:
-    """One panel per chosen (layer, head): rows are layers, columns heads, plus a colour bar."""
-    norm = color_norm(view, log)
+def _max_label(ax, value: float, fontsize: float) -> None:
+    """The panel's maximum (per-head scales) in its lower left corner, on a white box."""
+    ax.text(0.03, 0.04, f"max {value:.2g}", transform=ax.transAxes, fontsize=fontsize, va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.75, "pad": 0.8, "linewidth": 0})
+
+
+def grid_figure(view: SiteView, scale: str = DEFAULT_SCALE, title: str | None = None) -> Figure:
+    """One panel per chosen (layer, head): rows are layers, columns heads, plus a colour bar. With a
+    per-head scale every panel is its own 0..max and shows that max in its corner."""
+    view, maxima = scaled(view, scale)
+    norm = color_norm(view, scale)
     small, factor = pooled(view)
     rows, cols = len(view.layers), len(view.heads)
     size = min(1.8, max(0.7, 16 / max(rows, cols)))
@@ -196,6 +259,8 @@ def grid_figure(view: SiteView, log: bool = False, title: str | None = None) -> 
             ax.xaxis.set_major_locator(MaxNLocator(3, integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(3, integer=True))
             ax.tick_params(labelsize=6, length=2)
+            if maxima is not None:
+                _max_label(ax, maxima[li, hi], 5.5)
             if li == 0:
                 ax.set_title(f"head {head}", fontsize=8)
             if hi == 0:
@@ -207,19 +272,23 @@ def grid_figure(view: SiteView, log: bool = False, title: str | None = None) -> 
     what = "kept entries" if view.values is None else "average attention"
     if view.values is not None and view.keep is not None:
         what += ", pruned entries grey"
+    if maxima is not None:
+        what += ", each panel scaled to its own max"
     fig.suptitle(title or f"{view.site}: {what}", fontsize=10)
     fig.text(0.5, 0.35 / height, f"x: {xlabel}, y: {ylabel}" + (f"; panels max-pooled {factor}x" if factor > 1 else ""),
              ha="center", fontsize=7)
-    _colorbar(fig, norm, [1 - (right - 0.25) / width, bottom / height, 0.15 / width, 1 - (top + bottom) / height],
-              "mean attention" + (" (log)" if log else ""))
+    if norm is not None:
+        _colorbar(fig, norm, [1 - (right - 0.25) / width, bottom / height, 0.15 / width,
+                              1 - (top + bottom) / height], scale_label(scale))
     fig.legend(handles=legend_handles(view), loc="lower left", fontsize=7, frameon=False,
                ncol=3, bbox_to_anchor=(0.0, 0.0))
     return fig
 
 
-def head_figure(view: SiteView, li: int, hi: int, log: bool = False) -> Figure:
+def head_figure(view: SiteView, li: int, hi: int, scale: str = DEFAULT_SCALE) -> Figure:
     """One (layer, head) at full resolution with axes, a colour bar and a legend."""
-    norm = color_norm(view, log)
+    view, maxima = scaled(view, scale)
+    norm = color_norm(view, scale)
     fig = Figure(figsize=(6.4, 5.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes([0.12, 0.16, 0.68, 0.74])
@@ -227,9 +296,177 @@ def head_figure(view: SiteView, li: int, hi: int, log: bool = False) -> Figure:
     xlabel, ylabel = _axis_labels(view)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{view.site} layer {view.layers[li]} head {view.heads[hi]}")
-    _colorbar(fig, norm, [0.84, 0.16, 0.03, 0.74], "mean attention" + (" (log)" if log else ""))
+    peak = f" (max {maxima[li, hi]:.3g})" if maxima is not None else ""
+    ax.set_title(f"{view.site} layer {view.layers[li]} head {view.heads[hi]}{peak}")
+    if norm is not None:
+        _colorbar(fig, norm, [0.84, 0.16, 0.03, 0.74], scale_label(scale))
     fig.legend(handles=legend_handles(view), loc="lower left", fontsize=8, frameon=False, ncol=3)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Clark et al. (2019) figures: one point or cell per (layer, head), from attnmask.analyze
+
+
+def _layer_colors(layers: list[int]) -> dict[int, tuple]:
+    """A colour per layer, from dark (first) to bright (last) viridis."""
+    ramp = colormaps[CMAP]
+    return {layer: ramp(i / max(len(layers) - 1, 1) * 0.9) for i, layer in enumerate(layers)}
+
+
+def entropy_distance_figure(site: str, heads: list[dict]) -> Figure:
+    """Entropy (nats) against mean attention distance (tokens), one point per head, coloured by layer
+    (`heads`: HeadStats dicts). The dashed line is the entropy of uniform rows; points are labelled
+    'layer-head'. Broad heads sit high and right, positional heads (previous/next token) low at 1,
+    heads fixed on the first token low and far right or left depending on where the queries are."""
+    fig = Figure(figsize=(8.0, 6.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([0.1, 0.1, 0.72, 0.8])
+    layers = sorted({h["layer"] for h in heads})
+    colors = _layer_colors(layers)
+    for layer in layers:
+        mine = [h for h in heads if h["layer"] == layer]
+        ax.scatter([h["mean_distance"] for h in mine], [h["entropy"] for h in mine], s=28,
+                   color=colors[layer], edgecolor="black", linewidth=0.4, label=f"layer {layer}", zorder=3)
+        for h in mine:
+            ax.annotate(f"{h['layer']}-{h['head']}", (h["mean_distance"], h["entropy"]), fontsize=5.5,
+                        xytext=(3, 2), textcoords="offset points", color="#333")
+    uniform = heads[0]["entropy_uniform"] if heads else 0.0
+    ax.axhline(uniform, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("mean attention distance |q − k| (tokens)")
+    ax.set_ylabel("entropy of the attention rows (nats)")
+    farthest = max((h["mean_distance"] for h in heads), default=0.0)
+    ax.set_xlim(0, farthest * 1.1 + 0.5)  # room for the labels of the farthest heads
+    ax.set_ylim(0, max(uniform, max((h["entropy"] for h in heads), default=0.0)) * 1.08 + 0.05)
+    ax.grid(alpha=0.3)
+    ax.text(ax.get_xlim()[1], uniform, " uniform rows", va="center", ha="left", fontsize=7, color="grey")
+    ax.set_title(f"{site}: entropy against attention distance, one point per head (label layer-head)",
+                 fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.1, 1.0), fontsize=8, frameon=False)
+    return fig
+
+
+POSITION_PANELS = (("first", "on the first token"), ("diagonal", "on the query's own token"),
+                   ("previous", "on the previous token (k = q − 1)"), ("next", "on the next token (k = q + 1)"))
+
+
+def _layer_head_matrix(heads: list[dict], key) -> tuple[np.ndarray, list[int], list[int]]:
+    """[layers, heads] matrix of key(h) over HeadStats dicts, with the layer and head numbers."""
+    layers = sorted({h["layer"] for h in heads})
+    columns = sorted({h["head"] for h in heads})
+    matrix = np.full((len(layers), len(columns)), np.nan)
+    for h in heads:
+        matrix[layers.index(h["layer"]), columns.index(h["head"])] = key(h)
+    return matrix, layers, columns
+
+
+def _annotated_matrix(ax, matrix: np.ndarray, layers: list[int], heads: list[int], norm: Normalize,
+                      cmap: str = "magma") -> None:
+    """A layers x heads matrix with each value written in its cell (two decimals, dropping the leading 0)."""
+    ax.imshow(matrix, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ramp = colormaps[cmap]
+    fontsize = max(4.0, min(7.0, 90 / max(matrix.shape[1], 1)))
+    for (i, j), value in np.ndenumerate(matrix):
+        if np.isfinite(value):
+            luminance = np.dot(ramp(norm(value))[:3], (0.299, 0.587, 0.114))
+            ax.text(j, i, f"{value:.2f}".removeprefix("0"), ha="center", va="center", fontsize=fontsize,
+                    color="black" if luminance > 0.5 else "white")
+    ax.set_xticks(range(len(heads)), [str(h) for h in heads], fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    ax.set_xlabel("head", fontsize=8)
+    ax.set_ylabel("layer", fontsize=8)
+
+
+def position_mass_figure(site: str, heads: list[dict]) -> Figure:
+    """Four layers x heads matrices: the attention mass on the first token, the query's own token, the
+    previous and the next one (HeadStats first / diagonal / previous / next), all on one 0..1 scale."""
+    layers = sorted({h["layer"] for h in heads})
+    columns = sorted({h["head"] for h in heads})
+    cell = min(0.45, max(0.22, 7.0 / max(len(columns), 1)))
+    width = 2 * (len(columns) * cell + 0.9) + 1.4
+    height = 2 * (len(layers) * cell + 0.9) + 0.8
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, squeeze=False)
+    fig.subplots_adjust(left=0.7 / width, right=1 - 1.3 / width, top=1 - 0.8 / height, bottom=0.5 / height,
+                        wspace=0.9 / (len(columns) * cell), hspace=1.0 / (len(layers) * cell))
+    norm = Normalize(0.0, 1.0)
+    for ax, (key, what) in zip(axes.flat, POSITION_PANELS):
+        matrix, _, _ = _layer_head_matrix(heads, lambda h: h[key])
+        _annotated_matrix(ax, matrix, layers, columns, norm)
+        ax.set_title(f"mass {what}", fontsize=8)
+    from matplotlib.cm import ScalarMappable
+
+    cax = fig.add_axes([1 - 1.0 / width, 0.5 / height, 0.15 / width, 1 - 1.3 / height])
+    fig.colorbar(ScalarMappable(norm=norm, cmap="magma"), cax=cax,
+                 label="share of a query's attention (averaged over the data's queries)")
+    fig.suptitle(f"{site}: where each head looks, by position", fontsize=10)
+    return fig
+
+
+def token_class_figure(site: str, heads: list[dict], token_shares: dict[str, float]) -> Figure:
+    """Clark et al.'s figure 2: one panel per class of key token ([CLS], [SEP], punctuation, other),
+    x the layer, y the share of a query's attention the class receives, one dot per head (spread a
+    little sideways); the dashed line is the class's share of the tokens (what uniform attention gives)."""
+    classes = list(token_shares)
+    layers = sorted({h["layer"] for h in heads})
+    columns = sorted({h["head"] for h in heads})
+    fig = Figure(figsize=(3.0 * len(classes) + 0.6, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(classes), squeeze=False, sharey=True)[0]
+    fig.subplots_adjust(left=0.6 / fig.get_figwidth(), right=0.99, top=0.82, bottom=0.16, wspace=0.08)
+    spread = np.linspace(-0.25, 0.25, len(columns)) if len(columns) > 1 else np.zeros(1)
+    colors = _layer_colors(layers)
+    for ax, name in zip(axes, classes):
+        for h in heads:
+            x = layers.index(h["layer"]) + spread[columns.index(h["head"])]
+            ax.scatter(x, h["token_classes"][name], s=14, color=colors[h["layer"]], edgecolor="black",
+                       linewidth=0.3, zorder=3)
+        ax.axhline(token_shares[name], color="grey", linestyle="--", linewidth=0.8,
+                   label=f"share of tokens {token_shares[name]:.3f}")
+        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.set_title(f"attention to {name}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=7, frameon=False)
+    axes[0].set_ylabel("share of a query's attention", fontsize=8)
+    fig.suptitle(f"{site}: attention to token classes, one dot per head (averaged over the data's queries)",
+                 fontsize=10)
+    return fig
+
+
+def similarity_figure(site: str, distances: np.ndarray, names: list[tuple[int, int]], order: list[int]) -> Figure:
+    """The Jensen-Shannon distances between heads [N, N] in cluster order (analyze.cluster_order), so that
+    groups of heads with similar patterns are dark blocks on the diagonal; a strip on top and left gives
+    each head's layer. `names` holds (layer, head) of every row."""
+    n = len(order)
+    side = min(13.0, max(4.0, 0.13 * n))  # inches of the matrix
+    left, bottom, top, right = 0.8, 0.8, 1.0, 1.5
+    width, height = left + side + right, bottom + side + top
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes([left / width, bottom / height, side / width, side / height])
+    ordered = distances[np.ix_(order, order)]
+    image = ax.imshow(ordered, cmap="viridis", vmin=0.0, vmax=max(float(ordered.max()), 1e-9),
+                      interpolation="nearest", aspect="auto")
+    labels = [f"{names[i][0]}-{names[i][1]}" for i in order]
+    fontsize = max(3.0, min(8.0, 0.6 * 72 * side / max(n, 1)))  # 60 % of a row's height, in points
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), labels, fontsize=fontsize)
+    ax.tick_params(length=0, pad=1)
+    layers = sorted({layer for layer, _ in names})
+    colors = _layer_colors(layers)
+    strip = fig.add_axes([left / width, (bottom + side + 0.05) / height, side / width, 0.15 / height])
+    strip.imshow(np.array([[colors[names[i][0]] for i in order]]), aspect="auto", interpolation="nearest")
+    strip.set_axis_off()
+    cax = fig.add_axes([(left + side + 0.25) / width, bottom / height, 0.15 / width, side / height])
+    fig.colorbar(image, cax=cax, label="Jensen-Shannon distance (0: same pattern, 1: disjoint)")
+    fig.legend(handles=[Patch(facecolor=colors[layer], label=f"layer {layer}") for layer in layers],
+               loc="upper left", bbox_to_anchor=(left / width, 1 - 0.35 / height), fontsize=7, frameon=False,
+               ncol=min(len(layers), 8))
+    fig.text(left / width, 1 - 0.2 / height, f"{site}: head similarity in cluster order (average linkage); "
+             "labels layer-head, the strip above: layer", fontsize=9, va="center")
     return fig
 
 
@@ -268,56 +505,108 @@ def mask_view(name: str, mask, layers: list[int], heads: list[int], patterns_sit
     return SiteView(name, layers, heads, None, np.ones((queries, keys), bool), keep, band, offset, mask.causal)
 
 
-def store_views(store: str | Path, site: str | None = None, layers: str | None = None,
-                heads: str | None = None, patterns: str | Path | None = None) -> list[SiteView]:
-    """The views `attnmask plot` draws: every site (or one) of a pattern or mask store."""
-    kind = store_kind(store)
-    if kind == "patterns":
+def parse_kinds(text: str | None, kind: str) -> list[str]:
+    """'all' (or None) -> every figure that applies to the store kind; else a comma list of KINDS.
+    Only `heatmap` applies to a mask store."""
+    applicable = list(KINDS) if kind == "patterns" else ["heatmap"]
+    if text is None or text.strip() == "all":
+        return applicable
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [c for c in chosen if c not in KINDS]
+    if unknown or not chosen:
+        raise AttnmaskError(f"--kind takes all or a comma list of {', '.join(KINDS)}; got {text!r}")
+    wrong = [c for c in chosen if c not in applicable]
+    if wrong:
+        raise AttnmaskError(f"--kind {wrong[0]} needs a pattern store; a mask store has only heatmaps")
+    return list(dict.fromkeys(chosen))
+
+
+def head_stats(name: str, site, layers: list[int], heads: list[int]) -> list[dict]:
+    """HeadStats dicts (attnmask.analyze) of the chosen layers and heads of a pattern site."""
+    stats, _ = site_stats(name, site, site_key_offset(site), layers)
+    return [asdict(h) for h in stats if h.head in heads]
+
+
+def head_similarity(site, layers: list[int], heads: list[int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Jensen-Shannon distances [N, N] between the chosen heads of all chosen layers, and their (layer, head)."""
+    names = [(layer, head) for layer in layers for head in heads]
+    index = [layer * site.heads + head for layer, head in names]
+    return site_js_distances(site, site_key_offset(site))[np.ix_(index, index)], names
+
+
+def site_figure(kind: str, name: str, site, layers: list[int], heads: list[int], scale: str) -> Figure:
+    """The figure of one non-heatmap kind for a pattern site."""
+    if kind == "similarity":
+        distances, names = head_similarity(site, layers, heads)
+        return similarity_figure(name, distances, names, cluster_order(distances))
+    stats = head_stats(name, site, layers, heads)
+    if kind == "entropy":
+        return entropy_distance_figure(name, stats)
+    if kind == "positions":
+        return position_mass_figure(name, stats)
+    classes = site.token_classes
+    return token_class_figure(name, stats, dict(zip(classes.names, map(float, classes.token_shares()))))
+
+
+def plot_store(store: str | Path, out: str | Path, site: str | None = None, layers: str | None = None,
+               heads: str | None = None, scale: str = DEFAULT_SCALE, per_head: bool = False,
+               patterns: str | Path | None = None, overwrite: bool = False, kinds: str | None = None,
+               on_step=None) -> list[Path]:
+    """Write the figures of `kinds` (parse_kinds) for every site (or one): `<out>/<site>.png` (the heatmap
+    grid; with `per_head` also `<out>/<site>/layer<l>_head<h>.png`) and `<out>/<site>.<kind>.png` for
+    the other kinds. `tokens` is drawn for sites collected with --token-classes; asked for explicitly,
+    a store without them is an error.
+
+    Every target is checked before anything is drawn; an existing file is replaced only with
+    `overwrite`. `on_step(done, total)` is called after each file. Returns the files written.
+    """
+    store_type = store_kind(store)
+    chosen = parse_kinds(kinds, store_type)
+    check_scale(scale)
+    if per_head and "heatmap" not in chosen:
+        raise AttnmaskError("--per-head draws heatmaps, but --kind leaves them out")
+    if store_type == "patterns":
         if patterns is not None:
             raise AttnmaskError("--patterns goes with a mask store; STORE is already a pattern store")
         sites = read_patterns(store).sites
     else:
         sites = read_masks(store).sites
     pattern_sites = read_patterns(patterns).sites if patterns is not None else {}
-    views = []
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AttnmaskError(f"--out {out} exists and is not a folder")
+    targets = []  # (path, function drawing its figure)
     for name in select_sites(list(sites), site):
         s = sites[name]
         chosen_layers = parse_indices(layers, s.layers, "layers")
         chosen_heads = parse_indices(heads, s.heads, "heads")
-        if kind == "patterns":
-            views.append(pattern_view(name, s, chosen_layers, chosen_heads))
+        if store_type == "patterns":
+            view = pattern_view(name, s, chosen_layers, chosen_heads)
         else:
             if patterns is not None and name not in pattern_sites:
                 raise AttnmaskError(f"the pattern store {patterns} has no site {name}")
-            views.append(mask_view(name, s, chosen_layers, chosen_heads, pattern_sites.get(name)))
-    return views
-
-
-def plot_store(store: str | Path, out: str | Path, site: str | None = None, layers: str | None = None,
-               heads: str | None = None, log: bool = False, per_head: bool = False,
-               patterns: str | Path | None = None, overwrite: bool = False) -> list[Path]:
-    """Write `<out>/<site>.png` (the grid) and with `per_head` `<out>/<site>/layer<l>_head<h>.png`.
-
-    Every target is checked before anything is drawn; an existing file is replaced only with
-    `overwrite`. Returns the files written.
-    """
-    views = store_views(store, site, layers, heads, patterns)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AttnmaskError(f"--out {out} exists and is not a folder")
-    targets = []
-    for view in views:
-        targets.append((view, None, out / f"{view.site}.png"))
-        if per_head:
-            targets += [(view, (li, hi), out / view.site / f"layer{layer}_head{head}.png")
-                        for li, layer in enumerate(view.layers) for hi, head in enumerate(view.heads)]
-    existing = [str(path) for _, _, path in targets if path.exists()]
+            view = mask_view(name, s, chosen_layers, chosen_heads, pattern_sites.get(name))
+        for kind in chosen:
+            if kind == "heatmap":
+                targets.append((out / f"{name}.png", functools.partial(grid_figure, view, scale)))
+                if per_head:
+                    targets += [(out / name / f"layer{layer}_head{head}.png",
+                                 functools.partial(head_figure, view, li, hi, scale))
+                                for li, layer in enumerate(view.layers) for hi, head in enumerate(view.heads)]
+            elif kind == "tokens" and s.token_classes is None:
+                if kinds is not None and kinds.strip() != "all":
+                    raise AttnmaskError(f"site {name} has no token classes: collect with --token-classes")
+            else:
+                targets.append((out / f"{name}.{kind}.png",
+                                functools.partial(site_figure, kind, name, s, chosen_layers, chosen_heads, scale)))
+    existing = [str(path) for path, _ in targets if path.exists()]
     if existing and not overwrite:
         raise AttnmaskError(f"output {existing[0]} already exists (pass --overwrite to replace it)")
     written = []
-    for view, panel, path in targets:
-        fig = grid_figure(view, log) if panel is None else head_figure(view, *panel, log)
+    for path, draw in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png_bytes(fig))
+        path.write_bytes(png_bytes(draw()))
         written.append(path)
+        if on_step:
+            on_step(len(written), len(targets))
     return written

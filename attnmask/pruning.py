@@ -1,48 +1,55 @@
 """Dynamic token pruning that physically removes tokens from later layers.
 
-The pruned forward drives a Hugging Face model's own layer modules (BERT family: `embeddings`,
-`encoder.layer`, `pooler`; GPT-2 style: `wte`, `wpe`, `h`, `ln_f`) and, between layers, gathers the
-hidden states of the surviving tokens into a shorter, repacked sequence.
+The pruned forward drives a Hugging Face model's own modules (BERT family: `embeddings`, `encoder.layer`,
+`pooler`; GPT-2 style: `wte`, `wpe`, `h`, `ln_f`) on packed tokens (attnmask/packing.py): after the
+embeddings the batch's real tokens are one row [1, N, d] (N = Σ_b n_b, no padding), so projections,
+LayerNorms and feed-forward compute only real tokens, and attention runs per sequence (sequences of
+similar length grouped into fused SDPA calls). Between layers the surviving tokens are gathered into
+a shorter packed row. A setting that keeps everything is the packed dense path (`topk:1`).
 
-Importance. Layer l's attention probabilities P [B, H, T, T] (after softmax, before dropout; taken from
-the registered `attnmask` attention function's sink, i.e. the attention actually computed, with any
-static mask applied) give every current token k of sequence b the attention it receives, averaged over
-heads and over the n_b REAL queries (padding excluded, so scores do not depend on padding):
+Importance. Layer l's attention gives every current token k of sequence b the attention it receives,
+averaged over heads and over the n_b real queries (padding never enters, so scores do not depend on
+the batch):
 
-    imp[b, k] = (1 / (H · n_b)) · Σ_h Σ_{q real} P[b, h, q, k]          (Σ_k imp[b, k] = 1)
+    imp[b, k] = (1 / (H · n_b)) · Σ_h Σ_q P[b, h, q, k]          (Σ_k imp[b, k] = 1)
+
+computed from the fused kernel's log-sum-exp, P = exp(s - lse), one key tile at a time
+(packing.importance_from_lse; the [B, H, T, T] matrix is never materialised). It is computed only in
+layers whose importance the next layer reads.
 
 Per-layer values (value l decides which tokens ENTER layer l, from the importance computed in layer
-l - 1; value 0 is always "keep everything"):
+l - 1; value 0 is always "keep everything"). With s = the first pruned layer and the ramp
+ρ_l = 0 for l < s, ρ_l = (l - s + 1) / (L - s) ("linear") or 1 ("flat") for l >= s:
 
-* topk      keep-rate r_l: 1 for l < s, then linearly down to `keep_rate` at the last layer,
-            r_l = 1 - (1 - keep_rate) · (l - s + 1) / (L - s); sequence b keeps its
-            max(ceil(r_l · n0_b), protected) most important tokens (n0_b: its real input tokens);
-* threshold θ_l: 0 for l < s, then linearly up to `final_threshold`, θ_l = final · (l - s + 1) / (L - s);
-            a token survives iff imp ≥ θ_l (LTP's absolute threshold);
+* topk      keep-rate r_l = 1 - (1 - keep_rate) · ρ_l; sequence b keeps its max(ceil(r_l · n0_b),
+            protected) most important tokens (n0_b: its real input tokens);
+* threshold θ_l = final_threshold · ρ_l; a token survives iff imp >= θ_l (LTP's absolute threshold);
 * schedule  f_l = explicit fraction of the tokens present that is removed before layer l
             (floor(f_l · count) of the least important unprotected tokens; f_0 must be 0).
 
-s = `first_pruned_layer` (default max(1, L // 3)). The first real token ([CLS] / GPT-2's first token)
-and special tokens are never pruned, so no sequence drops below one token.
+A layer whose value keeps everything (θ_l = 0, r_l = 1, f_l = 0) is not decided: no importance is
+computed for it, nothing is gathered. Defaults: s = 1 and the flat ramp (DEFAULT_START,
+DEFAULT_RAMP; benchmarks/README.md, "Token pruning", has the quality-and-FLOPs sweep that chose them). The first real token ([CLS] /
+GPT-2's first token) and special tokens are never pruned, so no sequence drops below one token.
 
-Repacking: survivors keep their order; the batch is repacked to the longest survivor with a padding
-mask, and `positions` [B, T'] remembers each slot's original position. Encoders attend over real
-keys; GPT-2 attends over real keys at or before the query — order is preserved, so causality on the
-surviving positions is the lower triangle of the repacked sequence. Position ids: the original
-positions are kept; BERT and GPT-2 add position embeddings only at the input, so nothing changes
-after layer 0.
+Positions: survivors keep their order and their original positions (BERT and GPT-2 add position
+embeddings only at the input). GPT-2 attends over surviving keys at or before the query: order is
+preserved, so causality on the survivors is the lower triangle of each sequence.
 
-Static masks (attnmask/runtime.py) work at the same time: during the pruned forward each attention
-module with a mask runs `PositionedMask` (installed as `module._attnmask_override`), where the mask of
-surviving slots i, j is allowed[h, pos_i, pos_j] of the module's mask (attnmask/masks/rules.py: causal
-band, length policy, row guarantee), and the row guarantee holds on the slots too.
+Static masks (attnmask/runtime.py) work at the same time. Until a token is removed, a layer whose
+importance is not read hands each group to the mask's own backend (blocksparse, flex, sdpa); after,
+the mask of surviving slots i, j is allowed[h, pos_i, pos_j] of the module's mask (rules.py: causal
+band, length policy, row guarantee), with the row guarantee again on the slots, run through SDPA
+(packing.positioned_allowed).
 
 Learned thresholds (LTP's two stages, `threshold` only): in the soft stage nothing is removed; the
 cumulative soft mask M_l[b, k] = Π_{j ≤ l} σ((imp_{j-1}[b, k] − θ_j) / T) (1 for protected tokens)
 multiplies the attention every later query pays to key k (log M_l is added to the scores), queries are
 weighted by M in the importance, and `kept_fraction` = mean over layers l ≥ 1 and sequences of
 Σ_{real k} M_l[b, k] / n0_b is returned for the λ · kept_fraction penalty. The hard stage freezes θ
-and removes tokens whose importance is below θ_l.
+and removes tokens whose importance is below θ_l. θ [L] is a parameter of the TokenPruner, which
+`install_pruning` registers on the task model as the submodule `attnmask_pruning`: the thresholds are
+in `model.state_dict()` as `attnmask_pruning.thresholds`, saved and restored with the model's weights.
 """
 
 from __future__ import annotations
@@ -56,9 +63,13 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.masks.rules import Window, guarantee_rows
+from attnmask.packing import PackedAttention, PackedLayout, PackedState
 
 METHODS = ("topk", "threshold", "schedule")
+RAMPS = ("linear", "flat")
+DEFAULT_START = 1
+"""First pruned layer when none is given (benchmarks/README.md, token pruning: the measurements behind it)."""
+DEFAULT_RAMP = "flat"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,8 +98,9 @@ class PruningConfig:
     learn_thresholds: bool = False
     temperature: float = 1e-3
     lam: float = 0.1
-    first_pruned_layer: int | None = None
+    first_pruned_layer: int | None = None  # None: DEFAULT_START
     thresholds: tuple[float, ...] | None = None  # explicit per-layer thresholds (e.g. learned ones)
+    ramp: str = DEFAULT_RAMP  # linear | flat: how topk/threshold values reach their final value
 
     def validate(self, layers: int | None = None) -> None:
         """Clear errors for bad parameters; with `layers`, also checks the schedule's length."""
@@ -120,13 +132,15 @@ class PruningConfig:
             raise AttnmaskError(f"--temperature must be positive, got {self.temperature}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise AttnmaskError(f"--lambda must be >= 0, got {self.lam}")
+        if self.ramp not in RAMPS:
+            raise AttnmaskError(f"the pruning ramp must be one of {', '.join(RAMPS)}, got {self.ramp!r}")
         if layers is not None:
             s = self.start(layers)
             if not 1 <= s <= layers:
                 raise AttnmaskError(f"the first pruned layer must lie in [1, {layers}], got {s}")
 
     def start(self, layers: int) -> int:
-        return self.first_pruned_layer if self.first_pruned_layer is not None else max(1, layers // 3)
+        return self.first_pruned_layer if self.first_pruned_layer is not None else min(DEFAULT_START, layers)
 
     def per_layer(self, layers: int) -> list[float]:
         """Value l for the tokens entering layer l: keep-rate (topk), threshold, or fraction removed."""
@@ -136,7 +150,7 @@ class PruningConfig:
         if self.thresholds is not None:
             return list(self.thresholds)
         s = self.start(layers)
-        ramp = [0.0 if l < s else (l - s + 1) / (layers - s) for l in range(layers)]
+        ramp = [0.0 if l < s else 1.0 if self.ramp == "flat" else (l - s + 1) / (layers - s) for l in range(layers)]
         if self.method == "topk":
             return [1 - (1 - self.keep_rate) * r for r in ramp]
         return [self.final_threshold * r for r in ramp]
@@ -192,17 +206,7 @@ def attnmask_attention(model: nn.Module) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Importance and keep decisions
-
-
-def token_importance(probs: torch.Tensor, query_weight: torch.Tensor) -> torch.Tensor:
-    """imp [B, T] = Σ_h Σ_q w[b, q] · P[b, h, q, k] / (H · Σ_q w[b, q]).
-
-    probs [B, H, T, T]; query_weight [B, T]: 1 for real queries, 0 for padding (soft stage: M).
-    """
-    weight = query_weight.to(probs.dtype)
-    total = weight.sum(-1, keepdim=True).clamp_min(1e-12) * probs.shape[1]
-    return torch.einsum("bhqk,bq->bk", probs, weight) / total
+# Keep decisions
 
 
 def rank_keep(score: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -234,116 +238,21 @@ def keep_decision(method: str, value: float, imp: torch.Tensor, real: torch.Tens
     return rank_keep(score, count) & real
 
 
-def repack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index [B, T'], real [B, T']): kept slots of each row first, in order; T' = max kept count."""
-    counts = keep.sum(-1)
-    length = max(int(counts.max()), 1)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :length]
-    real = torch.arange(length, device=keep.device)[None, :] < counts[:, None]
-    return order, real
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T, ...] -> [B, T', ...] at index [B, T'] (differentiable in x)."""
-    if x.dim() == 2:
-        return torch.gather(x, 1, index)
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks seen by the layers
-
-
-def structure_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
-    """bool [B, T, T]: query q may attend key k — k real, and (causal) k ≤ q in the repacked order."""
-    allowed = real[:, None, :].expand(-1, real.shape[1], -1)
-    if causal:
-        t = real.shape[1]
-        allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=real.device).tril()
-    return allowed
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype, key_log_weight: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """[B, 1, T, T] additive mask: log-weight of the key (0 when hard) where allowed, dtype minimum elsewhere."""
-    fill = torch.finfo(dtype).min
-    if key_log_weight is None:
-        out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    else:
-        out = key_log_weight[:, None, :].to(dtype).expand(allowed.shape)
-    return torch.where(allowed, out, torch.full((), fill, dtype=dtype, device=allowed.device))[:, None]
-
-
-@dataclass
-class _ForwardState:
-    """What the wrapped static-mask backends need about the current repacked sequence."""
-
-    positions: torch.Tensor | None = None  # [B, T] original positions (padding slots: 0)
-    real: torch.Tensor | None = None  # [B, T]
-    structure: torch.Tensor | None = None  # [B, T, T]
-
-
-class PositionedMask:
-    """A static mask (runtime.MaskedAttention) seen through original positions: slots i, j use
-    allowed[h, pos_i, pos_j] of the mask's window over the original length (its causal band, length
-    policy and row guarantee); then the row guarantee again on the slots, whose order is the original
-    order. Computes eager attention so the importance sees the masked attention."""
-
-    def __init__(self, inner, state: _ForwardState):
-        self.inner = inner
-        self.state = state
-        self.last_allowed: torch.Tensor | None = None
-
-    def allowed(self) -> torch.Tensor:
-        """bool [B, H, T, T]: what slot i may attend to (padding query rows unrestricted)."""
-        pos, real, structure = self.state.positions, self.state.real, self.state.structure
-        n, slots = int(pos.max()) + 1, pos.shape[1]
-        plane = self.inner.allowed(Window.self_attention(n, n))  # [H, n, n]
-        keep = plane[:, pos[:, :, None], pos[:, None, :]].permute(1, 0, 2, 3)  # [B, H, T, T]
-        keep = (keep | ~real[:, None, :, None]) & structure[:, None]
-        return guarantee_rows(keep, Window.self_attention(slots, slots), 0, cross=False)[0]
-
-    def __call__(self, module, query, key, value, attention_mask, scaling, dropout):
-        from attnmask.models.hf import eager_attention
-
-        keep = self.allowed()
-        self.last_allowed = keep
-        model_mask = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
-        if attention_mask is not None:
-            model_mask = model_mask + attention_mask[..., : key.shape[-2]].float()
-        model_mask.masked_fill_(~keep, torch.finfo(torch.float32).min)
-        return eager_attention(module, query, key, value, model_mask, scaling, dropout)
-
-
-class FusedLastLayer:
-    """Attention of the last layer of a hard-stage pruned forward, through PyTorch SDPA.
-
-    No later layer reads the last layer's importance, so its probabilities need not be materialised:
-    out [B, Q, H, D] = softmax(q kᵀ · scaling + attention_mask) · V computed by
-    `scaled_dot_product_attention` with the same additive mask as the eager layers.
-    """
-
-    def __call__(self, module, query, key, value, attention_mask, scaling, dropout):
-        mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]].to(query.dtype)
-        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                         dropout_p=dropout if module.training else 0.0,
-                                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-        return out.transpose(1, 2).contiguous(), None
-
-
 # ----------------------------------------------------------------------------------------------
 # Statistics
 
 
 @dataclass
 class PruneStats:
-    """Tokens entering each layer, summed over the sequences seen (real tokens and padded slots)."""
+    """Tokens entering each layer, summed over the sequences seen: real tokens (what projections and
+    feed-forward compute on packed tokens) and attention slots (Σ over the layer's attention calls of
+    sequences × the call's padded length; packing.PackedLayout.slots)."""
 
     layers: int
     sequences: int = 0
     input_tokens: int = 0
     kept: list[int] = field(default_factory=list)  # real tokens entering layer l
-    slots: list[int] = field(default_factory=list)  # B · T_l: positions the layer computed
+    slots: list[int] = field(default_factory=list)  # attention slots of layer l
 
     def __post_init__(self):
         self.kept = self.kept or [0] * self.layers
@@ -371,7 +280,7 @@ def stats_table(stats: PruneStats | list[dict], title: str = "tokens kept per la
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("layer", "tokens/seq", "kept share", "padded slots/seq"):
+    for col in ("layer", "tokens/seq", "kept share", "attention slots/seq"):
         table.add_column(col, justify="right")
     for r in (stats.rows() if isinstance(stats, PruneStats) else stats):
         table.add_row(str(r["layer"]), f"{r['tokens_per_seq']:.1f}", f"{r['kept_share']:.3f}",
@@ -387,11 +296,12 @@ def stats_table(stats: PruneStats | list[dict], title: str = "tokens kept per la
 class PrunedOutput:
     """Result of a pruned forward.
 
-    last_hidden_state [B, T', D] for the surviving tokens (repacked, original order); real [B, T'];
-    positions [B, T'] original positions (padding slots: -1); pooler_output [B, D] (BERT with a
-    pooler); kept/slots per layer (tokens entering each layer, padded slots computed); importance[l]
-    [B, T] the layer-l importance scattered to original positions (0 for tokens not present);
-    kept_fraction (soft stage: the differentiable λ-penalty term; else the hard share).
+    last_hidden_state [B, T', D] for the surviving tokens (original batch order, each row its survivors
+    in order, then padding; T' = the most survivors); real [B, T']; positions [B, T'] original positions
+    (padding slots: -1); pooler_output [B, D] (BERT with a pooler); kept/slots per layer (real tokens
+    entering each layer, attention slots computed); importance[l] [B, T] the layer-l importance
+    scattered to original positions (0 for tokens not present), None for a layer whose importance no
+    decision reads; kept_fraction (soft stage: the differentiable λ-penalty term; else the hard share).
     """
 
     last_hidden_state: torch.Tensor
@@ -424,11 +334,12 @@ class PrunedOutput:
 
 
 class TokenPruner(nn.Module):
-    """Runs a model with dynamic token pruning (see the module docstring).
+    """Runs a model with dynamic token pruning on packed tokens (see the module docstring).
 
     `special_ids`: token ids never pruned (besides the first token). `thresholds` [L] is a parameter
-    when the config learns thresholds (initialised with the threshold schedule), else a buffer.
-    `stage`: "hard" (tokens removed) or "soft" (learned thresholds, sigmoid masks, nothing removed).
+    when the config learns thresholds (initialised with the threshold schedule; in the state dict),
+    else a buffer outside the state dict. `stage`: "hard" (tokens removed) or "soft" (learned
+    thresholds, sigmoid masks, nothing removed).
     """
 
     def __init__(self, model: nn.Module, config: PruningConfig, special_ids: Iterable[int] = ()):
@@ -461,10 +372,18 @@ class TokenPruner(nn.Module):
         if isinstance(self.thresholds, nn.Parameter):
             self.thresholds.requires_grad_(stage == "soft")
 
-    def value(self, layer: int) -> float:
+    def current_values(self) -> list[float]:
+        """The per-layer values now (learned thresholds read once, not per layer)."""
         if self.config.method == "threshold":
-            return float(self.thresholds[layer].detach())
-        return self.values[layer]
+            return self.thresholds.detach().tolist()
+        return list(self.values)
+
+    def decides(self, layer: int, values: list[float]) -> bool:
+        """Whether the setting of `layer` can remove a token (hard stage): θ > 0, keep-rate < 1 or a
+        fraction > 0. Layer 0 never does (no importance exists before it)."""
+        if layer == 0 or layer >= self.layers:
+            return False
+        return values[layer] < 1 if self.config.method == "topk" else values[layer] > 0
 
     def protected_tokens(self, input_ids: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
         """bool [B, T]: the first real token and real special tokens."""
@@ -484,11 +403,13 @@ class TokenPruner(nn.Module):
         positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
         return base.drop(embeds + base.wpe(positions))
 
-    def run_layer(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def run_layer(self, layer: int, packed: torch.Tensor) -> torch.Tensor:
+        """packed [N, d] -> [N, d] through layer module `layer` (as one row [1, N, d], no mask: the
+        packed attention knows the sequences)."""
         module = self.body.layers[layer]
         if self.body.kind == "encoder":
-            return module(hidden, mask)
-        return module(hidden, None, mask)
+            return module(packed[None], None)[0]
+        return module(packed[None], None, None)[0]
 
     def finish(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.body.model
@@ -498,36 +419,21 @@ class TokenPruner(nn.Module):
         return base.ln_f(hidden), None
 
     @contextmanager
-    def _taps(self, captured: dict, state: _ForwardState) -> Iterator[None]:
-        """Sinks on every attention module (probabilities of layer l into captured[l]) and static-mask
-        backends wrapped with the original positions; everything is restored afterwards.
-
-        In the hard stage the last layer's importance is never read, so a last layer without a static
-        mask runs fused SDPA attention (`FusedLastLayer`) instead of materialising its probabilities."""
+    def _packed_attention(self, state: PackedState) -> Iterator[None]:
+        """Every attention module runs `PackedAttention` (with its static mask, if any) for the block."""
         saved = []
-        last = self.layers - 1
-        for layer, modules in enumerate(self._attention):
+        for modules in self._attention:
             for m in modules:
-                saved.append((m, m.__dict__.get("_attnmask_sink"), m.__dict__.get("_attnmask_override")))
-
-                def sink(site, l, probs, layer=layer):
-                    captured[layer] = probs
-
-                m._attnmask_sink = sink
-                inner = m.__dict__.get("_attnmask_mask")
-                if inner is not None:
-                    m._attnmask_override = PositionedMask(inner, state)
-                elif layer == last and self.stage == "hard":
-                    m._attnmask_override = FusedLastLayer()
+                saved.append((m, m.__dict__.get("_attnmask_override")))
+                m._attnmask_override = PackedAttention(state, m.__dict__.get("_attnmask_mask"))
         try:
             yield
         finally:
-            for m, sink, mask in saved:
-                for name, old in (("_attnmask_sink", sink), ("_attnmask_override", mask)):
-                    if old is None:
-                        m.__dict__.pop(name, None)
-                    else:
-                        setattr(m, name, old)
+            for m, old in saved:
+                if old is None:
+                    m.__dict__.pop("_attnmask_override", None)
+                else:
+                    m._attnmask_override = old
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -538,60 +444,112 @@ class TokenPruner(nn.Module):
             return self._forward(input_ids, attention_mask, token_type_ids, inputs_embeds)
 
     def _forward(self, input_ids, attention_mask, token_type_ids, inputs_embeds) -> PrunedOutput:
-        hidden = self.embed(input_ids, token_type_ids, inputs_embeds)
-        b, t = hidden.shape[:2]
-        device = hidden.device
-        real = (attention_mask.bool() if attention_mask is not None
-                else torch.ones(b, t, dtype=torch.bool, device=device))
-        if not bool(real[:, 0].all()):
-            raise AttnmaskError("token pruning needs right padding (every sequence's first token real)")
-        protected = self.protected_tokens(input_ids, real)
-        original = real.sum(-1)
-        positions = torch.arange(t, device=device).expand(b, -1)
-        causal = self.body.kind == "decoder"
+        padded = self.embed(input_ids, token_type_ids, inputs_embeds)
+        b, t, _ = padded.shape
+        hidden, protected, original, state = self._pack(padded, attention_mask, input_ids)
         soft = self.stage == "soft"
-        log_m = torch.zeros(b, t, dtype=torch.float32, device=device)  # soft stage: log M per token
+        values = self.current_values()
+        log_m = torch.zeros(state.layout.tokens, dtype=torch.float32, device=padded.device) if soft else None
         soft_kept: list[torch.Tensor] = []
-        importance, kept, slots = [], [], []
-        captured: dict[int, torch.Tensor] = {}
-        state = _ForwardState()
-        with self._taps(captured, state):
+        importance: list[torch.Tensor | None] = []
+        kept, slots = [], []
+        with self._packed_attention(state):
             for layer in range(self.layers):
                 if layer > 0:
-                    imp = token_importance(captured.pop(layer - 1), real.float() * log_m.exp() if soft else real)
-                    importance.append(self._scatter_importance(imp, positions, real, t))
+                    imp = state.importance
+                    decided = not soft and self.decides(layer, values)
+                    importance.append(self._scatter_importance(imp, state, b, t) if soft or decided else None)
                     if soft:
-                        step = nn.functional.logsigmoid((imp - self.thresholds[layer]) / self.config.temperature)
-                        log_m = log_m + torch.where(protected | ~real, torch.zeros_like(step), step)
-                        soft_kept.append((log_m.exp() * real).sum(-1) / original)
-                    else:
-                        keep = keep_decision(self.config.method, self.value(layer), imp.detach(), real,
-                                             protected, original)
-                        index, real = repack(keep)
-                        hidden = gather_tokens(hidden, index)
-                        positions = gather_tokens(positions, index)
-                        protected = gather_tokens(protected, index) & real
-                kept.append(int(real.sum()))
-                slots.append(real.numel())
-                structure = structure_mask(real, causal)
-                state.positions, state.real, state.structure = torch.where(real, positions, 0), real, structure
-                mask = additive_mask(structure, hidden.dtype, log_m if soft else None)
-                hidden = self.run_layer(layer, hidden, mask)
-            captured.clear()
+                        log_m = self._soft_mask(layer, imp, log_m, protected)
+                        m_sum = torch.zeros_like(original, dtype=torch.float32).index_add(
+                            0, state.layout.sequence_of_token(), log_m.exp())
+                        soft_kept.append(m_sum / original)
+                    elif decided:
+                        index, order = self._decide(state, imp.detach(), protected, original, values[layer])
+                        hidden, protected = hidden.index_select(0, index), protected.index_select(0, index)
+                        original = original.index_select(0, order)
+                state.importance = None
+                state.need_importance = not soft and self.decides(layer + 1, values)
+                if soft:
+                    state.query_weight, state.key_log_weight = log_m.exp(), log_m
+                kept.append(state.layout.tokens)
+                slots.append(state.layout.slots)
+                hidden = self.run_layer(layer, hidden)
+        hidden, out_real, out_positions = self._unpack(hidden, state, b)
         hidden, pooled = self.finish(hidden)
         self.stats.add(kept, slots, b)
         if soft_kept:
             kept_fraction = torch.stack(soft_kept).mean()
         else:
-            kept_fraction = torch.tensor(sum(kept) / max(kept[0] * self.layers, 1), device=device)
-        return PrunedOutput(hidden, real, torch.where(real, positions, -1), pooled, kept, slots, importance,
-                            kept_fraction, log_m.exp() * real if soft else None)
+            kept_fraction = torch.tensor(sum(kept) / max(kept[0] * self.layers, 1), device=padded.device)
+        token_weight = self._scatter_importance(log_m.exp(), state, b, t) if soft else None
+        return PrunedOutput(hidden, out_real, out_positions, pooled, kept, slots, importance, kept_fraction,
+                            token_weight)
+
+    def _pack(self, padded: torch.Tensor, attention_mask, input_ids):
+        """Embeddings [B, T, d] (right padding) -> (hidden [N, d], protected [N], original [S] input
+        tokens per packed sequence, PackedState): the real tokens, sequences longest first."""
+        b, t, d = padded.shape
+        device = padded.device
+        real = (attention_mask.bool() if attention_mask is not None
+                else torch.ones(b, t, dtype=torch.bool, device=device))
+        lengths = real.sum(-1)
+        if not torch.equal(real, torch.arange(t, device=device)[None, :] < lengths[:, None]) or \
+                not bool((lengths > 0).all()):
+            raise AttnmaskError("token pruning needs right padding and at least one real token per sequence")
+        host = lengths.tolist()
+        order = sorted(range(b), key=lambda i: -host[i])
+        layout = PackedLayout.build([host[i] for i in order], torch.tensor(order, device=device))
+        positions = layout.slot_of_token()
+        flat = layout.batch[layout.sequence_of_token()] * t + positions
+        hidden = padded.reshape(b * t, d).index_select(0, flat)
+        protected = self.protected_tokens(input_ids, real).reshape(-1).index_select(0, flat)
+        original = lengths.index_select(0, layout.batch)
+        return hidden, protected, original, PackedState(layout, positions, self.body.kind == "decoder", max(host))
+
+    def _soft_mask(self, layer: int, imp: torch.Tensor, log_m: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+        """log M_layer [N] = log M_{layer-1} + log σ((imp_{layer-1} − θ_layer) / T), protected tokens 0."""
+        step = nn.functional.logsigmoid((imp - self.thresholds[layer]) / self.config.temperature)
+        return log_m + torch.where(protected, torch.zeros_like(step), step)
+
+    def _decide(self, state: PackedState, imp: torch.Tensor, protected: torch.Tensor, original: torch.Tensor,
+                value: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep decision on the current packed tokens; updates state.layout/positions to the survivors.
+
+        Returns (index [N'] of the surviving packed tokens in the new packed order, order [S]: the old
+        packed sequence now at each place; sequences are re-sorted longest first)."""
+        layout = state.layout
+        slot_index, slot_real = layout.padded()
+        keep = keep_decision(self.config.method, value, imp[slot_index].masked_fill(~slot_real, 0), slot_real,
+                             protected[slot_index] & slot_real, original)
+        counts = keep.sum(-1).tolist()
+        order = sorted(range(len(counts)), key=lambda s: -counts[s])
+        order_t = torch.tensor(order, device=imp.device)
+        index = slot_index.index_select(0, order_t)[keep.index_select(0, order_t)]
+        if sum(counts) < layout.tokens:
+            state.identity = False
+        state.layout = PackedLayout.build([counts[s] for s in order], layout.batch.index_select(0, order_t))
+        state.positions = state.positions.index_select(0, index)
+        return index, order_t
 
     @staticmethod
-    def _scatter_importance(imp, positions, real, length) -> torch.Tensor:
-        out = imp.new_zeros(imp.shape[0], length + 1)
-        index = torch.where(real, positions, length)
-        return out.scatter(1, index, torch.where(real, imp, 0))[:, :length]
+    def _unpack(hidden: torch.Tensor, state: PackedState, b: int):
+        """Packed [N, d] -> (hidden [B, T', d], real [B, T'], positions [B, T'] (-1 at padding)) in the
+        original batch order, T' = the longest survivor count."""
+        layout = state.layout
+        width = layout.lengths[0]
+        dest = layout.batch[layout.sequence_of_token()] * width + layout.slot_of_token()
+        out = hidden.new_zeros(b * width, hidden.shape[-1]).index_copy(0, dest, hidden)
+        real = torch.zeros(b * width, dtype=torch.bool, device=hidden.device).index_fill(0, dest, True)
+        positions = torch.full((b * width,), -1, dtype=torch.long, device=hidden.device).index_copy(
+            0, dest, state.positions)
+        return out.view(b, width, -1), real.view(b, width), positions.view(b, width)
+
+    @staticmethod
+    def _scatter_importance(imp: torch.Tensor, state: PackedState, b: int, length: int) -> torch.Tensor:
+        """Per packed token [N] -> [B, length] at the original (row, position); 0 where no token is."""
+        flat = state.layout.batch[state.layout.sequence_of_token()] * length + state.positions
+        return imp.new_zeros(b * length).index_copy(0, flat, imp).view(b, length)
 
     def penalty(self, output: PrunedOutput) -> torch.Tensor:
         """λ · kept fraction (the soft stage's sparsity penalty; 0 in the hard stage)."""
@@ -604,12 +562,18 @@ class TokenPruner(nn.Module):
 # Installing into a task model (so `model(**inputs, labels=y)` runs pruned)
 
 
+PRUNER_NAME = "attnmask_pruning"
+
+
 class PruningHandle:
     """A TokenPruner installed as the forward of a task model's base model (BERT family).
 
     While installed, `model(**inputs)` runs the pruned forward; the base returns `PrunedOutput`
     (outputs[1] is the pooler output, which BertForSequenceClassification uses). `last` holds the
-    latest PrunedOutput and `penalty()` its λ · kept-fraction term (soft stage). `remove()` restores.
+    latest PrunedOutput and `penalty()` its λ · kept-fraction term (soft stage). The pruner is the
+    model's submodule PRUNER_NAME, so learned thresholds are `model.state_dict()["attnmask_pruning.
+    thresholds"]`: saved with the weights (save_pretrained, Trainer checkpoints) and restored by
+    `model.load_state_dict` once pruning is installed. `remove()` restores the model.
     """
 
     def __init__(self, model: nn.Module, pruner: TokenPruner):
@@ -617,15 +581,23 @@ class PruningHandle:
         self.pruner = pruner
         self.base = pruner.body.model
         self.last: PrunedOutput | None = None
+        self.enable()
 
-        def pruned_forward(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                           inputs_embeds=None, **kwargs):
-            if position_ids is not None:
-                raise AttnmaskError("token pruning uses the default position ids")
-            self.last = pruner(input_ids, attention_mask, token_type_ids, inputs_embeds)
-            return self.last
+    def enable(self) -> None:
+        """Install (again, after `remove()`): `model(...)` runs pruned, the pruner is a submodule."""
+        if self.model._modules.get(PRUNER_NAME) is self.pruner:
+            return
+        if PRUNER_NAME in self.model._modules:
+            raise AttnmaskError("token pruning is already installed on this model; remove it first")
+        self.model.add_module(PRUNER_NAME, self.pruner)
+        self.base.forward = self._pruned_forward
 
-        self.base.forward = pruned_forward
+    def _pruned_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                        inputs_embeds=None, **kwargs):
+        if position_ids is not None:
+            raise AttnmaskError("token pruning uses the default position ids")
+        self.last = self.pruner(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        return self.last
 
     @property
     def stats(self) -> PruneStats:
@@ -646,7 +618,7 @@ class PruningHandle:
         """Settings, the (learned) per-layer values and the tokens kept per layer, for metrics files."""
         c = self.pruner.config
         return {"config": config_fields(c), "first_pruned_layer": c.start(self.pruner.layers),
-                "per_layer": [self.pruner.value(l) for l in range(self.pruner.layers)],
+                "per_layer": self.pruner.current_values(),
                 "tokens_kept": self.stats.rows(), "mean_kept_share": self.stats.mean_kept_share()}
 
     def reset_stats(self) -> None:
@@ -654,6 +626,8 @@ class PruningHandle:
 
     def remove(self) -> None:
         self.base.__dict__.pop("forward", None)
+        if self.model._modules.get(PRUNER_NAME) is self.pruner:
+            del self.model._modules[PRUNER_NAME]
 
 
 def special_token_ids(tokenizer) -> list[int]:
@@ -683,15 +657,17 @@ def install_pruning(model: nn.Module, config: PruningConfig, tokenizer=None,
 # Command-line specs (bench) and the bench seam
 
 _SPEC_KEYS = {"keep-rate": "keep_rate", "final-threshold": "final_threshold", "start": "first_pruned_layer",
-              "temperature": "temperature", "lambda": "lam"}
+              "ramp": "ramp", "temperature": "temperature", "lambda": "lam"}
+_SPEC_TYPES = {"first_pruned_layer": int, "ramp": str}
 
 
 def parse_spec(spec: str) -> PruningConfig:
-    """'topk', 'topk:0.3' (= 'topk:keep-rate=0.3'), 'threshold:final-threshold=0.01,start=1',
+    """'topk', 'topk:0.3' (= 'topk:keep-rate=0.3'), 'threshold:final-threshold=0.01,start=1,ramp=flat',
     'threshold:0.01', 'schedule:0,0,0.2,0.2'.
 
-    Keys: keep-rate, final-threshold, start (first pruned layer), temperature, lambda; a schedule's
-    values follow the colon directly.
+    Keys: keep-rate, final-threshold, start (first pruned layer), ramp (linear or flat), temperature,
+    lambda; a schedule's values follow the colon directly. 'topk:1' keeps every token: the packed dense
+    path.
     """
     method, _, rest = spec.strip().partition(":")
     if method == "schedule":
@@ -705,10 +681,13 @@ def parse_spec(spec: str) -> PruningConfig:
         if not sep or key not in _SPEC_KEYS:
             raise AttnmaskError(f"token pruning spec {spec!r}: expected KEY=VALUE with KEY one of "
                                 f"{', '.join(_SPEC_KEYS)}, got {item!r}")
+        field_name = _SPEC_KEYS[key]
+        kind = _SPEC_TYPES.get(field_name, float)
         try:
-            values[_SPEC_KEYS[key]] = int(value) if key == "start" else float(value)
+            values[field_name] = kind(value)
         except ValueError:
-            raise AttnmaskError(f"token pruning spec {spec!r}: {key} must be a number, got {value!r}") from None
+            raise AttnmaskError(f"token pruning spec {spec!r}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                                f"got {value!r}") from None
     config = PruningConfig(method, **values)
     config.validate()
     return config
@@ -727,24 +706,9 @@ def pruning_context(model: nn.Module, spec: str | PruningConfig, tokenizer=None)
 
 
 # ----------------------------------------------------------------------------------------------
-# train / eval options
+# train / eval records
 
 THRESHOLD_LR = 1e-3  # AdamW learning rate of learned thresholds (importances are ~1 / tokens)
-
-
-def options_config(prune_tokens: str | None, keep_rate: float = 0.5, final_threshold: float = 0.01,
-                   schedule: str | None = None, learn_thresholds: bool = False, temperature: float = 1e-3,
-                   lam: float = 0.1) -> dict | None:
-    """The CLI options of train/eval as PruningConfig fields (validated), or None without --prune-tokens."""
-    if prune_tokens is None or prune_tokens == "none":
-        if learn_thresholds or schedule is not None:
-            raise AttnmaskError("--schedule and --learn-thresholds need --prune-tokens")
-        return None
-    config = PruningConfig(prune_tokens, keep_rate=keep_rate, final_threshold=final_threshold,
-                           schedule=parse_schedule(schedule), learn_thresholds=learn_thresholds,
-                           temperature=temperature, lam=lam)
-    config.validate()
-    return config_fields(config)
 
 
 def config_fields(config: PruningConfig) -> dict:
@@ -757,6 +721,7 @@ def config_fields(config: PruningConfig) -> dict:
 def config_from_fields(fields: dict) -> PruningConfig:
     """Inverse of `config_fields`."""
     d = dict(fields)
+    d.setdefault("ramp", "linear")  # records written before ramps existed rose linearly
     for k in ("schedule", "thresholds"):
         if d.get(k) is not None:
             d[k] = tuple(d[k])
@@ -766,6 +731,8 @@ def config_from_fields(fields: dict) -> PruningConfig:
 def recorded_config(record: dict) -> PruningConfig:
     """The hard-stage config of a training run's metrics["pruning"] (learned thresholds fixed)."""
     fields = dict(record["config"])
+    if fields.get("first_pruned_layer") is None and record.get("first_pruned_layer") is not None:
+        fields["first_pruned_layer"] = record["first_pruned_layer"]  # the default of the run that wrote it
     if fields.get("learn_thresholds"):
         fields["learn_thresholds"] = False
         fields["thresholds"] = list(record["per_layer"])

@@ -27,6 +27,10 @@ Backends (all exact; they differ only in speed):
                are kept, else sdpa. `handle.backend` and `handle.reason` say what was chosen and why.
 A call the chosen backend cannot express runs on the next one that can (a model mask that is more than
 right padding and causality: sdpa).
+
+Masks travel with the model: while they are applied, `model.save_pretrained(folder)` also writes the
+mask store into the folder as `MASKS_IN_FOLDER` (`follow_saves`), beside the record in the model's
+config; `folder_masks` reads it back, checked against the recorded digest (attnmask.load_model).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from torch import nn
 from attnmask.errors import AttnmaskError
 from attnmask.masks.blocksparse import TILE, ScoreTerm, TileLayout, block_sparse_attention, tile_classes, pad_to_tiles, tile_layout
 from attnmask.masks.rules import BEYOND_POLICIES, Window, window_keep
-from attnmask.store import MaskStore, read_masks
+from attnmask.store import MaskStore, read_masks, write_masks
 
 logger = logging.getLogger("attnmask")
 
@@ -292,6 +296,7 @@ class MaskHandle(AbstractContextManager):
     masks: list[MaskedAttention] = field(default_factory=list)
     modules: list[nn.Module] = field(default_factory=list)
     restore: Any = None
+    unfollow: Any = None
     active: bool = False
 
     @property
@@ -313,6 +318,7 @@ class MaskHandle(AbstractContextManager):
         if getattr(self.model, "_attnmask_handle", None) is not None:
             raise AttnmaskError("masks are already applied to this model; remove them first")
         self.restore = self.seam.enable(self.model, self.record())
+        self.unfollow = follow_saves(self.model, self.store)
         for module, masked in zip(self.modules, self.masks):
             module._attnmask_mask = masked
         self.model._attnmask_handle = self
@@ -323,6 +329,7 @@ class MaskHandle(AbstractContextManager):
             return
         for m in self.modules:
             m.__dict__.pop("_attnmask_mask", None)
+        self.unfollow()
         self.restore()
         self.model.__dict__.pop("_attnmask_handle", None)
         self.active = False
@@ -361,3 +368,57 @@ def recorded_masks(model_or_config) -> dict | None:
     config = getattr(model_or_config, "config", model_or_config)
     value = getattr(config, "attnmask", None)
     return value if isinstance(value, dict) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks saved with the model
+
+MASKS_IN_FOLDER = "attnmask-masks.zarr"
+"""The mask store's name inside a model folder saved with masks applied (beside config.json)."""
+
+
+def follow_saves(model: nn.Module, store: MaskStore):
+    """While masks are applied, `model.save_pretrained(folder, ...)` (the family's own method, also what
+    transformers' Trainer calls for checkpoints) writes the model and then `store` into the folder as
+    MASKS_IN_FOLDER; on a non-main process of a distributed save (is_main_process=False) only the
+    model's own writing happens. Installed as an attribute of the model object, over its class's
+    method; returns the function that removes it. Models without save_pretrained are left alone."""
+    original = getattr(model, "save_pretrained", None)
+    if original is None:
+        return lambda: None
+
+    def save_pretrained(folder, *args, **kwargs):
+        result = original(folder, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            save_masks_into(store, folder)
+        return result
+
+    save_pretrained.__doc__ = original.__doc__
+    model.save_pretrained = save_pretrained
+    return lambda: model.__dict__.pop("save_pretrained", None)
+
+
+def save_masks_into(store: MaskStore, folder: str | os.PathLike) -> str:
+    """Write `store` to `folder`/MASKS_IN_FOLDER (replacing an older mask store there, never anything
+    else); returns the path. Nothing is written when the store there already has this digest."""
+    from attnmask.store import store_kind
+
+    path = os.path.join(os.fspath(folder), MASKS_IN_FOLDER)
+    if os.path.exists(path) and store_kind(path) == "masks" and read_masks(path).digest == store.digest:
+        return path
+    write_masks(path, store.sites, store.attrs, overwrite=True)
+    return path
+
+
+def folder_masks(folder: str | os.PathLike, record: dict) -> MaskStore:
+    """The mask store saved in a model folder, which must have the digest `record` (the model's config
+    record) names."""
+    path = os.path.join(os.fspath(folder), MASKS_IN_FOLDER)
+    digest = str(record.get("digest"))
+    if not os.path.exists(path):
+        raise AttnmaskError(f"{folder} records attnmask masks {digest[:19]}… but holds no {MASKS_IN_FOLDER}; "
+                            "copy the folder whole, or pass the masks explicitly")
+    store = read_masks(path)
+    if store.digest != digest:
+        raise AttnmaskError(f"{path} has digest {store.digest[:19]}…, not the {digest[:19]}… the model records")
+    return store

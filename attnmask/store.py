@@ -8,6 +8,13 @@ The formats are specified in patterns/README.md. In short, a pattern store holds
 so the average pattern is sum / count where count > 0, and for every row q with count[q, q] > 0 the
 row sum over k of sum[l, h, q, :] equals count[q, q] (each real query's probabilities sum to one).
 
+and, optionally (`collect --token-classes`), the attention each class of key token received:
+
+    token_class_mass   float64 [layers, heads, classes]  sum over real queries of P(q -> keys of the class)
+    token_class_tokens int64   [classes]                 real key tokens of the class, over all sequences
+
+with the class names in the site attribute `token_classes`; stores without them stay valid.
+
 A mask store holds per site `keep`, bool [layers, heads, queries, keys]: True where attention is kept.
 
 Stores are written to a temporary sibling folder and renamed into place, so a crash never leaves a
@@ -56,10 +63,11 @@ from attnmask.locking import StoreLock, owner_gone, owner_tag, reading, replacin
 PATTERNS_FORMAT = "attnmask.patterns"
 MASKS_FORMAT = "attnmask.masks"
 FORMAT_VERSION = 1
-SITE_NAMES = ("encoder.self", "decoder.self", "decoder.cross")
+SITE_NAMES = ("encoder.self", "decoder.self", "decoder.cross", "encoder.compact")
 STORAGE_OPTIONS_ENV = "ATTNMASK_STORAGE_OPTIONS"
 COMMIT_MARKER = ".attnmask-commit"  # object in a remote store's prefix while a commit into it is unfinished
 HEX8 = "[0-9a-f]" * 8  # glob of the random part of a temporary's name
+TOKEN_CLASSES_ATTR = "token_classes"  # site attribute naming the classes of the optional token-class arrays
 
 
 def attnmask_version() -> str:
@@ -96,13 +104,40 @@ def file_digest(path: Path) -> str:
 
 
 @dataclass
+class TokenClasses:
+    """Attention received by classes of key tokens (e.g. [CLS], [SEP], punctuation, other) at one site.
+
+    mass [L, H, C] float64: sum over sequences b and real queries q of sum_{k real, class c} P_b(l, h, q -> k);
+    the classes partition the keys, so mass[l, h].sum() is the number of real queries. tokens [C] int64:
+    real key tokens of each class over all sequences. names: the C class names.
+    """
+
+    names: list[str]
+    mass: np.ndarray
+    tokens: np.ndarray
+
+    def shares(self) -> np.ndarray:
+        """[L, H, C]: mass / mass.sum(-1), the average share of a query's attention going to each class."""
+        totals = self.mass.sum(-1, keepdims=True)
+        return np.divide(self.mass, totals, out=np.zeros_like(self.mass), where=totals > 0)
+
+    def token_shares(self) -> np.ndarray:
+        """[C]: tokens / tokens.sum(), each class's share of the key tokens (the share uniform attention
+        would give it, up to sequence lengths)."""
+        total = self.tokens.sum()
+        return self.tokens / total if total > 0 else np.zeros(len(self.tokens))
+
+
+@dataclass
 class SitePatterns:
-    """Accumulated attention of one site: `sum` [L, H, Q, K] float64 and `count` [Q, K] int64."""
+    """Accumulated attention of one site: `sum` [L, H, Q, K] float64 and `count` [Q, K] int64, and
+    optionally the attention each class of key token received (`token_classes`)."""
 
     sum: np.ndarray
     count: np.ndarray
     causal: bool
     attrs: dict = field(default_factory=dict)
+    token_classes: TokenClasses | None = None
 
     @property
     def layers(self) -> int:
@@ -167,6 +202,10 @@ def patterns_digest(sites: dict[str, SitePatterns]) -> str:
         h.update(f"{name}:{s.sum.shape}:{s.causal}".encode())
         h.update(np.ascontiguousarray(s.sum, dtype="<f8"))  # hashed in place: no copy of the pattern
         h.update(np.ascontiguousarray(s.count, dtype="<i8"))
+        if s.token_classes is not None:  # only when present: stores without them keep their digest
+            h.update(json.dumps(list(s.token_classes.names)).encode())
+            h.update(np.ascontiguousarray(s.token_classes.mass, dtype="<f8"))
+            h.update(np.ascontiguousarray(s.token_classes.tokens, dtype="<i8"))
     return "sha256:" + h.hexdigest()
 
 
@@ -233,8 +272,8 @@ def _remote_call(url: str, fn, *args):
 
 
 def _exists(path: str | os.PathLike) -> bool:
-    if not is_url(path):
-        return local_path(path).exists()
+    if not is_url(path):  # a dangling symlink is there too: writing would fail only after the work
+        return os.path.lexists(local_path(path))
     fs, root = remote_fs(path)
     return bool(_remote_call(path, fs.exists, root))
 
@@ -425,11 +464,42 @@ def _write_local(out: Path, root_attrs: dict, arrays: dict[str, dict[str, np.nda
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_sites(where, sites: dict, kind: type) -> None:
+    """A store holds at least one site, each of a known name and of the in-memory form `kind`."""
+    if not isinstance(sites, dict) or not sites:
+        raise AttnmaskError(f"{where}: a store needs at least one attention site ({', '.join(SITE_NAMES)})")
+    for name, site in sites.items():
+        if name not in SITE_NAMES:
+            raise AttnmaskError(f"{where}: unknown site {name!r} (known: {', '.join(SITE_NAMES)})")
+        if not isinstance(site, kind):
+            raise AttnmaskError(f"{where}: site {name} is a {type(site).__name__}, not a {kind.__name__}")
+
+
+def check_pattern_attrs(where, sites: dict, attrs: dict) -> None:
+    """What every reader of a pattern store relies on (inspect, compile, merge, the runtime's checks):
+    known sites, and the identity attributes `model` and `data` (dicts with a string `name`) and
+    `max_length` (a positive integer, the plane's length)."""
+    check_sites(where, sites, SitePatterns)
+    if not isinstance(attrs, dict):
+        raise AttnmaskError(f"{where}: pattern store attributes must be a dict, not {type(attrs).__name__}")
+    bad = [key for key in ("model", "data")
+           if not (isinstance(attrs.get(key), dict) and isinstance(attrs[key].get("name"), str))]
+    length = attrs.get("max_length")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        bad.append("max_length")
+    if bad:
+        raise AttnmaskError(f"{where}: pattern store attributes lack a valid {', '.join(bad)} (required: model "
+                            "and data, each a dict with a string 'name', and max_length, a positive integer)")
+
+
 def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attrs: dict,
                    overwrite: bool = False) -> PatternStore:
     """Write a pattern store; `attrs` are the identity attributes (model, data, sequences, ...)."""
+    check_pattern_attrs(path, sites, attrs)
     for name, site in sites.items():  # refuse to write what no reader would accept (e.g. NaN from a model)
         check_site_values(path, name, np.asarray(site.sum), np.asarray(site.count))
+        if site.token_classes is not None:
+            check_token_classes(path, name, site.token_classes, site.layers, site.heads)
     root_attrs = {
         "created": now_iso(),
         "attnmask_version": attnmask_version(),
@@ -443,6 +513,12 @@ def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attr
               for n, s in sites.items()}
     site_attrs = {n: {**s.attrs, "causal": bool(s.causal), "layers": s.layers, "heads": s.heads}
                   for n, s in sites.items()}
+    for n, s in sites.items():
+        site_attrs[n].pop(TOKEN_CLASSES_ATTR, None)  # names belong to the arrays, written only with them
+        if s.token_classes is not None:
+            arrays[n]["token_class_mass"] = s.token_classes.mass.astype(np.float64)
+            arrays[n]["token_class_tokens"] = s.token_classes.tokens.astype(np.int64)
+            site_attrs[n][TOKEN_CLASSES_ATTR] = list(s.token_classes.names)
     _write_group(path, root_attrs, arrays, site_attrs, overwrite)
     return PatternStore(root_attrs, sites, str(path))
 
@@ -450,6 +526,10 @@ def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attr
 def write_masks(path: str | os.PathLike, sites: dict[str, SiteMask], attrs: dict,
                 overwrite: bool = False) -> MaskStore:
     """Write a mask store; `attrs` are the compile settings and the source store's identity."""
+    check_sites(path, sites, SiteMask)
+    if not isinstance(attrs, dict) or attrs.get("beyond", "dense") not in BEYOND_POLICIES:
+        raise AttnmaskError(f"{path}: mask store attributes must be a dict whose `beyond` (if given) is one of "
+                            f"{', '.join(BEYOND_POLICIES)}")
     root_attrs = {
         "created": now_iso(),
         "attnmask_version": attnmask_version(),
@@ -588,6 +668,34 @@ def check_site_values(where, name: str, sums: np.ndarray, count: np.ndarray) -> 
                             "summed over n sequences is at most n)")
 
 
+def check_token_classes(where, name: str, classes: TokenClasses, layers: int, heads: int) -> None:
+    """Token-class arrays must fit the site ([L, H, C] and [C] for C names) and be finite and >= 0."""
+    names = classes.names
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise AttnmaskError(f"{where}: site {name} has malformed token class names {names!r}")
+    mass, tokens = np.asarray(classes.mass), np.asarray(classes.tokens)
+    if mass.shape != (layers, heads, len(names)) or tokens.shape != (len(names),):
+        raise AttnmaskError(f"{where}: site {name} has token_class_mass {list(mass.shape)} and token_class_tokens "
+                            f"{list(tokens.shape)} for {len(names)} classes and {layers}x{heads} heads")
+    if not np.isfinite(mass).all() or (mass < 0).any() or (tokens < 0).any():
+        raise AttnmaskError(f"{where}: site {name} has NaN, infinite or negative token class values")
+
+
+def _read_token_classes(g: zarr.Group, p, name: str, layers: int, heads: int) -> TokenClasses | None:
+    """The optional token-class arrays of a site (None when the store was collected without them)."""
+    if TOKEN_CLASSES_ATTR not in g.attrs:
+        return None
+    mass = _load(g, "token_class_mass", p, name)
+    tokens = _load(g, "token_class_tokens", p, name)
+    if mass.dtype != np.float64 or tokens.dtype != np.int64:
+        raise AttnmaskError(f"{p}: site {name} has token class dtypes {mass.dtype}/{tokens.dtype}, "
+                            "expected float64/int64")
+    classes = TokenClasses(g.attrs[TOKEN_CLASSES_ATTR], mass, tokens)
+    check_token_classes(p, name, classes, layers, heads)
+    classes.names = list(classes.names)
+    return classes
+
+
 def _read_patterns(p: Path | str) -> PatternStore:
     root = _open(p, "patterns")
     sites = {}
@@ -598,8 +706,9 @@ def _read_patterns(p: Path | str) -> PatternStore:
         if s.dtype != np.float64 or c.dtype != np.int64:
             raise AttnmaskError(f"{p}: site {name} has dtypes {s.dtype}/{c.dtype}, expected float64/int64")
         check_site_values(p, name, s, c)
-        attrs = {k: v for k, v in g.attrs.items() if k not in ("causal", "layers", "heads")}
-        sites[name] = SitePatterns(s, c, bool(g.attrs.get("causal", False)), attrs)
+        classes = _read_token_classes(g, p, name, *s.shape[:2])
+        attrs = {k: v for k, v in g.attrs.items() if k not in ("causal", "layers", "heads", TOKEN_CLASSES_ATTR)}
+        sites[name] = SitePatterns(s, c, bool(g.attrs.get("causal", False)), attrs, classes)
     return PatternStore(dict(root.attrs), sites, str(p))
 
 

@@ -5,7 +5,8 @@ memory at its peak at most 1.5x the pattern).
 
 "The pattern" is the site's float64 sums, layers * heads * length^2 * 8 bytes. Each setting runs in
 a subprocess of its own, which builds the pattern one layer at a time, times `compile_masks`
-`--repeats` times, then compiles once more under tracemalloc. Reported per setting: the median, min
+`--repeats` times, then compiles once more under tracemalloc. Settings: the data budget (the default)
+with every scope, block tiles and the random baseline, and the plane budget. Reported per setting: the median, min
 and max time; `extra`, tracemalloc's peak during that compile (what compile allocates beside the
 pattern, its masks included); and `rss`, the subprocess's peak resident memory (ru_maxrss) less what
 it held before building the pattern (the interpreter and its imports), both in multiples of the
@@ -31,7 +32,8 @@ from attnmask.compile import CompileSettings, compile_masks
 from attnmask.store import PatternStore, SitePatterns
 
 SETTINGS = ({}, {"scope": "head"}, {"scope": "global"}, {"block_size": 64}, {"random": True},
-            {"scope": "global", "random": True})
+            {"scope": "global", "random": True}, {"budget": "plane"}, {"budget": "plane", "scope": "global"},
+            {"budget": "plane", "random": True})
 
 
 def resident_bytes() -> int:
@@ -96,8 +98,8 @@ def main() -> None:
                 "--length", str(n), "--repeats", str(args.repeats), "--setting", json.dumps(setting)]
         result = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
         times = result["times"]
-        label = ", ".join(f"{k}={v}" for k, v in setting.items()) or "scope=layer"
-        print(f"{label:26s} median {statistics.median(times):6.2f} s (min {min(times):.2f}, "
+        label = ", ".join(f"{k}={v}" for k, v in {"budget": "data", **setting}.items())
+        print(f"{label:38s} median {statistics.median(times):6.2f} s (min {min(times):.2f}, "
               f"max {max(times):.2f})  extra {result['extra']:.2f}x  rss {result['rss']:.2f}x")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

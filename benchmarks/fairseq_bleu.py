@@ -82,7 +82,9 @@ def main() -> None:
     adapter = FairseqAdapter.load(checkpoint, data, "valid")
     plane = args.max_length + 1  # tokens + </s>
     result = collect(adapter, adapter.examples(), batch_size=32, max_length=plane)
-    write_patterns(work / "patterns.zarr", result.sites, {"model": adapter.identity(), "max_length": plane})
+    write_patterns(work / "patterns.zarr", result.sites, {"model": adapter.identity(),
+                                                                 "data": {"name": str(data), "split": "valid"},
+                                                                 "max_length": plane})
     patterns = read_patterns(work / "patterns.zarr")
     timings["collect_s"] = round(time.perf_counter() - t0, 1)
 

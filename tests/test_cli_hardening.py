@@ -51,7 +51,7 @@ def pattern_store(folder: Path, name: str = "p.zarr") -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. train --resume never unpickles code, and a damaged state.pt is one error line
+# 1. train --resume never unpickles code, and a damaged or changed Trainer checkpoint is one error line
 
 
 class Planted:
@@ -77,17 +77,26 @@ def labelled_csv(tmp_path) -> Path:
     return path
 
 
-def interrupted_run(out: Path, model: Path, data: Path, state: bytes) -> list[str]:
-    """A run folder as `train` leaves it when killed (settings.json and checkpoint/), with `state` as
-    checkpoint/state.pt; returns the matching `attnmask train ... --resume` arguments."""
-    from attnmask.train import TrainSettings
+def interrupted_run(out: Path, model: Path, data: Path, monkeypatch) -> tuple[list[str], Path]:
+    """A run folder as `train` leaves it when killed after step 3 (settings.json and
+    checkpoint/checkpoint-2, written by Trainer and completed by attnmask); returns the matching
+    `attnmask train ... --resume` arguments and the checkpoint folder."""
+    from attnmask.train import TrainSettings, train
 
-    settings = TrainSettings(model=str(model), data=str(data), out=str(out), max_length=16, device="cpu")
-    (out / "checkpoint").mkdir(parents=True)
-    (out / "settings.json").write_text(json.dumps({"settings": settings.comparable()}))
-    (out / "checkpoint" / "state.pt").write_bytes(state)
-    return ["train", model, data, "--masks", "none", "--out", out, "--max-length", "16", "--device", "cpu",
-            "--resume"]
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, *_):
+        if step == 3:
+            raise Killed
+
+    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    settings = TrainSettings(model=str(model), data=str(data), out=str(out), max_length=16, batch_size=4,
+                             device="cpu")
+    with pytest.raises(Killed):
+        train(settings, progress=kill_at_3)
+    return (["train", model, data, "--masks", "none", "--out", out, "--max-length", "16", "--batch-size", "4",
+             "--device", "cpu", "--resume"], out / "checkpoint" / "checkpoint-2")
 
 
 def torch_bytes(obj) -> bytes:
@@ -98,30 +107,67 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def test_planted_pickle_in_the_training_checkpoint_never_runs(tiny_bert_dir, labelled_csv, tmp_path):
+def reseal(checkpoint: Path) -> None:
+    """Rewrite the manifest to match the files as they are now (a tamperer who knows the format)."""
+    from attnmask.trainer import MANIFEST, sha256_of
+
+    files = {str(p.relative_to(checkpoint)): sha256_of(p) for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (checkpoint / MANIFEST).write_text(json.dumps({"files": files}))
+
+
+def test_planted_pickle_in_the_training_checkpoint_never_runs(tiny_bert_dir, labelled_csv, tmp_path, monkeypatch):
     marker = tmp_path / "marker"
-    for name, state in [("torch", torch_bytes({"model": Planted(marker), "epoch": 0})),
-                        ("pickle", pickle.dumps(Planted(marker)))]:
-        args = interrupted_run(tmp_path / name, tiny_bert_dir, labelled_csv, state)
-        fails_cleanly(*args, needles=("state.pt", "could run code", "--overwrite"))
+    for name, state, resealed, needle in [
+        ("torch", torch_bytes({"state": Planted(marker)}), True, "could run code"),
+        ("pickle", pickle.dumps(Planted(marker)), True, "optimizer.pt"),
+        ("unsealed", torch_bytes({"state": Planted(marker)}), False, "changed since it was written"),
+    ]:
+        args, checkpoint = interrupted_run(tmp_path / name, tiny_bert_dir, labelled_csv, monkeypatch)
+        (checkpoint / "optimizer.pt").write_bytes(state)
+        if resealed:
+            reseal(checkpoint)
+        fails_cleanly(*args, needles=("optimizer.pt", needle, "--overwrite"))
         assert not marker.exists(), "the planted object was unpickled"
         assert not (tmp_path / name / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("case", ["truncated", "garbage", "not a dict", "negative step", "foreign weights"])
-def test_damaged_training_checkpoint_is_one_error_line(case, tiny_bert_dir, labelled_csv, tmp_path):
-    state = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step_in_epoch": 0, "global_step": 0,
-             "torch_rng": torch.get_rng_state()}
-    content = {"truncated": torch_bytes(state)[:200], "garbage": b"\x00 not a checkpoint",
-               "not a dict": torch_bytes([1, 2, 3]), "negative step": torch_bytes({**state, "epoch": -1}),
-               "foreign weights": torch_bytes({**state, "model": {"w": torch.zeros(2)}})}[case]
-    args = interrupted_run(tmp_path / "run", tiny_bert_dir, labelled_csv, content)
-    fails_cleanly(*args, needles=("state.pt", "--overwrite"))
+@pytest.mark.parametrize("case, needle", [
+    ("truncated optimizer", "optimizer.pt"),
+    ("garbage rng state", "rng_state.pth"),
+    ("truncated weights", "model weights"),
+    ("foreign weights", "do not fit the model"),
+    ("extra file", "files differ"),
+    ("damaged manifest", "attnmask-checkpoint.json is damaged"),
+    ("cut short while written", "no complete checkpoint"),
+])
+def test_damaged_training_checkpoint_is_one_error_line(case, needle, tiny_bert_dir, labelled_csv, tmp_path,
+                                                       monkeypatch):
+    from safetensors.torch import save_file
+
+    args, checkpoint = interrupted_run(tmp_path / "run", tiny_bert_dir, labelled_csv, monkeypatch)
+    if case == "truncated optimizer":
+        (checkpoint / "optimizer.pt").write_bytes((checkpoint / "optimizer.pt").read_bytes()[:200])
+    elif case == "garbage rng state":
+        (checkpoint / "rng_state.pth").write_bytes(b"\x00 not a checkpoint")
+    elif case == "truncated weights":
+        (checkpoint / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:100])
+    elif case == "foreign weights":
+        save_file({"w": torch.zeros(2)}, str(checkpoint / "model.safetensors"))
+    elif case == "extra file":
+        (checkpoint / "pytorch_model.bin").write_bytes(torch_bytes({}))
+    if case == "damaged manifest":
+        (checkpoint / "attnmask-checkpoint.json").write_text("{not json")
+    elif case == "cut short while written":
+        (checkpoint / "attnmask-checkpoint.json").unlink()
+    elif case != "extra file":
+        reseal(checkpoint)
+    fails_cleanly(*args, needles=(needle, "--overwrite"))
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_damaged_settings_json_is_one_error_line(tiny_bert_dir, labelled_csv, tmp_path):
-    args = interrupted_run(tmp_path / "run", tiny_bert_dir, labelled_csv, b"")
+def test_damaged_settings_json_is_one_error_line(tiny_bert_dir, labelled_csv, tmp_path, monkeypatch):
+    args, _ = interrupted_run(tmp_path / "run", tiny_bert_dir, labelled_csv, monkeypatch)
     (tmp_path / "run" / "settings.json").write_text("{not json")
     fails_cleanly(*args, needles=("settings.json", "damaged"))
 
@@ -257,7 +303,7 @@ def test_values_click_cannot_parse_give_one_error_line(args, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["demo", "--limit", "0"], "--limit must be at least 2"),
     (["demo", "--tau", "2"], "--tau must lie in [0, 1)"),
-    (["demo", "--collect-limit", "0"], "--collect-limit must be positive"),
+    (["demo", "--epochs", "0"], "--epochs and --batch-size must be positive"),
     (["demo", "--device", "tpu"], "device"),
     (["eval", "m", "d.csv", "--batch-size", "0"], "--batch-size and --limit must be positive"),
     (["eval", "m", "d.csv", "--max-length", "0"], "--max-length must be at least 2"),
@@ -306,7 +352,7 @@ def test_help_shows_bracketed_default_hints():
         return "".join(r.output.split())
 
     for command, hint in [("eval", "[default: the masks recorded in the model]"), ("eval", "[default: as in training]"),
-                          ("train", "[rotten-tomatoes: fresh,rotten]"),
+                          ("train", "[rotten-tomatoes(-full): fresh,rotten]"),
                           ("train", "[default: 128; --task lm: the model's tgt_len]"),
                           ("collect", "[default: patterns/<model>-<data>.zarr]")]:
         assert "".join(hint.split()) in help_of(command), (command, hint)
@@ -316,20 +362,22 @@ def test_help_shows_bracketed_default_hints():
 # 14. default mask-store names encode every non-default compile setting
 
 
-@pytest.mark.parametrize("args, name", [
-    ([], "p.tau0.9.masks.zarr"),
-    (["--scope", "head"], "p.tau0.9.scope-head.masks.zarr"),
-    (["--min-keep", "2"], "p.tau0.9.minkeep2.masks.zarr"),
-    (["--beyond", "error"], "p.tau0.9.beyond-error.masks.zarr"),
-    (["--site-tau", "encoder.self=0.5"], "p.tau0.9.encoder-self-tau0.5.masks.zarr"),
+@pytest.mark.parametrize("args, name", [  # tau 0.6: reachable on these 8 x 8 planes with --min-keep 2
+    ([], "p.tau0.6.masks.zarr"),
+    (["--scope", "head"], "p.tau0.6.scope-head.masks.zarr"),
+    (["--budget", "plane"], "p.tau0.6.budget-plane.masks.zarr"),
+    (["--min-keep", "2"], "p.tau0.6.minkeep2.masks.zarr"),
+    (["--beyond", "error"], "p.tau0.6.beyond-error.masks.zarr"),
+    (["--site-tau", "encoder.self=0.5"], "p.tau0.6.encoder-self-tau0.5.masks.zarr"),
     (["--tau", "0.5", "--block-size", "2", "--random", "--seed", "3"], "p.tau0.5.b2.random3.masks.zarr"),
 ])
 def test_default_mask_names_differ_for_different_compilations(args, name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = pattern_store(tmp_path)
-    r = invoke("compile", store, *args)
+    r = invoke("compile", store, *(args if "--tau" in args else ["--tau", "0.6", *args]))
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "patterns" / name).exists(), sorted(p.name for p in (tmp_path / "patterns").iterdir())
+    beside = store.parent  # the default output sits beside the pattern store
+    assert (beside / name).exists(), sorted(p.name for p in beside.iterdir())
 
 
 def test_default_mask_names_keep_every_digit_and_are_filesystem_safe():
@@ -367,25 +415,25 @@ def test_classifier_training_gets_the_documented_defaults(monkeypatch, tmp_path)
 
 @pytest.mark.parametrize("args, needle", [
     (["collect", "ckpt.pt", "bin", "--text-column", "x"], "--text-column does not apply to a fairseq checkpoint"),
-    (["collect", "ckpt.pt", "bin", "--resume", "--checkpoint-every", "2"],
-     "--checkpoint-every, --resume do not apply to a fairseq checkpoint"),
-    (["collect", "minilm", "d.txt", "--split", "test"], "--split applies only to a fairseq checkpoint"),
+    (["collect", "ckpt.pt", "bin", "--token-classes"],  # --resume, --checkpoint-every apply since issue 13 item 10
+     "--token-classes does not apply to a fairseq checkpoint"),
     (["compile", "STORE", "--seed", "3"], "--seed applies only with --random"),
     (["train", "fairseq", "bin", "--masks", "none", "--epochs", "3"], "--epochs does not apply to fairseq"),
     (["train", "minilm", "d.csv", "--masks", "none", "--out", "o", "--steps", "5"],
      "--steps does not apply to --task classify"),
-    (["train", "x", "t.txt", "--task", "lm", "--masks", "none", "--out", "o", "--resume"],
-     "--resume does not apply to --task lm"),
+    (["train", "x", "t.txt", "--task", "lm", "--masks", "none", "--out", "o", "--split", "train"],
+     "--split does not apply to --task lm"),
     (["train", "minilm", "d.csv", "--masks", "none", "--out", "o", "--keep-rate", "0.3"],
-     "--keep-rate does not apply without --prune-tokens"),
+     "--keep-rate is no longer an option: token pruning is one spec, e.g. --prune-tokens topk:keep-rate=0.3"),
     (["train", "minilm", "d.csv", "--masks", "none", "--out", "o", "--prune-tokens", "topk", "--final-threshold",
-      "0.1"], "--final-threshold does not apply to --prune-tokens topk"),
-    (["train", "minilm", "d.csv", "--masks", "none", "--out", "o", "--prune-tokens", "threshold", "--lambda", "1"],
-     "--lambda does not apply without --learn-thresholds"),
+      "0.1"], "--final-threshold is no longer an option"),
+    (["train", "minilm", "d.csv", "--masks", "none", "--out", "o", "--prune-tokens", "threshold:0.01,lambda=1"],
+     "temperature and lambda in --prune-tokens apply only with --learn-thresholds"),
     (["eval", "m", "d.csv", "--beam", "3"], "--beam does not apply without MODEL fairseq"),
     (["eval", "fairseq", "ckpt.pt", "bin", "--max-length", "9"], "--max-length does not apply to fairseq"),
-    (["eval", "m", "t.txt", "--task", "lm", "--split", "all"], "--split does not apply to --task lm"),
-    (["eval", "m", "d.csv", "--temperature", "1"], "No such option: --temperature"),
+    (["eval", "m", "t.txt", "--task", "lm", "--split", "test"], "--split does not apply to --task lm"),
+    (["eval", "m", "t.txt", "--task", "lm", "--on", "all"], "--on does not apply to --task lm"),
+    (["eval", "m", "d.csv", "--temperature", "1"], "--temperature is no longer an option"),
     (["bench", "minilm", "--masks", "m.zarr", "--tau", "0.5"], "--tau does not apply with --masks"),
 ])
 def test_options_that_do_not_apply_are_refused(args, needle, tmp_path, monkeypatch):

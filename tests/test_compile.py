@@ -10,13 +10,18 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from attnmask.compile import CompileSettings, compile_masks, prune_count
+from attnmask.compile import CompileSettings, compile_masks, prune_count, random_scores
 from attnmask.errors import AttnmaskError
 from attnmask.store import PatternStore, SitePatterns
 
 
-def reference_keep(sum_, count, causal, tau, scope, block, min_keep):
-    """The compile rules written out literally with Python loops and sorted()."""
+class Unreachable(Exception):
+    """The reference's verdict that some pool cannot prune its budget; args[0] is the largest tau."""
+
+
+def reference_keep(sum_, count, causal, tau, scope, block, min_keep, budget="plane", keys=None):
+    """The compile rules written out literally with Python loops and sorted(). `keys` [L, H, R, C]
+    replace the scores (the random baseline)."""
     L, H, Q, K = sum_.shape
     R, C = math.ceil(Q / block), math.ceil(K / block)
 
@@ -30,14 +35,15 @@ def reference_keep(sum_, count, causal, tau, scope, block, min_keep):
         return [(q, k) for q in range(r * block, min((r + 1) * block, Q))
                 for k in range(c * block, min((c + 1) * block, K))]
 
-    score, unit_elig = {}, {}
+    score, unit_elig, weight = {}, {}, {}
     for l in range(L):
         for h in range(H):
             for r in range(R):
                 for c in range(C):
                     cells = [e for e in entries(r, c) if eligible(*e)]
                     unit_elig[l, h, r, c] = bool(cells)
-                    score[l, h, r, c] = sum(mean(l, h, q, k) for q, k in cells)
+                    score[l, h, r, c] = sum(mean(l, h, q, k) for q, k in cells) if keys is None else keys[l, h, r, c]
+                    weight[l, h, r, c] = 1 if budget == "plane" else sum(int(count[e]) for e in cells)
     protected = set()
     for l in range(L):
         for h in range(H):
@@ -54,11 +60,20 @@ def reference_keep(sum_, count, causal, tau, scope, block, min_keep):
     for u in flat:
         if unit_elig[u]:
             members.setdefault(pool(u[0], u[1]), []).append(u)
-    pruned = set()
+    pruned, shares = set(), []
     for units in members.values():
-        n_prune = math.floor(Fraction(repr(tau)) * len(units))
+        allowance = math.floor(Fraction(repr(tau)) * sum(weight[u] for u in units))
         candidates = sorted((u for u in units if u not in protected), key=lambda u: (score[u], flat[u]))
-        pruned.update(candidates[:n_prune])
+        shares.append((Fraction(sum(weight[u] for u in candidates), sum(weight[u] for u in units)), allowance
+                       > sum(weight[u] for u in candidates)))
+        spent = 0
+        for u in candidates:
+            if spent + weight[u] > allowance:
+                break
+            spent += weight[u]
+            pruned.add(u)
+    if any(short for _, short in shares):
+        raise Unreachable(math.floor(min(share for share, _ in shares) * 10_000) / 10_000)
     keep = np.ones((L, H, Q, K), dtype=bool)
     for l, h, q, k in np.ndindex(L, H, Q, K):
         if causal and k > q:
@@ -86,47 +101,73 @@ settings_strategy = st.builds(
     dict,
     tau=st.sampled_from([0.0, 0.1, 0.29, 0.5, 0.75, 0.9, 0.99]),
     scope=st.sampled_from(["layer", "head", "global"]),
+    budget=st.sampled_from(["data", "plane"]),
     block_size=st.sampled_from([1, 1, 2, 3]),
     min_keep=st.integers(0, 3),
 )
 
 
+def site_name(site):
+    return "decoder.self" if site.causal else "encoder.self"
+
+
 def compile_one(site, **kw):
-    store = PatternStore({"digest": "sha256:test"}, {"decoder.self" if site.causal else "encoder.self": site}, "mem")
+    store = PatternStore({"digest": "sha256:test"}, {site_name(site): site}, "mem")
     sites, attrs = compile_masks(store, CompileSettings(**kw))
     return next(iter(sites.values())), attrs
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(site=patterns(), kw=settings_strategy)
-def test_compile_matches_reference(site, kw):
+def random_keys(site, block, seed):
+    """The random baseline's keys, as compile documents them: per layer, rng([seed, crc32(site), layer])."""
+    L, H, Q, K = site.sum.shape
+    return np.stack([random_scores(seed, site_name(site), layer, (H, math.ceil(Q / block), math.ceil(K / block)))
+                     for layer in range(L)])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(site=patterns(), kw=settings_strategy, random=st.booleans(), seed=st.integers(0, 1000))
+def test_compile_matches_reference(site, kw, random, seed):
     assume(kw["block_size"] <= max(site.count.shape))
-    mask, _ = compile_one(site, **kw)
-    expected = reference_keep(site.sum, site.count, site.causal, kw["tau"], kw["scope"], kw["block_size"],
-                              kw["min_keep"])
+    keys = random_keys(site, kw["block_size"], seed) if random else None
+    try:
+        expected = reference_keep(site.sum, site.count, site.causal, kw["tau"], kw["scope"], kw["block_size"],
+                                  kw["min_keep"], kw["budget"], keys)
+    except Unreachable as verdict:
+        with pytest.raises(AttnmaskError, match=f"the largest reachable tau is {verdict.args[0]:.4f}"):
+            compile_one(site, random=random, seed=seed, **kw)
+        return
+    mask, _ = compile_one(site, random=random, seed=seed, **kw)
     np.testing.assert_array_equal(mask.keep, expected)
 
 
+def compile_or_none(site, **kw):
+    """The site's mask, or None where tau cannot be reached."""
+    try:
+        return compile_one(site, **kw)[0]
+    except AttnmaskError as e:
+        assert "the largest reachable tau is" in str(e)
+        return None
+
+
 @settings(max_examples=80, deadline=None)
-@given(site=patterns(), kw=settings_strategy, seed=st.integers(0, 1000))
-def test_random_baseline_follows_the_same_rules(site, kw, seed):
+@given(site=patterns(), kw=settings_strategy, seed=st.integers(0, 1000), other_seed=st.integers(0, 2**31))
+def test_random_baseline_uses_no_means(site, kw, seed, other_seed):
+    """Deterministic for a seed; the same masks for any other sums over the same counts (so neither its
+    pruning nor its row guarantee reads the data's means); the plane budget prunes as many entries as
+    the data-informed masks."""
     assume(kw["block_size"] <= max(site.count.shape))
-    informed, _ = compile_one(site, **kw)
-    rand, _ = compile_one(site, random=True, seed=seed, **kw)
-    again, _ = compile_one(site, random=True, seed=seed, **kw)
-    np.testing.assert_array_equal(rand.keep, again.keep)  # deterministic for a seed
-    # same number pruned (pools prune the same counts of entries, or of tiles), same structure rules
-    if kw["block_size"] == 1:
+    rand = compile_or_none(site, random=True, seed=seed, **kw)
+    again = compile_or_none(site, random=True, seed=seed, **kw)
+    other_sums = np.random.default_rng(other_seed).random(site.sum.shape) * site.count
+    other = compile_or_none(SitePatterns(other_sums, site.count, site.causal), random=True, seed=seed, **kw)
+    if rand is None:
+        assert again is None and other is None
+        return
+    np.testing.assert_array_equal(rand.keep, again.keep)
+    np.testing.assert_array_equal(rand.keep, other.keep)
+    informed = compile_or_none(site, **kw)
+    if informed is not None and kw["block_size"] == 1 and kw["budget"] == "plane":
         assert rand.attrs["pruned"] == informed.attrs["pruned"]
-    elig = site.count > 0
-    if site.causal:
-        elig &= np.tri(*site.count.shape, dtype=bool)
-        assert not rand.keep[..., ~np.tri(*site.count.shape, dtype=bool)].any()
-    assert rand.keep[..., site.count == 0].all() or site.causal
-    if kw["min_keep"] > 0 and kw["block_size"] == 1:
-        rows_with_elig = elig.any(-1)
-        kept_per_row = (rand.keep & elig).sum(-1)
-        assert (kept_per_row[..., rows_with_elig] >= np.minimum(kw["min_keep"], elig.sum(-1)[rows_with_elig])).all()
 
 
 def test_exact_count_per_pool():

@@ -44,8 +44,10 @@ def run(tmp_path_factory):
     checkpoint = root / "dense" / "checkpoint_last.pt"
     adapter = FairseqAdapter.load(checkpoint, data, "valid")
     result = collect(adapter, adapter.examples(), batch_size=16, max_length=MAX_LENGTH)
-    patterns = write_patterns(root / "p.zarr", result.sites, {"model": adapter.identity(), "max_length": MAX_LENGTH})
-    settings = CompileSettings(tau=0.8, site_tau={"decoder.cross": 0.5})
+    patterns = write_patterns(root / "p.zarr", result.sites, {"model": adapter.identity(),
+                                                                     "data": {"name": "valid"}, "max_length": MAX_LENGTH})
+    settings = CompileSettings(tau=0.8, budget="plane", site_tau={"decoder.cross": 0.5})  # short sentences:
+    # with --budget data the row guarantee alone keeps more than 20% of the decoder.self entries
     sites, attrs = compile_masks(read_patterns(patterns.path), settings)
     masks = write_masks(root / "m.zarr", sites, attrs)
     return {"root": root, "data": data, "checkpoint": checkpoint, "adapter": adapter, "result": result,
@@ -237,7 +239,7 @@ def test_cli_collect_compile_train_eval(run, tmp_path):
     r = cli.invoke(app, ["collect", checkpoint, data, "--split", "test", "--max-length", str(MAX_LENGTH), "--out", p])
     assert r.exit_code == 0, r.output
     assert read_patterns(p).attrs["sequences"] == 60
-    r = cli.invoke(app, ["compile", p, "--tau", "0.8", "--site-tau", "decoder.cross=0.5", "--out", m])
+    r = cli.invoke(app, ["compile", p, "--tau", "0.8", "--budget", "plane", "--site-tau", "decoder.cross=0.5", "--out", m])
     assert r.exit_code == 0, r.output
     assert read_masks(m).sites["decoder.cross"].attrs["tau"] == 0.5
     r = cli.invoke(app, ["train", "fairseq", data, "--masks", m, "--", *MODEL_ARGS, *TRAIN_ARGS,
@@ -255,7 +257,8 @@ def test_cli_collect_compile_train_eval(run, tmp_path):
 
 def test_plugin_checks_recorded_masks_before_the_model_is_built(run, tmp_path):
     """fairseq-generate calls task.load_state_dict before build_model: the right masks pass, other masks
-    and missing masks are refused (issue 13, item 7)."""
+    are refused, and without --attnmask-masks the recorded store is re-applied (issue 13, item 7; issue 14)
+    unless it is gone."""
     from attnmask.fairseq_plugin.task import AttnmaskTranslationConfig, AttnmaskTranslationTask
 
     digest = read_masks(run["masks"]).digest
@@ -266,9 +269,13 @@ def test_plugin_checks_recorded_masks_before_the_model_is_built(run, tmp_path):
     with pytest.raises(ValueError, match="trained with masks"):
         with_masks.load_state_dict({"attnmask_masks": {"digest": "sha256:other", "path": "x"}})
     without = AttnmaskTranslationTask.setup_task(AttnmaskTranslationConfig(data=str(run["data"])))
+    without.load_state_dict(saved)
+    assert without.masks_path() == str(run["masks"]) and without.masks_digest() == digest
+    dense = AttnmaskTranslationTask.setup_task(AttnmaskTranslationConfig(data=str(run["data"])))
+    dense.load_state_dict({})  # a dense checkpoint loads without masks
+    assert dense.masks_path() is None
     with pytest.raises(ValueError, match="pass them with --attnmask-masks"):
-        without.load_state_dict(saved)
-    without.load_state_dict({})  # a dense checkpoint loads without masks
+        dense.load_state_dict({"attnmask_masks": {"digest": digest, "path": str(tmp_path / "gone.zarr")}})
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "blocksparse", "flex"])

@@ -138,7 +138,7 @@ def test_bad_compile_arguments_never_touch_an_existing_output(args, needle, tmp_
 def test_masks_given_where_patterns_are_needed(tmp_path):
     store = valid_store(tmp_path)
     masks = tmp_path / "m.zarr"
-    assert runner.invoke(app, ["compile", str(store), "--out", str(masks)]).exit_code == 0
+    assert runner.invoke(app, ["compile", str(store), "--tau", "0.5", "--out", str(masks)]).exit_code == 0
     fails_cleanly(["compile", str(masks), "--out", str(tmp_path / "x.zarr")], "is a masks store")
     fails_cleanly(["merge", str(masks), str(store), "--out", str(tmp_path / "x.zarr")], "is a masks store")
     fails_cleanly(["inspect", str(tmp_path / "nothing.zarr")], "does not exist")

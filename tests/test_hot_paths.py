@@ -2,8 +2,8 @@
 
 Collection: real_query_sum (padding query rows excluded, one product per (head, query)) equals the
 einsum over valid = query_real & key_real, on synthetic batches and through every model family.
-Compile: one layer at a time gives the masks the whole-array algorithm gave, bit for bit, for every
-scope, with the global cut found by radix selection.
+Compile: one layer at a time gives the masks of a whole-array algorithm (one sort per pool), bit for bit,
+for every scope and budget and for the random baseline, with each pool's cut found by radix selection.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from attnmask.collect import collect, real_query_sum
+from attnmask.errors import AttnmaskError
 from attnmask.compile import (CompileSettings, causal_plane, compile_masks, eligible_entries, expand_tiles,
-                              nth_cut, prune_count, protected_by_rows, radix_cut, tile_sums)
+                              prefix_cut, prune_count, protected_by_rows, random_scores, tile_sums)
 from attnmask.models import load_adapter
 from attnmask.store import PatternStore, SitePatterns
 from tests.conftest import random_texts
@@ -129,31 +130,35 @@ def test_fairseq_collection_equals_einsum(tmp_path):
 # Compile
 
 
-def whole_array_keep(site: SitePatterns, tau: float, scope: str, block: int, min_keep: int,
-                     rng: np.random.Generator | None) -> np.ndarray:
-    """keep [L, H, Q, K] as compile computed it on the whole [L, H, R, C] array of units, selecting
-    each pool's n smallest candidates with a full sort by (score, flat position)."""
+def whole_array_keep(site: SitePatterns, name: str, settings: CompileSettings) -> np.ndarray:
+    """keep [L, H, Q, K] computed on the whole [L, H, R, C] array of units: the random keys of all layers
+    drawn up front, and each pool's pruned prefix found with a full sort by (score, flat position) and
+    a cumulative sum of the weights."""
+    block = settings.block_size
     elig = eligible_entries(site.count, site.causal)
-    mean = site.mean()
-    if block == 1:
-        score, unit_elig = mean, elig
+    unit_elig = elig if block == 1 else tile_sums(elig.astype(np.int64), block) > 0
+    weight = np.where(elig, site.count, 0)
+    weight = weight if block == 1 else tile_sums(weight, block)
+    if settings.budget == "plane":
+        weight = unit_elig.astype(np.int64)
+    if settings.random:
+        score = np.stack([random_scores(settings.seed, name, layer, (site.heads,) + unit_elig.shape)
+                          for layer in range(site.layers)])
     else:
-        score = tile_sums(np.where(elig, mean, 0.0), block)
-        unit_elig = tile_sums(elig.astype(np.int64), block) > 0
-    cand = unit_elig & ~protected_by_rows(score, unit_elig, min_keep)
+        score = site.mean() if block == 1 else tile_sums(np.where(elig, site.mean(), 0.0), block)
+    cand = unit_elig & ~protected_by_rows(score, unit_elig, settings.min_keep)
     layers, heads = score.shape[:2]
     pools = {"layer": [np.s_[l:l + 1] for l in range(layers)],
-             "head": [np.s_[l, h] for l, h in np.ndindex(layers, heads)],
-             "global": [np.s_[:]]}[scope]
+             "head": [np.s_[l:l + 1, h:h + 1] for l, h in np.ndindex(layers, heads)],
+             "global": [np.s_[:]]}[settings.scope]
     pruned = np.zeros(score.shape, dtype=bool)
     for pool in pools:
+        weights = np.broadcast_to(weight, score[pool].shape).reshape(-1)
+        allowance = prune_count(settings.tau, int(weights[np.broadcast_to(unit_elig, score[pool].shape).reshape(-1)].sum()))
         flat = np.flatnonzero(cand[pool])
-        n = prune_count(tau, int(unit_elig.sum()) * (cand[pool].size // unit_elig.size))
-        if rng is None:
-            chosen = flat[np.lexsort((flat, score[pool].reshape(-1)[flat]))[:max(n, 0)]]
-        else:
-            chosen = rng.choice(flat, size=min(n, len(flat)), replace=False)
-        np.put(pruned[pool], chosen, True)
+        order = flat[np.lexsort((flat, score[pool].reshape(-1)[flat]))]
+        fits = int(np.searchsorted(np.cumsum(weights[order]), allowance, side="right"))
+        np.put(pruned[pool], order[:fits], True)
     if block > 1:
         pruned = expand_tiles(pruned, block, *elig.shape) & elig
     keep = ~pruned
@@ -189,30 +194,44 @@ def test_per_layer_compile_equals_whole_array_compile(scope, values):
         if block > max(site.count.shape):
             continue
         min_keep, seed = int(rng.integers(0, 3)), int(rng.integers(1000))
-        for random in (False, True):
-            settings = CompileSettings(tau=tau, scope=scope, block_size=block, min_keep=min_keep,
-                                       random=random, seed=seed)
+        for budget, random in ((b, r) for b in ("data", "plane") for r in (False, True)):
+            settings = CompileSettings(tau=tau, scope=scope, budget=budget, block_size=block,
+                                       min_keep=min_keep, random=random, seed=seed)
             name = "decoder.self" if site.causal else "encoder.self"
-            sites, _ = compile_masks(PatternStore({"digest": "test"}, {name: site}, "mem"), settings)
-            expected = whole_array_keep(site, tau, scope, block, min_keep,
-                                        np.random.default_rng(seed) if random else None)
-            np.testing.assert_array_equal(sites[name].keep, expected, err_msg=f"trial {trial}: {settings}")
+            try:
+                sites, _ = compile_masks(PatternStore({"digest": "test"}, {name: site}, "mem"), settings)
+            except AttnmaskError as e:
+                assert "largest reachable tau" in str(e)
+                continue
+            np.testing.assert_array_equal(sites[name].keep, whole_array_keep(site, name, settings),
+                                          err_msg=f"trial {trial}: {settings}")
 
 
 @pytest.mark.parametrize("limit", [1, 7, 100, 10_000])
-def test_radix_cut_equals_a_partition_of_all_values(limit):
-    """Every path of the radix selection: gathering after some passes, or all 64 bits fixed (ties)."""
+def test_prefix_cut_equals_a_sort_of_all_values(limit):
+    """Every path of the radix selection (gathering after some passes, or all 64 bits fixed with the ties
+    counted by a last pass), weighted and not, over several blocks sharing one weight plane as a global
+    pool's layers do, against a sort of all candidates by (score, position)."""
     rng = np.random.default_rng(limit)
     for _ in range(30):
-        chunks = [rng.choice([0.0, -0.0, 0.25, 1e-300, 3.0], size=int(rng.integers(0, 40))) for _ in range(3)]
-        chunks += [rng.random(int(rng.integers(0, 40))) * 2.0 ** -int(rng.integers(0, 40)) for _ in range(3)]
-        chunks.append(0.5 + rng.random(30) * 2.0 ** -40)
-        values = np.concatenate(chunks)
-        for n in (1, 2, len(values) // 3, len(values) - 1, len(values)):
-            expected = nth_cut(values.copy(), n)
-            blocks = [(c, np.ones(c.shape, dtype=bool)) for c in chunks]
-            got = radix_cut(lambda f: [f(*block) for block in blocks], n, len(values), limit)
-            assert (got.t, got.ties) == (expected.t, expected.ties)
+        n = int(rng.integers(1, 40))
+        kinds = [rng.choice([0.0, -0.0, 0.25, 1e-300, 3.0], size=n), rng.random(n) * 2.0 ** -int(rng.integers(0, 40)),
+                 0.5 + rng.random(n) * 2.0 ** -40, np.full(n, 0.125)]
+        values = np.stack([kinds[i] for i in rng.integers(0, len(kinds), size=int(rng.integers(1, 6)))])
+        cand = rng.random(values.shape) < 0.8
+        for weight in (None, rng.integers(1, 5, size=n)):
+            weights = np.broadcast_to(np.ones(n, np.int64) if weight is None else weight, values.shape)
+            flat = np.flatnonzero(cand)
+            order = flat[np.lexsort((flat, values.reshape(-1)[flat]))]
+            reached = np.cumsum(weights.reshape(-1)[order])
+            total = int(reached[-1]) if len(reached) else 0
+            for budget in sorted({0, 1, 2, total // 3, max(total - 1, 0), total}):
+                expected = np.zeros(values.size, bool)
+                expected[order[:int(np.searchsorted(reached, budget, side="right"))]] = True
+                cut = prefix_cut(lambda f: [f(v, c) for v, c in zip(values, cand)], budget,
+                                 None if weight is None else weight.astype(float), limit)
+                got = np.stack([cut(v, c) for v, c in zip(values, cand)])
+                np.testing.assert_array_equal(got.reshape(-1), expected, err_msg=f"budget {budget}, weight {weight}")
 
 
 def test_compile_memory_is_the_masks_and_a_few_layers():
@@ -220,11 +239,13 @@ def test_compile_memory_is_the_masks_and_a_few_layers():
     pattern is large enough for the global selection's fixed 2^16-bin counts to be small beside it."""
     rng = np.random.default_rng(0)
     layers, heads, n = 12, 4, 256
-    count = np.full((n, n), 5, dtype=np.int64)
+    count = np.random.default_rng(1).integers(1, 9, size=(n, n))  # data budget: weights that differ
     site = SitePatterns(rng.random((layers, heads, n, n)) * count, count, False)
     store = PatternStore({"digest": "test"}, {"encoder.self": site}, "mem")
     for settings in (CompileSettings(), CompileSettings(scope="head"), CompileSettings(scope="global"),
-                     CompileSettings(block_size=8)):
+                     CompileSettings(block_size=8), CompileSettings(budget="plane"),
+                     CompileSettings(budget="plane", scope="global"), CompileSettings(random=True),
+                     CompileSettings(random=True, scope="global")):
         tracemalloc.start()
         compile_masks(store, settings)
         _, peak = tracemalloc.get_traced_memory()

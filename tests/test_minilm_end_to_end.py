@@ -29,7 +29,7 @@ def test_minilm_rotten_tomatoes(tmp_path):
     np.testing.assert_allclose(site.sum.sum(-1)[..., real], np.broadcast_to(diag[real], site.sum.shape[:2] + (real.sum(),)),
                                rtol=1e-5)
     assert site.count[0, 0] == 200  # every sequence has a first token
-    result = runner.invoke(app, ["compile", str(patterns_path), "--tau", "0.9", "--min-keep", "0",
+    result = runner.invoke(app, ["compile", str(patterns_path), "--tau", "0.9", "--min-keep", "0", "--budget", "plane",
                                  "--out", str(masks_path)])
     assert result.exit_code == 0, result.output
     keep = read_masks(masks_path).sites["encoder.self"].keep

@@ -11,8 +11,8 @@ import torch
 
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import Window
-from attnmask.pruning import (PositionedMask, PruningConfig, TokenPruner, install_pruning, keep_decision,
-                              parse_schedule, stats_table, token_importance)
+from attnmask.packing import token_importance
+from attnmask.pruning import PruningConfig, TokenPruner, install_pruning, keep_decision, parse_schedule, stats_table
 
 LAYERS, HEADS, VOCAB = 4, 4, 60
 SEP = 2  # a "special" id in these tests
@@ -68,10 +68,19 @@ def run(model, config, ids, mask, special=()):
 
 
 def test_schedules_per_layer_values():
-    assert PruningConfig("topk", keep_rate=0.4).per_layer(6) == pytest.approx([1, 1, 0.85, 0.7, 0.55, 0.4])
-    assert PruningConfig("threshold", final_threshold=0.04).per_layer(6) == pytest.approx(
-        [0, 0, 0.01, 0.02, 0.03, 0.04])
-    assert PruningConfig("topk", keep_rate=0.5, first_pruned_layer=1).per_layer(3) == pytest.approx([1, 0.75, 0.5])
+    from attnmask.pruning import DEFAULT_START
+
+    assert PruningConfig("topk", keep_rate=0.4, first_pruned_layer=2, ramp="linear").per_layer(6) == \
+        pytest.approx([1, 1, 0.85, 0.7, 0.55, 0.4])
+    assert PruningConfig("threshold", final_threshold=0.04, first_pruned_layer=2, ramp="linear").per_layer(6) == \
+        pytest.approx([0, 0, 0.01, 0.02, 0.03, 0.04])
+    assert PruningConfig("threshold", final_threshold=0.04, first_pruned_layer=2, ramp="flat").per_layer(6) == \
+        pytest.approx([0, 0, 0.04, 0.04, 0.04, 0.04])
+    default = PruningConfig("threshold", final_threshold=0.05).per_layer(6)
+    assert default[:DEFAULT_START] == [0] * DEFAULT_START and default[DEFAULT_START] > 0
+    assert default[-1] == pytest.approx(0.05)
+    assert PruningConfig("topk", keep_rate=0.5, first_pruned_layer=1, ramp="linear").per_layer(3) == \
+        pytest.approx([1, 0.75, 0.5])
     sched = parse_schedule("0,0,0.2,0.2,0.2,0.15")
     assert PruningConfig("schedule", schedule=sched).per_layer(6) == list(sched)
 
@@ -90,6 +99,7 @@ def test_schedules_per_layer_values():
     (PruningConfig("threshold", temperature=0), 4, "--temperature"),
     (PruningConfig("threshold", lam=-1), 4, "--lambda"),
     (PruningConfig("topk", first_pruned_layer=0), 4, "first pruned layer"),
+    (PruningConfig("topk", ramp="cubic"), 4, "ramp must be one of"),
 ])
 def test_invalid_parameters_raise_clear_errors(config, layers, message):
     with pytest.raises(AttnmaskError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -109,6 +119,98 @@ def test_importance_averages_over_heads_and_real_queries_only():
     assert float(token_importance(probs, real).sum()) == pytest.approx(1.0, abs=1e-6)
 
 
+def eager_reference(q, k, allowed, scale):
+    """Probabilities [b, H, t, t] of plain masked softmax attention (the eager detour)."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("budget", [1 << 21, 40])  # one tile, or tiles of one or two keys
+def test_importance_from_lse_equals_the_eager_probabilities(causal, budget):
+    from attnmask.packing import additive_bias, group_allowed, importance_from_lse, logsumexp_tiles, sdpa_with_lse
+
+    torch.manual_seed(0)
+    b, h, t, d = 3, 4, 11, 8
+    q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
+    key_real = torch.arange(t)[None, :] < torch.tensor([11, 7, 3])[:, None]
+    heads_mask = torch.rand(b, h, t, t) < 0.7  # a static mask on top (diagonal kept: no empty row)
+    heads_mask |= torch.eye(t, dtype=torch.bool)
+    allowed = group_allowed(key_real, causal, t, q.device) & heads_mask
+    allowed |= ~key_real[:, None, :, None] & key_real[:, None, None, :]  # padding queries: any real key
+    bias = additive_bias(allowed, q.dtype)
+    scale = d ** -0.5
+    out, lse = sdpa_with_lse(q, k, v, scale, bias)
+    probs = eager_reference(q, k, allowed, scale)
+    assert (out - probs @ v).transpose(1, 2)[key_real].abs().max() <= 1e-5
+    fast = importance_from_lse(q, k, lse, scale, key_real, bias, budget=budget)
+    slow = token_importance(probs, key_real)
+    assert (fast - slow).abs().max() <= 1e-6
+    assert torch.allclose(fast.sum(-1), torch.ones(b), atol=1e-5)
+    # the device-independent log-sum-exp (used off CPU) agrees with the kernel's
+    assert (logsumexp_tiles(q, k, scale, bias, budget=budget) - lse).transpose(1, 2)[key_real].abs().max() <= 1e-5
+    # a causal group without padding uses the kernel's causal flag: same importance
+    full = torch.ones(b, t, dtype=torch.bool)
+    out, lse = sdpa_with_lse(q, k, v, scale, None, causal=True)
+    probs = eager_reference(q, k, torch.ones(t, t, dtype=torch.bool).tril(), scale)
+    fast = importance_from_lse(q, k, lse, scale, full, None, causal=True, budget=budget)
+    assert (fast - token_importance(probs, full)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_pruned_forward_importance_equals_eager_attention(family):
+    """Importance of every decided layer = heads- and real-query-mean of the eager model's attention
+    (a threshold of 1e-9 decides every layer but keeps every token)."""
+    model = MODELS[family]()
+    ids, mask = padded_batch((13, 12, 11, 4))
+    out = run(model, PruningConfig("threshold", final_threshold=1e-9, first_pruned_layer=1), ids, mask)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    real = mask.bool()
+    assert out.kept == [int(real.sum())] * LAYERS
+    for layer in range(LAYERS - 1):
+        expected = token_importance(attentions[layer], real) * real
+        assert (out.importance[layer] - expected).abs().max() <= 1e-6
+
+
+def test_packed_layout_groups_similar_lengths():
+    from attnmask.packing import PackedLayout
+
+    layout = PackedLayout.build([10, 9, 8, 5, 4, 4, 2, 2], torch.arange(8))  # GROUP_RATIO 0.8
+    groups = [(g.tokens.start, g.tokens.stop, g.size, g.length) for g in layout.groups]
+    assert groups == [(0, 27, 3, 10), (27, 40, 3, 5), (40, 44, 2, 2)]
+    assert layout.tokens == 44 and layout.slots == 30 + 15 + 4
+    assert layout.groups[0].gather.tolist()[17:21] == [17, 18, 18, 19]  # a padding slot repeats the last token
+    assert layout.groups[2].gather is None  # equal lengths: a view, no gather
+    x = torch.arange(44.0)[:, None, None]
+    assert torch.equal(torch.cat([g.unpad(g.pad(x)) for g in layout.groups]), x)
+    with pytest.raises(ValueError, match="longest first"):
+        PackedLayout.build([3, 5], torch.arange(2))
+
+
+def test_layers_that_keep_everything_compute_no_importance(monkeypatch):
+    import attnmask.packing as packing
+
+    calls = []
+    original = packing.importance_from_lse
+
+    def counting(query, *args, **kwargs):
+        calls.append(query.shape)
+        return original(query, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "importance_from_lse", counting)
+    model = tiny_bert()
+    ids, mask = padded_batch((13, 9, 4))
+    out = run(model, PruningConfig("topk", keep_rate=1.0), ids, mask)
+    assert not calls and out.importance == [None] * (LAYERS - 1)
+    # start 3 of 4 layers: only layer 2's importance is read (by the decision before layer 3)
+    out = run(model, PruningConfig("threshold", final_threshold=0.2, first_pruned_layer=3), ids, mask)
+    assert len(calls) == 3 and all(c[0] == 1 for c in calls)  # one call per sequence's group, in layer 2
+    assert [imp is None for imp in out.importance] == [True, True, False]
+    assert out.kept[:3] == [26, 26, 26] and out.kept[3] < 26
+
+
 def test_keep_decision_topk_ties_and_protection():
     imp = torch.tensor([[0.1, 0.5, 0.2, 0.2, 0.0]])
     real = torch.tensor([[True, True, True, True, False]])
@@ -125,10 +227,13 @@ def test_keep_decision_topk_ties_and_protection():
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 @pytest.mark.parametrize("config", [PruningConfig("topk", keep_rate=1.0), PruningConfig("threshold", final_threshold=0.0),
-                                    PruningConfig("schedule", schedule=(0, 0, 0, 0))])
-def test_no_pruning_reproduces_the_dense_model(family, config):
+                                    PruningConfig("schedule", schedule=(0, 0, 0, 0)),
+                                    PruningConfig("threshold", final_threshold=1e-9, first_pruned_layer=1)])
+@pytest.mark.parametrize("lengths", [(13, 9, 4), (13, 12, 11, 4, 11, 10), (7, 7, 7)])
+def test_no_pruning_reproduces_the_dense_model(family, config, lengths):
+    """The packed path (groups with and without padding slots) equals the padded dense model."""
     model = MODELS[family]()
-    ids, mask = padded_batch()
+    ids, mask = padded_batch(lengths)
     out = run(model, config, ids, mask)
     with torch.no_grad():
         dense = model(input_ids=ids, attention_mask=mask)
@@ -163,7 +268,7 @@ def test_importance_and_pruning_do_not_depend_on_padding(family, config):
 
 
 def layer_lengths(model, pruner, ids, mask):
-    """Sequence length of the hidden states reaching each layer module (forward pre-hooks)."""
+    """Packed tokens reaching each layer module ([1, N, d], forward pre-hooks)."""
     seen = []
     hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
              for layer in pruner.body.layers]
@@ -180,11 +285,11 @@ def layer_lengths(model, pruner, ids, mask):
 def test_removed_tokens_shrink_later_layers(family):
     model = MODELS[family]()
     ids, mask = padded_batch((13, 9, 4))
-    pruner = TokenPruner(model, PruningConfig("topk", keep_rate=0.25, first_pruned_layer=1))
-    lengths, out = layer_lengths(model, pruner, ids, mask)
-    # keep-rates 1, 0.75, 0.5, 0.25 of 13 tokens for the longest sequence: ceil -> 13, 10, 7, 4
-    assert lengths == [13, 10, 7, 4]
-    assert out.slots == [3 * n for n in lengths]
+    pruner = TokenPruner(model, PruningConfig("topk", keep_rate=0.25, first_pruned_layer=1, ramp="linear"))
+    tokens, out = layer_lengths(model, pruner, ids, mask)
+    # keep-rates 1, 0.75, 0.5, 0.25 of (13, 9, 4) tokens, rounded up: 13+9+4, 10+7+3, 7+5+2, 4+3+1
+    assert tokens == out.kept == [26, 20, 14, 8]  # projections and feed-forward see only real tokens
+    assert out.slots[0] == 26  # lengths 13, 9, 4: one attention call each, no padding slot
     assert out.last_hidden_state.shape[1] == 4
 
 
@@ -243,10 +348,11 @@ def test_gpt2_pruned_keeps_causality_on_surviving_positions():
 # Training
 
 
-def test_gradients_flow_through_pruned_training():
+@pytest.mark.parametrize("dropout", [0.1, 0.0])  # eager groups (dropout) or the fused kernel with its lse
+def test_gradients_flow_through_pruned_training(dropout):
     from transformers import BertForSequenceClassification
 
-    model = tiny_bert(BertForSequenceClassification, dropout=0.1).train()
+    model = tiny_bert(BertForSequenceClassification, dropout=dropout).train()
     handle = install_pruning(model, PruningConfig("topk", keep_rate=0.3, first_pruned_layer=1))
     ids, mask = padded_batch()
     loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
@@ -318,37 +424,37 @@ def random_store(site, plane=16, density=0.5, seed=3):
 
 
 @pytest.mark.parametrize("family, site", [("bert", "encoder.self"), ("gpt2", "decoder.self")])
-def test_static_masks_follow_the_surviving_positions(family, site, monkeypatch):
+@pytest.mark.parametrize("backend", ["eager", "blocksparse"])
+def test_static_masks_follow_the_surviving_positions(family, site, backend, monkeypatch):
+    import attnmask.packing as packing
     from attnmask.runtime import apply_masks
 
     model = MODELS[family]()
     ids, mask = padded_batch((13, 9, 4))
     store = random_store(site)
     seen = []
-    original_call = PositionedMask.__call__
+    original = packing.positioned_allowed
 
-    def recording(self, module, query, *args):
-        out = original_call(self, module, query, *args)
-        n = int(self.state.positions.max()) + 1
-        seen.append((module.layer_idx, self.state.positions.clone(), self.state.real.clone(),
-                     self.last_allowed.clone(), self.inner.allowed(Window.self_attention(n, n))))
-        return out
+    def recording(masked, positions, key_real, causal, length):
+        allowed = original(masked, positions, key_real, causal, length)
+        seen.append((positions.clone(), key_real, allowed.clone(), masked.allowed(Window.self_attention(length, length))))
+        return allowed
 
-    monkeypatch.setattr(PositionedMask, "__call__", recording)
-    with apply_masks(model, store, backend="eager"):
-        out = run(model, PruningConfig("topk", keep_rate=0.3, first_pruned_layer=1), ids, mask)
+    monkeypatch.setattr(packing, "positioned_allowed", recording)
+    with apply_masks(model, store, backend=backend):
         dense_masked = run(model, PruningConfig("topk", keep_rate=1.0), ids, mask)
+        assert not seen  # nothing removed, no importance read: the mask's own backend ran
+        out = run(model, PruningConfig("topk", keep_rate=0.3, first_pruned_layer=1), ids, mask)
         with torch.no_grad():
             reference = model(input_ids=ids, attention_mask=mask)
     real = mask.bool()
     assert (dense_masked.last_hidden_state[real] - reference.last_hidden_state[real]).abs().max() <= 1e-5
-    assert len(seen) == 2 * LAYERS and out.kept[-1] < out.kept[0]
+    assert seen and out.kept[-1] < out.kept[0]
     checked = 0
-    for layer, pos, real_slots, allowed, keep in seen[:LAYERS]:
-        assert allowed.shape[-1] == pos.shape[1]
-        for b in range(pos.shape[0]):
-            slots = real_slots[b].nonzero().flatten()
-            p = pos[b, slots]
+    for positions, key_real, allowed, keep in seen:
+        for b in range(positions.shape[0]):
+            slots = torch.arange(positions.shape[1]) if key_real is None else key_real[b].nonzero().flatten()
+            p = positions[b, slots]
             expected = keep[:, p[:, None], p[None, :]]
             got = allowed[b][:, slots][:, :, slots]
             # rows the row guarantee rescued on the slots keep their diagonal; all others equal the mask
@@ -421,6 +527,13 @@ def test_parse_spec_forms_and_errors():
         parse_spec("topk:size=3")
     with pytest.raises(AttnmaskError, match="--keep-rate"):
         parse_spec("topk:2")
+    assert parse_spec("threshold:0.02,start=1,ramp=flat") == PruningConfig(
+        "threshold", final_threshold=0.02, first_pruned_layer=1, ramp="flat")
+    assert parse_spec("topk:keep-rate=0.5,ramp=linear").ramp == "linear"
+    with pytest.raises(AttnmaskError, match="ramp must be one of"):
+        parse_spec("topk:0.5,ramp=steep")
+    with pytest.raises(AttnmaskError, match="start must be an integer"):
+        parse_spec("topk:0.5,start=1.5")
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
@@ -439,15 +552,20 @@ def test_pruning_context_prunes_inside_and_restores_after(family):
     assert torch.equal(dense, after)
 
 
-def test_options_and_recorded_learned_thresholds_round_trip():
-    from attnmask.pruning import config_from_fields, options_config, recorded_config
+def test_config_fields_and_recorded_learned_thresholds_round_trip():
+    from attnmask.pruning import config_fields, config_from_fields, recorded_config
 
-    assert options_config(None) is None
-    with pytest.raises(AttnmaskError, match="need --prune-tokens"):
-        options_config(None, learn_thresholds=True)
-    fields = options_config("threshold", final_threshold=0.05, learn_thresholds=True, temperature=0.01, lam=0.5)
+    original = PruningConfig("threshold", final_threshold=0.05, learn_thresholds=True, temperature=0.01, lam=0.5,
+                             first_pruned_layer=2, ramp="linear")
+    fields = json.loads(json.dumps(config_fields(original)))
     config = config_from_fields(fields)
-    assert config.learn_thresholds and config.lam == 0.5
+    assert config == original
+    old_fields = {**fields, "first_pruned_layer": None}
+    del old_fields["ramp"]  # written before ramps existed: the ramp was linear, the start recorded beside
+    assert config_from_fields(old_fields).ramp == "linear"
+    old = recorded_config({"config": {**old_fields, "learn_thresholds": False}, "first_pruned_layer": 2,
+                           "per_layer": [0, 0, 0.025, 0.05]})
+    assert old.per_layer(LAYERS) == pytest.approx([0, 0, 0.025, 0.05])
     model = tiny_bert()
     from attnmask.pruning import PruningHandle
 
@@ -459,6 +577,47 @@ def test_options_and_recorded_learned_thresholds_round_trip():
     handle.remove()
     hard = recorded_config(record)
     assert not hard.learn_thresholds and hard.per_layer(LAYERS)[2] == pytest.approx(0.3)
+
+
+def test_learned_thresholds_are_saved_and_restored_with_the_model(tmp_path):
+    """Thresholds live in the task model's state dict (attnmask_pruning.thresholds): save_pretrained
+    writes them; a fresh model with pruning installed gets them back with load_state_dict."""
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+
+    config = PruningConfig("threshold", final_threshold=0.05, learn_thresholds=True, first_pruned_layer=1)
+    model = tiny_bert(BertForSequenceClassification)
+    handle = install_pruning(model, config)
+    with torch.no_grad():
+        handle.pruner.thresholds.copy_(torch.tensor([0.0, 0.11, 0.22, 0.33]))
+    handle.set_stage("hard")
+    assert handle.threshold_parameters() == []  # frozen in the hard stage, still saved
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert saved["attnmask_pruning.thresholds"].tolist() == pytest.approx([0.0, 0.11, 0.22, 0.33])
+    with pytest.raises(AttnmaskError, match="already installed"):
+        install_pruning(model, config)
+    handle.remove()
+    assert "attnmask_pruning.thresholds" not in model.state_dict()
+    handle.enable()  # installed again: pruned forward and thresholds back
+    assert model.state_dict()["attnmask_pruning.thresholds"][3] == pytest.approx(0.33)
+    with torch.no_grad():
+        model(input_ids=padded_batch()[0], attention_mask=padded_batch()[1])
+    assert handle.last is not None and handle.last.kept[-1] < handle.last.kept[0]
+    handle.remove()
+
+    fresh = tiny_bert(BertForSequenceClassification)
+    restored = install_pruning(fresh, config)
+    assert restored.pruner.current_values()[2] != pytest.approx(0.22)
+    missing, unexpected = fresh.load_state_dict(saved, strict=False)
+    assert not unexpected and "attnmask_pruning.thresholds" not in missing
+    assert restored.pruner.current_values() == pytest.approx([0.0, 0.11, 0.22, 0.33])
+    assert restored.record()["per_layer"] == pytest.approx([0.0, 0.11, 0.22, 0.33])
+    # without learned thresholds nothing is added to the state dict
+    restored.remove()
+    plain = install_pruning(fresh, PruningConfig("threshold", final_threshold=0.05))
+    assert not [k for k in fresh.state_dict() if k.startswith("attnmask_pruning")]
+    plain.remove()
 
 
 def test_bench_reports_tokens_kept_per_layer(tmp_path):

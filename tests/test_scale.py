@@ -23,6 +23,7 @@ from attnmask.store import read_masks, read_patterns, write_patterns
 from scale_helpers import REPO, make_text, make_tiny_bert, random_patterns, run_cli
 
 COLLECT = ("--max-length", "24", "--batch-size", "4", "--device", "cpu")
+IDENTITY = {"model": {"name": "m"}, "data": {"name": "d"}, "max_length": 6}  # what every pattern store records
 
 
 @pytest.fixture(scope="module")
@@ -163,18 +164,18 @@ def test_second_writer_gets_a_clear_error_and_dead_holder_frees_the_lock(tmp_pat
         assert holder.stdout.readline().strip() == "held"
         sites = random_patterns(np.random.default_rng(0))
         with pytest.raises(AttnmaskError, match=rf"in use by process {holder.pid}"):
-            write_patterns(out, sites, {"max_length": 6})
+            write_patterns(out, sites, IDENTITY)
         assert not out.exists()
         runner = CliRunner()
-        write_patterns(tmp_path / "a.zarr", sites, {"max_length": 6, "data": {"digest": "a"}})
-        write_patterns(tmp_path / "b.zarr", sites, {"max_length": 6, "data": {"digest": "b"}})
+        write_patterns(tmp_path / "a.zarr", sites, {**IDENTITY, "data": {"name": "a", "digest": "a"}})
+        write_patterns(tmp_path / "b.zarr", sites, {**IDENTITY, "data": {"name": "b", "digest": "b"}})
         r = runner.invoke(app, ["merge", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), "--out", str(out)])
         assert r.exit_code == 1 and "in use" in r.output and not out.exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert lock_path(out).exists(), "a killed holder leaves its lock file behind"
-    write_patterns(out, sites, {"max_length": 6})  # ... which is not mistaken for a live lock
+    write_patterns(out, sites, IDENTITY)  # ... which is not mistaken for a live lock
     assert read_patterns(out).sites["encoder.self"].count.sum() > 0
     assert not lock_path(out).exists()
 
@@ -182,7 +183,7 @@ def test_second_writer_gets_a_clear_error_and_dead_holder_frees_the_lock(tmp_pat
 def test_lock_is_reentrant_within_a_process(tmp_path):
     out = tmp_path / "s.zarr"
     with StoreLock(out):
-        write_patterns(out, random_patterns(np.random.default_rng(1)), {})
+        write_patterns(out, random_patterns(np.random.default_rng(1)), IDENTITY)
         assert lock_path(out).exists()
     assert not lock_path(out).exists()
 
@@ -299,7 +300,7 @@ def test_s3_stores_against_moto(moto_s3, tmp_path, monkeypatch):
     assert back.attrs["digest"] == local.attrs["digest"]
     np.testing.assert_array_equal(back.sites["encoder.self"].count, sites["encoder.self"].count)
     with pytest.raises(AttnmaskError, match="already exists"):
-        write_patterns(url, sites, {})
+        write_patterns(url, sites, IDENTITY)
     # a real subprocess compiles from S3 to S3 and refuses to overwrite
     r = run_cli("compile", url, "--tau", "0.5", "--out", "s3://attnmask-test/runs/m.zarr", env=moto_s3)
     assert r.returncode == 0, r.stderr

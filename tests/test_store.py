@@ -11,6 +11,8 @@ from attnmask.errors import AttnmaskError
 from attnmask.store import (SiteMask, SitePatterns, read_masks, read_patterns, store_kind, write_masks,
                             write_patterns)
 
+IDENTITY = {"model": {"name": "m"}, "data": {"name": "d"}, "max_length": 6}  # what every pattern store records
+
 
 def site(seed=0, causal=False):
     rng = np.random.default_rng(seed)
@@ -20,7 +22,7 @@ def site(seed=0, causal=False):
 
 def test_patterns_round_trip(tmp_path):
     sites = {"encoder.self": site(0), "decoder.self": site(1, causal=True)}
-    written = write_patterns(tmp_path / "p.zarr", sites, {"model": {"name": "m"}, "sequences": 3})
+    written = write_patterns(tmp_path / "p.zarr", sites, {**IDENTITY, "sequences": 3})
     loaded = read_patterns(tmp_path / "p.zarr")
     assert store_kind(tmp_path / "p.zarr") == "patterns"
     assert loaded.attrs["digest"] == written.attrs["digest"]
@@ -45,11 +47,11 @@ def test_masks_round_trip_and_digest_changes_with_content(tmp_path):
 
 def test_existing_output_is_refused_and_replaced_only_on_request(tmp_path):
     out = tmp_path / "p.zarr"
-    write_patterns(out, {"encoder.self": site(0)}, {})
+    write_patterns(out, {"encoder.self": site(0)}, IDENTITY)
     with pytest.raises(AttnmaskError, match="already exists"):
-        write_patterns(out, {"encoder.self": site(1)}, {})
+        write_patterns(out, {"encoder.self": site(1)}, IDENTITY)
     np.testing.assert_array_equal(read_patterns(out).sites["encoder.self"].sum, site(0).sum)
-    write_patterns(out, {"encoder.self": site(1)}, {}, overwrite=True)
+    write_patterns(out, {"encoder.self": site(1)}, IDENTITY, overwrite=True)
     np.testing.assert_array_equal(read_patterns(out).sites["encoder.self"].sum, site(1).sum)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]  # no temporary left behind
 
@@ -58,12 +60,12 @@ def test_a_folder_that_is_not_a_store_is_never_replaced(tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "file.txt").write_text("data")
     with pytest.raises(AttnmaskError, match="not an attnmask store"):
-        write_patterns(tmp_path / "precious", {"encoder.self": site(0)}, {}, overwrite=True)
+        write_patterns(tmp_path / "precious", {"encoder.self": site(0)}, IDENTITY, overwrite=True)
     assert (tmp_path / "precious" / "file.txt").read_text() == "data"
 
 
 def test_wrong_kind_and_future_version(tmp_path):
-    write_patterns(tmp_path / "p.zarr", {"encoder.self": site(0)}, {})
+    write_patterns(tmp_path / "p.zarr", {"encoder.self": site(0)}, IDENTITY)
     with pytest.raises(AttnmaskError, match="is a patterns store, but a masks store is needed"):
         read_masks(tmp_path / "p.zarr")
     meta = tmp_path / "p.zarr" / "zarr.json"

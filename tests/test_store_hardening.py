@@ -37,6 +37,11 @@ def edition(seed: int) -> dict:
             **random_patterns(rng, layers=3, heads=4, plane=8, site="decoder.cross")}
 
 
+def stamp(number: int) -> dict:
+    """Attributes of edition `number`: the identity every pattern store records, and the number."""
+    return {"model": {"name": "m"}, "data": {"name": "d"}, "max_length": 8, "edition": number}
+
+
 def run_script(script: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script, *map(str, args)], env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=180)
@@ -48,9 +53,9 @@ def run_script(script: str, *args, env: dict | None = None) -> subprocess.Comple
 OVERWRITER = """
 import sys
 from attnmask.store import write_patterns
-from test_store_hardening import edition
+from test_store_hardening import edition, stamp
 for i in range(int(sys.argv[2])):
-    write_patterns(sys.argv[1], edition(i % 2), {"edition": i % 2}, overwrite=True)
+    write_patterns(sys.argv[1], edition(i % 2), stamp(i % 2), overwrite=True)
 """
 
 
@@ -58,7 +63,7 @@ def test_readers_see_one_version_while_another_process_overwrites(tmp_path):
     out = tmp_path / "p.zarr"
     editions = [edition(0), edition(1)]
     digests = [patterns_digest(v) for v in editions]
-    write_patterns(out, editions[0], {"edition": 0})
+    write_patterns(out, editions[0], stamp(0))
     writer = subprocess.Popen([sys.executable, "-c", OVERWRITER, str(out), "40"], env=ENV,
                               stderr=subprocess.PIPE, text=True)
     reads, deadline = 0, time.monotonic() + 150
@@ -84,7 +89,7 @@ def test_a_store_whose_arrays_do_not_match_its_digest_is_refused(tmp_path):
     """Swapping two heads keeps a valid pattern, but not the one the digest names: compile refuses it
     with one error line and writes nothing; a mask store with a flipped bit is refused likewise."""
     patterns = tmp_path / "p.zarr"
-    write_patterns(patterns, edition(0), {"edition": 0})
+    write_patterns(patterns, edition(0), stamp(0))
     total = zarr.open_group(str(patterns / "encoder.self"), mode="r+")["sum"]
     total[0] = total[0][::-1]
     masks = tmp_path / "m.zarr"
@@ -105,7 +110,7 @@ def test_a_store_whose_arrays_do_not_match_its_digest_is_refused(tmp_path):
 KILLED = """
 import os, signal, sys
 import attnmask.store as store
-from test_store_hardening import edition
+from test_store_hardening import edition, stamp
 out, where = sys.argv[1], sys.argv[2]
 
 def die(*_):
@@ -127,30 +132,30 @@ else:  # S3 call `where`: killed just before the third one
             die()
         return await call(self, method, *args, **kwargs)
     s3fs.core.S3FileSystem._call_s3 = call_or_die
-store.write_patterns(out, edition(1), {"edition": 1}, overwrite=True)
+store.write_patterns(out, edition(1), stamp(1), overwrite=True)
 """
 
 
 def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     out = tmp_path / "p.zarr"
-    write_patterns(out, edition(0), {"edition": 0})
+    write_patterns(out, edition(0), stamp(0))
     r = run_script(KILLED, out, "filled")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert len(list(tmp_path.glob(".p.zarr.tmp-*"))) == 1 and lock_path(out).exists()
     assert read_patterns(out).attrs["edition"] == 0
-    write_patterns(out, edition(1), {"edition": 1}, overwrite=True)
+    write_patterns(out, edition(1), stamp(1), overwrite=True)
     assert read_patterns(out).attrs["edition"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]
 
 
 def test_a_store_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
     out = tmp_path / "p.zarr"
-    write_patterns(out, edition(0), {"edition": 0})
+    write_patterns(out, edition(0), stamp(0))
     r = run_script(KILLED, out, "moved-aside")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists() and len(list(tmp_path.glob(".p.zarr.old-*"))) == 1
     with pytest.raises(AttnmaskError, match="already exists"):
-        write_patterns(out, edition(1), {"edition": 1})
+        write_patterns(out, edition(1), stamp(1))
     assert read_patterns(out).attrs["edition"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]
 
@@ -173,12 +178,12 @@ def test_a_live_writers_temporary_is_left_alone(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(AttnmaskError, match="in use"):
-            write_patterns(out, edition(0), {"edition": 0})
+            write_patterns(out, edition(0), stamp(0))
         assert temp.is_dir()
     finally:
         holder.kill()
         holder.wait()
-    write_patterns(out, edition(0), {"edition": 0})
+    write_patterns(out, edition(0), stamp(0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 
 
@@ -203,7 +208,7 @@ def names_under(folder: str) -> list[str]:
 def test_remote_write_killed_during_upload_keeps_the_old_store(s3, tmp_path):
     env, folder = s3
     url = f"{folder}/p.zarr"
-    write_patterns(url, edition(0), {"edition": 0})
+    write_patterns(url, edition(0), stamp(0))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     r = run_script(KILLED, url, "put_object", env={**env, "TMPDIR": str(scratch)})
@@ -211,8 +216,8 @@ def test_remote_write_killed_during_upload_keeps_the_old_store(s3, tmp_path):
     assert read_patterns(url).attrs["edition"] == 0
     assert not list(scratch.iterdir()), "no local upload folder is left behind"
     with pytest.raises(AttnmaskError, match="already exists"):
-        write_patterns(url, edition(1), {"edition": 1})
-    write_patterns(url, edition(1), {"edition": 1}, overwrite=True)
+        write_patterns(url, edition(1), stamp(1))
+    write_patterns(url, edition(1), stamp(1), overwrite=True)
     assert read_patterns(url).attrs["edition"] == 1
     assert names_under(folder) == ["p.zarr"], "the killed writer's temporary is removed"
 
@@ -220,21 +225,21 @@ def test_remote_write_killed_during_upload_keeps_the_old_store(s3, tmp_path):
 def test_remote_write_killed_during_its_commit_is_readable_and_finished_by_the_next_write(s3):
     env, folder = s3
     url = f"{folder}/p.zarr"
-    write_patterns(url, edition(0), {"edition": 0})
+    write_patterns(url, edition(0), stamp(0))
     r = run_script(KILLED, url, "copy_object", env=env)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert read_patterns(url).attrs["edition"] == 1  # the complete new store, read from its temporary
     with pytest.raises(AttnmaskError, match="already exists"):
-        write_patterns(url, edition(0), {"edition": 0})  # ... which first finishes the commit
+        write_patterns(url, edition(0), stamp(0))  # ... which first finishes the commit
     assert names_under(folder) == ["p.zarr"] and ".attnmask-commit" not in names_under(url)
     assert read_patterns(url).attrs["edition"] == 1
-    write_patterns(url, edition(0), {"edition": 0}, overwrite=True)
+    write_patterns(url, edition(0), stamp(0), overwrite=True)
     assert read_patterns(url).attrs["edition"] == 0
 
 
 def test_failed_remote_overwrite_keeps_the_old_store(monkeypatch):
     url = "memory://hardening/p.zarr"
-    write_patterns(url, edition(0), {"edition": 0})
+    write_patterns(url, edition(0), stamp(0))
     writes = []
 
     def failing(original):
@@ -249,7 +254,7 @@ def test_failed_remote_overwrite_keeps_the_old_store(monkeypatch):
         monkeypatch.setattr(MemoryFileSystem, method, failing(getattr(MemoryFileSystem, method)))
     try:
         with pytest.raises(AttnmaskError, match="network down"):
-            write_patterns(url, edition(1), {"edition": 1}, overwrite=True)
+            write_patterns(url, edition(1), stamp(1), overwrite=True)
         monkeypatch.undo()
         assert read_patterns(url).attrs["edition"] == 0
         assert MemoryFileSystem().ls("/hardening", detail=False) == ["/hardening/p.zarr"]
@@ -263,7 +268,7 @@ def test_a_damaged_commit_marker_is_one_error_line(s3):
     fs, root = remote_fs(url)
     fs.pipe_file(f"{root}/.attnmask-commit", json.dumps({"not": "a name"}).encode())
     with pytest.raises(AttnmaskError, match="damaged .attnmask-commit"):
-        write_patterns(url, edition(0), {"edition": 0}, overwrite=True)
+        write_patterns(url, edition(0), stamp(0), overwrite=True)
     with pytest.raises(AttnmaskError, match="damaged .attnmask-commit"):
         read_patterns(url)
 
@@ -285,5 +290,15 @@ def test_a_pattern_store_with_nan_sums_is_never_written(tmp_path):
     sums[0, 0, 1, 1] = np.nan
     site = SitePatterns(sums, np.ones((2, 2), dtype=np.int64), False, {})
     with pytest.raises(AttnmaskError, match="NaN"):
-        write_patterns(tmp_path / "p.zarr", {"encoder.self": site}, {"model": {}})
+        write_patterns(tmp_path / "p.zarr", {"encoder.self": site}, stamp(0))
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_a_dangling_symlink_at_the_output_is_refused_before_any_work(tmp_path):
+    link = tmp_path / "p.zarr"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(AttnmaskError, match="exists and is not an attnmask store"):
+        write_patterns(link, edition(0), stamp(0), overwrite=True)
+    with pytest.raises(AttnmaskError, match="already exists"):
+        write_patterns(link, edition(0), stamp(0))
+    assert link.is_symlink() and not (tmp_path / "gone").exists()

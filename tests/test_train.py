@@ -1,4 +1,5 @@
-"""train / eval / sweep on a tiny random BERT with a word-level tokenizer and a synthetic labelled CSV."""
+"""train / eval / sweep on a tiny random BERT with a word-level tokenizer and a synthetic labelled CSV; training
+runs on transformers.Trainer (attnmask/trainer.py), the Transformer-XL LM task too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from attnmask.errors import AttnmaskError
-from attnmask.train import EvalSettings, TrainSettings, evaluate, split, sweep, train
+from attnmask.experiments import sweep
+from attnmask.train import EvalSettings, TrainSettings, evaluate, split, train
 
 WORDS = ["good", "bad", "film", "plot", "actor", "long", "short", "story", "music", "scene", "dull", "fun"]
 
@@ -60,7 +62,8 @@ def pattern_store(tiny_model, labelled_csv, tmp_path_factory):
     adapter = load_adapter(str(tiny_model))
     result = collect(adapter, iter_texts(resolve_data(str(labelled_csv))), batch_size=16, max_length=16)
     path = tmp_path_factory.mktemp("stores") / "tiny.zarr"
-    write_patterns(path, result.sites, {"model": adapter.identity(), "max_length": 16})
+    write_patterns(path, result.sites, {"model": adapter.identity(), "data": {"name": "labelled.csv"},
+                                          "max_length": 16})
     return path
 
 
@@ -86,6 +89,7 @@ def test_split_is_seeded_and_disjoint():
     assert split(100, 0.2, seed=4, limit=None)[1] != a_eval
     train_idx, eval_idx = split(100, 0.5, seed=3, limit=10)
     assert len(train_idx) == len(eval_idx) == 5
+    assert sorted(train_idx + eval_idx) == list(range(10))  # --limit: the first N examples, then the seeded cut
 
 
 def test_train_masked_writes_model_settings_metrics_and_eval_reproduces(tiny_model, labelled_csv,
@@ -107,7 +111,7 @@ def test_train_masked_writes_model_settings_metrics_and_eval_reproduces(tiny_mod
     assert metrics["accuracy"] > 0.75  # the label is one word: learnable even with half the attention pruned
 
     result = evaluate(EvalSettings(model=str(run), data=str(labelled_csv), device="cpu"))
-    assert result["split"] == "eval" and result["examples"] == 24
+    assert result["on"] == "held-out" and result["examples"] == 24
     assert result["masks_digest"] == masks.digest and result["masks_note"] == "recorded in the model"
     assert result["accuracy"] == metrics["accuracy"]
     dense = evaluate(EvalSettings(model=str(run), data=str(labelled_csv), masks="none", device="cpu"))
@@ -138,9 +142,7 @@ def test_eval_refuses_masks_that_do_not_fit_or_are_missing(tiny_model, labelled_
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_model, labelled_csv, monkeypatch, tmp_path):
-    import attnmask.train as t
-
-    monkeypatch.setattr(t, "CHECKPOINT_EVERY", 4)
+    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 4)
     full = train(settings(tiny_model, labelled_csv, tmp_path / "full", limit=60))
 
     class Interrupt(Exception):
@@ -152,7 +154,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model, labelled_csv, mon
 
     with pytest.raises(Interrupt):
         train(settings(tiny_model, labelled_csv, tmp_path / "cut", limit=60), progress=stop_at_11)
-    assert (tmp_path / "cut" / "checkpoint").exists() and not (tmp_path / "cut" / "metrics.json").exists()
+    assert [p.name for p in (tmp_path / "cut" / "checkpoint").iterdir()] == ["checkpoint-8"]
+    assert not (tmp_path / "cut" / "metrics.json").exists()
     with pytest.raises(AttnmaskError, match="--resume or --overwrite"):
         train(settings(tiny_model, labelled_csv, tmp_path / "cut", limit=60))
     with pytest.raises(AttnmaskError, match="differ from the checkpoint's: lr"):
@@ -171,21 +174,40 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model, labelled_csv, mon
         train(settings(tiny_model, labelled_csv, tmp_path / "cut", limit=60, resume=True))
 
 
-def test_sweep_writes_csv_plot_and_reuses_finished_runs(tiny_model, labelled_csv, pattern_store, tmp_path):
+def test_sweep_over_seeds_trains_dense_once_per_seed_and_pairs_differences(tiny_model, labelled_csv,
+                                                                            pattern_store, tmp_path):
+    from attnmask.experiments import mean_interval
+    from attnmask.store import read_masks
+
     base = settings(tiny_model, labelled_csv, "", epochs=1, limit=40)
-    rows = sweep(base, str(pattern_store), [0.0, 0.8], random_baseline=True, out=tmp_path / "sw")
-    kinds = [(r["kind"], r["tau"]) for r in rows]
-    assert kinds == [("dense", 0.0), ("data", 0.0), ("random", 0.0), ("data", 0.8), ("random", 0.8)]
-    by = {(r["kind"], r["tau"]): r for r in rows}
-    assert by[("data", 0.0)]["sparsity"] == 0.0 and by[("data", 0.0)]["accuracy"] == by[("dense", 0.0)]["accuracy"]
-    assert 0.7 < by[("data", 0.8)]["sparsity"] < 0.9 and 0.7 < by[("random", 0.8)]["sparsity"] < 0.9
+    variants = {"data": {}, "random": {"random": True}}
+    result = sweep(base, str(pattern_store), [0.0, 0.6], variants, tmp_path / "sw", seeds=[0, 1])
+    rows = result["rows"]
+    assert [(r["seed"], r["kind"], r["tau"]) for r in rows] == [
+        (0, "dense", 0.0), (0, "data", 0.6), (0, "random", 0.6), (1, "dense", 0.0), (1, "data", 0.6),
+        (1, "random", 0.6)]  # tau 0 is the dense run, trained once per seed
+    assert sorted(p.name for p in (tmp_path / "sw" / "runs" / "seed1").iterdir()) == [
+        "data-tau0.6", "dense", "random-tau0.6"]
+    for r in rows[1:3] + rows[4:]:
+        masks = read_masks(tmp_path / "sw" / "masks" / f"seed{r['seed']}" / f"{r['kind']}-tau0.6.masks.zarr")
+        assert masks.attrs["budget"] == "data" and masks.attrs["random"] == (r["kind"] == "random")
+        assert r["sparsity"] == masks.attrs["figures"]["data_sparsity"] and 0.45 < r["sparsity"] <= 0.6
+    by = {(r["kind"], r["seed"]): r["accuracy"] for r in rows}
+    summary = {e["kind"]: e for e in result["summary"]}
+    expected = mean_interval([by["data", s] - by["dense", s] for s in (0, 1)])
+    assert (summary["data"]["vs_dense"], summary["data"]["vs_dense_ci"]) == pytest.approx(expected)
+    assert summary["data"]["vs_random"] == pytest.approx(sum(by["data", s] - by["random", s] for s in (0, 1)) / 2)
+    assert summary["dense"]["vs_dense"] is None and summary["random"]["vs_random"] is None
+    assert 0.5 <= result["majority"] <= 1
     with open(tmp_path / "sw" / "sweep.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 5
+        assert len(list(csv.DictReader(fh))) == 6
+    with open(tmp_path / "sw" / "summary.csv") as fh:
+        assert [row["kind"] for row in csv.DictReader(fh)] == ["dense", "data", "random"]
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    stamp = (tmp_path / "sw" / "runs" / "data-tau0.8" / "metrics.json").stat().st_mtime_ns
-    again = sweep(base, str(pattern_store), [0.8], random_baseline=False, out=tmp_path / "sw")
-    assert (tmp_path / "sw" / "runs" / "data-tau0.8" / "metrics.json").stat().st_mtime_ns == stamp
-    assert again[1]["accuracy"] == by[("data", 0.8)]["accuracy"]
+    stamp = (tmp_path / "sw" / "runs" / "seed0" / "data-tau0.6" / "metrics.json").stat().st_mtime_ns
+    again = sweep(base, str(pattern_store), [0.6], {"data": {}}, tmp_path / "sw", seeds=[0])
+    assert (tmp_path / "sw" / "runs" / "seed0" / "data-tau0.6" / "metrics.json").stat().st_mtime_ns == stamp
+    assert again["rows"][1]["accuracy"] == by["data", 0]
 
 
 def test_cli_train_and_eval(tiny_model, labelled_csv, pattern_store, tmp_path):
@@ -209,18 +231,131 @@ def test_cli_train_and_eval(tiny_model, labelled_csv, pattern_store, tmp_path):
     assert r.exit_code == 1 and "no column 'nope'" in r.output
 
 
-def test_data_weighted_sparsity_weights_entries_by_count():
-    import numpy as np
+# ----------------------------------------------------------------------------------------------
+# Trainer: learned thresholds, gradient accumulation, precision, the LM task, one grammar
 
-    from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns
-    from attnmask.train import data_weighted_sparsity, mask_sparsity
 
-    count = np.array([[3, 1], [1, 0]])  # (1, 1) never reached: not eligible
-    patterns = PatternStore({}, {"encoder.self": SitePatterns(np.zeros((1, 2, 2, 2)), count, False)})
-    keep = np.ones((1, 2, 2, 2), dtype=bool)
-    keep[0, 0, 0, 1] = False  # weight 1
-    keep[0, 1, 0, 0] = False  # weight 3
-    masks = MaskStore({}, {"encoder.self": SiteMask(keep, False, {"pruned": 2, "eligible": 3})})
-    assert data_weighted_sparsity(masks, patterns) == (1 + 3) / (5 * 2)
-    assert mask_sparsity(masks) == 2 / (3 * 2)
-    assert data_weighted_sparsity(None, patterns) == 0.0
+def interrupt_at(step_to_stop: int):
+    class Interrupt(Exception):
+        pass
+
+    def progress(step, *_):
+        if step == step_to_stop:
+            raise Interrupt
+
+    return Interrupt, progress
+
+
+def test_learned_thresholds_are_learned_then_frozen_and_resume_exactly_in_both_stages(
+        tiny_model, labelled_csv, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    from attnmask.pruning import PruningConfig, config_fields
+
+    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    initial = 0.05
+    pruning = config_fields(PruningConfig("threshold", final_threshold=initial, learn_thresholds=True,
+                                          temperature=0.05, lam=1.0))
+    run = lambda out, **kw: settings(tiny_model, labelled_csv, out, limit=40, pruning=pruning, **kw)  # noqa: E731
+    full = train(run(tmp_path / "full"))  # 32 training examples, batch 8: 4 steps per epoch, 8 in all
+    assert full["steps"] == 8 and full["pruning"]["per_layer"][0] == 0.0
+    assert full["pruning"]["per_layer"][1] != pytest.approx(initial, abs=1e-4)  # θ moved in the soft stage
+    for cut, checkpoint, hard in [(3, "checkpoint-2", False), (7, "checkpoint-6", True)]:  # hard from step 4
+        out = tmp_path / f"cut{cut}"
+        interrupt, progress = interrupt_at(cut)
+        with pytest.raises(interrupt):
+            train(run(out), progress=progress)
+        state = load_file(out / "checkpoint" / checkpoint / "attnmask-state.safetensors")
+        assert bool(state["pruning.hard"]) is hard
+        resumed = train(run(out, resume=True))
+        assert resumed["pruning"]["per_layer"] == full["pruning"]["per_layer"]
+        assert resumed["accuracy"] == full["accuracy"]
+        a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_equals_the_larger_batch_and_bf16_trains(tiny_model, labelled_csv, tmp_path):
+    from safetensors.torch import load_file
+
+    big = train(settings(tiny_model, labelled_csv, tmp_path / "big", epochs=1, limit=40, batch_size=16))
+    accumulated = train(settings(tiny_model, labelled_csv, tmp_path / "acc", epochs=1, limit=40, batch_size=8,
+                                 gradient_accumulation=2))
+    assert big["steps"] == accumulated["steps"] == 2  # 32 examples: 2 batches of 16, or 2 x 2 batches of 8
+    # the loss back-propagated is the mean over the 16 examples, not the sum of two means (AdamW would hide
+    # a factor on the gradient; Trainer's training_loss shows it)
+    assert accumulated["train_loss"] == pytest.approx(big["train_loss"], rel=1e-5)
+    assert accumulated["train_loss_last_epoch"] == pytest.approx(big["train_loss_last_epoch"], rel=1e-5)
+    a, b = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "acc" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # float sums in another order, through Adam
+    half = train(settings(tiny_model, labelled_csv, tmp_path / "bf16", epochs=1, limit=40, precision="bf16"))
+    assert half["precision"] == "bf16" and half["train_loss_last_epoch"] > 0
+    with pytest.raises(AttnmaskError, match="fp16 needs a CUDA GPU"):
+        train(settings(tiny_model, labelled_csv, tmp_path / "fp16", precision="fp16"))
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_language_model_trains_on_trainer_and_resumes_exactly_with_its_memories(monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    from attnmask.lm import train_lm
+
+    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"the {w} saw a {v} ." for w in "abcdef" for v in "xyz") + "\n")
+    common = dict(config="small", steps=6, batch_size=2, tgt_len=8, device="cpu")
+    steps = []
+    full = train_lm(None, text, out=tmp_path / "full", progress=lambda *a: steps.append(a), **common)
+    assert full["steps"] == 6 and [s[:2] for s in steps] == [(i, 6) for i in range(1, 7)]
+    interrupt, progress = interrupt_at(3)
+    with pytest.raises(interrupt):
+        train_lm(None, text, out=tmp_path / "cut", progress=progress, **common)
+    with pytest.raises(AttnmaskError, match="differ from the checkpoint's: lr"):
+        train_lm(None, text, out=tmp_path / "cut", resume=True, **{**common, "lr": 1e-4})
+    resumed = train_lm(None, text, out=tmp_path / "cut", resume=True, **common)
+    assert resumed["steps"] == 6 and not (tmp_path / "cut" / "checkpoint").exists()
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_token_pruning_grammar_and_machine_readable_tables(tiny_model, labelled_csv, tmp_path):
+    from attnmask.cli import app
+
+    runner = CliRunner()
+    common = ["--max-length", "16", "--limit", "30", "--device", "cpu", "--epochs", "1"]
+    r = runner.invoke(app, ["train", str(tiny_model), str(labelled_csv), "--masks", "none", "--out",
+                            str(tmp_path / "run"), "--prune-tokens", "topk:keep-rate=0.5,start=1", "--json", *common])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.stdout)
+    assert metrics["pruning"]["config"]["keep_rate"] == 0.5 and metrics["pruning"]["first_pruned_layer"] == 1
+    assert metrics == json.loads((tmp_path / "run" / "metrics.json").read_text())
+    r = runner.invoke(app, ["eval", str(tmp_path / "run"), str(labelled_csv), "--on", "all", "--limit", "7",
+                            "--csv", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    assert len(rows) == 1 and rows[0]["on"] == "all" and rows[0]["examples"] == "7"
+    assert 0 <= float(rows[0]["accuracy"]) <= 1
+    for args, needle in [
+        (["--prune-tokens", "topk", "--keep-rate", "0.3"], "--keep-rate is no longer an option: token pruning "
+                                                            "is one spec, e.g. --prune-tokens topk:keep-rate=0.3"),
+        (["--prune-tokens", "threshold", "--lambda", "1"], "e.g. --prune-tokens threshold:0.01,lambda=0.5"),
+        (["--learn-thresholds"], "--learn-thresholds needs --prune-tokens threshold"),
+        (["--prune-tokens", "topk", "--learn-thresholds"], "--learn-thresholds needs --prune-tokens threshold"),
+        (["--prune-tokens", "threshold:0.01,lambda=2"], "apply only with --learn-thresholds"),
+        (["--prune-tokens", "topk:keep-rate=2"], "--keep-rate must lie in (0, 1]"),
+        (["--json", "--csv"], "choose one of --json and --csv"),
+    ]:
+        r = runner.invoke(app, ["train", str(tiny_model), str(labelled_csv), "--masks", "none", "--out",
+                                str(tmp_path / "bad"), *common, *args])
+        assert r.exit_code == 1 and r.output.strip().splitlines() == [f"error: {r.output.strip()[7:]}"], r.output
+        assert needle in r.output, r.output
+        assert not (tmp_path / "bad").exists()
+    r = runner.invoke(app, ["eval", str(tmp_path / "run"), str(labelled_csv), "--on", "eval", "--device", "cpu"])
+    assert r.exit_code == 1 and "--on must be auto, held-out or all" in r.output
+
+
+def test_both_rotten_tomatoes_corpora_default_to_fresh_vs_rotten():
+    from attnmask.train import label_defaults
+
+    for name in ("rotten-tomatoes", "rotten-tomatoes-full"):
+        assert label_defaults(name, None, None) == ("category", ["fresh", "rotten"])
+    assert label_defaults("other.csv", None, None) == ("label", None)

@@ -335,7 +335,8 @@ def test_compile_and_train_with_masks_round_trip(tmp_path):
     text.write_text("\n".join(lines) + "\n")
     adapter = load_adapter(str(folder))
     result = collect(adapter, lines, batch_size=2, max_length=3)
-    patterns = write_patterns(tmp_path / "p.zarr", result.sites, {"model": adapter.identity()})
+    patterns = write_patterns(tmp_path / "p.zarr", result.sites, {"model": adapter.identity(),
+                                                                   "data": {"name": "lines"}, "max_length": 3})
     sites, attrs = compile_masks(patterns, CompileSettings(tau=0.5))
     keep, count = sites["decoder.self"].keep, result.sites["decoder.self"].count
     eligible = (count > 0) & np.tri(3, 7, 4, dtype=bool)
@@ -402,3 +403,114 @@ def test_a_learning_rate_that_is_not_positive_is_refused(tmp_path):
     (tmp_path / "t.txt").write_text("a b c\n" * 20)
     with pytest.raises(AttnmaskError, match="--lr must be positive"):
         train_lm(None, tmp_path / "t.txt", out=tmp_path / "m", config="small", lr=0.0, steps=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face vocabularies (vocab.pkl / vocab.bin), read without running pickled code
+
+
+def saved_tokenizer_dict(symbols: list[str], monkeypatch) -> dict:
+    """What transformers' TransfoXLTokenizer.save_vocabulary pickles: the tokenizer's whole `__dict__`
+    (counter, special, ..., idx2sym, sym2idx, eos_idx) including its helper objects: compiled regexes,
+    sacremoses normalisers (a stand-in class registered as `sacremoses`, which is not installed here)
+    and tokenizers.AddedToken."""
+    import re
+    import sys
+    import types
+    from collections import Counter, OrderedDict
+
+    from tokenizers import AddedToken
+
+    sacremoses = types.ModuleType("sacremoses")
+
+    class MosesPunctNormalizer:
+        def __init__(self, lang):
+            self.lang, self.substitutions = lang, [(re.compile(r"\s+"), " ")]
+
+    MosesPunctNormalizer.__module__, MosesPunctNormalizer.__qualname__ = "sacremoses", "MosesPunctNormalizer"
+    sacremoses.MosesPunctNormalizer = MosesPunctNormalizer
+    monkeypatch.setitem(sys.modules, "sacremoses", sacremoses)
+    return {"counter": Counter({s: 100 - i for i, s in enumerate(symbols)}), "special": ["<eos>"], "min_freq": 0,
+            "max_size": None, "lower_case": False, "delimiter": None, "vocab_file": None, "never_split": ["<eos>"],
+            "punctuation_symbols": '!"#$%&()*+,-./\\:;<=>?@[\\]^_`{|}~',
+            "punction_without_space_before_pattern": re.compile(r"[^\s][!,.]"),
+            "moses_punct_normalizer": MosesPunctNormalizer("en"), "language": "en",
+            "idx2sym": list(symbols), "sym2idx": OrderedDict((s, i) for i, s in enumerate(symbols)), "eos_idx": 0,
+            "_added_tokens_decoder": {len(symbols): AddedToken("<formula>", special=True)}}
+
+
+def hf_folder(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """model_folder with its vocab.txt replaced by nothing; the Hugging Face word order: <eos> first,
+    <unk> among the words (as in transfo-xl-wt103)."""
+    folder, lines = model_folder(tmp_path)
+    words = [s for s in Vocabulary.load(folder).symbols if s not in ("<eos>", "<unk>")]
+    (folder / "vocab.txt").unlink()
+    return folder, lines, ["<eos>"] + words[:5] + ["<unk>"] + words[5:]
+
+
+def test_hugging_face_vocab_pkl_folder_works_as_is(tmp_path, monkeypatch):
+    import pickle
+
+    folder, lines, symbols = hf_folder(tmp_path)
+    with open(folder / "vocab.pkl", "wb") as fh:
+        pickle.dump(saved_tokenizer_dict(symbols, monkeypatch), fh)
+    monkeypatch.delitem(__import__("sys").modules, "sacremoses")  # reading needs none of it
+    vocab = Vocabulary.load(folder)
+    assert vocab.symbols == symbols and (vocab.eos, vocab.unk) == (0, 6)
+    words = lines[0].split()
+    assert vocab.encode_lines([lines[0] + " never-seen"]).tolist() == \
+        [symbols.index(w) for w in words] + [6, 6, 6, 0]  # "never", "-", "seen" are unknown
+    result = collect(load_adapter(str(folder)), lines, batch_size=2, max_length=3)
+    assert result.sequences > 0
+
+
+def test_hugging_face_vocab_bin_is_read_weights_only(tmp_path, monkeypatch):
+    from collections import Counter, OrderedDict
+
+    folder, _, symbols = hf_folder(tmp_path)
+    torch.save({"counter": Counter(symbols), "special": ["<eos>"], "idx2sym": symbols,
+                "sym2idx": OrderedDict((s, i) for i, s in enumerate(symbols)), "eos_idx": 0}, folder / "vocab.bin")
+    assert Vocabulary.load(folder).symbols == symbols
+    torch.save({"sym2idx": {s: i for i, s in enumerate(symbols)}}, folder / "vocab.bin")  # idx2sym rebuilt
+    assert Vocabulary.load(folder).symbols == symbols
+    torch.save({"idx2sym": symbols, "sym2idx": {s: i + 1 for i, s in enumerate(symbols)}}, folder / "vocab.bin")
+    with pytest.raises(AttnmaskError, match="disagree"):
+        Vocabulary.load(folder)
+
+
+class _Exploit:
+    def __init__(self, witness: Path):
+        self.witness = witness
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.witness}",)
+
+
+@pytest.mark.parametrize("name", ["vocab.pkl", "vocab.bin"])
+def test_malicious_vocabulary_is_refused_without_running(tmp_path, name):
+    """A pickle whose reduce calls os.system: one error line, and the command never ran."""
+    import pickle
+
+    from typer.testing import CliRunner
+
+    from attnmask.cli import app
+
+    folder, lines, symbols = hf_folder(tmp_path)
+    witness = tmp_path / "ran"
+    payload = {"idx2sym": symbols, "extra": _Exploit(witness)}
+    if name == "vocab.pkl":
+        (folder / name).write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, folder / name)
+    with pytest.raises(AttnmaskError, match="refusing to read it|not a Transformer-XL vocabulary"):
+        Vocabulary.load(folder)
+    (tmp_path / "text.txt").write_text("\n".join(lines))
+    r = CliRunner().invoke(app, ["collect", str(folder), str(tmp_path / "text.txt"), "--out", str(tmp_path / "p.zarr")])
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.output
+    assert "system" in r.stderr
+    assert not witness.exists()
+    (folder / name).write_bytes(b"\x80\x04truncated")
+    with pytest.raises(AttnmaskError, match="not a Transformer-XL vocabulary"):
+        Vocabulary.load(folder)

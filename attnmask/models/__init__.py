@@ -6,7 +6,7 @@ import torch
 
 from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, pick_device
 
-__all__ = ["AttentionSink", "Batch", "MaskSeam", "ModelAdapter", "Site", "load_adapter", "mask_seam", "pick_device"]
+__all__ = ["AttentionSink", "Batch", "MaskSeam", "ModelAdapter", "Site", "collection_input", "load_adapter", "mask_seam", "pick_device"]
 
 _MASK_SEAMS = ("attnmask.models.hf:HuggingFaceSeam", "attnmask.models.fairseq:FairseqSeam",
                "attnmask.models.transfo_xl:TransfoXLSeam")
@@ -27,12 +27,36 @@ def mask_seam(model: torch.nn.Module) -> MaskSeam:
                         "translation Transformer or attnmask's Transformer-XL)")
 
 
+def is_fairseq_checkpoint(spec: str) -> bool:
+    """fairseq checkpoints are single `.pt` files; every other family loads from a folder or a name."""
+    return str(spec).endswith(".pt")
+
+
+def collection_input(model: str, data: str, split: str | None = None, text_column: str | None = None,
+                     token_classes: bool = False):
+    """What `collect` reads for MODEL over DATA: a fairseq checkpoint over one split of its binarized
+    data folder (default valid), any other model over a text source (attnmask.data, `split` of it)."""
+    from attnmask.errors import AttnmaskError
+
+    if is_fairseq_checkpoint(model):
+        from attnmask.translate import FairseqInput
+
+        for given, option in ((text_column is not None, "--text-column"), (token_classes, "--token-classes")):
+            if given:
+                raise AttnmaskError(f"{option} does not apply to a fairseq checkpoint (DATA is its binarized folder)")
+        return FairseqInput(model, data, split or "valid")
+    from attnmask.collect import TextInput
+    from attnmask.data import resolve_data
+
+    return TextInput(model, resolve_data(data, text_column, split), split)
+
+
 def load_adapter(spec: str, device: torch.device | str = "cpu", data: str | None = None,
                  split: str = "valid") -> ModelAdapter:
     """Load the model named by `spec` with the adapter of its family.
 
     A fairseq checkpoint (`*.pt`) needs `data`, its binarized data folder, and reads `split` of it."""
-    if str(spec).endswith(".pt"):
+    if is_fairseq_checkpoint(spec):
         from attnmask.errors import AttnmaskError
         from attnmask.models.fairseq import FairseqAdapter
 

@@ -92,6 +92,16 @@ class ModelAdapter(ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def token_classes(self) -> list[str]:
+        """Names of the classes `key_classes` sorts key tokens into (collect --token-classes)."""
+        from attnmask.errors import AttnmaskError
+
+        raise AttnmaskError(f"--token-classes is not supported for {self.family} models")
+
+    def key_classes(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """{site: class [batch, keys] int64}: the index into `token_classes()` of every key token."""
+        raise NotImplementedError
+
 
 class MaskSeam(ABC):
     """How the mask runtime reaches a family's attention modules (one subclass per family)."""

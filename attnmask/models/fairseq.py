@@ -29,10 +29,12 @@ from typing import Iterable, Iterator
 import torch
 
 from attnmask.errors import AttnmaskError
+from attnmask.fairseq_safe_load import allow_fairseq_globals, refused_global
 from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, sink_attached
 from attnmask.store import json_digest
 
 FAMILY = "fairseq"
+MASKS_MARKER = "attnmask_masks__load_with_the_attnmask_fairseq_plugin"  # model state key of masked checkpoints
 _VOLATILE_MODEL_KEYS = {"_name", "data", "no_progress_bar", "log_format", "log_interval", "seed", "cpu",
                         "fp16", "bf16", "tpu", "checkpoint_activations", "offload_activations"}
 
@@ -69,28 +71,9 @@ def import_fairseq():
     return fairseq
 
 
-@contextlib.contextmanager
-def trusted_checkpoints():
-    """Let fairseq's own `torch.load` calls read whole checkpoints while active.
-
-    fairseq checkpoints pickle argparse/omegaconf objects, which torch >= 2.6 refuses under its
-    default weights_only=True. The user names the checkpoint, so it is trusted like any model file.
-    """
-    original = torch.load
-
-    def load(*args, **kwargs):
-        kwargs.setdefault("weights_only", False)
-        return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
 def load_checkpoint_state(path: str | Path, data_bin: str | Path | None = None) -> dict:
-    """fairseq's checkpoint dict (cfg as omegaconf), with cfg.task.data pointed at `data_bin`."""
+    """fairseq's checkpoint dict (cfg as omegaconf), with cfg.task.data pointed at `data_bin`; read with
+    torch's weights-only unpickler (attnmask.fairseq_safe_load), so a file cannot run code."""
     import_fairseq()
     import attnmask.fairseq_plugin.task  # noqa: F401 - checkpoints trained with masks name its task
     from fairseq import checkpoint_utils
@@ -99,10 +82,13 @@ def load_checkpoint_state(path: str | Path, data_bin: str | Path | None = None) 
     if not path.is_file():
         raise AttnmaskError(f"checkpoint {path} does not exist")
     overrides = {"data": str(data_bin)} if data_bin is not None else None
+    allow_fairseq_globals()
     try:
-        with trusted_checkpoints():
-            state = checkpoint_utils.load_checkpoint_to_cpu(str(path), arg_overrides=overrides)
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(path), arg_overrides=overrides)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means it is no fairseq checkpoint
+        if refused_global(e):
+            raise AttnmaskError(f"cannot read {path} as a fairseq checkpoint: it names {refused_global(e)}, "
+                                "which a fairseq checkpoint does not need; refusing to unpickle it") from None
         raise AttnmaskError(f"cannot read {path} as a fairseq checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if state.get("cfg") is None or "model" not in state:
@@ -129,6 +115,11 @@ def build_task_and_model(state: dict):
     from omegaconf import open_dict
 
     cfg = state["cfg"]
+    marked = take_masks_marker(state["model"])
+    trained = recorded_masks(state)
+    if marked is not None and marked != (trained["digest"] if trained else None):
+        raise AttnmaskError(f"the checkpoint's weights carry masks {marked or '(none)'} but its task state "
+                            f"records {trained['digest'] if trained else '(none)'}: it was altered")
     with open_dict(cfg):
         if "attnmask_masks" in cfg.task:
             cfg.task.attnmask_masks = None
@@ -145,6 +136,50 @@ def build_task_and_model(state: dict):
 def recorded_masks(state: dict) -> dict | None:
     """The masks a checkpoint was trained with: {'digest', 'path', 'sites'} or None (dense)."""
     return (state.get("task_state") or {}).get("attnmask_masks")
+
+
+def mark_masked(model, digest: str) -> None:
+    """Make the model's state_dict carry MASKS_MARKER (the masks' digest as uint8 bytes) and accept it
+    back on load (state-dict hooks on this instance; idempotent).
+
+    fairseq loads checkpoints strictly, so a model built without these hooks (stock fairseq, no
+    `--user-dir`) refuses a checkpoint trained with masks ("Unexpected key(s) in state_dict:
+    attnmask_masks__...") instead of running it dense."""
+    if getattr(model, "_attnmask_marked", None) == digest:
+        return
+    if getattr(model, "_attnmask_marked", None) is not None:
+        raise AttnmaskError("the model already carries other masks")
+    model._attnmask_marked = digest
+    value = torch.tensor(list(digest.encode()), dtype=torch.uint8)
+
+    def add_marker(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + MASKS_MARKER] = value.clone()
+
+    def accept_marker(module, state_dict, prefix, *args):
+        state_dict.pop(prefix + MASKS_MARKER, None)
+
+    model.register_state_dict_post_hook(add_marker)
+    model.register_load_state_dict_pre_hook(accept_marker)
+
+
+def take_masks_marker(model_state: dict) -> str | None:
+    """Remove MASKS_MARKER from a checkpoint's model state: the digest it held, or None (dense)."""
+    value = model_state.pop(MASKS_MARKER, None)
+    return None if value is None else bytes(value.tolist()).decode()
+
+
+def weights_digest(model_state: dict) -> str:
+    """sha256 over a checkpoint's parameters and buffers: each tensor's name, dtype, shape and bytes, in
+    name order (MASKS_MARKER excluded). Two checkpoints of one architecture differ here, not in
+    model_config_digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(k for k in model_state if k != MASKS_MARKER):
+        t = model_state[name].detach().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def model_config_digest(cfg) -> str:
@@ -392,15 +427,17 @@ class FairseqAdapter(ModelAdapter):
     """A fairseq translation Transformer, teacher-forced over a binarized split's sentence pairs."""
 
     family = FAMILY
+    windowable = True  # sentence pairs are independent: the stream may be cut anywhere
 
-    def __init__(self, model, task, cfg, name: str, data_bin: Path, split: str = "valid"):
+    def __init__(self, model, task, cfg, name: str, data_bin: Path, split: str = "valid",
+                 weights: str | None = None):
         self.model = model
+        self.weights = weights
         self.task = task
         self.cfg = cfg
         self.name = name
         self.data_bin = data_bin
         self.split = split
-        self.skipped = 0
         self._modules = install_attention(model)
 
     @classmethod
@@ -408,12 +445,15 @@ class FairseqAdapter(ModelAdapter):
              device: torch.device | str = "cpu") -> "FairseqAdapter":
         folder = check_data_bin(data_bin, split)
         state = load_checkpoint_state(checkpoint, folder)
+        weights = weights_digest(state["model"])  # before fairseq's load upgrades the dict in place
         cfg, task, model = build_task_and_model(state)
         model.to(device).eval()
-        return cls(model, task, cfg, str(checkpoint), folder, split)
+        return cls(model, task, cfg, str(checkpoint), folder, split, weights)
 
     def identity(self) -> dict:
-        return {"family": self.family, "name": self.name, "config_digest": model_config_digest(self.cfg)}
+        """family, name, config_digest (architecture) and weights_digest (these very weights)."""
+        return {"family": self.family, "name": self.name, "config_digest": model_config_digest(self.cfg),
+                "weights_digest": self.weights or weights_digest(self.model.state_dict())}
 
     def sites(self) -> list[Site]:
         return [Site(name, len(modules), modules[0].num_heads, name == "decoder.self")
@@ -442,12 +482,11 @@ class FairseqAdapter(ModelAdapter):
 
     def batches(self, examples: Iterable[tuple[torch.Tensor, torch.Tensor]], batch_size: int,
                 max_length: int) -> Iterator[Batch]:
-        """Right-padded batches; pairs with a side longer than max_length tokens are skipped (counted in
-        `self.skipped`) rather than truncated, so every collected pair is a whole translation."""
+        """Right-padded batches; pairs with a side longer than max_length tokens are skipped rather than
+        truncated, so every collected pair is a whole translation."""
         chunk = []
         for source, target in examples:
             if len(source) > max_length or len(target) > max_length:
-                self.skipped += 1
                 continue
             chunk.append((source, target))
             if len(chunk) == batch_size:
@@ -498,7 +537,3 @@ def quiet_logs(level: int = logging.WARNING):
         yield
     finally:
         logger.setLevel(previous)
-
-
-def is_fairseq_checkpoint(spec: str) -> bool:
-    return str(spec).endswith(".pt")

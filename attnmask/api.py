@@ -1,0 +1,297 @@
+"""The Python API: collect, compile, apply, save and reload, from objects in memory or paths.
+
+    import attnmask
+
+    patterns = attnmask.collect_patterns(model, tokenizer, texts, out="p.zarr", max_length=128)
+    masks = attnmask.compile_masks(patterns, tau=0.9, out="m.zarr")
+    handle = attnmask.apply_masks(model, masks)        # the model now runs with the masks
+    model.save_pretrained("tuned")                      # writes tuned/attnmask-masks.zarr as well
+    model = attnmask.load_model("tuned")                # masked again (digest-checked)
+
+Every function checks its arguments first and raises an AttnmaskError with one clear line, the same
+lines the command line prints. Stores are written only when `out` is given; otherwise the result is an
+in-memory PatternStore / MaskStore that the next step accepts as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from attnmask.errors import AttnmaskError
+from attnmask.store import MaskStore, PatternStore
+
+DEFAULT_MAX_LENGTH = 128
+PathLike = (str, os.PathLike)
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AttnmaskError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _path_or_none(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, PathLike):
+        raise AttnmaskError(f"{name} must be a path (str or os.PathLike) or None, got {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# collect
+
+
+class TextStream:
+    """An iterable of texts given in Python, checked one by one while it is read; `identity()` names it
+    and digests the texts read (sha256 over each text's UTF-8 bytes and length)."""
+
+    def __init__(self, texts: Iterable, name: str):
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+            raise AttnmaskError(f"texts must be an iterable of strings (a list, a generator, a datasets.Dataset) "
+                                f"or a data path, got {type(texts).__name__}")
+        self.texts, self.name = texts, name
+        self._hash = hashlib.sha256()
+        self.read = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            if not isinstance(text, str):
+                raise AttnmaskError(f"texts[{self.read}] is a {type(text).__name__}, not a str")
+            data = text.encode()
+            self._hash.update(len(data).to_bytes(8, "little") + data)
+            self.read += 1
+            if text.strip():
+                yield text
+
+    def identity(self) -> dict:
+        return {"name": self.name, "path": None, "digest": "sha256:" + self._hash.hexdigest(),
+                "text_column": None, "split": None, "examples": self.read}
+
+
+def _examples(data: Any, text_column: str | None, split: str | None, limit: int | None, name: str | None):
+    """(iterable of texts, source with .identity()) for a data path, a `datasets` object or an iterable of
+    texts; the first `limit` non-empty texts."""
+    import itertools
+
+    from attnmask.data import dataset_source, iter_texts, resolve_data
+
+    if isinstance(data, PathLike):
+        source = resolve_data(os.fspath(data), text_column, split)
+        return iter_texts(source, limit), source
+    if type(data).__module__.startswith("datasets"):
+        source = dataset_source(data, text_column, split, name)
+        return iter_texts(source, limit), source
+    if text_column is not None or split is not None:
+        raise AttnmaskError("text_column and split apply to a data path or a datasets object, not to a list of texts")
+    stream = TextStream(data, name or "texts")
+    return itertools.islice(stream, limit), stream
+
+
+def _adapter(model: Any, tokenizer: Any, name: str | None, device: str):
+    """The model adapter: a transformers model in memory (with its tokenizer), or a model argument as on
+    the command line (a folder, 'minilm', a Hub id in the local cache, a Transformer-XL folder)."""
+    from attnmask.models import load_adapter, pick_device
+
+    if isinstance(model, PathLike):
+        if tokenizer is not None:
+            raise AttnmaskError("a model given by name or folder brings its own tokenizer; pass tokenizer=None")
+        return load_adapter(os.fspath(model), pick_device(device))
+    from transformers import PreTrainedModel
+
+    from attnmask.models.hf import HuggingFaceAdapter
+
+    if not isinstance(model, PreTrainedModel):
+        raise AttnmaskError(f"model must be a transformers PreTrainedModel or a model folder/name, got "
+                            f"{type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise AttnmaskError("a model in memory needs its tokenizer (collect_patterns(model, tokenizer, texts))")
+    label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    # a copy: the adapter pads on the right and may set a pad token, which the caller's tokenizer keeps as it was
+    return HuggingFaceAdapter(model, copy.deepcopy(tokenizer), label)
+
+
+def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out: str | os.PathLike | None = None,
+                     max_length: int | None = None, batch_size: int = 32, limit: int | None = None,
+                     text_column: str | None = None, split: str | None = None, name: str | None = None,
+                     device: str = "cpu", overwrite: bool = False) -> PatternStore:
+    """Average attention probabilities of `model` over `data` (attnmask/collect.py): per site, layer,
+    head, query and key position, sum[l, h, q, k] = sum over sequences of P(q -> k) and count[q, k] =
+    the sequences in which q and k were both real, for sequences of at most `max_length` tokens.
+
+    model: a transformers model in memory with its `tokenizer`, or a model argument as on the command line
+    (then tokenizer=None). data: an iterable of texts, a `datasets` Dataset / IterableDataset /
+    DatasetDict (`text_column`, `split`), or a data path / built-in name. The model is put back in the
+    training mode it was in. Writes the store to `out` when given; returns the PatternStore."""
+    from attnmask.collect import collect
+
+    _positive_int("batch_size", batch_size)
+    _positive_int("max_length", max_length, allow_none=True)
+    _positive_int("limit", limit, allow_none=True)
+    _path_or_none("out", out)
+    if data is None:
+        raise AttnmaskError("collect_patterns needs data: an iterable of texts, a datasets object or a data path")
+    if out is not None:
+        from attnmask.store import check_output
+
+        check_output(out, overwrite)
+    examples, source = _examples(data, text_column, split, limit, name)
+    adapter = _adapter(model, tokenizer, name, device)
+    max_length = max_length or getattr(adapter, "default_max_length", None) or DEFAULT_MAX_LENGTH
+    if hasattr(adapter, "check_max_length"):
+        adapter.check_max_length(max_length)
+    was_training = adapter.model.training
+    try:
+        result = collect(adapter, examples, batch_size=batch_size, max_length=max_length)
+    finally:
+        adapter.model.train(was_training)
+    attrs = {"model": adapter.identity(), "data": source.identity(), "sequences": result.sequences,
+             "tokens": result.tokens, "max_length": max_length, "batch_size": batch_size, "limit": limit}
+    return _pattern_store(result.sites, attrs, out, overwrite)
+
+
+def _pattern_store(sites: dict, attrs: dict, out, overwrite: bool) -> PatternStore:
+    from attnmask.store import check_pattern_attrs, patterns_digest, write_patterns
+
+    if out is not None:
+        return write_patterns(out, sites, attrs, overwrite=overwrite)
+    check_pattern_attrs("the pattern store", sites, attrs)
+    return PatternStore({**attrs, "sites": sorted(sites), "digest": patterns_digest(sites)}, sites)
+
+
+# ----------------------------------------------------------------------------------------------
+# compile
+
+
+def compile_masks(patterns: PatternStore | str | os.PathLike, *, tau: float = 0.9, scope: str = "layer",
+                  budget: str = "data", block_size: int = 1, min_keep: int = 1, random: bool = False, seed: int = 0,
+                  beyond: str = "dense", site_tau: dict[str, float] | None = None,
+                  out: str | os.PathLike | None = None, overwrite: bool = False) -> MaskStore:
+    """Compile a pattern store into masks that prune a share `tau` of the eligible entries (`budget`
+    data: weighted by how many sequences saw them; plane: counted once), per `scope` (layer, head or
+    global), in `block_size` tiles, keeping `min_keep` entries per row; the exact rules are
+    attnmask/compile.py's (`attnmask compile`). Writes the store to `out` when given; returns the
+    MaskStore."""
+    from attnmask.compile import CompileSettings
+    from attnmask.compile import compile_masks as compile_sites
+    from attnmask.store import masks_digest, read_patterns, write_masks
+
+    _path_or_none("out", out)
+    if isinstance(patterns, PathLike):
+        patterns = read_patterns(patterns)
+    elif not isinstance(patterns, PatternStore):
+        raise AttnmaskError(f"patterns must be a PatternStore or a pattern store's path, got {type(patterns).__name__}")
+    if site_tau is not None and not isinstance(site_tau, dict):
+        raise AttnmaskError(f"site_tau must be a dict {{site: tau}}, got {type(site_tau).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(random, bool):
+        raise AttnmaskError(f"seed must be an integer and random a bool, got seed={seed!r}, random={random!r}")
+    settings = CompileSettings(tau=tau, scope=scope, budget=budget, block_size=block_size, min_keep=min_keep, random=random,
+                               seed=seed, beyond=beyond, site_tau=dict(site_tau or {}))
+    if out is not None:
+        from attnmask.store import check_output
+
+        check_output(out, overwrite)
+    sites, attrs = compile_sites(patterns, settings)
+    if out is not None:
+        return write_masks(out, sites, attrs, overwrite=overwrite)
+    return MaskStore({**attrs, "sites": sorted(sites), "digest": masks_digest(sites)}, sites)
+
+
+# ----------------------------------------------------------------------------------------------
+# apply, load
+
+
+def apply_masks(model: Any, masks: MaskStore | str | os.PathLike, backend: str = "auto"):
+    """Apply a mask store to a model of any supported family; returns the MaskHandle (attnmask/runtime.py:
+    `handle.remove()` or leaving a `with` block restores the model). While applied, the model's
+    `save_pretrained(folder)` also writes the masks into the folder."""
+    from torch import nn
+
+    from attnmask.runtime import apply_masks as apply
+
+    if not isinstance(model, nn.Module):
+        raise AttnmaskError(f"model must be a torch model (nn.Module), got {type(model).__name__}")
+    if not isinstance(masks, (MaskStore, *PathLike)):
+        raise AttnmaskError(f"masks must be a MaskStore or a mask store's path, got {type(masks).__name__}")
+    if not isinstance(backend, str):
+        raise AttnmaskError(f"backend must be a string (auto, eager, sdpa, blocksparse, flex), got {backend!r}")
+    return apply(model, masks, backend=backend)
+
+
+def load_model(model: str | os.PathLike, *, model_class: Any = None, masks: MaskStore | str | os.PathLike | None = None,
+               backend: str = "auto", device: str = "cpu"):
+    """Load a saved model with the masks it was saved with, applied and checked against the digest in
+    its config (the store `attnmask-masks.zarr` in the folder). `masks`: None for those, "none" for
+    dense attention, or another mask store.
+
+    model: a Hugging Face model folder (also 'minilm', or a Hub id in the local cache), loaded as the class
+    its config names (config.architectures) unless `model_class` (e.g. AutoModelForSequenceClassification)
+    is given; or a Transformer-XL folder (attnmask/lm.py). Returns the model, in eval mode on `device`."""
+    from attnmask.models import is_fairseq_checkpoint, pick_device
+    from attnmask.models.transfo_xl import is_transfo_xl_folder
+
+    if not isinstance(model, PathLike):
+        raise AttnmaskError(f"load_model takes a model folder or name, got {type(model).__name__}")
+    if masks is not None and not isinstance(masks, (MaskStore, *PathLike)):
+        raise AttnmaskError(f"masks must be None, 'none', a MaskStore or a mask store's path, got {type(masks).__name__}")
+    spec, run_device = os.fspath(model), pick_device(device)
+    if is_fairseq_checkpoint(spec):
+        raise AttnmaskError(f"{spec}: load_model reads Hugging Face and Transformer-XL folders; a fairseq checkpoint "
+                            "is loaded by fairseq with attnmask's plugin (README, fairseq)")
+    if is_transfo_xl_folder(spec):
+        if model_class is not None:
+            raise AttnmaskError("model_class applies to Hugging Face models, not to a Transformer-XL folder")
+        return _load_transfo_xl(spec, masks, backend, run_device)
+    return _load_hugging_face(spec, model_class, masks, backend, run_device)
+
+
+def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device):
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from attnmask.models.hf import register_attention, resolve_model_path
+    from attnmask.runtime import folder_masks, recorded_masks
+
+    path = resolve_model_path(spec)
+    register_attention()
+    if model_class is None:
+        from transformers import AutoConfig
+
+        architectures = getattr(_hf_call(spec, AutoConfig.from_pretrained, path), "architectures", None) or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else None
+        model_class = model_class or transformers.AutoModel
+    elif not hasattr(model_class, "from_pretrained"):
+        raise AttnmaskError(f"model_class must be a transformers model class (with from_pretrained), got {model_class!r}")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    dense = isinstance(masks, str) and masks == "none"
+    loaded = _hf_call(spec, model_class.from_pretrained, path, **({"attn_implementation": None} if dense else {}))
+    loaded.to(device).eval()
+    record = recorded_masks(loaded)
+    if dense:
+        loaded.config.__dict__.pop("attnmask", None)
+        return loaded
+    store = folder_masks(path, record) if masks is None and record is not None else masks
+    if store is not None:
+        apply_masks(loaded, store, backend)
+    return loaded
+
+
+def _hf_call(spec: str, fn, path, **kwargs):
+    """fn(path, local_files_only=True, **kwargs) with a loading failure as one line."""
+    try:
+        return fn(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise AttnmaskError(f"cannot load a Hugging Face model from {spec}: {str(e).splitlines()[0]}") from None
+
+
+def _load_transfo_xl(spec: str, masks, backend: str, device):
+    from attnmask.lm import load_lm, load_masks, recorded_store
+
+    run = load_lm(spec, device)
+    store = recorded_store(spec, run.model.config) if masks is None else masks
+    if store is not None and not (isinstance(store, str) and store == "none"):
+        load_masks(run.model, store, run.tgt_len, run.mem_len, backend)
+    return run.model.eval()

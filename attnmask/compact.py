@@ -1,0 +1,874 @@
+"""Compact encoders: a span of encoder blocks replaced by a small encoder trained by distillation.
+
+The substitute of the blocks a..b (inclusive) of a BERT encoder of hidden size H is
+
+    S(x) = x + U(C_m(... C_1(D x) ...))
+
+with x [batch, tokens, H] the span's input, D: H -> h and U: h -> H linear maps and C_1..C_m compact
+BERT blocks of hidden size h (self-attention with n heads, a feed-forward of width `intermediate`,
+post-LayerNorm). U starts at zero, so an untrained substitute is the identity (the span skipped) and
+distillation moves it towards the span.
+
+`compact(settings)` runs the stages:
+
+1. teacher. Without a task: MODEL. With `task="classify"`: a sequence classifier of the data's labels,
+   MODEL itself when it is one (a folder written by `attnmask train`, say), else MODEL fine-tuned here
+   first on the training split with cross-entropy (saved in OUT/teacher, evaluable with `attnmask eval`).
+2. distillation of the spans. The teacher runs frozen on the training texts; each substitute gets the
+   teacher's input of its span and learns the span's output: the loss is, summed over spans,
+   sum over real (not padding) tokens (b, t) of ||S(x)[b, t] - y[b, t]||^2 / (real tokens * H).
+3. with `task="classify"`, fine-tuning of the whole student with the teacher's logits z_t:
+   KD_WEIGHT * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - KD_WEIGHT) * CE(z_s, label), T = KD_TEMPERATURE.
+4. report on the held-out split: accuracy of student and teacher (classify), or the cosine between the
+   student's and the teacher's mean-pooled sentence embeddings (mean of the last hidden states over the
+   real tokens); parameters; GMACs of one sequence of `gmacs_length` tokens (torch.utils.flop_counter).
+
+The result is a Hugging Face folder whose config is the original BERT config with model_type
+`attnmask-compact-bert` and `attnmask_compact` (the spans and the substitutes' sizes). attnmask registers
+its model classes with transformers' Auto classes (`register_compact_models`, called by attnmask's
+loaders), so `from_pretrained` rebuilds the substitutes; no remote code is run. `compact.json` records
+what was replaced, why, and the training.
+
+Attention sites: the remaining original blocks stay `encoder.self` (renumbered 0..L'-1 in order); the
+compact blocks form the site `encoder.compact` (numbered in order over all substitutes), so masks can be
+collected, compiled and applied for both.
+
+Without `replace`, `propose_spans` ranks the spans of a given size by the attention analysis of a
+pattern store collected from MODEL (attnmask/analyze.py): the mean Jensen-Shannon distance between all
+pairs of the span's heads, within and across its layers. A low distance means the span's heads repeat
+few distinct patterns, which a compact encoder with fewer heads and blocks can reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
+
+from attnmask.errors import AttnmaskError
+
+COMPACT_SITE = "encoder.compact"
+COMPACT_MODEL_TYPE = "attnmask-compact-bert"
+RECORD = "compact.json"
+TASKS = ("distill", "classify")
+KD_TEMPERATURE = 2.0
+KD_WEIGHT = 0.5
+WARMUP_SHARE = 0.1
+
+Progress = Callable[[str, int, int, float], None]
+"""progress(stage, step, total steps, loss) after every optimizer step."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Spans
+
+
+def parse_spans(text: str, layers: int) -> list[tuple[int, int]]:
+    """'2-4' -> [(2, 4)]; '1-2,4' -> [(1, 2), (4, 4)]: inclusive ranges of encoder blocks, sorted.
+
+    Malformed text, an empty span (first block after the last), a block outside 0..layers-1 and
+    spans sharing a block are errors."""
+    if not text.strip():
+        raise AttnmaskError("--replace is empty: give the encoder blocks to replace, e.g. 2-4")
+    spans = []
+    for part in (p.strip() for p in text.split(",")):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None:
+            raise AttnmaskError(f"--replace expects spans of encoder blocks like 2-4 or 1-2,4, got {text!r}")
+        first = int(match[1])
+        last = first if match[2] is None else int(match[2])
+        if first > last:
+            raise AttnmaskError(f"--replace {part} is empty: its first block {first} comes after its last {last}")
+        if last >= layers:
+            raise AttnmaskError(f"--replace {part} is out of range: the encoder has {layers} blocks "
+                                f"(0-{layers - 1})")
+        spans.append((first, last))
+    spans.sort()
+    for (a1, b1), (a2, b2) in zip(spans, spans[1:]):
+        if a2 <= b1:
+            raise AttnmaskError(f"--replace {text}: the spans {a1}-{b1} and {a2}-{b2} overlap")
+    return spans
+
+
+def span_text(spans) -> str:
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
+
+
+@dataclass(frozen=True)
+class CompactSpec:
+    """What replaces what: kept in the model's config as `attnmask_compact` (see `as_config`)."""
+
+    spans: tuple[tuple[int, int], ...]
+    layers: int        # blocks of the original encoder
+    hidden: int        # h
+    blocks: int        # m, compact blocks per substitute
+    heads: int         # n
+    intermediate: int  # feed-forward width of a compact block
+
+    def as_config(self) -> dict:
+        return {"replaced": [list(s) for s in self.spans], "original_layers": self.layers, "hidden": self.hidden,
+                "blocks": self.blocks, "heads": self.heads, "intermediate": self.intermediate}
+
+    @classmethod
+    def from_config(cls, record) -> "CompactSpec":
+        """Read `attnmask_compact` back; a damaged record is a clear error."""
+        try:
+            spans = tuple((int(a), int(b)) for a, b in record["replaced"])
+            spec = cls(spans, int(record["original_layers"]), int(record["hidden"]), int(record["blocks"]),
+                       int(record["heads"]), int(record["intermediate"]))
+        except (KeyError, TypeError, ValueError):
+            raise AttnmaskError(f"the model's attnmask_compact record is damaged: {record!r}") from None
+        if parse_spans(span_text(spans), spec.layers) != list(spans):
+            raise AttnmaskError(f"the model's attnmask_compact record has invalid spans {list(spans)}")
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        if min(self.hidden, self.blocks, self.heads, self.intermediate) < 1:
+            raise AttnmaskError("--hidden, --blocks, --heads and --intermediate must be positive")
+        if self.hidden % self.heads:
+            raise AttnmaskError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
+
+    def layout(self) -> list[int | tuple[int, int]]:
+        """The new encoder's blocks in order: an original block index, or a span (its substitute)."""
+        starts = {a: (a, b) for a, b in self.spans}
+        out: list[int | tuple[int, int]] = []
+        i = 0
+        while i < self.layers:
+            if i in starts:
+                out.append(starts[i])
+                i = starts[i][1] + 1
+            else:
+                out.append(i)
+                i += 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The substitute and the model classes
+
+
+class CompactBlock(nn.Module):
+    """One compact encoder block: BERT's self-attention, then its feed-forward, both post-LayerNorm, at
+    hidden size h. Not a BertLayer, so transformers does not record its h-wide output among the model's
+    hidden states."""
+
+    def __init__(self, compact: BertConfig, model_config: BertConfig, layer_idx: int):
+        super().__init__()
+        self.attention = BertAttention(compact, layer_idx=layer_idx)
+        self.intermediate = BertIntermediate(compact)
+        self.output = BertOutput(compact)
+        attention = self.attention.self
+        attention.config = model_config  # its attention implementation follows the model's (eager, attnmask)
+        attention.attnmask_site = COMPACT_SITE
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs) -> torch.Tensor:
+        attended, _ = self.attention(hidden_states, attention_mask, *args, **kwargs)
+        return self.output(self.intermediate(attended), attended)
+
+
+class CompactSubstitute(nn.Module):
+    """S(x) = x + U(C_m(... C_1(D x) ...)) for one span; called like the encoder block it replaces."""
+
+    def __init__(self, config: BertConfig, spec: CompactSpec, first_layer: int):
+        super().__init__()
+        compact = BertConfig(hidden_size=spec.hidden, num_attention_heads=spec.heads,
+                             intermediate_size=spec.intermediate, num_hidden_layers=spec.blocks,
+                             hidden_act=config.hidden_act, hidden_dropout_prob=config.hidden_dropout_prob,
+                             attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+                             layer_norm_eps=config.layer_norm_eps, initializer_range=config.initializer_range)
+        self.down = nn.Linear(config.hidden_size, spec.hidden)
+        self.blocks = nn.ModuleList(CompactBlock(compact, config, first_layer + i) for i in range(spec.blocks))
+        self.up = nn.Linear(spec.hidden, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs) -> torch.Tensor:
+        x = self.down(hidden_states)
+        for block in self.blocks:
+            x = block(x, attention_mask, *args, **kwargs)
+        return hidden_states + self.up(x)
+
+    @torch.no_grad()
+    def initialize(self, std: float) -> None:
+        """BERT's initialisation (normal(0, std) weights, zero biases, unit LayerNorms) with U = 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        self.up.weight.zero_()
+
+
+def install_substitutes(body: BertModel, spec: CompactSpec) -> None:
+    """Replace each span of body.encoder.layer by a CompactSubstitute, in place.
+
+    The kept original blocks' attention is renumbered 0..L'-1 in order (site encoder.self) and the
+    compact blocks' 0..(spans * m)-1 (site encoder.compact): each site's layers stay consecutive."""
+    old = body.encoder.layer
+    if len(old) != spec.layers:
+        raise AttnmaskError(f"the compact record describes {spec.layers} encoder blocks, the model has {len(old)}")
+    new, kept, compact = [], 0, 0
+    for entry in spec.layout():
+        if isinstance(entry, tuple):
+            new.append(CompactSubstitute(body.config, spec, compact))
+            compact += spec.blocks
+        else:
+            for module in old[entry].modules():
+                if getattr(module, "layer_idx", None) is not None:
+                    module.layer_idx = kept
+            new.append(old[entry])
+            kept += 1
+    body.encoder.layer = nn.ModuleList(new)
+
+
+def substitutes(model: nn.Module) -> list[CompactSubstitute]:
+    return [m for m in model.modules() if isinstance(m, CompactSubstitute)]
+
+
+@strict
+class CompactBertConfig(BertConfig):
+    """The original BertConfig plus `attnmask_compact` (CompactSpec.as_config())."""
+
+    model_type = COMPACT_MODEL_TYPE
+    attnmask_compact: dict | None = None
+
+
+class CompactBertModel(BertModel):
+    """BertModel with its spans replaced by substitutes (the spans come from the config)."""
+
+    config_class = CompactBertConfig
+    config: CompactBertConfig
+
+    def __init__(self, config: CompactBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer)
+        install_substitutes(self, CompactSpec.from_config(config.attnmask_compact))
+
+
+class CompactBertForSequenceClassification(BertForSequenceClassification):
+    """BertForSequenceClassification over a CompactBertModel body."""
+
+    config_class = CompactBertConfig
+    config: CompactBertConfig
+
+    def __init__(self, config: CompactBertConfig):
+        super().__init__(config)
+        install_substitutes(self.bert, CompactSpec.from_config(config.attnmask_compact))
+
+
+def register_compact_models() -> None:
+    """Make transformers' AutoConfig, AutoModel and AutoModelForSequenceClassification build compact models."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    AutoConfig.register(COMPACT_MODEL_TYPE, CompactBertConfig, exist_ok=True)
+    AutoModel.register(CompactBertConfig, CompactBertModel, exist_ok=True)
+    AutoModelForSequenceClassification.register(CompactBertConfig, CompactBertForSequenceClassification,
+                                                exist_ok=True)
+
+
+def body_of(model: nn.Module) -> BertModel:
+    return model.bert if isinstance(model, BertForSequenceClassification) else model
+
+
+def check_compactable(config: dict, name: str) -> None:
+    """Only plain BERT encoders (model_type bert: BERT, MiniLM, ...) are compacted."""
+    model_type = config.get("model_type")
+    if model_type == COMPACT_MODEL_TYPE:
+        raise AttnmaskError(f"{name} is already a compact model; compact the original model instead")
+    if model_type != "bert":
+        raise AttnmaskError(f"compact supports BERT encoders (model_type bert, e.g. MiniLM); {name} is {model_type}")
+    if config.get("is_decoder"):
+        raise AttnmaskError(f"{name} is a BERT used as a decoder; compact supports encoders")
+
+
+def build_student(teacher: nn.Module, spec: CompactSpec, seed: int) -> nn.Module:
+    """The teacher with each span replaced by a fresh substitute (seeded); every other weight copied.
+
+    A classifier teacher gives a classifier student, a base model a base model."""
+    fields = {k: v for k, v in teacher.config.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version", "attnmask")}
+    config = CompactBertConfig.from_dict({**fields, "attnmask_compact": spec.as_config()})
+    config._attn_implementation = teacher.config._attn_implementation
+    classify = isinstance(teacher, BertForSequenceClassification)
+    torch.manual_seed(seed)
+    student = (CompactBertForSequenceClassification if classify else CompactBertModel)(config)
+    for substitute in substitutes(student):
+        substitute.initialize(config.initializer_range)
+    missing, unexpected = student.load_state_dict(renumbered_state(teacher.state_dict(), spec), strict=False)
+    fresh = {f"{name}.{p}" for name, module in student.named_modules() if isinstance(module, CompactSubstitute)
+             for p, _ in module.named_parameters()}
+    if unexpected or set(missing) - fresh:
+        raise AttnmaskError(f"cannot copy the teacher's weights (missing {sorted(set(missing) - fresh)[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    return student.to(next(teacher.parameters()).device)
+
+
+def renumbered_state(state: dict, spec: CompactSpec) -> dict:
+    """The teacher's state with blocks inside a span dropped and kept blocks at their new index."""
+    new_index = {entry: j for j, entry in enumerate(spec.layout()) if isinstance(entry, int)}
+    out = {}
+    for key, value in state.items():
+        match = re.search(r"(^|\.)encoder\.layer\.(\d+)\.", key)
+        if match is None:
+            out[key] = value
+        elif int(match[2]) in new_index:
+            out[key[:match.start(2)] + str(new_index[int(match[2])]) + key[match.end(2):]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gmacs(model: nn.Module, length: int) -> float:
+    """Multiply-accumulates (10^9) of one forward pass of a sequence of `length` tokens, counted by
+    torch.utils.flop_counter (FLOPs / 2; matrix products, attention's included)."""
+    from attnmask.bench import dense_model_flops
+
+    device = next(model.parameters()).device
+    inputs = {"input_ids": torch.ones(1, length, dtype=torch.long, device=device),
+              "attention_mask": torch.ones(1, length, dtype=torch.long, device=device)}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        flops = dense_model_flops(model, lambda: model(**inputs))
+    model.train(was_training)
+    return flops / 2 / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Proposals from the attention analysis
+
+
+@dataclass
+class SpanProposal:
+    span: tuple[int, int]
+    rank: int
+    score: float      # mean JS distance over all pairs of the span's heads (lower: more redundant)
+    within: float     # mean JS distance between heads of the same layer
+    across: float     # mean JS distance between heads of different layers (nan for one layer)
+    entropy: float    # mean entropy of the span's heads (nats)
+    distance: float   # mean attention distance of the span's heads (tokens)
+    reason: str
+
+
+def head_js_matrix(store, site: str = "encoder.self") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(JS distances [L*H, L*H] between all heads of the site, entropy [L, H], mean distance [L, H]).
+
+    Heads are ordered layer-major; distances are analyze.js_distances of the heads' row distributions."""
+    from attnmask.analyze import entropy, js_distances, layer_distributions, mean_distance, site_key_offset, site_plane
+
+    patterns = store.sites[site]
+    offset = site_key_offset(patterns)
+    plane = site_plane(patterns.count, patterns.causal, offset)
+    per_layer = [layer_distributions(patterns, layer, plane) for layer in range(patterns.layers)]
+    heads = np.concatenate(per_layer)
+    ent = np.stack([entropy(P, plane.weights) for P in per_layer])
+    dist = np.stack([mean_distance(P, plane.weights, offset) for P in per_layer])
+    return js_distances(heads, plane.weights), ent, dist
+
+
+def propose_spans(store, size: int, layers: int, heads: int) -> list[SpanProposal]:
+    """All spans of `size` consecutive encoder blocks, best first: ranked by the mean Jensen-Shannon
+    distance over all pairs of their size * heads heads (analyze.js_distances of the average patterns)."""
+    site = store.sites.get("encoder.self")
+    if site is None:
+        raise AttnmaskError(f"{store.path}: the pattern store has no encoder.self site")
+    if (site.layers, site.heads) != (layers, heads):
+        raise AttnmaskError(f"{store.path} holds {site.layers} layers x {site.heads} heads; the model has "
+                            f"{layers} x {heads} (collect the patterns from this model)")
+    if not 1 <= size <= layers:
+        raise AttnmaskError(f"--span-size must lie in 1..{layers}, got {size}")
+    js, ent, dist = head_js_matrix(store)
+    layer_of = np.repeat(np.arange(layers), heads)
+    rows = []
+    for first in range(layers - size + 1):
+        chosen = (layer_of >= first) & (layer_of < first + size)
+        block = js[np.ix_(chosen, chosen)]
+        same = layer_of[chosen][:, None] == layer_of[chosen][None, :]
+        pairs = ~np.eye(len(block), dtype=bool)
+        rows.append(((first, first + size - 1), float(block[pairs].mean()) if pairs.any() else 0.0,
+                     float(block[pairs & same].mean()) if (pairs & same).any() else 0.0,
+                     float(block[~same].mean()) if (~same).any() else float("nan"),
+                     float(ent[first:first + size].mean()), float(dist[first:first + size].mean())))
+    rows.sort(key=lambda r: (r[1], r[0]))
+    scores = [r[1] for r in rows]
+    out = []
+    for rank, (span, score, within, across, e, d) in enumerate(rows, 1):
+        lead = (f"the most redundant heads of the {len(rows)} spans of {size} blocks" if rank == 1
+                else f"rank {rank} of {len(rows)}")
+        across_text = "" if math.isnan(across) else f", across layers {across:.3f}"
+        reason = (f"blocks {span_text([span])}: {lead}: mean Jensen-Shannon distance {score:.3f} between its "
+                  f"{size * heads} heads (spans range {min(scores):.3f}-{max(scores):.3f}; within layers "
+                  f"{within:.3f}{across_text}); mean entropy {e:.2f} nats, mean attention distance {d:.1f} tokens")
+        out.append(SpanProposal(span, rank, score, within, across, e, d, reason))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and data
+
+
+@dataclass
+class CompactSettings:
+    model: str
+    data: str
+    out: str | None = None
+    replace: str | None = None       # '2-4', '1-2,4'; None: the best span of `patterns`' analysis
+    patterns: str | None = None      # pattern store collected from MODEL
+    span_size: int | None = None     # span size of the proposals [default: half the blocks]
+    hidden: int = 192
+    blocks: int = 2
+    heads: int = 4
+    intermediate: int | None = None  # [default: 4 * hidden]
+    task: str = "distill"            # distill (hidden states only) | classify (then fine-tune with KD)
+    text_column: str | None = None
+    label_column: str | None = None
+    labels: list[str] | None = None
+    epochs: int = 1                  # passes over the training split, per training stage
+    lr: float = 5e-5                 # fine-tuning (teacher and student)
+    distill_lr: float = 1e-3         # distillation of the substitutes
+    batch_size: int = 16
+    max_length: int = 128
+    eval_split: float = 0.2
+    seed: int = 0
+    limit: int | None = None
+    device: str = "auto"
+    gmacs_length: int = 128
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise AttnmaskError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.replace is None and self.patterns is None:
+            raise AttnmaskError("give --replace SPANS (e.g. 2-4), or --patterns STORE to have spans proposed")
+        if self.replace is not None and (self.patterns is not None or self.span_size is not None):
+            raise AttnmaskError("--patterns and --span-size choose the span; they do not apply with --replace")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2 or self.gmacs_length < 1:
+            raise AttnmaskError("--epochs, --batch-size and --gmacs-length must be positive, --max-length at least 2")
+        for name, value in (("--lr", self.lr), ("--distill-lr", self.distill_lr)):
+            if not (value > 0 and math.isfinite(value)):
+                raise AttnmaskError(f"{name} must be a positive number, got {value}")
+        if not 0 < self.eval_split < 1:
+            raise AttnmaskError(f"--eval-split must lie in (0, 1), got {self.eval_split}")
+        if self.limit is not None and self.limit < 2:
+            raise AttnmaskError("--limit must be at least 2 (one training and one held-out example)")
+        if self.task == "distill" and (self.label_column is not None or self.labels is not None):
+            raise AttnmaskError("--label-column and --labels apply to --task classify")
+
+    def spec(self, spans, layers: int) -> CompactSpec:
+        spec = CompactSpec(tuple(spans), layers, self.hidden, self.blocks, self.heads,
+                           self.intermediate if self.intermediate is not None else 4 * self.hidden)
+        spec.check()
+        return spec
+
+
+@dataclass
+class Examples:
+    """Texts (and labels for classify) with the seeded split: train/held are indices into texts."""
+
+    texts: list[str]
+    labels: list[int] | None
+    names: list[str] | None
+    train: list[int]
+    held: list[int]
+
+
+def read_examples(settings: CompactSettings, names: list[str] | None) -> Examples:
+    """DATA's texts (distill) or labelled texts (classify), split as `attnmask train` splits them."""
+    from attnmask.train import read_labelled, split
+
+    if settings.task == "classify":
+        data = read_labelled(settings.data, settings.text_column, settings.label_column, settings.labels, names)
+        texts, labels, names = data.texts, data.labels, data.names
+    else:
+        from attnmask.data import iter_texts, resolve_data
+
+        texts, labels = list(iter_texts(resolve_data(settings.data, settings.text_column))), None
+        if not texts:
+            raise AttnmaskError(f"{settings.data} holds no texts")
+    train, held = split(len(texts), settings.eval_split, settings.seed, settings.limit)
+    return Examples(texts, labels, names, train, held)
+
+
+def epoch_batches(examples: Examples, batch_size: int, epochs: int, seed: int) -> Iterator[list[int]]:
+    """Index batches of the training split, one seeded permutation per epoch."""
+    for epoch in range(epochs):
+        order = np.random.default_rng(seed + 1 + epoch).permutation(examples.train).tolist()
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+
+
+def steps_of(examples: Examples, settings: CompactSettings) -> int:
+    return math.ceil(len(examples.train) / settings.batch_size) * settings.epochs
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def optimizer_for(params: list[nn.Parameter], lr: float, total: int):
+    """AdamW (weight decay 0.01) with linear warmup over WARMUP_SHARE of the steps and linear decay to 0."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = max(1, int(total * WARMUP_SHARE))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    return optimizer, scheduler
+
+
+def run_steps(stage: str, losses: Iterator[torch.Tensor], params: list[nn.Parameter], lr: float, total: int,
+              progress: Progress | None) -> list[float]:
+    """Minimise each loss the iterator yields with one optimizer step (gradients clipped at norm 1)."""
+    optimizer, scheduler = optimizer_for(params, lr, total)
+    history = []
+    for step, loss in enumerate(losses, 1):
+        if not torch.isfinite(loss):
+            raise AttnmaskError(f"{stage}: the loss became {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        history.append(loss.item())
+        if progress is not None:
+            progress(stage, step, total, history[-1])
+    return history
+
+
+def encode(tokenizer, texts: list[str], max_length: int, device) -> dict:
+    """Token ids and attention mask, padded to the longest text (at most max_length), on `device`."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def fine_tune_teacher(model, tokenizer, examples: Examples, settings: CompactSettings, device,
+                      progress: Progress | None) -> list[float]:
+    """Cross-entropy fine-tuning of the whole classifier on the training split."""
+
+    def losses():
+        model.train()
+        for idx in epoch_batches(examples, settings.batch_size, settings.epochs, settings.seed):
+            labels = torch.tensor([examples.labels[i] for i in idx], device=device)
+            logits = model(**encode(tokenizer, [examples.texts[i] for i in idx], settings.max_length, device)).logits
+            yield F.cross_entropy(logits, labels)
+
+    return run_steps("teacher", losses(), list(model.parameters()), settings.lr, steps_of(examples, settings),
+                     progress)
+
+
+class _SpansCaptured(Exception):
+    """Raised by the hook on the last span's last block: the rest of the teacher's pass is not needed."""
+
+
+def distillation_losses(teacher, student, spec: CompactSpec, batches: Iterator[dict]) -> Iterator[torch.Tensor]:
+    """For each batch: the teacher runs (no gradients) until the end of the last span, with hooks taking
+    each span's input (the arguments of its first block) and output (of its last block); the loss is the
+    sum over spans of mean over real tokens and hidden units of (S(input) - output)^2."""
+    blocks = body_of(teacher).encoder.layer
+    subs = substitutes(student)
+    captured: dict[int, list] = {}
+    handles = []
+    for i, (first, last) in enumerate(spec.spans):
+        def take_input(module, args, kwargs, i=i):
+            captured[i] = [args, kwargs]
+
+        def take_output(module, args, output, i=i, final=i == len(spec.spans) - 1):
+            captured[i].append(output[0] if isinstance(output, tuple) else output)
+            if final:
+                raise _SpansCaptured
+
+        handles.append(blocks[first].register_forward_pre_hook(take_input, with_kwargs=True))
+        handles.append(blocks[last].register_forward_hook(take_output))
+    try:
+        teacher.eval()
+        for sub in subs:
+            sub.train()
+        for inputs in batches:
+            with torch.no_grad():
+                try:
+                    teacher(**inputs)
+                except _SpansCaptured:
+                    pass
+            real = inputs["attention_mask"].bool()
+            loss = 0.0
+            for i, sub in enumerate(subs):
+                args, kwargs, target = captured[i]
+                predicted = sub(*args, **kwargs)
+                loss = loss + (predicted - target)[real].pow(2).mean()
+            yield loss
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def distill(teacher, student, tokenizer, spec: CompactSpec, examples: Examples, settings: CompactSettings,
+            device, progress: Progress | None) -> list[float]:
+    """Train the substitutes (only) to reproduce their spans' outputs on the training split."""
+    batches = (encode(tokenizer, [examples.texts[i] for i in idx], settings.max_length, device)
+               for idx in epoch_batches(examples, settings.batch_size, settings.epochs, settings.seed))
+    params = [p for sub in substitutes(student) for p in sub.parameters()]
+    return run_steps("distill", distillation_losses(teacher, student, spec, batches), params,
+                     settings.distill_lr, steps_of(examples, settings), progress)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KD_WEIGHT * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - KD_WEIGHT) * CE(z_s, labels); the KL
+    is summed over classes and averaged over the batch."""
+    t = KD_TEMPERATURE
+    kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                  log_target=True, reduction="batchmean")
+    return KD_WEIGHT * t * t * kl + (1 - KD_WEIGHT) * F.cross_entropy(student_logits, labels)
+
+
+def fine_tune_student(teacher, student, tokenizer, examples: Examples, settings: CompactSettings, device,
+                      progress: Progress | None) -> list[float]:
+    """Fine-tune the whole student on the training split with kd_loss against the frozen teacher."""
+
+    def losses():
+        teacher.eval()
+        student.train()
+        for idx in epoch_batches(examples, settings.batch_size, settings.epochs, settings.seed + 1000):
+            inputs = encode(tokenizer, [examples.texts[i] for i in idx], settings.max_length, device)
+            labels = torch.tensor([examples.labels[i] for i in idx], device=device)
+            with torch.no_grad():
+                target = teacher(**inputs).logits
+            yield kd_loss(student(**inputs).logits, target, labels)
+
+    return run_steps("fine-tune", losses(), list(student.parameters()), settings.lr, steps_of(examples, settings),
+                     progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def sentence_embeddings(model, tokenizer, texts: list[str], max_length: int, batch_size: int, device) -> torch.Tensor:
+    """[N, H] mean of the last hidden states over each text's real tokens (MiniLM's sentence embedding)."""
+    model.eval()
+    out = []
+    body = body_of(model)
+    for start in range(0, len(texts), batch_size):
+        inputs = encode(tokenizer, texts[start:start + batch_size], max_length, device)
+        hidden = body(**inputs).last_hidden_state
+        real = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append((hidden * real).sum(1) / real.sum(1))
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def predictions(model, tokenizer, texts: list[str], max_length: int, batch_size: int, device) -> torch.Tensor:
+    """[N] argmax labels of a classifier."""
+    model.eval()
+    return torch.cat([model(**encode(tokenizer, texts[s:s + batch_size], max_length, device)).logits.argmax(-1).cpu()
+                      for s in range(0, len(texts), batch_size)])
+
+
+def evaluate_pair(teacher, student, tokenizer, examples: Examples, settings: CompactSettings, device) -> dict:
+    """On the held-out split: accuracy of both and their agreement (classify), or the mean, minimum and
+    10th percentile over texts of the cosine between student and teacher sentence embeddings."""
+    texts = [examples.texts[i] for i in examples.held]
+    batch = settings.batch_size * 2
+    if settings.task == "classify":
+        labels = torch.tensor([examples.labels[i] for i in examples.held])
+        t = predictions(teacher, tokenizer, texts, settings.max_length, batch, device)
+        s = predictions(student, tokenizer, texts, settings.max_length, batch, device)
+        accuracy, teacher_accuracy = float((s == labels).float().mean()), float((t == labels).float().mean())
+        return {"accuracy": accuracy, "teacher_accuracy": teacher_accuracy,
+                "accuracy_share": accuracy / teacher_accuracy if teacher_accuracy else None,
+                "agreement": float((s == t).float().mean()), "eval_examples": len(texts)}
+    cosine = F.cosine_similarity(sentence_embeddings(student, tokenizer, texts, settings.max_length, batch, device),
+                                 sentence_embeddings(teacher, tokenizer, texts, settings.max_length, batch, device))
+    return {"cosine": float(cosine.mean()), "cosine_min": float(cosine.min()),
+            "cosine_p10": float(cosine.quantile(0.1)), "eval_examples": len(texts)}
+
+
+def cost(model, length: int) -> dict:
+    return {"parameters": parameter_count(model),
+            "encoder_parameters": parameter_count(body_of(model).encoder), "gmacs": gmacs(model, length)}
+
+
+def cost_report(teacher, student, length: int) -> dict:
+    """Parameters and GMACs of both models and the student's reductions (1 - student / teacher)."""
+    t, s = cost(teacher, length), cost(student, length)
+    return {"gmacs_length": length, "teacher": t, "student": s,
+            "reduction": {k: 1 - s[k] / t[k] for k in t}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, output and the whole run
+
+
+def load_teacher(settings: CompactSettings, untrained_head: bool, device):
+    """(teacher, tokenizer, examples), in eager attention: MODEL's base model (distill), MODEL's own
+    classifier, or MODEL with a new head for the data's labels (seeded; fine-tuned later)."""
+    from attnmask.train import label_names, load_classifier
+
+    if settings.task == "distill":
+        from attnmask.models import load_adapter
+
+        adapter = load_adapter(settings.model, device)
+        teacher, tokenizer, examples = adapter.model, adapter.tokenizer, read_examples(settings, None)
+    elif untrained_head:
+        examples = read_examples(settings, None)
+        torch.manual_seed(settings.seed)
+        teacher, tokenizer = load_classifier(settings.model, len(examples.names), examples.names, device)
+    else:
+        teacher, tokenizer = load_classifier(settings.model, None, None, device)
+        examples = read_examples(settings, label_names(teacher))
+    return teacher, tokenizer, examples
+
+
+def model_config(spec: str) -> dict:
+    """MODEL's config as a dict (a folder, 'minilm', or a Hub id in the local cache), without weights."""
+    from transformers import AutoConfig
+
+    from attnmask.models.hf import register_attention, resolve_model_path
+
+    register_attention()
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(spec), local_files_only=True).to_dict()
+    except (OSError, ValueError, KeyError) as e:
+        raise AttnmaskError(f"cannot read the config of {spec}: {str(e).splitlines()[0]}") from None
+
+
+def is_classifier_folder(spec: str) -> bool:
+    """True when MODEL's config names a sequence-classification architecture (a trained head)."""
+    return any(str(a).endswith("ForSequenceClassification") for a in model_config(spec).get("architectures") or [])
+
+
+def check_out(settings: CompactSettings) -> Path:
+    """OUT must be new, empty, or (with overwrite) an earlier compact output; nothing is removed here."""
+    out = Path(settings.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not settings.overwrite:
+            raise AttnmaskError(f"output {out} already exists (pass --overwrite)")
+        if not (out / RECORD).is_file():
+            raise AttnmaskError(f"output {out} exists and is not an attnmask compact model; refusing to replace it")
+    return out
+
+
+def settings_record(settings: CompactSettings) -> dict:
+    """settings.json: `attnmask eval` reads the data, columns, split and max_length from it."""
+    return {"settings": {k: v for k, v in asdict(settings).items() if k not in ("out", "overwrite", "device")}}
+
+
+def save_folder(folder: Path, model, tokenizer, files: dict[str, dict]) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content, indent=2))
+
+
+def replace_output(tmp: Path, out: Path) -> None:
+    """Move the finished output into place; an earlier output is removed only now."""
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+
+
+def choose_spans(settings: CompactSettings, layers: int, heads: int) -> tuple[list[tuple[int, int]], dict]:
+    """(spans, how they were chosen): --replace, or the best proposal of the pattern store's analysis."""
+    if settings.replace is not None:
+        return parse_spans(settings.replace, layers), {"chosen_by": "--replace", "proposals": None}
+    proposals = ranked_spans(settings, layers, heads)
+    return [proposals[0].span], {"chosen_by": f"analysis of {settings.patterns}",
+                                 "proposals": [asdict(p) for p in proposals]}
+
+
+def ranked_spans(settings: CompactSettings, layers: int, heads: int) -> list[SpanProposal]:
+    """propose_spans of the pattern store for spans of --span-size blocks (default: half the blocks)."""
+    from attnmask.store import read_patterns
+
+    size = settings.span_size if settings.span_size is not None else max(1, layers // 2)
+    return propose_spans(read_patterns(settings.patterns), size, layers, heads)
+
+
+def model_shape(spec: str) -> tuple[int, int]:
+    """(encoder blocks, heads per block) of MODEL, a BERT encoder."""
+    config = model_config(spec)
+    check_compactable(config, spec)
+    return int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+
+
+def proposals_only(settings: CompactSettings) -> list[SpanProposal]:
+    """The ranked span proposals for MODEL from the pattern store, without building anything."""
+    return ranked_spans(settings, *model_shape(settings.model))
+
+
+def compact(settings: CompactSettings, progress: Progress | None = None,
+            log: Callable[[str], None] = lambda _: None) -> dict:
+    """Build, train, evaluate and save the compact model (see the module docstring); returns compact.json."""
+    from attnmask.models.base import pick_device
+
+    settings.validate()
+    if settings.out is None:
+        raise AttnmaskError("--out is required to build the compact model")
+    out = check_out(settings)
+    device = pick_device(settings.device)
+    layers, heads = model_shape(settings.model)
+    spans, choice = choose_spans(settings, layers, heads)
+    spec = settings.spec(spans, layers)
+    for proposal in choice["proposals"] or []:
+        log(proposal["reason"])
+    classify = settings.task == "classify"
+    trained_teacher = classify and not is_classifier_folder(settings.model)
+    teacher, tokenizer, examples = load_teacher(settings, trained_teacher, device)
+    started = time.perf_counter()
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
+    try:
+        record = {"model": settings.model, "data": settings.data, "replaced": [list(s) for s in spans],
+                  "architecture": spec.as_config(), **choice, "teacher": settings.model, "stages": {}}
+        if trained_teacher:
+            history = fine_tune_teacher(teacher, tokenizer, examples, settings, device, progress)
+            record["teacher"] = str(Path(settings.out) / "teacher")
+            record["stages"]["teacher"] = stage_record(history)
+            save_folder(tmp / "teacher", teacher, tokenizer, {
+                "settings.json": settings_record(settings) | {"labels": examples.names},
+                "metrics.json": {"trained_by": "attnmask compact (cross-entropy)", **stage_record(history)}})
+        teacher.eval()
+        student = build_student(teacher, spec, settings.seed)
+        record["stages"]["distill"] = stage_record(
+            distill(teacher, student, tokenizer, spec, examples, settings, device, progress))
+        if classify:
+            record["stages"]["fine_tune"] = stage_record(
+                fine_tune_student(teacher, student, tokenizer, examples, settings, device, progress))
+        metrics = {**evaluate_pair(teacher, student, tokenizer, examples, settings, device),
+                   **cost_report(teacher, student, settings.gmacs_length),
+                   "train_examples": len(examples.train), "seconds": round(time.perf_counter() - started, 1)}
+        record["metrics"] = metrics
+        save_folder(tmp, student, tokenizer, {
+            "settings.json": settings_record(settings) | ({"labels": examples.names} if classify else {}),
+            "metrics.json": metrics, RECORD: record})
+        replace_output(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def stage_record(history: list[float]) -> dict:
+    """Steps and the mean loss of the first and the last tenth of them."""
+    tenth = max(1, len(history) // 10)
+    return {"steps": len(history), "loss_first": float(np.mean(history[:tenth])) if history else None,
+            "loss_last": float(np.mean(history[-tenth:])) if history else None}
+
