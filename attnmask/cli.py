@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from attnmask.errors import AttnmaskError
+
+if TYPE_CHECKING:
+    from attnmask.workflows import Workflow
 
 PATTERNS_DIR = Path("patterns")
 DEFAULT_MAX_LENGTH = 128
@@ -147,6 +150,7 @@ def stderr_progress(*columns) -> Progress:
     """A rich progress display on stderr, silent when stderr is not a terminal: a log or a pipe gets only
     real lines, and an error stays one line."""
     err = Console(stderr=True)
+    err.soft_wrap = not err.is_terminal  # lines printed through the bar (`bar.console.print`) stay whole
     return Progress(*columns, console=err, disable=not err.is_terminal)
 
 
@@ -775,6 +779,37 @@ def output_format(as_json: bool, as_csv: bool) -> None:
         raise AttnmaskError("choose one of --json and --csv")
 
 
+def run_workflow(ctx: typer.Context, workflow: Workflow, title: str, pruning: Callable[[], dict | str | None]) -> None:
+    """Run `workflow` (attnmask.workflows) from the command's parsed options: its argument checks, every
+    given option that does not apply to it refused, then the run (`pruning()` parses the token-pruning
+    options once they are known to apply) and its outcome printed: the pruning table and the result
+    under `title` (a table, --json or --csv; one JSON object for a workflow without columns), then notes."""
+    options = ctx.params
+    workflow.check(options)
+    every = {p.name for p in ctx.command.params}
+    for applies in workflow.applies:
+        refuse_unused(ctx, applies.names(every), applies.where.format(**options))
+    as_json, as_csv = options["as_json"], options["as_csv"]
+    output_format(as_json, as_csv)
+    if options.get("out") is not None:
+        check_output_path(options["out"])
+    options = dict(options, pruning=pruning())
+    bar, callback = training_bar() if workflow.progress_bar else (contextlib.nullcontext(), None)
+    with bar:
+        outcome = workflow.run(options, callback, lambda line: typer.echo(f"warning: {line}", err=True))
+    as_table = not (as_json or as_csv)
+    if outcome.metrics is not None:
+        if as_table and int(os.environ.get("RANK", "0")) == 0:
+            print_pruning(outcome.metrics.get("pruning"), outcome.metrics.get("pruning_note"))
+        if workflow.columns is None:
+            typer.echo(json.dumps(outcome.metrics))
+        else:
+            print_metrics(title, outcome.metrics, list(workflow.columns), as_json, as_csv)
+    if as_table:
+        for note in outcome.notes:
+            console.print(note)
+
+
 @command()
 def train(
     ctx: typer.Context,
@@ -828,59 +863,11 @@ def train(
 
     `attnmask train fairseq DATA_BIN --masks MASKS -- <fairseq-train arguments>` trains a fairseq
     translation model with fairseq's own loop and the masks inside every attention."""
+    from attnmask.workflows import train_workflow
+
     refuse_retired_pruning(ctx)
-    if model == "fairseq":
-        from attnmask.translate import train_fairseq
-
-        refuse_unused(ctx, {"masks"}, "to fairseq (pass fairseq-train arguments after --)")
-        record = train_fairseq(data, None if masks == "none" else masks, fairseq_args or [],
-                               warn=lambda line: typer.echo(f"warning: {line}", err=True))
-        console.print(f"trained with masks {record['digest'] if record else 'none (dense)'}")
-        return
-    if fairseq_args:
-        raise AttnmaskError(f"unexpected extra arguments {' '.join(fairseq_args)} (only MODEL fairseq takes them)")
-    if out is None:
-        raise AttnmaskError("--out is required (the folder for the trained model)")
-    output_format(as_json, as_csv)
-    check_output_path(out)
-    if task == "lm":
-        from attnmask.lm import train_lm
-        from attnmask.models import pick_device
-
-        refuse_unused(ctx, {"masks", "out", "task", "config", "steps", "epochs", "lr", "batch_size", "max_length",
-                            "seed", "device", "backend", "overwrite", "resume", "precision", "gradient_accumulation",
-                            "report_to", "as_json", "as_csv"}, "to --task lm")
-        bar, callback = training_bar()
-        with bar:
-            summary = train_lm(None if model == "none" else model, data, out=out, config=config,
-                               masks=None if masks == "none" else masks, steps=steps, epochs=epochs,
-                               batch_size=batch_size, lr=lr, tgt_len=max_length, seed=seed,
-                               device=pick_device(device), overwrite=overwrite, resume=resume, precision=precision,
-                               gradient_accumulation=gradient_accumulation, report_to=report_to,
-                               progress=callback, backend=backend)
-        print_metrics(f"trained {out}", summary, ["masks", "steps", "train_loss", "seconds"], as_json, as_csv)
-        return
-    from attnmask.train import TrainSettings
-    from attnmask.train import train as run_train
-
-    refuse_unused(ctx, {p.name for p in ctx.command.params} - {"config", "steps"}, f"to --task {task}")
-    pruning = pruning_options(prune_tokens, learn_thresholds)
-    given = {k: v for k, v in {"lr": lr, "max_length": max_length}.items() if v is not None}
-    settings = TrainSettings(model=model, data=data, out=str(out), masks=None if masks == "none" else masks,
-                             task=task, text_column=text_column, label_column=label_column,
-                             labels=labels.split(",") if labels else None, epochs=epochs,
-                             batch_size=batch_size, eval_split=eval_split, seed=seed, device=device,
-                             backend=backend, limit=limit, split=split, precision=precision,
-                             gradient_accumulation=gradient_accumulation, report_to=report_to, resume=resume,
-                             overwrite=overwrite, pruning=pruning, **given)
-    settings.validate()
-    bar, callback = training_bar()
-    with bar:
-        metrics = run_train(settings, callback)
-    if not (as_json or as_csv) and int(os.environ.get("RANK", "0")) == 0:
-        print_pruning(metrics.get("pruning"))
-    print_metrics(f"trained {out}", metrics, ["masks", "sparsity", "backend", "train_examples", "eval_examples",
-                                              "train_loss_last_epoch", "accuracy", "train_seconds"], as_json, as_csv)
+    run_workflow(ctx, train_workflow(model, task), f"trained {out}",
+                 lambda: pruning_options(prune_tokens, learn_thresholds))
 
 
 @command(name="eval")
@@ -925,54 +912,10 @@ def eval_command(
 
     `attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS] [--split test]` decodes with beam
     search (masked when --masks is given) and reports sacrebleu BLEU."""
+    from attnmask.workflows import eval_workflow
+
     refuse_retired_pruning(ctx)
-    if model == "fairseq":
-        from attnmask.models import pick_device
-        from attnmask.translate import evaluate_fairseq
-
-        if data_bin is None:
-            raise AttnmaskError("usage: attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS]")
-        refuse_unused(ctx, {"masks", "split", "batch_size", "limit", "device", "backend", "beam", "post_process",
-                            "bleu_tokenize"}, "to fairseq")
-        result = evaluate_fairseq(data, data_bin, "recorded" if masks is None else None if masks == "none" else masks,
-                                  split=split or "test", beam=beam, max_sentences=batch_size,
-                                  limit=limit, post_process=post_process, tokenize=bleu_tokenize,
-                                  device=pick_device(device), backend=backend)
-        for line in result.warnings:
-            typer.echo(f"warning: {line}", err=True)
-        typer.echo(json.dumps(result.summary()))
-        if result.trained_with and result.trained_with != result.masks:
-            console.print(f"note: the checkpoint was trained with masks {result.trained_with}")
-        return
-    if data_bin is not None:
-        raise AttnmaskError(f"unexpected extra argument {data_bin} (only MODEL fairseq takes DATA_BIN)")
-    refuse_unused(ctx, {p.name for p in ctx.command.params} - {"beam", "post_process", "bleu_tokenize"},
-                  "without MODEL fairseq")
-    output_format(as_json, as_csv)
-    if task == "lm":
-        from attnmask.lm import eval_lm
-        from attnmask.models import pick_device
-
-        refuse_unused(ctx, {"masks", "task", "batch_size", "max_length", "device", "backend", "as_json", "as_csv"},
-                      "to --task lm")
-        result = eval_lm(model, data, masks=masks, batch_size=batch_size,
-                         tgt_len=max_length, device=pick_device(device), backend=backend)
-        print_metrics(f"eval {model} on {data}", result, ["masks", "tokens", "loss", "perplexity", "seconds"],
-                      as_json, as_csv)
-        return
-    from attnmask.train import EvalSettings, evaluate
-
-    pruning = pruning_options(prune_tokens)
-    result = evaluate(EvalSettings(model=model, data=data, masks=masks, task=task, text_column=text_column,
-                                   label_column=label_column, split=split, on=on, batch_size=batch_size,
-                                   max_length=max_length, precision=precision, device=device, backend=backend,
-                                   limit=limit, pruning=pruning))
-    if not (as_json or as_csv):
-        print_pruning(result.get("pruning"), result.get("pruning_note"))
-    print_metrics(f"eval {model} on {data}", result, ["masks", "sparsity", "backend", "split", "on", "examples",
-                                                      "accuracy"], as_json, as_csv)
-    if not (as_json or as_csv):
-        console.print(f"masks: {result['masks_note']}")
+    run_workflow(ctx, eval_workflow(model, task), f"eval {model} on {data}", lambda: pruning_options(prune_tokens))
 
 
 @command()

@@ -45,7 +45,7 @@ from fractions import Fraction
 import numpy as np
 
 from attnmask.accounting import Tally, combined, eligible_entries, measure, tally, tally_layer
-from attnmask.errors import AttnmaskError
+from attnmask.errors import AttnmaskError, UnreachableTau
 from attnmask.masks.rules import BEYOND_POLICIES, causal_band
 from attnmask.models.base import MaskSeam
 from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns
@@ -361,10 +361,10 @@ class Reach:
         what = "count-weighted entries" if settings.budget == "data" else "eligible entries"
         if settings.block_size > 1:
             what += f" (in {settings.block_size}x{settings.block_size} tiles)"
-        raise AttnmaskError(
+        raise UnreachableTau(
             f"site {site}: --tau {tau:g} cannot be reached with --budget {settings.budget}: in {pool} the row "
             f"guarantee (--min-keep {settings.min_keep}) protects {float(1 - share):.2%} of the {what}; "
-            f"the largest reachable tau is {largest:.4f}")
+            f"the largest reachable tau is {largest:.4f}", largest)
 
 
 def global_cut(scorer: Scorer, min_keep: int, candidates: np.ndarray, tau: float, reach: Reach) -> Cut | None:

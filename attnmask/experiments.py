@@ -60,6 +60,27 @@ def mean_interval(values: list[float]) -> tuple[float, float | None]:
     return mean, float(student.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
 
 
+def t_interval(values: list[float]) -> dict:
+    """{'mean', 'low', 'high', 'n'}: the mean of `values` and the ends of its 95 % t-interval
+    (mean_interval); low and high are None for fewer than two values, the mean too for none."""
+    if len(values) == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean, half = mean_interval(values)
+    if half is None:
+        return {"mean": mean, "low": None, "high": None, "n": len(values)}
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def format_interval(found: dict, digits: int = 2, sign: bool = False) -> str:
+    """'mean [low, high]' of a t_interval ('mean' alone without an interval, '-' without values)."""
+    if found["mean"] is None:
+        return "-"
+    number = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if found["low"] is None:
+        return number.format(found["mean"])
+    return f"{number.format(found['mean'])} [{number.format(found['low'])}, {number.format(found['high'])}]"
+
+
 def majority_share(base: TrainSettings, seed: int) -> float:
     """The accuracy of always answering the most common label of the held-out split of `seed`."""
     data = read_labelled(base.data, base.text_column, base.label_column, base.labels, split=base.split)

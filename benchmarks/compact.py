@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ import torch
 
 from attnmask.compact import CompactSettings, compact, gmacs, model_shape, propose_spans, span_text
 from attnmask.data import package_data_path
+from attnmask.experiments import t_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["fresh", "rotten"]
@@ -58,16 +58,7 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def interval(values: list[float]) -> dict:
-    """Mean and 95 % t-interval over seeds (n - 1 degrees of freedom)."""
-    from scipy.stats import t as student_t
-
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {"mean": mean, "low": None, "high": None, "n": n}
-    half = student_t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+interval = t_interval  # mean and 95 % t-interval over seeds
 
 
 def pattern_store(out: Path, max_length: int, texts: int) -> Path:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from attnmask.experiments import t_interval
 from attnmask.pruning import TokenPruner, parse_spec, special_token_ids
 
 BASELINES = ("eager", "sdpa", "packed")
@@ -89,15 +90,9 @@ def mean_pool(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def mean_interval(values: list[float]) -> dict:
-    """Mean and 95 % t-interval (Student t with n - 1 degrees of freedom) of `values`."""
-    from scipy.stats import t as student_t
-
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n}
-    half = student_t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+    """attnmask.experiments.t_interval, with NaN ends for fewer than two values (they print as nan)."""
+    found = t_interval(values)
+    return found if found["low"] is not None else {**found, "low": math.nan, "high": math.nan}
 
 
 def batches(encoded: dict, size: int) -> list[dict]:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from attnmask.accounting import measure, recorded, tally_site
 from attnmask.compile import CompileSettings, compile_masks
-from attnmask.errors import AttnmaskError
+from attnmask.errors import AttnmaskError, UnreachableTau
 from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns, read_masks, write_patterns
 
 
@@ -121,8 +121,9 @@ def test_unreachable_tau_names_the_largest_reachable_one():
         for tau in (0.8, 0.9):
             with pytest.raises(AttnmaskError, match=r"the largest reachable tau is 0\.7500"):
                 compile_masks(store_of(site), CompileSettings(tau=tau, block_size=16, budget=budget))
-    with pytest.raises(AttnmaskError, match=r"the largest reachable tau is 0\.7500"):  # random alike
+    with pytest.raises(UnreachableTau, match=r"the largest reachable tau is 0\.7500") as raised:  # random alike
         compile_masks(store_of(site), CompileSettings(tau=0.9, block_size=16, random=True))
+    assert raised.value.largest == 0.75 and isinstance(raised.value, AttnmaskError)
 
 
 def test_cli_compile_budget_held_out_and_inspect(tmp_path):

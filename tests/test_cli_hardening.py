@@ -11,6 +11,7 @@ import csv
 import json
 import pickle
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,13 @@ def test_piped_output_keeps_long_lines_whole_and_every_digit(tmp_path):
     assert all(f"{s:.4f}" in r.stdout for s in sparsity)
     r = run_cli("inspect", str(out), env={"COLUMNS": "40"})
     assert r.returncode == 0 and str(out) in r.stdout.splitlines()[0] and "…" not in r.stdout
+
+
+def test_lines_printed_through_a_progress_bar_to_a_pipe_stay_whole():
+    script = "from attnmask.cli import stderr_progress\nwith stderr_progress() as bar:\n    bar.console.print('x' * 200)"
+    r = run_cli("-c", script, env={"COLUMNS": "40"}, prefix=(sys.executable,))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["x" * 200]
 
 
 def test_help_shows_bracketed_default_hints():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -237,8 +238,9 @@ shape = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.in
 @given(shape=shape, seed=st.integers(0, 2**16), tau=st.one_of(st.floats(-1, 2), st.just(math.nan)),
        block=st.integers(-2, 12))
 def test_compile_random_stores_and_arguments(shape, seed, tau, block):
-    """Valid arguments compile (exit 0, masks of the store's shape); invalid ones fail cleanly and
-    leave no output."""
+    """Valid arguments compile (exit 0, masks of the store's shape), or, where the row guarantee leaves
+    less than tau prunable, fail with one line naming the largest reachable tau, which then compiles;
+    invalid ones fail cleanly. A failure leaves no output."""
     layers, heads, plane, sequences = shape
     with tempfile.TemporaryDirectory() as d:
         store = valid_store(Path(d), seed=seed, layers=layers, heads=heads, plane=plane, sequences=sequences)
@@ -247,6 +249,11 @@ def test_compile_random_stores_and_arguments(shape, seed, tau, block):
                                 "--out", str(out)])
         valid = math.isfinite(tau) and 0 <= tau < 1 and 1 <= block <= plane
         assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+        reach = re.search(r"the largest reachable tau is ([0-9.]+)", r.output)
+        if valid and reach is not None:
+            assert r.exit_code == 1 and r.output.count("\n") == 1 and not out.exists()
+            r = runner.invoke(app, ["compile", str(store), "--tau", reach[1], "--block-size", str(block),
+                                    "--out", str(out)])
         if valid:
             assert r.exit_code == 0, r.output
             keep = zarr.open_group(str(out / "encoder.self"), mode="r")["keep"]

@@ -359,3 +359,14 @@ def test_both_rotten_tomatoes_corpora_default_to_fresh_vs_rotten():
     for name in ("rotten-tomatoes", "rotten-tomatoes-full"):
         assert label_defaults(name, None, None) == ("category", ["fresh", "rotten"])
     assert label_defaults("other.csv", None, None) == ("label", None)
+
+
+def test_t_interval_is_the_mean_and_the_ends_of_the_95_percent_t_interval():
+    from attnmask.experiments import t_interval
+
+    found = t_interval([0.1, 0.3, 0.2])
+    half = 4.302653 * 0.1 / 3 ** 0.5  # t(0.975, 2 degrees of freedom) x sd / sqrt(n)
+    assert found["n"] == 3 and found["mean"] == pytest.approx(0.2)
+    assert (found["low"], found["high"]) == (pytest.approx(0.2 - half, rel=1e-5), pytest.approx(0.2 + half, rel=1e-5))
+    assert t_interval([0.5]) == {"mean": 0.5, "low": None, "high": None, "n": 1}
+    assert t_interval([])["mean"] is None
