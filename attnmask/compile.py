@@ -55,6 +55,7 @@ BUDGETS = ("data", "plane")
 RADIX_BITS = 16  # bits of a score fixed per pass of the radix selection
 MAGNITUDE_BITS = np.uint64(0x7FFF_FFFF_FFFF_FFFF)
 GATHER_LIMIT = 1 << 20  # candidates sorted at once once a radix prefix holds no more than this
+MEMORY_LIMIT = 1 << 22  # candidates gathered into memory (and narrowed there) once a prefix holds no more
 
 
 @dataclass(frozen=True)
@@ -237,44 +238,57 @@ class Histogram:
     def __call__(self, score: np.ndarray, cand: np.ndarray) -> None:
         for plane_score, plane_cand in planes(score, cand):
             where = sharing_mask(plane_score, plane_cand, self.prefix, self.fixed)
-            keys = plane_score[where].view(np.uint64)
-            keys &= MAGNITUDE_BITS
-            keys >>= 64 - self.fixed - RADIX_BITS
-            keys &= (1 << RADIX_BITS) - 1
-            digits = keys.view(np.int64)
-            self.counts += np.bincount(digits, minlength=1 << RADIX_BITS)
-            if self.weight is not None:
-                self.weights += np.bincount(digits, weights=self.weight[where], minlength=1 << RADIX_BITS)
-        if self.weight is None:
-            self.weights = self.counts.astype(np.float64)
+            self.add(plane_score[where], None if self.weight is None else self.weight[where])
+
+    def add(self, scores: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        """Count scores (sharing the prefix) with their weights (None: 1 each); returns their digits."""
+        digits = radix_digits(scores, self.fixed)
+        counts = np.bincount(digits, minlength=1 << RADIX_BITS)
+        self.counts += counts
+        self.weights += counts if weights is None else np.bincount(digits, weights=weights, minlength=1 << RADIX_BITS)
+        return digits
+
+    def choose(self, budget_left: int) -> int:
+        """The digit at which the running weight first exceeds `budget_left`."""
+        return int(np.searchsorted(np.cumsum(self.weights), budget_left, side="right"))
+
+
+def radix_digits(scores: np.ndarray, fixed: int) -> np.ndarray:
+    """int64 [n]: the RADIX_BITS bits below the top `fixed` ones of the scores' sort keys."""
+    keys = scores.view(np.uint64) & MAGNITUDE_BITS
+    keys >>= 64 - fixed - RADIX_BITS
+    keys &= (1 << RADIX_BITS) - 1
+    return keys.view(np.int64)
 
 
 def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.ndarray | None,
-               limit: int = GATHER_LIMIT) -> Cut:
+               limit: int = GATHER_LIMIT, first: Histogram | None = None, memory_limit: int = MEMORY_LIMIT) -> Cut:
     """The Cut that prunes the longest prefix, in ascending score and then C order, of a pool's
     candidates whose total weight is at most `budget` (scores >= 0, weights > 0). The candidates are
     score[cand] over the blocks [..., R, C] on which each_block(f) calls f(score, cand) in C order; a
-    unit's weight is weight[r, c] (None: 1). At most about `limit` scores are held at once.
+    unit's weight is weight[r, c] (None: 1).
 
     With c_1, c_2, ... the sorted candidates and p the prefix's length, t is the score of c_{p+1} (the
     first that does not fit): every candidate with score < t is pruned, and of those tied at t the
-    first p - #{score < t}. A radix selection finds c_{p+1}: a pass over the blocks sums, among the
-    candidates whose sort keys' top `fixed` bits are `prefix`, the weight of each value of the next
-    RADIX_BITS bits, and fixes the first digit at which the running weight exceeds the budget; `below`
-    is the weight under the prefix. Once at most `limit` candidates share the prefix they are gathered
-    and sorted. If all 64 bits get fixed, t is the prefix and a last pass counts the ties that fit."""
+    first p - #{score < t}. A radix selection finds c_{p+1}: a histogram sums, among the candidates
+    whose sort keys' top `fixed` bits are `prefix`, the weight of each value of the next RADIX_BITS bits,
+    and fixes the first digit at which the running weight exceeds the budget; `below` is the weight under
+    the prefix. Histograms are passes over the blocks until at most `memory_limit` candidates share the
+    prefix; those are gathered (in C order) and narrowed in memory the same way down to `limit`, then
+    sorted. If all 64 bits get fixed, t is the prefix and the ties that fit are counted in C order.
+    `first`: the first pass's histogram when the caller already made it (one pass fewer)."""
     prefix, fixed, below, size = 0, 0, 0, None
-    while (size is None or size > limit) and fixed < 64:
-        histogram = Histogram(weight, prefix, fixed)
-        each_block(histogram)
-        reached = np.cumsum(histogram.weights)
-        if fixed == 0 and reached[-1] <= budget:
+    while (size is None or size > memory_limit) and fixed < 64:
+        histogram = first if fixed == 0 and first is not None else Histogram(weight, prefix, fixed)
+        if histogram is not first:
+            each_block(histogram)
+        if fixed == 0 and histogram.weights.sum() <= budget:
             return Cut(math.inf)  # every candidate fits
-        digit = int(np.searchsorted(reached, budget - below, side="right"))
-        below += int(reached[digit] - histogram.weights[digit])
+        digit = histogram.choose(budget - below)
+        below += int(histogram.weights[:digit].sum())
         size = int(histogram.counts[digit])
         prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS
-    if size > limit:
+    if size > memory_limit:
         t = float(np.array(prefix, dtype=np.uint64).view(np.float64))
         return Cut(t, tied_prefix(each_block, t, weight, budget - below))
     scores, weights = [], []
@@ -287,6 +301,16 @@ def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.n
 
     each_block(gather)
     scores, weights = np.concatenate(scores), np.concatenate(weights)
+    while len(scores) > limit and fixed < 64:  # the same narrowing, on the gathered candidates
+        histogram = Histogram(weight, prefix, fixed)
+        digits = histogram.add(scores, weights)
+        digit = histogram.choose(budget - below)
+        below += int(histogram.weights[:digit].sum())
+        scores, weights = scores[digits == digit], weights[digits == digit]
+        prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS
+    if len(scores) > limit:  # all equal: the ties that fit, in C order
+        t = float(np.array(prefix, dtype=np.uint64).view(np.float64))
+        return Cut(t, int(np.searchsorted(np.cumsum(weights), budget - below, side="right")))
     order = np.argsort(scores, kind="stable")  # stable: ties stay in C order
     scores = scores[order]
     first_over = int(np.searchsorted(below + np.cumsum(weights[order]), budget, side="right"))
@@ -369,10 +393,15 @@ class Reach:
 
 def global_cut(scorer: Scorer, min_keep: int, candidates: np.ndarray, tau: float, reach: Reach) -> Cut | None:
     """The Cut of the pool of all layers (scope global); None when tau cannot be reached. A first pass
-    fills candidates [L, H, R, C]; each further pass recomputes one layer's scores at a time."""
+    fills candidates [L, H, R, C] and the selection's first histogram; each further pass recomputes one
+    layer's scores at a time."""
     units = scorer.units
+    first = Histogram(units.weight, 0, 0)
     for layer in range(scorer.site.layers):
-        candidates[layer] = candidate_units(scorer(layer), units.eligible, min_keep)
+        score = scorer(layer)
+        candidates[layer] = candidate_units(score, units.eligible, min_keep)
+        first(score, candidates[layer])
+        del score
     pool_total = units.eligible_total() * scorer.site.layers * scorer.site.heads
     budget = prune_count(tau, pool_total)
     if not reach.add("the site", units.total(candidates), pool_total, budget):
@@ -382,7 +411,7 @@ def global_cut(scorer: Scorer, min_keep: int, candidates: np.ndarray, tau: float
         for layer in range(scorer.site.layers):
             f(scorer(layer), candidates[layer])
 
-    return prefix_cut(each_layer, budget, units.weight)
+    return prefix_cut(each_layer, budget, units.weight, first=first)
 
 
 def pool_cut(units: Units, score: np.ndarray, cand: np.ndarray, tau: float, planes: int, pool: str,

@@ -81,6 +81,14 @@ def format_interval(found: dict, digits: int = 2, sign: bool = False) -> str:
     return f"{number.format(found['mean'])} [{number.format(found['low'])}, {number.format(found['high'])}]"
 
 
+def unreachable_note(unreachable: dict[str, dict[int, float | None]]) -> str:
+    """'KIND unreachable in seed(s) 0, 2 (largest reachable tau 0.81, 0.8)' for each kind with seeds
+    whose tau could not be reached ({kind: {seed: largest reachable tau or None}})."""
+    return "; ".join(f"{kind} unreachable in seed(s) {', '.join(map(str, seeds))} (largest reachable tau "
+                     f"{', '.join(f'{v:g}' if v is not None else '?' for v in seeds.values())})"
+                     for kind, seeds in unreachable.items() if seeds)
+
+
 def majority_share(base: TrainSettings, seed: int) -> float:
     """The accuracy of always answering the most common label of the held-out split of `seed`."""
     data = read_labelled(base.data, base.text_column, base.label_column, base.labels, split=base.split)
@@ -116,7 +124,8 @@ def compile_for(patterns: str, settings, out: Path) -> str:
 
 def plan(base: TrainSettings, patterns: dict[int, str], taus: list[float], variants: dict[str, dict],
          out: Path, seeds: list[int]) -> list[Planned]:
-    """Every run of the sweep, masks compiled: per seed the dense run, then each (variant, tau > 0)."""
+    """Every run of the sweep, masks compiled: per seed the dense run, then each (variant, tau > 0). A
+    variant's options may name its own pattern stores ({"patterns": {seed: store}, ...})."""
     from attnmask.compile import CompileSettings
 
     runs = []
@@ -124,10 +133,12 @@ def plan(base: TrainSettings, patterns: dict[int, str], taus: list[float], varia
         runs.append(Planned(seed, "dense", 0.0, None, out / "runs" / f"seed{seed}" / "dense"))
         for tau in (t for t in taus if t > 0):
             for kind, options in variants.items():
+                options = dict(options)
+                stores = options.pop("patterns", patterns)
                 settings = CompileSettings(tau=tau, **{"seed": seed, **options})
                 settings.validate()
                 name = f"{kind}-{tau_label(tau)}"
-                masks = compile_for(patterns[seed], settings, out / "masks" / f"seed{seed}" / f"{name}.masks.zarr")
+                masks = compile_for(stores[seed], settings, out / "masks" / f"seed{seed}" / f"{name}.masks.zarr")
                 runs.append(Planned(seed, kind, tau, masks, out / "runs" / f"seed{seed}" / name))
     return runs
 

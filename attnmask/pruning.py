@@ -97,7 +97,7 @@ class PruningConfig:
     schedule: tuple[float, ...] | None = None
     learn_thresholds: bool = False
     temperature: float = 1e-3
-    lam: float = 0.1
+    lam: float = 0.003  # measured: benchmarks/README.md, "Learned thresholds"
     first_pruned_layer: int | None = None  # None: DEFAULT_START
     thresholds: tuple[float, ...] | None = None  # explicit per-layer thresholds (e.g. learned ones)
     ramp: str = DEFAULT_RAMP  # linear | flat: how topk/threshold values reach their final value

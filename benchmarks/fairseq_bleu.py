@@ -34,7 +34,7 @@ from attnmask.accounting import combined
 from attnmask.collect import collect
 from attnmask.compile import CompileSettings, compile_masks
 from attnmask.errors import UnreachableTau
-from attnmask.experiments import format_interval, t_interval
+from attnmask.experiments import format_interval, t_interval, unreachable_note
 from attnmask.models.fairseq import FairseqAdapter
 from attnmask.store import read_patterns, write_masks, write_patterns
 from attnmask.translate import evaluate_fairseq, make_reverse_task, train_fairseq
@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--finetune-updates", type=int, default=100, help="masked fine-tuning updates (0: none)")
     ap.add_argument("--finetune-tau", type=float, default=0.8)
     ap.add_argument("--beam", type=int, default=4)
-    ap.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    ap.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (task, initialisation, random masks)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -229,9 +229,7 @@ def markdown(report: dict) -> str:
              "data − random [95 %] | data sparsity data / random | mass kept data / random |",
              "|---|---|---:|---:|---:|---:|---|---|---|---|"]
     for s in report["summary"]:
-        note = "; ".join(f"{k} unreachable in seed(s) {', '.join(map(str, u))} (largest reachable tau "
-                         f"{', '.join(f'{v:g}' if v is not None else '?' for v in u.values())})"
-                         for k, u in s["unreachable"].items() if u)
+        note = unreachable_note(s["unreachable"])
         if not s["seeds"]:
             lines.append(f"| {s['tau']:g} | {s['sites']} | 0 | {note} | | | | | | |")
             continue

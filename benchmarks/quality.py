@@ -9,7 +9,9 @@ default). For each seed, MiniLM's attention is collected over that seed's traini
 masks are compiled from it at each tau under the data budget (tau = the share of the attention entries
 computed on those snippets that the masks remove): `data` (scope layer, the default rule), `random`
 (same budget, entries and row guarantee drawn uniformly at random) and the alternatives named by
---variants (`head`: a budget per head; `global`: one budget over all layers and heads). Every classifier
+--variants (`head`: a budget per head; `global`: one budget over all layers and heads; `more-data`: the
+default rule on patterns collected over the seed's training snippets and the --extra snippets that follow
+the first `limit`, which no seed holds out). Every classifier
 (MiniLM body + new head) is fine-tuned with the same settings and its masks applied in training and
 evaluation; the dense run is trained once per seed. Reported per (variant, tau): mean accuracy over the
 seeds, and paired by seed the differences variant - dense and variant - random with 95 % t-intervals
@@ -39,7 +41,8 @@ from attnmask.train import TrainSettings, read_labelled, split
 
 ROOT = Path(__file__).resolve().parent
 DATA, LABEL_COLUMN, LABELS = "rotten-tomatoes-full", "category", ["fresh", "rotten"]
-ALTERNATIVES = {"head": {"scope": "head"}, "global": {"scope": "global"}}
+ALTERNATIVES = {"head": {"scope": "head"}, "global": {"scope": "global"}, "more-data": {}}
+"""Compile options of the alternatives; `more-data` is the default rule on patterns from more snippets."""
 
 
 def collect_split(path: Path, texts: list[str], max_length: int, name: str):
@@ -131,6 +134,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--taus", default="0.9")
     ap.add_argument("--variants", default="head,global", help=f"Alternatives of stage 2: {', '.join(ALTERNATIVES)}.")
+    ap.add_argument("--extra", type=int, default=5000, help="more-data: snippets after the first --limit.")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -159,8 +163,19 @@ def main() -> None:
                                    "held-out")
         print(f"seed {seed}: patterns of {len(train_idx)} training and {len(eval_idx)} held-out snippets", flush=True)
 
+    alternatives = {k: ALTERNATIVES[k] for k in args.variants.split(",") if k}
+    if "more-data" in alternatives:
+        extra = data.texts[args.limit:args.limit + args.extra]
+        more = {}
+        for seed in seeds:
+            train_idx, _ = split(len(data.texts), args.eval_split, seed, args.limit)
+            path = args.out / "patterns" / f"seed{seed}" / f"train-plus-{len(extra)}.zarr"
+            more[seed] = str(collect_split(path, [data.texts[i] for i in train_idx] + extra, args.max_length,
+                                           f"train + {len(extra)} snippets after the first {args.limit}").path)
+            print(f"seed {seed}: patterns of {len(train_idx) + len(extra)} snippets for more-data", flush=True)
+        alternatives["more-data"] = {"patterns": more}
     variants = {"data": {}, "random": {"random": True}}
-    stages = [variants, {**variants, **{k: ALTERNATIVES[k] for k in args.variants.split(",") if k}}]
+    stages = [variants, {**variants, **alternatives}]
     for stage in stages:
         result = sweep(base, patterns, parse_taus(args.taus), stage, args.out, seeds,
                        on_run=lambda name, row: print(f"{name}: accuracy {row['accuracy']:.4f}, data sparsity "
@@ -176,7 +191,7 @@ def main() -> None:
             "minutes": (time.perf_counter() - started) / 60, "torch": torch.__version__,
             "python": platform.python_version(),
             "command": f"python benchmarks/quality.py --limit {args.limit} --eval-split {args.eval_split} --seeds "
-                       f"{args.seeds} --taus {args.taus} --variants {args.variants} --max-length {args.max_length} "
+                       f"{args.seeds} --taus {args.taus} --variants {args.variants} --extra {args.extra} --max-length {args.max_length} "
                        f"--epochs {args.epochs} --lr {args.lr:g}"}
     (args.out / "quality.json").write_text(json.dumps({"meta": meta, **result}, indent=2))
     if args.readme is not None:

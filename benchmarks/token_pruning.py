@@ -316,21 +316,33 @@ def part_hamlet(model, tokenizer, args) -> dict:
             **timed_part(runs, pruners, batch_list[:args.timed_batches], args.rounds)}
 
 
+def training_settings(folder: str) -> dict:
+    return json.loads((Path(folder) / "settings.json").read_text())["settings"]
+
+
 def part_checkpoints(args) -> dict:
     """Trained Rotten Tomatoes classifiers (one folder per seed): held-out accuracy through `attnmask
-    eval`'s own path, as trained (pruned) and with pruning off, paired over the folders."""
+    eval`'s own path, as trained (pruned) and with pruning off, paired over the folders; with
+    --baselines (classifiers trained the same way without pruning, one per seed), also as trained −
+    the dense-trained classifier of the same seed (same split)."""
     from attnmask.train import EvalSettings, evaluate, load_classifier, pruning_for_eval
 
+    baselines = {training_settings(folder)["seed"]: folder for folder in args.baselines}
     rows, timing = [], None
     for folder in args.checkpoints:
-        ts = json.loads((Path(folder) / "settings.json").read_text())["settings"]
-        common = dict(model=folder, data=ts["data"], split=ts.get("split"), on="held-out", device="cpu",
-                      batch_size=args.batch)
-        pruned_eval = evaluate(EvalSettings(**common))
-        dense_eval = evaluate(EvalSettings(**common, pruning="none"))
-        rows.append({"folder": folder, "seed": ts["seed"], "examples": pruned_eval["examples"],
-                     "pruned": pruned_eval["accuracy"], "dense": dense_eval["accuracy"],
-                     "pruning": pruned_eval["pruning"]})
+        ts = training_settings(folder)
+        common = dict(data=ts["data"], split=ts.get("split"), on="held-out", device="cpu", batch_size=args.batch)
+        pruned_eval = evaluate(EvalSettings(model=folder, **common))
+        dense_eval = evaluate(EvalSettings(model=folder, **common, pruning="none"))
+        row = {"folder": folder, "seed": ts["seed"], "examples": pruned_eval["examples"],
+               "pruned": pruned_eval["accuracy"], "dense": dense_eval["accuracy"], "pruning": pruned_eval["pruning"]}
+        baseline = baselines.get(ts["seed"])
+        if baseline is not None:
+            bs = training_settings(baseline)
+            if (bs["limit"], bs["eval_split"], bs["data"]) != (ts["limit"], ts["eval_split"], ts["data"]):
+                raise SystemExit(f"{baseline} was not trained on the split of {folder}")
+            row["dense_trained"] = evaluate(EvalSettings(model=baseline, **common))["accuracy"]
+        rows.append(row)
         if timing is None and args.rounds > 0:
             model, tokenizer = load_classifier(folder, None, None, torch.device("cpu"))
             config, _ = pruning_for_eval(Path(folder), None)
@@ -338,7 +350,10 @@ def part_checkpoints(args) -> dict:
             timing = time_classifier(model.eval(), tokenizer, config, batches(held, args.batch)[:args.timed_batches],
                                      args.rounds)
     diffs = [r["pruned"] - r["dense"] for r in rows]
-    return {"rows": rows, "pruned_minus_dense": mean_interval(diffs), "timing": timing}
+    versus_trained = [r["pruned"] - r["dense_trained"] for r in rows if "dense_trained" in r]
+    return {"rows": rows, "pruned_minus_dense": mean_interval(diffs),
+            "pruned_minus_dense_trained": mean_interval(versus_trained) if versus_trained else None,
+            "timing": timing}
 
 
 def time_classifier(model, tokenizer, config, batch_list, rounds) -> dict:
@@ -421,14 +436,18 @@ def markdown(result: dict, quality_key: str) -> str:
 def markdown_checkpoints(result: dict) -> str:
     """Per folder: accuracy with pruning off and as trained, tokens kept; the paired difference; and
     the timing of the first folder's classifier."""
-    lines = ["| folder | seed | held-out | accuracy, pruning off | accuracy, as trained | kept per layer (mean) |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| folder | seed | held-out | accuracy, dense-trained | accuracy, pruning off | accuracy, as trained | "
+             "kept per layer (mean) |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         kept = [row["kept_share"] for row in r["pruning"]["tokens_kept"]]
-        lines.append(f"| {r['folder']} | {r['seed']} | {r['examples']} | {r['dense']:.4f} | {r['pruned']:.4f} | "
-                     f"{', '.join(f'{k:.2f}' for k in kept)} ({r['pruning']['mean_kept_share']:.2f}) |")
-    d = result["pruned_minus_dense"]
-    lines.append(f"\nas trained − pruning off: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (95 %, n = {d['n']})")
+        trained = f"{r['dense_trained']:.4f}" if "dense_trained" in r else "–"
+        lines.append(f"| {r['folder']} | {r['seed']} | {r['examples']} | {trained} | {r['dense']:.4f} | "
+                     f"{r['pruned']:.4f} | {', '.join(f'{k:.2f}' for k in kept)} ({r['pruning']['mean_kept_share']:.2f}) |")
+    for key, what in (("pruned_minus_dense", "as trained − pruning off"),
+                      ("pruned_minus_dense_trained", "as trained − dense-trained")):
+        d = result.get(key)
+        if d:
+            lines.append(f"\n{what}: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (95 %, n = {d['n']})")
     timing = result.get("timing")
     if timing and "speed" in timing:
         lines += ["", "| variant | GFLOPs/seq | seq/s median (min–max) | × vs packed | × vs sdpa | × vs eager |",
@@ -455,6 +474,8 @@ def main() -> None:
     parser.add_argument("--timed-batches", type=int, default=4)
     parser.add_argument("--settings", nargs="*", default=None, help="Token-pruning specs (parse_spec).")
     parser.add_argument("--checkpoints", nargs="*", default=[])
+    parser.add_argument("--baselines", nargs="*", default=[],
+                        help="Classifiers trained without pruning, one per seed of --checkpoints (same split).")
     parser.add_argument("--masks", default=None, help="A mask store for MiniLM: adds masked variants (rt, hamlet).")
     parser.add_argument("--backend", default="auto", help="Mask runtime backend with --masks.")
     parser.add_argument("--threads", type=int, default=None)

@@ -32,12 +32,12 @@ import torch
 from attnmask.collect import collect
 from attnmask.compile import CompileSettings, compile_masks
 from attnmask.errors import UnreachableTau
-from attnmask.experiments import format_interval, t_interval
+from attnmask.experiments import format_interval, t_interval, unreachable_note
 from attnmask.lm import eval_lm, read_lines, train_lm
 from attnmask.models import load_adapter
 from attnmask.store import write_masks, write_patterns
 
-TAUS = (0.5, 0.8, 0.9)
+TAUS = (0.5, 0.8, 0.9, 0.95)
 BLOCKS = 10
 
 
@@ -158,9 +158,7 @@ def markdown(report: dict) -> str:
               "data − random [95 %] | data sparsity data / random | mass kept data / random |",
               "|---|---|---:|---:|---:|---:|---|---|---|---|"]
     for s in report["summary"]:
-        note = "; ".join(f"{k} unreachable in seed(s) {', '.join(map(str, u))} (largest reachable tau "
-                         f"{', '.join(f'{v:g}' if v is not None else '?' for v in u.values())})"
-                         for k, u in s["unreachable"].items() if u)
+        note = unreachable_note(s["unreachable"])
         if not s["seeds"]:
             lines.append(f"| {s['tau']:g} | - | 0 | {note} | | | | | | |")
             continue

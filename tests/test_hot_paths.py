@@ -207,11 +207,12 @@ def test_per_layer_compile_equals_whole_array_compile(scope, values):
                                           err_msg=f"trial {trial}: {settings}")
 
 
-@pytest.mark.parametrize("limit", [1, 7, 100, 10_000])
-def test_prefix_cut_equals_a_sort_of_all_values(limit):
-    """Every path of the radix selection (gathering after some passes, or all 64 bits fixed with the ties
-    counted by a last pass), weighted and not, over several blocks sharing one weight plane as a global
-    pool's layers do, against a sort of all candidates by (score, position)."""
+@pytest.mark.parametrize("limit,memory_limit", [(1, 1), (7, 7), (100, 100), (10_000, 10_000), (1, 50), (7, 10_000)])
+def test_prefix_cut_equals_a_sort_of_all_values(limit, memory_limit):
+    """Every path of the radix selection (gathering after some passes, narrowing the gathered candidates
+    in memory, or all 64 bits fixed with the ties counted by a last pass or in memory), weighted and not,
+    over several blocks sharing one weight plane as a global pool's layers do, against a sort of all
+    candidates by (score, position)."""
     rng = np.random.default_rng(limit)
     for _ in range(30):
         n = int(rng.integers(1, 40))
@@ -229,7 +230,8 @@ def test_prefix_cut_equals_a_sort_of_all_values(limit):
                 expected = np.zeros(values.size, bool)
                 expected[order[:int(np.searchsorted(reached, budget, side="right"))]] = True
                 cut = prefix_cut(lambda f: [f(v, c) for v, c in zip(values, cand)], budget,
-                                 None if weight is None else weight.astype(float), limit)
+                                 None if weight is None else weight.astype(float), limit,
+                                 memory_limit=memory_limit)
                 got = np.stack([cut(v, c) for v, c in zip(values, cand)])
                 np.testing.assert_array_equal(got.reshape(-1), expected, err_msg=f"budget {budget}, weight {weight}")
 

@@ -370,3 +370,22 @@ def test_t_interval_is_the_mean_and_the_ends_of_the_95_percent_t_interval():
     assert (found["low"], found["high"]) == (pytest.approx(0.2 - half, rel=1e-5), pytest.approx(0.2 + half, rel=1e-5))
     assert t_interval([0.5]) == {"mean": 0.5, "low": None, "high": None, "n": 1}
     assert t_interval([])["mean"] is None
+
+
+def test_sweep_variant_compiles_from_its_own_pattern_stores(tiny_model, labelled_csv, pattern_store, tmp_path):
+    """A variant with {"patterns": {seed: store}} compiles from those stores, the others from the sweep's."""
+    from dataclasses import replace as copy_site
+
+    from attnmask.experiments import plan
+    from attnmask.store import read_masks, read_patterns, write_patterns
+
+    store = read_patterns(pattern_store)
+    flipped = {name: copy_site(site, sum=site.sum[..., ::-1].copy(), count=site.count[..., ::-1].copy())
+               for name, site in store.sites.items()}
+    other = write_patterns(tmp_path / "other.zarr", flipped, {k: store.attrs[k] for k in ("model", "data", "max_length")})
+    base = settings(tiny_model, labelled_csv, "", epochs=1, limit=40)
+    runs = plan(base, {0: str(pattern_store)}, [0.6], {"data": {}, "more": {"patterns": {0: str(other.path)}}},
+                tmp_path / "sw", [0])
+    sources = {run.kind: read_masks(run.masks).attrs["source"]["digest"] for run in runs if run.masks}
+    assert sources == {"data": store.attrs["digest"], "more": other.attrs["digest"]}
+    assert other.attrs["digest"] != store.attrs["digest"]

@@ -94,13 +94,13 @@ def guarantee_rows(allowed: torch.Tensor, window: Window, key_offset: int, cross
     (i, a_i). Cross-attention: a row keeping nothing gets column 0.
     """
     q, k = window.q, window.k
-    columns = torch.arange(k, device=allowed.device)
     if cross:
         anchor = torch.zeros(q, dtype=torch.long, device=allowed.device)
         empty = ~allowed.any(-1)
     else:
         anchor = (window.row0 + torch.arange(q, device=allowed.device) + key_offset - window.col0).clamp(0, k - 1)
-        empty = ~(allowed & (columns[None, :] <= anchor[:, None])).any(-1)  # [..., q]
+        kept_any, first_kept = allowed.view(torch.uint8).max(-1)  # max returns the first maximal index
+        empty = (kept_any == 0) | (first_kept > anchor)  # [..., q]
     if not bool(empty.any()):
         return allowed, 0
     allowed = allowed.clone()
