@@ -306,7 +306,8 @@ def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.n
         digits = histogram.add(scores, weights)
         digit = histogram.choose(budget - below)
         below += int(histogram.weights[:digit].sum())
-        scores, weights = scores[digits == digit], weights[digits == digit]
+        sharing = digits == digit
+        scores, weights = scores[sharing], weights[sharing]
         prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS
     if len(scores) > limit:  # all equal: the ties that fit, in C order
         t = float(np.array(prefix, dtype=np.uint64).view(np.float64))

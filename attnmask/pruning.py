@@ -371,6 +371,9 @@ class TokenPruner(nn.Module):
         self.stage = stage
         if isinstance(self.thresholds, nn.Parameter):
             self.thresholds.requires_grad_(stage == "soft")
+            if stage == "hard":
+                with torch.no_grad():
+                    self.thresholds.clamp_(0.0, HIGHEST_THRESHOLD)
 
     def current_values(self) -> list[float]:
         """The per-layer values now (learned thresholds read once, not per layer)."""
@@ -718,6 +721,16 @@ def config_fields(config: PruningConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
+HIGHEST_THRESHOLD = 1.0 - 2.0 ** -24  # the largest float32 below 1
+
+
+def hard_threshold(value: float) -> float:
+    """A learned threshold as the hard stage uses it. Importances lie in [0, 1], so θ < 0 removes no token,
+    as 0 does, and θ >= 1 every unprotected one, as HIGHEST_THRESHOLD does: the soft stage may leave θ
+    anywhere, the hard stage and the recorded config keep it in [0, 1)."""
+    return min(max(float(value), 0.0), HIGHEST_THRESHOLD)
+
+
 def config_from_fields(fields: dict) -> PruningConfig:
     """Inverse of `config_fields`."""
     d = dict(fields)
@@ -735,5 +748,5 @@ def recorded_config(record: dict) -> PruningConfig:
         fields["first_pruned_layer"] = record["first_pruned_layer"]  # the default of the run that wrote it
     if fields.get("learn_thresholds"):
         fields["learn_thresholds"] = False
-        fields["thresholds"] = list(record["per_layer"])
+        fields["thresholds"] = [hard_threshold(t) for t in record["per_layer"]]
     return config_from_fields(fields)

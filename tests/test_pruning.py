@@ -579,6 +579,34 @@ def test_config_fields_and_recorded_learned_thresholds_round_trip():
     assert not hard.learn_thresholds and hard.per_layer(LAYERS)[2] == pytest.approx(0.3)
 
 
+def test_learned_thresholds_outside_zero_one_become_hard_thresholds_that_act_the_same():
+    """The soft stage may push θ below 0 (or to 1 and above); the hard stage and a recorded run keep it in
+    [0, 1), where it removes the same tokens (importances lie in [0, 1]), so the trained model evaluates."""
+    from attnmask.pruning import HIGHEST_THRESHOLD, PruningHandle, recorded_config
+
+    config = PruningConfig("threshold", final_threshold=0.05, learn_thresholds=True, first_pruned_layer=1)
+    model = tiny_bert()
+    pruner = TokenPruner(model, config)
+    ids, mask = padded_batch()
+    pruner.set_stage("hard")
+    with torch.no_grad():
+        pruner.thresholds.copy_(torch.tensor([0.0, -0.2, 0.0, 0.0]))
+        removed_nothing = pruner(ids, mask).kept
+    with torch.no_grad():
+        pruner.thresholds.copy_(torch.tensor([0.0, -0.2, 0.03, 1.5]))
+    pruner.set_stage("soft")
+    pruner.set_stage("hard")
+    assert pruner.thresholds.detach().tolist() == pytest.approx([0.0, 0.0, 0.03, HIGHEST_THRESHOLD])
+    assert removed_nothing == [int(mask.sum())] * LAYERS
+    handle = PruningHandle(model, pruner)
+    record = handle.record()
+    handle.remove()
+    record["per_layer"] = [0.0, -0.2, 0.03, 1.5]  # a run recorded before the hard stage kept θ in [0, 1)
+    hard = recorded_config(record)
+    assert hard.per_layer(LAYERS) == pytest.approx([0.0, 0.0, 0.03, HIGHEST_THRESHOLD])
+    hard.validate(LAYERS)
+
+
 def test_learned_thresholds_are_saved_and_restored_with_the_model(tmp_path):
     """Thresholds live in the task model's state dict (attnmask_pruning.thresholds): save_pretrained
     writes them; a fresh model with pruning installed gets them back with load_state_dict."""
