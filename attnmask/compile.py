@@ -248,9 +248,11 @@ class Histogram:
         self.weights += counts if weights is None else np.bincount(digits, weights=weights, minlength=1 << RADIX_BITS)
         return digits
 
-    def choose(self, budget_left: int) -> int:
-        """The digit at which the running weight first exceeds `budget_left`."""
-        return int(np.searchsorted(np.cumsum(self.weights), budget_left, side="right"))
+    def choose(self, budget_left: int) -> tuple[int, int]:
+        """The digit at which the running weight first exceeds `budget_left`, and the weight below it."""
+        reached = np.cumsum(self.weights)
+        digit = int(np.searchsorted(reached, budget_left, side="right"))
+        return digit, int(reached[digit] - self.weights[digit])
 
 
 def radix_digits(scores: np.ndarray, fixed: int) -> np.ndarray:
@@ -284,8 +286,8 @@ def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.n
             each_block(histogram)
         if fixed == 0 and histogram.weights.sum() <= budget:
             return Cut(math.inf)  # every candidate fits
-        digit = histogram.choose(budget - below)
-        below += int(histogram.weights[:digit].sum())
+        digit, under = histogram.choose(budget - below)
+        below += under
         size = int(histogram.counts[digit])
         prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS
     if size > memory_limit:
@@ -304,8 +306,8 @@ def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.n
     while len(scores) > limit and fixed < 64:  # the same narrowing, on the gathered candidates
         histogram = Histogram(weight, prefix, fixed)
         digits = histogram.add(scores, weights)
-        digit = histogram.choose(budget - below)
-        below += int(histogram.weights[:digit].sum())
+        digit, under = histogram.choose(budget - below)
+        below += under
         sharing = digits == digit
         scores, weights = scores[sharing], weights[sharing]
         prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS

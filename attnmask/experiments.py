@@ -89,6 +89,19 @@ def unreachable_note(unreachable: dict[str, dict[int, float | None]]) -> str:
                      for kind, seeds in unreachable.items() if seeds)
 
 
+def comparison_row(lead: list[str], seeds: int, values: dict, figures: dict, note: str = "") -> str:
+    """A markdown row comparing data-informed, random and dense: the lead cells, the number of seeds, the
+    means of dense, data and random and the paired differences data - dense and data - random (t_interval
+    dicts in `values`), then the data sparsity and mass kept of the data and random masks (`figures`), and
+    the note after the row."""
+    return (f"| {' | '.join(lead)} | {seeds} | {format_interval(values['dense'])} | {format_interval(values['data'])} | "
+            f"{format_interval(values['random'])} | {format_interval(values['data_minus_dense'], sign=True)} | "
+            f"{format_interval(values['data_minus_random'], sign=True)} | "
+            f"{figures['data_sparsity']['data']['mean']:.3f} / {figures['data_sparsity']['random']['mean']:.3f} | "
+            f"{figures['mass_kept']['data']['mean']:.3f} / {figures['mass_kept']['random']['mean']:.3f} |"
+            + (f" {note}" if note else ""))
+
+
 def majority_share(base: TrainSettings, seed: int) -> float:
     """The accuracy of always answering the most common label of the held-out split of `seed`."""
     data = read_labelled(base.data, base.text_column, base.label_column, base.labels, split=base.split)

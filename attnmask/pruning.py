@@ -373,7 +373,7 @@ class TokenPruner(nn.Module):
             self.thresholds.requires_grad_(stage == "soft")
             if stage == "hard":
                 with torch.no_grad():
-                    self.thresholds.clamp_(0.0, HIGHEST_THRESHOLD)
+                    self.thresholds.copy_(torch.tensor([hard_threshold(t) for t in self.thresholds.tolist()]))
 
     def current_values(self) -> list[float]:
         """The per-layer values now (learned thresholds read once, not per layer)."""

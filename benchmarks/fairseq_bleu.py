@@ -34,7 +34,7 @@ from attnmask.accounting import combined
 from attnmask.collect import collect
 from attnmask.compile import CompileSettings, compile_masks
 from attnmask.errors import UnreachableTau
-from attnmask.experiments import format_interval, t_interval, unreachable_note
+from attnmask.experiments import comparison_row, format_interval, t_interval, unreachable_note
 from attnmask.models.fairseq import FairseqAdapter
 from attnmask.store import read_patterns, write_masks, write_patterns
 from attnmask.translate import evaluate_fairseq, make_reverse_task, train_fairseq
@@ -233,12 +233,7 @@ def markdown(report: dict) -> str:
         if not s["seeds"]:
             lines.append(f"| {s['tau']:g} | {s['sites']} | 0 | {note} | | | | | | |")
             continue
-        lines.append(
-            f"| {s['tau']:g} | {s['sites']} | {len(s['seeds'])} | {format_interval(s['dense'])} | {format_interval(s['data'])} | "
-            f"{format_interval(s['random'])} | {format_interval(s['data_minus_dense'], sign=True)} | {format_interval(s['data_minus_random'], sign=True)} | "
-            f"{s['data_sparsity']['data']['mean']:.3f} / {s['data_sparsity']['random']['mean']:.3f} | "
-            f"{s['mass_kept']['data']['mean']:.3f} / {s['mass_kept']['random']['mean']:.3f} |"
-            + (f" {note}" if note else ""))
+        lines.append(comparison_row([f"{s['tau']:g}", s["sites"]], len(s["seeds"]), s, s, note))
     f = report.get("finetuned")
     if f:
         lines.append(f"\nfine-tuned {f['updates']} updates with the all-sites masks at tau {f['tau']:g} "

@@ -152,27 +152,24 @@ def main() -> None:
                          eval_split=args.eval_split, device="cpu", backend="auto", limit=args.limit)
     base.validate()
     data = read_labelled(DATA, None, LABEL_COLUMN, LABELS)
-    patterns, held = {}, {}
+    alternatives = {k: ALTERNATIVES[k] for k in args.variants.split(",") if k}
+    extra = data.texts[args.limit:args.limit + args.extra] if "more-data" in alternatives else []
+    patterns, held, more = {}, {}, {}
     for seed in seeds:
         train_idx, eval_idx = split(len(data.texts), args.eval_split, seed, args.limit)
         folder = args.out / "patterns" / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        patterns[seed] = str(collect_split(folder / "train.zarr", [data.texts[i] for i in train_idx],
-                                           args.max_length, "train").path)
+        train_texts = [data.texts[i] for i in train_idx]
+        patterns[seed] = str(collect_split(folder / "train.zarr", train_texts, args.max_length, "train").path)
         held[seed] = collect_split(folder / "held-out.zarr", [data.texts[i] for i in eval_idx], args.max_length,
                                    "held-out")
         print(f"seed {seed}: patterns of {len(train_idx)} training and {len(eval_idx)} held-out snippets", flush=True)
-
-    alternatives = {k: ALTERNATIVES[k] for k in args.variants.split(",") if k}
-    if "more-data" in alternatives:
-        extra = data.texts[args.limit:args.limit + args.extra]
-        more = {}
-        for seed in seeds:
-            train_idx, _ = split(len(data.texts), args.eval_split, seed, args.limit)
-            path = args.out / "patterns" / f"seed{seed}" / f"train-plus-{len(extra)}.zarr"
-            more[seed] = str(collect_split(path, [data.texts[i] for i in train_idx] + extra, args.max_length,
+        if extra:
+            more[seed] = str(collect_split(folder / f"train-plus-{len(extra)}.zarr", train_texts + extra,
+                                           args.max_length,
                                            f"train + {len(extra)} snippets after the first {args.limit}").path)
-            print(f"seed {seed}: patterns of {len(train_idx) + len(extra)} snippets for more-data", flush=True)
+            print(f"seed {seed}: patterns of {len(train_texts) + len(extra)} snippets for more-data", flush=True)
+    if extra:
         alternatives["more-data"] = {"patterns": more}
     variants = {"data": {}, "random": {"random": True}}
     stages = [variants, {**variants, **alternatives}]

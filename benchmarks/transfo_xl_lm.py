@@ -32,7 +32,7 @@ import torch
 from attnmask.collect import collect
 from attnmask.compile import CompileSettings, compile_masks
 from attnmask.errors import UnreachableTau
-from attnmask.experiments import format_interval, t_interval, unreachable_note
+from attnmask.experiments import comparison_row, t_interval, unreachable_note
 from attnmask.lm import eval_lm, read_lines, train_lm
 from attnmask.models import load_adapter
 from attnmask.store import write_masks, write_patterns
@@ -163,13 +163,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {s['tau']:g} | - | 0 | {note} | | | | | | |")
             continue
         for m, label in metrics:
-            x = s[m]
-            lines.append(f"| {s['tau']:g} | {label} | {len(s['seeds'])} | {format_interval(x['dense'])} | {format_interval(x['data'])} | "
-                         f"{format_interval(x['random'])} | {format_interval(x['data_minus_dense'], sign=True)} | "
-                         f"{format_interval(x['data_minus_random'], sign=True)} | "
-                         f"{s['data_sparsity']['data']['mean']:.3f} / {s['data_sparsity']['random']['mean']:.3f} | "
-                         f"{s['mass_kept']['data']['mean']:.3f} / {s['mass_kept']['random']['mean']:.3f} |"
-                         + (f" {note}" if note else ""))
+            lines.append(comparison_row([f"{s['tau']:g}", label], len(s["seeds"]), s[m], s, note))
     lines.append(f"\nload average before {report['load_average_before']}, after {report['load_average_after']}; "
                  f"total {report['total_seconds']:.0f} s")
     return "\n".join(lines)
