@@ -53,8 +53,7 @@ from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns
 SCOPES = ("layer", "head", "global")
 BUDGETS = ("data", "plane")
 RADIX_BITS = 16  # bits of a score fixed per pass of the radix selection
-MAGNITUDE_BITS = np.uint64(0x7FFF_FFFF_FFFF_FFFF)
-GATHER_LIMIT = 1 << 20  # candidates sorted at once once a radix prefix holds no more than this
+GATHER_LIMIT = 1 << 16  # candidates sorted at once once a radix prefix holds no more than this
 MEMORY_LIMIT = 1 << 22  # candidates gathered into memory (and narrowed there) once a prefix holds no more
 
 
@@ -109,8 +108,10 @@ def tile_sums(x: np.ndarray, b: int) -> np.ndarray:
     """Sum of x [..., Q, K] over B x B tiles: [..., ceil(Q/B), ceil(K/B)] (last tiles may be smaller)."""
     q, k = x.shape[-2:]
     tq, tk = -(-q // b), -(-k // b)
-    padded = np.zeros(x.shape[:-2] + (tq * b, tk * b), dtype=x.dtype)
-    padded[..., :q, :k] = x
+    padded = x
+    if (tq * b, tk * b) != (q, k):
+        padded = np.zeros(x.shape[:-2] + (tq * b, tk * b), dtype=x.dtype)
+        padded[..., :q, :k] = x
     return padded.reshape(x.shape[:-2] + (tq, b, tk, b)).sum(axis=(-3, -1))
 
 
@@ -124,12 +125,19 @@ def protected_by_rows(score: np.ndarray, elig: np.ndarray, min_keep: int) -> np.
     in each row (ties: lower column first). score [L, H, R, C] >= 0; elig [R, C] broadcasts."""
     if min_keep == 0:
         return np.zeros(score.shape, dtype=bool)
-    masked = score if elig.all() else np.where(elig, score, -1.0)  # scores >= 0: -1 ranks ineligible last
     if min_keep == 1:
-        best = masked.argmax(axis=-1)  # argmax returns the first of equal maxima: the lower column
+        # argmax returns the first of equal maxima (the lower column); where it lands on an eligible unit
+        # that is the row's answer, elsewhere the row is ranked again with ineligible units at -1
+        best = score.argmax(axis=-1)
+        rows = np.arange(score.shape[-2])
+        again = np.nonzero(~elig[rows, best])
+        if again[0].size:
+            best[again] = np.where(elig[again[-1]], score[again], -1.0).argmax(axis=-1)
         protected = np.zeros(score.shape, dtype=bool)
-        np.put_along_axis(protected, best[..., None], True, axis=-1)
+        columns = score.shape[-1]
+        protected.reshape(-1)[np.arange(0, best.size * columns, columns) + best.reshape(-1)] = True
     else:
+        masked = score if elig.all() else np.where(elig, score, -1.0)
         order = np.argsort(-masked, axis=-1, kind="stable")
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(score.shape[-1]), axis=-1)
@@ -163,8 +171,11 @@ class Units:
 
     def scores(self, mean: np.ndarray) -> np.ndarray:
         """Scores [H, R, C] of one layer's units: mean [H, Q, K] itself, or per tile the sum of mean over
-        its eligible entries."""
-        return mean if self.block == 1 else tile_sums(np.where(self.elig, mean, 0.0), self.block)
+        its eligible entries (then mean's ineligible entries are set to 0 in place)."""
+        if self.block == 1:
+            return mean
+        np.copyto(mean, 0.0, where=~self.elig)
+        return tile_sums(mean, self.block)
 
     def eligible_total(self) -> int:
         """The total weight of one (layer, head) plane's eligible units."""
@@ -201,14 +212,24 @@ class Cut:
         return pruned
 
 
+def sort_keys(scores: np.ndarray) -> np.ndarray:
+    """uint64 sort keys of scores >= 0: their bit patterns shifted left by one, which drops the sign
+    (-0.0 is 0). Keys are ordered as the scores are, and their top 16 bits are the 11 exponent bits
+    and 5 mantissa bits (a radix digit wasted on the sign would halve what the first pass resolves)."""
+    return scores.view(np.uint64) << np.uint64(1)
+
+
+def key_floor(key: int) -> float:
+    """The smallest score >= 0 whose sort key is at least `key` (a key below 2^64)."""
+    return float(np.array((key + 1) >> 1, dtype=np.uint64).view(np.float64))
+
+
 def sharing_mask(score: np.ndarray, cand: np.ndarray, prefix: int, fixed: int) -> np.ndarray:
-    """The candidates whose sort keys have `prefix` as their top `fixed` bits. A sort key is a score's
-    bit pattern with the sign cleared (-0.0 is 0): keys are ordered as the scores >= 0 are, so these
-    are the candidates with scores in [lo, hi), lo and hi the floats whose bits are prefix and prefix + 1
-    followed by zeros."""
+    """The candidates whose sort keys have `prefix` as their top `fixed` bits: the candidates with scores
+    in [lo, hi), lo and hi the least scores whose keys are at least prefix and prefix + 1 followed by zeros."""
     if fixed == 0:
         return cand
-    lo, hi = (np.array([prefix, prefix + 1], dtype=np.uint64) << np.uint64(64 - fixed)).view(np.float64)
+    lo, hi = key_floor(prefix << (64 - fixed)), key_floor((prefix + 1) << (64 - fixed))
     return cand & (score >= lo) & (score < hi)
 
 
@@ -257,7 +278,7 @@ class Histogram:
 
 def radix_digits(scores: np.ndarray, fixed: int) -> np.ndarray:
     """int64 [n]: the RADIX_BITS bits below the top `fixed` ones of the scores' sort keys."""
-    keys = scores.view(np.uint64) & MAGNITUDE_BITS
+    keys = sort_keys(scores)
     keys >>= 64 - fixed - RADIX_BITS
     keys &= (1 << RADIX_BITS) - 1
     return keys.view(np.int64)
@@ -277,7 +298,8 @@ def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.n
     and fixes the first digit at which the running weight exceeds the budget; `below` is the weight under
     the prefix. Histograms are passes over the blocks until at most `memory_limit` candidates share the
     prefix; those are gathered (in C order) and narrowed in memory the same way down to `limit`, then
-    sorted. If all 64 bits get fixed, t is the prefix and the ties that fit are counted in C order.
+    sorted. If all 64 bits get fixed, t is the score whose key is the prefix, and the ties that fit are
+    counted in C order.
     `first`: the first pass's histogram when the caller already made it (one pass fewer)."""
     prefix, fixed, below, size = 0, 0, 0, None
     while (size is None or size > memory_limit) and fixed < 64:
@@ -291,7 +313,7 @@ def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.n
         size = int(histogram.counts[digit])
         prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS
     if size > memory_limit:
-        t = float(np.array(prefix, dtype=np.uint64).view(np.float64))
+        t = key_floor(prefix)
         return Cut(t, tied_prefix(each_block, t, weight, budget - below))
     scores, weights = [], []
 
@@ -312,7 +334,7 @@ def prefix_cut(each_block: Callable[[Callable], None], budget: int, weight: np.n
         scores, weights = scores[sharing], weights[sharing]
         prefix, fixed = (prefix << RADIX_BITS) | digit, fixed + RADIX_BITS
     if len(scores) > limit:  # all equal: the ties that fit, in C order
-        t = float(np.array(prefix, dtype=np.uint64).view(np.float64))
+        t = key_floor(prefix)
         return Cut(t, int(np.searchsorted(np.cumsum(weights), budget - below, side="right")))
     order = np.argsort(scores, kind="stable")  # stable: ties stay in C order
     scores = scores[order]
@@ -339,26 +361,34 @@ def tied_prefix(each_block: Callable[[Callable], None], t: float, weight: np.nda
     return state["taken"]
 
 
-def random_scores(seed: int, site: str, layer: int, shape: tuple[int, ...]) -> np.ndarray:
+def random_scores(seed: int, site: str, layer: int, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
     """Uniform keys [H, R, C] in [0, 1) that replace a layer's scores for the random baseline, from
     np.random.default_rng([seed, crc32(site), layer]): the same for every pass over the layers."""
-    return np.random.default_rng([seed, zlib.crc32(site.encode()), layer]).random(shape)
+    return np.random.default_rng([seed, zlib.crc32(site.encode()), layer]).random(shape, out=out)
 
 
 @dataclass
 class Scorer:
-    """Scores [H, R, C] of a site's layers: the units' scores of the means, or random keys."""
+    """Scores [H, R, C] of a site's layers: the units' scores of the means, or random keys. Each call
+    writes into the buffer of the last one (the previous layer's scores are gone): fresh pages for
+    every layer of every pass cost a third of the division itself."""
 
     name: str
     site: SitePatterns
     units: Units
     seed: int | None  # None: data-informed
+    buffer: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __call__(self, layer: int) -> np.ndarray:
         if self.seed is None:
-            return self.units.scores(self.site.mean(layer))
+            return self.units.scores(self.site.mean(layer, out=self._buffer(self.site.sum.shape[1:])))
         shape = (self.site.heads,) + self.units.eligible.shape
-        return random_scores(self.seed, self.name, layer, shape)
+        return random_scores(self.seed, self.name, layer, shape, out=self._buffer(shape))
+
+    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self.buffer is None:
+            self.buffer = np.empty(shape)
+        return self.buffer
 
 
 def layer_blocks(scope: str, heads: int) -> list:
@@ -404,7 +434,6 @@ def global_cut(scorer: Scorer, min_keep: int, candidates: np.ndarray, tau: float
         score = scorer(layer)
         candidates[layer] = candidate_units(score, units.eligible, min_keep)
         first(score, candidates[layer])
-        del score
     pool_total = units.eligible_total() * scorer.site.layers * scorer.site.heads
     budget = prune_count(tau, pool_total)
     if not reach.add("the site", units.total(candidates), pool_total, budget):
@@ -463,7 +492,6 @@ def compile_site(name: str, site: SitePatterns, settings: CompileSettings, tau: 
             keep[layer] &= allowed
         pruned_per_head.append(int(elig.sum()) - (keep[layer] & elig).sum(axis=(-2, -1)))
         columns.append(tally_layer(keep[layer], site.sum[layer], site.count, elig, cross))
-        del score  # so that the next layer's scores are not computed beside these
     reach.check(name, tau, settings)
     return keep, site_attrs(tau, settings.budget, int(elig.sum()), np.array(pruned_per_head), tally(columns))
 

@@ -147,12 +147,12 @@ class SitePatterns:
     def heads(self) -> int:
         return self.sum.shape[1]
 
-    def mean(self, layer: int | None = None) -> np.ndarray:
+    def mean(self, layer: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Average pattern [L, H, Q, K], or one layer's [H, Q, K]: sum / count where count > 0, and 0
-        where count == 0."""
+        where count == 0 (written into `out` when given)."""
         inverse = np.zeros(self.count.shape)
         np.divide(1.0, self.count, out=inverse, where=self.count > 0)
-        return (self.sum if layer is None else self.sum[layer]) * inverse
+        return np.multiply(self.sum if layer is None else self.sum[layer], inverse, out=out)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The hot paths of issue 12 against the plain forms they replaced.
 
 Collection: real_query_sum (padding query rows excluded, one product per (head, query)) equals the
-einsum over valid = query_real & key_real, on synthetic batches and through every model family.
+einsum over valid = query_real & key_real, on synthetic batches and through every model family; capture
+without gradients keeps the probabilities in scratch buffers.
 Compile: one layer at a time gives the masks of a whole-array algorithm (one sort per pool), bit for bit,
 for every scope and budget and for the random baseline, with each pool's cut found by radix selection.
 """
@@ -90,6 +91,34 @@ def test_hugging_face_encoder_and_causal_collection_equal_einsum(tiny_bert_dir, 
     texts = random_texts(30, seed=7, lo=1, hi=18)  # batches of 8 with padding at queries and keys
     for folder in (tiny_bert_dir, tiny_gpt2_dir):
         assert_collect_equals_reference(load_adapter(str(folder), "cpu"), texts, 8, 24)
+
+
+def test_capture_reuses_scratch_probabilities_and_releases_them(tiny_bert_dir):
+    """Under a sink without gradients every layer's probabilities land in one scratch buffer (no fresh
+    [B, H, q, k] tensors per layer), still the model's own attention, and the buffers are gone after
+    the capture; with gradients the probabilities are fresh tensors that the caller gets back."""
+    from attnmask.scratch import scratch
+
+    adapter = load_adapter(str(tiny_bert_dir), "cpu")
+    inputs = adapter.encode(random_texts(3, seed=5, lo=4, hi=12), 16)
+    with torch.no_grad():
+        expected = adapter.model(**inputs, output_attentions=True).attentions
+    seen = []
+
+    def sink(site, layer, probs):
+        seen.append((probs.data_ptr(), probs.clone(), probs.requires_grad))
+
+    with torch.inference_mode(), adapter.capture(sink):
+        adapter.model(**inputs)
+        assert {k[0] for k in scratch.buffers} >= {"scores", "probs"}
+    assert not {"scores", "probs"} & {k[0] for k in scratch.buffers}
+    assert len(seen) == len(expected) > 1 and len({ptr for ptr, _, _ in seen}) == 1
+    for (_, probs, _), reference in zip(seen, expected):
+        torch.testing.assert_close(probs, reference, rtol=0, atol=1e-6)
+    seen.clear()
+    with adapter.capture(sink):
+        adapter.model(**inputs).last_hidden_state.sum().backward()
+    assert len({ptr for ptr, _, _ in seen}) == len(expected) and all(grad for _, _, grad in seen)
 
 
 def test_transformer_xl_collection_equals_einsum(tmp_path):

@@ -21,13 +21,13 @@ gathers, builds the padding mask of the groups that need one (when the batch has
 
 from __future__ import annotations
 
-import math
-import threading
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
+
+from attnmask.scratch import scratch
 
 TILE = 128
 """Tile side (queries x keys) of the block-sparse kernels; FlexAttention's BLOCK_SIZE too."""
@@ -140,36 +140,20 @@ def group_mask(group: TileGroup, key_len: torch.Tensor | None, extra: torch.Tens
     return mask if extra is None else mask + extra
 
 
-class _Workspace(threading.local):
-    """Gather buffers reused across calls (inference only): a fresh multi-megabyte tensor per call costs
-    more in page faults than the gather itself. One flat buffer per (purpose, device, dtype), grown as needed."""
-
-    def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def take(self, purpose: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        size = math.prod(shape)
-        key = (purpose, like.device, like.dtype)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
-        return buffer[:size].view(shape)
-
-
-_workspace = _Workspace()
-
-
 def gather_tiles(tiles: torch.Tensor, index: torch.Tensor, purpose: str | None = None) -> torch.Tensor:
     """tiles [B, N, T, D] at tile indices index [n] of dim 1: [B, n, T, D].
 
-    Rows are gathered from a [B, N, T·D] view, where index_select copies whole rows. With a `purpose`
-    the result lands in a reused workspace buffer (valid until the next gather for that purpose)."""
-    batch, _, tile, dim = tiles.shape
-    flat = tiles.reshape(batch, -1, tile * dim)
+    Rows are gathered from a [B·N, T·D] view with the index b·N + index[i] for every b: index_select
+    copies whole rows, and along dim 0 it runs on every thread (along dim 1 it runs on one). With a
+    `purpose` the result lands in a scratch buffer (valid until the next gather for that purpose)."""
+    batch, count, tile, dim = tiles.shape
+    flat = tiles.reshape(batch * count, tile * dim)
+    if batch > 1:
+        index = (torch.arange(0, batch * count, count, device=index.device)[:, None] + index).flatten()
     if purpose is None:
-        return flat.index_select(1, index).view(batch, -1, tile, dim)
-    out = _workspace.take(purpose, (batch, index.numel(), tile * dim), tiles)
-    return torch.index_select(flat, 1, index, out=out).view(batch, -1, tile, dim)
+        return flat.index_select(0, index).view(batch, -1, tile, dim)
+    out = scratch.take(purpose, (index.numel(), tile * dim), tiles)
+    return torch.index_select(flat, 0, index, out=out).view(batch, -1, tile, dim)
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TileLayout,

@@ -30,6 +30,7 @@ from torch import nn
 
 from attnmask.errors import AttnmaskError
 from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, sink_attached
+from attnmask.scratch import scratch
 from attnmask.store import json_digest
 
 ATTENTION_NAME = "attnmask"
@@ -89,21 +90,26 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
     P = softmax(q kᵀ · scaling + attention_mask) in float32 [B, H, q, k]; query [B, H, q, D], key/value
     [B, Hkv, k, D] (grouped-query keys repeated); attention_mask: transformers' additive eager mask.
+    While a sink collects without gradients, q kᵀ and P live in scratch buffers that the next layer
+    reuses (attnmask.scratch): the sink sees P, and the weights returned are None.
     """
     from attnmask.runtime import repeat_kv
 
     heads = query.shape[1]
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query * scaling, key.transpose(-1, -2)).float()
+    sink = getattr(module, "_attnmask_sink", None)
+    reuse = sink is not None and not torch.is_grad_enabled()
+    shape = query.shape[:-1] + key.shape[-2:-1]
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2),
+                          out=scratch.take("scores", shape, query) if reuse else None).float()
     if attention_mask is not None:
         scores += attention_mask[..., : key.shape[-2]]
-    probs = scores.softmax(dim=-1)
-    sink = getattr(module, "_attnmask_sink", None)
+    probs = torch.softmax(scores, dim=-1, out=scratch.take("probs", shape, scores) if reuse else None)
     if sink is not None:
         sink(site_of(module), module.layer_idx, probs)
     dropped = nn.functional.dropout(probs.to(value.dtype), p=dropout, training=module.training)
-    return torch.matmul(dropped, value).transpose(1, 2).contiguous(), probs
+    return torch.matmul(dropped, value).transpose(1, 2).contiguous(), None if reuse else probs
 
 
 _padding_cache: dict[tuple, tuple] = {}
@@ -253,8 +259,11 @@ class HuggingFaceAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def capture(self, sink: AttentionSink):
-        with self._attention_implementation(ATTENTION_NAME), sink_attached(attention_modules(self.model), sink):
-            yield
+        try:
+            with self._attention_implementation(ATTENTION_NAME), sink_attached(attention_modules(self.model), sink):
+                yield
+        finally:
+            scratch.release("scores", "probs")
 
     def _probe_sites(self) -> list[Site]:
         """Run two tokens through the model and record which (site, layer, heads) attention calls occur."""
