@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -147,12 +148,17 @@ class SitePatterns:
     def heads(self) -> int:
         return self.sum.shape[1]
 
+    @functools.cached_property
+    def inverse_count(self) -> np.ndarray:
+        """[Q, K] float64: 1 / count where count > 0, and 0 where count == 0 (computed once: compile asks
+        for a layer's mean once per pass over the layers)."""
+        inverse = np.zeros(self.count.shape)
+        return np.divide(1.0, self.count, out=inverse, where=self.count > 0)
+
     def mean(self, layer: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Average pattern [L, H, Q, K], or one layer's [H, Q, K]: sum / count where count > 0, and 0
         where count == 0 (written into `out` when given)."""
-        inverse = np.zeros(self.count.shape)
-        np.divide(1.0, self.count, out=inverse, where=self.count > 0)
-        return np.multiply(self.sum if layer is None else self.sum[layer], inverse, out=out)
+        return np.multiply(self.sum if layer is None else self.sum[layer], self.inverse_count, out=out)
 
 
 @dataclass

@@ -140,20 +140,26 @@ def group_mask(group: TileGroup, key_len: torch.Tensor | None, extra: torch.Tens
     return mask if extra is None else mask + extra
 
 
-def gather_tiles(tiles: torch.Tensor, index: torch.Tensor, purpose: str | None = None) -> torch.Tensor:
-    """tiles [B, N, T, D] at tile indices index [n] of dim 1: [B, n, T, D].
+def batch_rows(index: torch.Tensor, batch: int, count: int) -> torch.Tensor:
+    """Rows of tiles `index` [n] of every sequence in the [B·N, ...] view of a [B, N, ...] tensor with N =
+    count: b·N + index[i], [B·n] in (b, i) order."""
+    if batch == 1:
+        return index
+    return (torch.arange(0, batch * count, count, device=index.device)[:, None] + index).flatten()
 
-    Rows are gathered from a [B·N, T·D] view with the index b·N + index[i] for every b: index_select
-    copies whole rows, and along dim 0 it runs on every thread (along dim 1 it runs on one). With a
-    `purpose` the result lands in a scratch buffer (valid until the next gather for that purpose)."""
+
+def gather_tiles(tiles: torch.Tensor, rows: torch.Tensor, purpose: str | None = None) -> torch.Tensor:
+    """tiles [B, N, T, D] at rows [B·n] of its [B·N, T·D] view (`batch_rows`): [B, n, T, D].
+
+    index_select copies whole rows, and along dim 0 it runs on every thread (along dim 1 of a
+    [B, N, T·D] view it runs on one). With a `purpose` the result lands in a scratch buffer (valid until
+    the next gather for that purpose)."""
     batch, count, tile, dim = tiles.shape
     flat = tiles.reshape(batch * count, tile * dim)
-    if batch > 1:
-        index = (torch.arange(0, batch * count, count, device=index.device)[:, None] + index).flatten()
     if purpose is None:
-        return flat.index_select(0, index).view(batch, -1, tile, dim)
-    out = scratch.take(purpose, (index.numel(), tile * dim), tiles)
-    return torch.index_select(flat, 0, index, out=out).view(batch, -1, tile, dim)
+        return flat.index_select(0, rows).view(batch, -1, tile, dim)
+    out = scratch.take(purpose, (rows.numel(), tile * dim), tiles)
+    return torch.index_select(flat, 0, rows, out=out).view(batch, -1, tile, dim)
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TileLayout,
@@ -180,11 +186,12 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     for g in layout.groups:
         rows = g.heads * nq + g.q_blocks
         every_row = rows.numel() == rows_total  # one group, rows in order: no gather, no scatter
-        kv_index = ((g.heads // group_size)[:, None] * nk + g.k_blocks).flatten()
+        kv_rows = batch_rows(((g.heads // group_size)[:, None] * nk + g.k_blocks).flatten(), batch, kv_heads * nk)
         r, c = g.k_blocks.shape
-        keys = gather_tiles(key_tiles, kv_index, "key" if reuse else None).view(batch, r, c * tile, dim)
-        values = gather_tiles(value_tiles, kv_index, "value" if reuse else None).view(batch, r, c * tile, -1)
-        queries = query_tiles if every_row else gather_tiles(query_tiles, rows, "query" if reuse else None)
+        keys = gather_tiles(key_tiles, kv_rows, "key" if reuse else None).view(batch, r, c * tile, dim)
+        values = gather_tiles(value_tiles, kv_rows, "value" if reuse else None).view(batch, r, c * tile, -1)
+        queries = (query_tiles if every_row else
+                   gather_tiles(query_tiles, batch_rows(rows, batch, rows_total), "query" if reuse else None))
         score = None if extra is None else extra.tiles(g.heads, g.q_blocks, g.columns, tile)
         mask = group_mask(g, key_len, score, query.dtype)
         attended = nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
