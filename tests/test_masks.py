@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks import native
 from attnmask.masks.blocksparse import block_sparse_attention, tile_layout
 from attnmask.masks.rules import Window, causal_band, check_beyond, guarantee_rows, plane_window, window_keep
 
@@ -115,6 +116,77 @@ def test_block_sparse_grouped_query_heads_and_bfloat16():
     assert (low.double() - ref).abs().max() <= 1e-2 * max(1.0, ref.abs().max().item())
 
 
+@pytest.fixture
+def python_kernel_only(monkeypatch):
+    """Block-sparse calls without gradients run the Python kernel (the C++ one switched off)."""
+    native.kernel.cache_clear()
+    monkeypatch.setenv("ATTNMASK_NATIVE", "0")
+    yield
+    native.kernel.cache_clear()
+
+
+@pytest.mark.parametrize("q_len,k_len,causal,lengths,kv_heads", [
+    (300, 300, False, None, 4), (300, 300, True, (300, 170), 2), (129, 129, False, (129, 1), 4),
+    (77, 200, False, (200, 61), 1), (1, 200, True, None, 4)])
+def test_cpp_kernel_matches_float64_and_the_python_kernel(q_len, k_len, causal, lengths, kv_heads):
+    """Without gradients float32 calls run the C++ kernel: partial tiles (causal, element-wise cells, short
+    last tiles), right padding, grouped key/value heads, a query [B, q, H, D] seen through a transpose,
+    one query against many keys (a decoding step), and a row block with no kept tile (gives 0)."""
+    heads, dim = 4, 16
+    plane = random_allowed(heads, 320, 320, 0.3, seed=q_len + k_len)
+    window = Window.self_attention(q_len, k_len)
+    allowed, _ = window_keep(plane, window, causal=causal, cross=False, beyond="dense")
+    allowed[1, :64] = False  # head 1's first query block keeps no tile
+    layout = tile_layout(allowed, 64)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, q_len, heads, dim, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, kv_heads, k_len, dim, generator=g) for _ in range(2))
+    key_len = None if lengths is None else torch.tensor(lengths)
+    calls = []
+    kernel = native.kernel()
+    assert kernel is not None, "make install builds the C++ kernel"
+
+    class Spy:
+        def attend(self, *args):
+            calls.append(args)
+            return kernel.attend(*args)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "kernel", lambda: Spy())
+        out = block_sparse_attention(q, k, v, layout, key_len)
+    assert len(calls) == 1
+    ref = reference(q, k, v, allowed, key_len)
+    real = torch.ones(2, k_len, dtype=torch.bool) if key_len is None else torch.arange(k_len) < key_len[:, None]
+    real = (allowed[None] & real[:, None, None, :]).any(-1)[..., None].expand_as(ref)  # rows with a real key
+    assert (out.double() - ref)[real].abs().max() <= 1e-5
+    assert torch.isfinite(out).all()
+    empty = (layout.rows.row_ptr[1:] == layout.rows.row_ptr[:-1]).view(heads, -1).repeat_interleave(64, 1)[:, :q_len]
+    assert empty.any() and (out[:, empty] == 0).all()  # query blocks without a kept tile give 0
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "kernel", lambda: None)
+        python = block_sparse_attention(q, k, v, layout, key_len)
+    assert (out - python)[real].abs().max() <= 1e-5
+
+
+def test_gradients_dropout_and_other_dtypes_take_the_python_kernel(python_kernel_only):
+    q = torch.randn(1, 2, 70, 8, requires_grad=True)
+    assert not native.usable(q, 0.0, None, needs_grad=True)
+    assert not native.usable(q.detach(), 0.1, None, needs_grad=False)
+    assert not native.usable(q.detach().bfloat16(), 0.0, None, needs_grad=False)
+    assert native.kernel() is None  # ATTNMASK_NATIVE=0
+
+
+def test_python_kernel_without_gradients_matches_float64(python_kernel_only):
+    allowed = random_allowed(2, 150, 150, 0.2, seed=8, causal=True)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 150, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, tile_layout(allowed, 64), torch.tensor([150, 90]))
+    ref = reference(q, k, v, allowed, torch.tensor([150, 90]))
+    real = (allowed[None] & (torch.arange(150) < torch.tensor([150, 90])[:, None])[:, None, None, :]).any(-1)
+    assert real.sum() > 400 and (out.double() - ref)[real].abs().max() <= 1e-5
+
+
 def test_tile_layout_keeps_exactly_the_tiles_with_an_allowed_cell():
     allowed = torch.zeros(2, 130, 200, dtype=torch.bool)
     allowed[0, 0, 0] = allowed[0, 129, 199] = allowed[1, 70, 70] = True
@@ -123,6 +195,10 @@ def test_tile_layout_keeps_exactly_the_tiles_with_an_allowed_cell():
     rows = sorted((int(h), int(i), tuple(j.tolist())) for grp in layout.groups
                   for h, i, j in zip(grp.heads, grp.q_blocks, grp.k_blocks))
     assert rows == [(0, 0, (0,)), (0, 2, (3,)), (1, 1, (1,))]
+    csr = layout.rows  # the same tiles row by row (row = head · 3 + query block), each one cell: partial
+    assert csr.row_ptr.tolist() == [0, 1, 1, 2, 2, 3, 3] and csr.tiles.tolist() == [0, 3, 1]
+    assert csr.partial.tolist() == [0, 1, 2] and csr.cells.shape == (3, 64, 64)
+    assert [int(c.sum()) for c in csr.cells] == [1, 1, 1] and csr.cells[1, 1, 7]  # (129, 199) in tile (2, 3)
 
 
 def test_flex_attention_matches_float64_and_builds_the_block_mask_once():

@@ -181,6 +181,49 @@ def test_every_backend_matches_float64_reference_in_outputs_and_gradients(family
     assert (dense[real] - out[real]).abs().max() > 1e-3  # the masks change the model
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_right_padding_is_read_as_key_lengths_and_anything_else_as_a_model_mask(causal):
+    from attnmask.masks.rules import causal_band
+    from attnmask.models.hf import right_padding
+
+    lengths = torch.tensor([5, 3])
+    allowed = (torch.arange(5) < lengths[:, None])[:, None, None, :].expand(2, 1, 5, 5)
+    if causal:
+        allowed = allowed & causal_band(5, 5, 0)
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    key_len, model_allowed = right_padding(additive, 5, 5, causal)
+    assert key_len.tolist() == [5, 3] and model_allowed is None
+    left = allowed.flip(-1).clone()  # left padding: a model mask
+    key_len, model_allowed = right_padding(left, 5, 5, causal)
+    assert key_len is None and torch.equal(model_allowed, left)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_blocksparse_inference_runs_the_cpp_kernel_and_matches_float64(family, monkeypatch):
+    """Without gradients the blocksparse backend runs the C++ kernel in every masked layer, padded batch."""
+    from attnmask.masks import native
+
+    build, site = MODELS[family]
+    model = build(positions=320).eval()
+    store = block_keep(site, plane=300, tile=64, share=0.4)
+    batch = padded_batch(lengths=(290, 150, 37))
+    real = real_positions(batch)
+    reference = Float64Reference(model, store, site)(batch)
+    kernel, calls = native.kernel(), []
+    assert kernel is not None, "make install builds the C++ kernel"
+
+    class Spy:
+        def attend(self, *args):
+            calls.append(args[0].shape)
+            return kernel.attend(*args)
+
+    monkeypatch.setattr(native, "kernel", lambda: Spy())
+    with torch.no_grad(), apply_masks(model, store, backend="blocksparse"):
+        out = model(**batch).last_hidden_state
+    assert len(calls) == LAYERS
+    assert (out[real] - reference[real]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_real_mask_zeroes_pruned_entries_rows_sum_to_one(family):
     build, site = MODELS[family]

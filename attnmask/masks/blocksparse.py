@@ -17,6 +17,10 @@ all padding finite (their values are never read).
 
 `TileLayout` is built once per (site, layer, call shape) and cached by the runtime; a call only
 gathers, builds the padding mask of the groups that need one (when the batch has padding), and runs.
+
+Calls without gradients, dropout or a score term, in float32 on the CPU, run the same function in C++
+(blocksparse.cpp, through attnmask.masks.native): one task per (sequence, head, query block) reads its
+kept tiles in place from the layout's CSR rows (`TileRows`), so nothing is gathered or scattered.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from attnmask.masks import native
 from attnmask.scratch import scratch
 
 TILE = 128
@@ -61,10 +66,37 @@ class TileLayout:
     kept_tiles: int  # tiles computed per sequence, over all heads
     total_tiles: int  # H · nq · nk
     kept_rows: int  # (head, query block) rows with a kept tile
+    rows: "TileRows"  # the same tiles row by row, for the C++ kernel
 
     @property
     def kept_share(self) -> float:
         return self.kept_tiles / max(self.total_tiles, 1)
+
+
+@dataclass
+class TileRows:
+    """The kept tiles in CSR form: row r = h · nq + i keeps key tiles tiles[row_ptr[r]:row_ptr[r + 1]]
+    (ascending); partial[p] indexes the allowed cells [T, T] of kept tile p in `cells` [P, T, T], or is -1
+    when every cell of the tile is allowed."""
+
+    row_ptr: torch.Tensor  # long [H · nq + 1]
+    tiles: torch.Tensor  # long [kept tiles]
+    partial: torch.Tensor  # long [kept tiles]
+    cells: torch.Tensor  # bool [P, T, T]
+
+
+def tile_rows(padded: torch.Tensor, some: torch.Tensor, full: torch.Tensor, tile: int) -> TileRows:
+    """CSR form of the kept tiles `some` [H, nq, nk] of a tile-padded mask [H, nq·T, nk·T]."""
+    heads, nq, nk = some.shape
+    head, q_block, k_block = some.nonzero(as_tuple=True)  # row-major: by row, key blocks ascending
+    count = some.sum(-1).flatten()
+    row_ptr = torch.cat([count.new_zeros(1), count.cumsum(0)])
+    is_partial = ~full[head, q_block, k_block]
+    partial = torch.full_like(head, -1)
+    partial[is_partial] = torch.arange(int(is_partial.sum()), device=head.device)
+    tiles = padded.view(heads, nq, tile, nk, tile).transpose(2, 3)  # [H, nq, nk, T, T]
+    cells = tiles[head[is_partial], q_block[is_partial], k_block[is_partial]].contiguous()
+    return TileRows(row_ptr, k_block.contiguous(), partial, cells)
 
 
 def pad_to_tiles(allowed: torch.Tensor, tile: int) -> torch.Tensor:
@@ -106,7 +138,8 @@ def tile_layout(allowed: torch.Tensor, tile: int = TILE) -> TileLayout:
             rows = q_block[:, None] * tile + offsets  # [R, T]
             cells = padded[head[:, None, None], rows[:, :, None], columns[:, None, :]]
         groups.append(TileGroup(head, q_block, k_blocks, cells, columns))
-    return TileLayout(heads, q, k, tile, groups, int(count.sum()), heads * nq * nk, int((count > 0).sum()))
+    return TileLayout(heads, q, k, tile, groups, int(count.sum()), heads * nq * nk, int((count > 0).sum()),
+                      tile_rows(padded, some, full, tile))
 
 
 class ScoreTerm(Protocol):
@@ -162,6 +195,13 @@ def gather_tiles(tiles: torch.Tensor, rows: torch.Tensor, purpose: str | None = 
     return torch.index_select(flat, 0, rows, out=out).view(batch, -1, tile, dim)
 
 
+def scatter_tiles(tiles: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+    """tiles [B, N, T, D] at rows [B·n] of its [B·N, T·D] view (`batch_rows`) = source [B, n, T, D]
+    (along dim 0, for the same reason as `gather_tiles`)."""
+    batch, count, tile, dim = tiles.shape
+    tiles.view(batch * count, tile * dim).index_copy_(0, rows, source.reshape(-1, tile * dim))
+
+
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TileLayout,
                            key_len: torch.Tensor | None = None, scale: float | None = None,
                            dropout: float = 0.0, extra: ScoreTerm | None = None) -> torch.Tensor:
@@ -170,6 +210,13 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     query [B, H, q, D], key/value [B, Hkv, k, D] with H % Hkv == 0; key_len [B]: real keys of each
     sequence (right padding), None when all are real. Differentiable in query, key, value.
     """
+    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    if native.usable(query, dropout, extra, needs_grad=not reuse):
+        rows = layout.rows
+        query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+        lengths = None if key_len is None else key_len.to(torch.long).contiguous()
+        return native.kernel().attend(query, key, value, rows.row_ptr, rows.tiles, rows.partial, rows.cells,
+                                      lengths, query.shape[-1] ** -0.5 if scale is None else scale, layout.tile)
     batch, heads, q, dim = query.shape
     kv_heads, k = key.shape[1], key.shape[2]
     tile = layout.tile
@@ -178,7 +225,6 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     key_tiles = _pad_positions(key, nk * tile).reshape(batch, kv_heads * nk, tile, dim)
     value_tiles = _pad_positions(value, nk * tile).reshape(batch, kv_heads * nk, tile, value.shape[-1])
     rows_total = heads * nq
-    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
     group_size = heads // kv_heads
     out = None
     if layout.kept_rows < rows_total:  # rows without a kept tile (bucket rows) give 0
@@ -201,5 +247,5 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         else:
             if out is None:
                 out = query.new_empty(batch, rows_total, tile, value.shape[-1])
-            out.index_copy_(1, rows, attended)
+            scatter_tiles(out, batch_rows(rows, batch, rows_total), attended)
     return out.view(batch, heads, nq * tile, -1)[:, :, :q]

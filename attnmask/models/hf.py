@@ -147,7 +147,7 @@ def _read_padding(mask: torch.Tensor, q: int, k: int, causal: bool):
     expected = torch.arange(k, device=mask.device)[None, None, :] < key_len[:, None, None]
     if causal:
         expected = expected & causal_band(q, k, k - q, mask.device)
-    if not torch.equal(expected, allowed[:, 0]):
+    if not bool((expected == allowed[:, 0]).all()):  # broadcast: without causality expected is [B, 1, k]
         return None, allowed
     return (None if bool((key_len == k).all()) else key_len), None
 
