@@ -590,8 +590,11 @@ def dense_model_flops(model: nn.Module, forward: Callable[[], Any]) -> float:
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    from attnmask.masks import native
+
     cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core CPU ({cpu}), {torch.get_num_threads()} torch threads"
+    kernel = "C++" if native.kernel() is not None else "gathering (no C++ kernel)"
+    return f"{os.cpu_count()}-core CPU ({cpu}), {torch.get_num_threads()} torch threads, {kernel} block-sparse kernel"
 
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: None) -> dict:

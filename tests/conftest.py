@@ -61,3 +61,20 @@ def texts_file(tmp_path) -> Path:
     path = tmp_path / "texts.txt"
     path.write_text("\n".join(random_texts(40)) + "\n")
     return path
+
+
+@pytest.fixture()
+def cpp_kernel_calls(monkeypatch) -> list:
+    """Records each call of the C++ block-sparse kernel (its query's shape) and still runs it."""
+    from attnmask.masks import native
+
+    kernel, calls = native.kernel(), []
+    assert kernel is not None, "make install builds the C++ kernel"
+
+    class Recorder:
+        def attend(self, *args):
+            calls.append(args[0].shape)
+            return kernel.attend(*args)
+
+    monkeypatch.setattr(native, "kernel", lambda: Recorder())
+    return calls

@@ -128,7 +128,8 @@ def python_kernel_only(monkeypatch):
 @pytest.mark.parametrize("q_len,k_len,causal,lengths,kv_heads", [
     (300, 300, False, None, 4), (300, 300, True, (300, 170), 2), (129, 129, False, (129, 1), 4),
     (77, 200, False, (200, 61), 1), (1, 200, True, None, 4)])
-def test_cpp_kernel_matches_float64_and_the_python_kernel(q_len, k_len, causal, lengths, kv_heads):
+def test_cpp_kernel_matches_float64_and_the_python_kernel(q_len, k_len, causal, lengths, kv_heads,
+                                                         cpp_kernel_calls, monkeypatch):
     """Without gradients float32 calls run the C++ kernel: partial tiles (causal, element-wise cells, short
     last tiles), right padding, grouped key/value heads, a query [B, q, H, D] seen through a transpose,
     one query against many keys (a decoding step), and a row block with no kept tile (gives 0)."""
@@ -142,19 +143,9 @@ def test_cpp_kernel_matches_float64_and_the_python_kernel(q_len, k_len, causal, 
     q = torch.randn(2, q_len, heads, dim, generator=g).transpose(1, 2)
     k, v = (torch.randn(2, kv_heads, k_len, dim, generator=g) for _ in range(2))
     key_len = None if lengths is None else torch.tensor(lengths)
-    calls = []
-    kernel = native.kernel()
-    assert kernel is not None, "make install builds the C++ kernel"
-
-    class Spy:
-        def attend(self, *args):
-            calls.append(args)
-            return kernel.attend(*args)
-
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(native, "kernel", lambda: Spy())
+    with torch.no_grad():
         out = block_sparse_attention(q, k, v, layout, key_len)
-    assert len(calls) == 1
+    assert len(cpp_kernel_calls) == 1
     ref = reference(q, k, v, allowed, key_len)
     real = torch.ones(2, k_len, dtype=torch.bool) if key_len is None else torch.arange(k_len) < key_len[:, None]
     real = (allowed[None] & real[:, None, None, :]).any(-1)[..., None].expand_as(ref)  # rows with a real key
@@ -162,8 +153,8 @@ def test_cpp_kernel_matches_float64_and_the_python_kernel(q_len, k_len, causal, 
     assert torch.isfinite(out).all()
     empty = (layout.rows.row_ptr[1:] == layout.rows.row_ptr[:-1]).view(heads, -1).repeat_interleave(64, 1)[:, :q_len]
     assert empty.any() and (out[:, empty] == 0).all()  # query blocks without a kept tile give 0
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(native, "kernel", lambda: None)
+    monkeypatch.setattr(native, "kernel", lambda: None)
+    with torch.no_grad():
         python = block_sparse_attention(q, k, v, layout, key_len)
     assert (out - python)[real].abs().max() <= 1e-5
 

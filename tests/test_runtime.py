@@ -157,16 +157,21 @@ def test_keep_everything_equals_unmodified_model(family, backend):
     assert max_diff_real(masked, reference, batch) <= 1e-5
 
 
+def padded_case(family, train):
+    """(model, store, batch, real, float64 reference output) of a family on a padded batch and a plane of
+    300 (three 128-tiles, the last partial), lengths not tile multiples."""
+    build, site = MODELS[family]
+    model = build(positions=320).train(train)
+    store = block_keep(site, plane=300, tile=64, share=0.4)
+    batch = padded_batch(lengths=(290, 150, 37))
+    return model, store, batch, real_positions(batch), Float64Reference(model, store, site)(batch)
+
+
 @pytest.mark.parametrize("family", sorted(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_matches_float64_reference_in_outputs_and_gradients(family, backend):
     """Padded batch, a plane of 300 (three 128-tiles, the last partial), lengths not tile multiples."""
-    build, site = MODELS[family]
-    model = build(positions=320).train()
-    store = block_keep(site, plane=300, tile=64, share=0.4)
-    batch = padded_batch(lengths=(290, 150, 37))
-    real = real_positions(batch)
-    reference = Float64Reference(model, store, site)(batch)
+    model, store, batch, real, reference = padded_case(family, train=True)
     ref_grads = torch.autograd.grad(reference[real].pow(2).sum(), [p for p in model.parameters()],
                                     allow_unused=True)
     with apply_masks(model, store, backend=backend):
@@ -199,28 +204,12 @@ def test_right_padding_is_read_as_key_lengths_and_anything_else_as_a_model_mask(
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_blocksparse_inference_runs_the_cpp_kernel_and_matches_float64(family, monkeypatch):
+def test_blocksparse_inference_runs_the_cpp_kernel_and_matches_float64(family, cpp_kernel_calls):
     """Without gradients the blocksparse backend runs the C++ kernel in every masked layer, padded batch."""
-    from attnmask.masks import native
-
-    build, site = MODELS[family]
-    model = build(positions=320).eval()
-    store = block_keep(site, plane=300, tile=64, share=0.4)
-    batch = padded_batch(lengths=(290, 150, 37))
-    real = real_positions(batch)
-    reference = Float64Reference(model, store, site)(batch)
-    kernel, calls = native.kernel(), []
-    assert kernel is not None, "make install builds the C++ kernel"
-
-    class Spy:
-        def attend(self, *args):
-            calls.append(args[0].shape)
-            return kernel.attend(*args)
-
-    monkeypatch.setattr(native, "kernel", lambda: Spy())
+    model, store, batch, real, reference = padded_case(family, train=False)
     with torch.no_grad(), apply_masks(model, store, backend="blocksparse"):
         out = model(**batch).last_hidden_state
-    assert len(calls) == LAYERS
+    assert len(cpp_kernel_calls) == LAYERS
     assert (out[real] - reference[real]).abs().max() <= 1e-5
 
 

@@ -45,9 +45,16 @@ def kernel():
     """The compiled module (with `attend`), or None when it is switched off or cannot be built."""
     if not enabled():
         return None
+    path = os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load
 
+        try:  # the `ninja` package's binary, also where its directory is not on PATH (no venv activated)
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+        except ImportError:
+            pass
         return load(extension_name(), [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, no BLAS symbol: the Python kernel still works
@@ -55,6 +62,8 @@ def kernel():
         warnings.warn(f"attnmask: the C++ block-sparse kernel could not be built ({first}); "
                       "using the Python kernel", RuntimeWarning, stacklevel=2)
         return None
+    finally:
+        os.environ["PATH"] = path
 
 
 def usable(query: torch.Tensor, dropout: float, extra, needs_grad: bool) -> bool:
