@@ -159,12 +159,19 @@ def test_cpp_kernel_matches_float64_and_the_python_kernel(q_len, k_len, causal, 
     assert (out - python)[real].abs().max() <= 1e-5
 
 
-def test_gradients_dropout_and_other_dtypes_take_the_python_kernel(python_kernel_only):
-    q = torch.randn(1, 2, 70, 8, requires_grad=True)
+def test_gradients_dropout_and_other_dtypes_take_the_python_kernel(monkeypatch):
+    q = torch.randn(1, 2, 70, 8)
+    assert native.usable(q, 0.0, None, needs_grad=False)  # float32 inference: the C++ kernel
     assert not native.usable(q, 0.0, None, needs_grad=True)
-    assert not native.usable(q.detach(), 0.1, None, needs_grad=False)
-    assert not native.usable(q.detach().bfloat16(), 0.0, None, needs_grad=False)
-    assert native.kernel() is None  # ATTNMASK_NATIVE=0
+    assert not native.usable(q, 0.1, None, needs_grad=False)
+    assert not native.usable(q.bfloat16(), 0.0, None, needs_grad=False)
+    assert not native.usable(q, 0.0, object(), needs_grad=False)  # an extra score term
+    native.kernel.cache_clear()
+    monkeypatch.setenv("ATTNMASK_NATIVE", "0")
+    try:
+        assert native.kernel() is None and not native.usable(q, 0.0, None, needs_grad=False)
+    finally:
+        native.kernel.cache_clear()
 
 
 def test_python_kernel_without_gradients_matches_float64(python_kernel_only):

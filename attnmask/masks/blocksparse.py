@@ -55,25 +55,6 @@ class TileGroup:
 
 
 @dataclass
-class TileLayout:
-    """The kept tiles of an allowed mask [H, q, k] (see the module docstring)."""
-
-    heads: int
-    q: int
-    k: int
-    tile: int
-    groups: list[TileGroup]
-    kept_tiles: int  # tiles computed per sequence, over all heads
-    total_tiles: int  # H · nq · nk
-    kept_rows: int  # (head, query block) rows with a kept tile
-    rows: "TileRows"  # the same tiles row by row, for the C++ kernel
-
-    @property
-    def kept_share(self) -> float:
-        return self.kept_tiles / max(self.total_tiles, 1)
-
-
-@dataclass
 class TileRows:
     """The kept tiles in CSR form: row r = h · nq + i keeps key tiles tiles[row_ptr[r]:row_ptr[r + 1]]
     (ascending); partial[p] indexes the allowed cells [T, T] of kept tile p in `cells` [P, T, T], or is -1
@@ -85,12 +66,32 @@ class TileRows:
     cells: torch.Tensor  # bool [P, T, T]
 
 
-def tile_rows(padded: torch.Tensor, some: torch.Tensor, full: torch.Tensor, tile: int) -> TileRows:
-    """CSR form of the kept tiles `some` [H, nq, nk] of a tile-padded mask [H, nq·T, nk·T]."""
+@dataclass
+class TileLayout:
+    """The kept tiles of an allowed mask [H, q, k] (see the module docstring)."""
+
+    heads: int
+    q: int
+    k: int
+    tile: int
+    groups: list[TileGroup]
+    kept_tiles: int  # tiles computed per sequence, over all heads
+    total_tiles: int  # H · nq · nk
+    kept_rows: int  # (head, query block) rows with a kept tile
+    rows: TileRows  # the same tiles row by row, for the C++ kernel
+
+    @property
+    def kept_share(self) -> float:
+        return self.kept_tiles / max(self.total_tiles, 1)
+
+
+def tile_rows(padded: torch.Tensor, some: torch.Tensor, full: torch.Tensor, count: torch.Tensor,
+              tile: int) -> TileRows:
+    """CSR form of the kept tiles `some` [H, nq, nk] (count [H, nq] per row) of a tile-padded mask
+    [H, nq·T, nk·T] whose fully allowed tiles are `full` [H, nq, nk]."""
     heads, nq, nk = some.shape
     head, q_block, k_block = some.nonzero(as_tuple=True)  # row-major: by row, key blocks ascending
-    count = some.sum(-1).flatten()
-    row_ptr = torch.cat([count.new_zeros(1), count.cumsum(0)])
+    row_ptr = torch.cat([count.new_zeros(1), count.flatten().cumsum(0)])
     is_partial = ~full[head, q_block, k_block]
     partial = torch.full_like(head, -1)
     partial[is_partial] = torch.arange(int(is_partial.sum()), device=head.device)
@@ -139,7 +140,7 @@ def tile_layout(allowed: torch.Tensor, tile: int = TILE) -> TileLayout:
             cells = padded[head[:, None, None], rows[:, :, None], columns[:, None, :]]
         groups.append(TileGroup(head, q_block, k_blocks, cells, columns))
     return TileLayout(heads, q, k, tile, groups, int(count.sum()), heads * nq * nk, int((count > 0).sum()),
-                      tile_rows(padded, some, full, tile))
+                      tile_rows(padded, some, full, count, tile))
 
 
 class ScoreTerm(Protocol):
@@ -210,12 +211,12 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     query [B, H, q, D], key/value [B, Hkv, k, D] with H % Hkv == 0; key_len [B]: real keys of each
     sequence (right padding), None when all are real. Differentiable in query, key, value.
     """
-    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
-    if native.usable(query, dropout, extra, needs_grad=not reuse):
-        rows = layout.rows
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if native.usable(query, dropout, extra, needs_grad):
+        csr = layout.rows
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         lengths = None if key_len is None else key_len.to(torch.long).contiguous()
-        return native.kernel().attend(query, key, value, rows.row_ptr, rows.tiles, rows.partial, rows.cells,
+        return native.kernel().attend(query, key, value, csr.row_ptr, csr.tiles, csr.partial, csr.cells,
                                       lengths, query.shape[-1] ** -0.5 if scale is None else scale, layout.tile)
     batch, heads, q, dim = query.shape
     kv_heads, k = key.shape[1], key.shape[2]
@@ -225,6 +226,7 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     key_tiles = _pad_positions(key, nk * tile).reshape(batch, kv_heads * nk, tile, dim)
     value_tiles = _pad_positions(value, nk * tile).reshape(batch, kv_heads * nk, tile, value.shape[-1])
     rows_total = heads * nq
+    reuse = not needs_grad  # scratch buffers only where autograd keeps no reference to the gathers
     group_size = heads // kv_heads
     out = None
     if layout.kept_rows < rows_total:  # rows without a kept tile (bucket rows) give 0
