@@ -23,8 +23,11 @@ Backends (all exact; they differ only in speed):
 * blocksparse  only the kept T x T tiles (attnmask/masks/blocksparse.py): the fast path on CPU.
 * flex         FlexAttention with a BlockMask per call shape (attnmask/flex.py): the fast path on CUDA.
                Calls with dropout, a score term or (CPU) gradients run on blocksparse.
-* auto         blocksparse (CPU) or flex (CUDA) when at most `SPARSE_TILE_SHARE` of the planes' tiles
-               are kept, else sdpa. `handle.backend` and `handle.reason` say what was chosen and why.
+* auto         blocksparse (CPU) or flex (CUDA) when the planes keep few enough tiles (`sparse_pays`),
+               else sdpa; and per call, sdpa for a call whose own tiles are too many or too small to
+               skip with profit. `handle.backend` and `handle.reason` say what was chosen and why.
+T is the store's own block size (`store_tile`: masks compiled with --block-size 32, 64, 128 run in tiles
+of that side, so their tiles are skipped whole), TILE for element-wise masks.
 A call the chosen backend cannot express runs on the next one that can (a model mask that is more than
 right padding and causality: sdpa).
 
@@ -45,15 +48,18 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.masks.blocksparse import TILE, ScoreTerm, TileLayout, block_sparse_attention, tile_classes, pad_to_tiles, tile_layout
+from attnmask.masks.blocksparse import (TILE, ScoreTerm, TileLayout, block_sparse_attention, pad_to_tiles, tile_classes,
+                                        tile_for_block, tile_layout)
 from attnmask.masks.rules import BEYOND_POLICIES, Window, window_keep
 from attnmask.store import MaskStore, read_masks, write_masks
 
 logger = logging.getLogger("attnmask")
 
 BACKENDS = ("eager", "sdpa", "blocksparse", "flex")
-SPARSE_TILE_SHARE = 0.5
-"""auto picks a block-sparse backend when at most this share of the planes' tiles is kept."""
+SPARSE_TILE_SHARE = {128: 0.5, 64: 0.4, 32: 0.25}
+"""auto picks a block-sparse backend for tiles of side T when at most SPARSE_TILE_SHARE[T] of the tiles
+are kept (smaller tiles run fewer FLOP/s, so they must skip more; sides between take the next smaller
+entry's share, sides above 128 the 128 share); tiles smaller than 32 never pay (benchmarks/README.md)."""
 _CACHE_LIMIT = 16
 
 
@@ -142,17 +148,21 @@ class MaskedAttention:
     """The compiled mask of one (site, layer) and the backend that applies it.
 
     keep: bool [H, Q, K] on the model's device (True = kept). What a call may attend to, its tile
-    layout and its FlexAttention plan are derived from it once per call shape and cached.
+    layout, its FlexAttention plan and its kept tile share are derived from it once per call shape and
+    cached. tile: the side T of the tiles the block-sparse backends skip (`store_tile`). auto: the
+    backend was chosen by `resolve_backend("auto", ...)`, so a call whose own tiles do not pay
+    (`sparse_pays`) runs on sdpa instead.
     """
 
     def __init__(self, site: str, layer: int, keep: torch.Tensor, *, causal: bool, cross: bool, beyond: str,
-                 backend: str, tile: int = TILE):
+                 backend: str, tile: int = TILE, auto: bool = False):
         self.site, self.layer, self.keep = site, layer, keep
         self.causal, self.cross, self.beyond = causal, cross, beyond
-        self.backend, self.tile = backend, tile
+        self.backend, self.tile, self.auto = backend, tile, auto
         self._allowed: dict[Window, torch.Tensor] = {}
         self._layouts: dict[Window, TileLayout] = {}
         self._flex: dict[Window, Any] = {}
+        self._shares: dict[Window, float] = {}
         self.rescued_rows = 0
 
     @property
@@ -163,7 +173,7 @@ class MaskedAttention:
     def to(self, device: torch.device) -> None:
         """Move the plane to `device`, forgetting what was derived from it."""
         self.keep = self.keep.to(device)
-        for cache in (self._allowed, self._layouts, self._flex):
+        for cache in (self._allowed, self._layouts, self._flex, self._shares):
             cache.clear()
 
     def allowed(self, window: Window) -> torch.Tensor:
@@ -186,11 +196,19 @@ class MaskedAttention:
 
         return _memo(self._flex, window, lambda: FlexPlan(self.allowed(window), self.tile))
 
+    def kept_share(self, window: Window) -> float:
+        """Share of the call's T x T tiles (after padding q and k to whole tiles) that keep a cell (cached)."""
+        return _memo(self._shares, window, lambda: tile_share(self.allowed(window), self.tile))
+
     def backend_for(self, call: Call, query: torch.Tensor, needs_grad: bool) -> str:
-        """The backend that runs this call: the chosen one, unless it cannot express the call."""
+        """The backend that runs this call: the chosen one, unless it cannot express the call, or (auto)
+        the call's own tiles do not pay for skipping."""
         if call.need_probs:
             return "eager"
         if call.model_allowed is not None and self.backend in ("blocksparse", "flex"):
+            return "sdpa"
+        if (self.auto and self.backend in ("blocksparse", "flex")
+                and not sparse_pays(self.kept_share(call.window), self.tile)):
             return "sdpa"
         if self.backend == "flex" and (call.extra is not None or call.dropout > 0
                                        or (needs_grad and query.device.type == "cpu")):
@@ -221,14 +239,40 @@ class MaskedAttention:
 # Choosing a backend
 
 
-def kept_tile_share(store: MaskStore, tile: int = TILE) -> float:
-    """Share of the T x T tiles of all planes (every site, layer, head) that keep any entry."""
+def store_tile(store: MaskStore) -> int:
+    """The tile side the block-sparse backends run a store's masks in: its compile block size
+    (`tile_for_block`; 32, 64, 128, ...), TILE for element-wise masks."""
+    return tile_for_block(store.attrs.get("block_size"))
+
+
+def tile_share(allowed: torch.Tensor, tile: int) -> float:
+    """Share of the T x T tiles of allowed [H, q, k] (zero-padded to whole tiles) that allow a cell."""
+    some, _ = tile_classes(pad_to_tiles(allowed, tile), tile)
+    return int(some.sum()) / max(some.numel(), 1)
+
+
+def kept_tile_share(store: MaskStore, tile: int | None = None) -> float:
+    """Share of the T x T tiles of all planes (every site, layer, head) that keep any entry; T is the
+    store's own tile (`store_tile`) unless given."""
+    tile = store_tile(store) if tile is None else tile
     kept = total = 0
     for mask in store.sites.values():
         for layer in range(mask.layers):
             some, _ = tile_classes(pad_to_tiles(torch.from_numpy(mask.keep[layer]), tile), tile)
             kept, total = kept + int(some.sum()), total + some.numel()
     return kept / max(total, 1)
+
+
+def sparse_share_limit(tile: int) -> float:
+    """The largest kept tile share at which skipping T x T tiles beats dense attention (SPARSE_TILE_SHARE;
+    0 for tiles smaller than its smallest side)."""
+    sides = [side for side in sorted(SPARSE_TILE_SHARE) if side <= tile]
+    return SPARSE_TILE_SHARE[sides[-1]] if sides else 0.0
+
+
+def sparse_pays(share: float, tile: int) -> bool:
+    """Whether a block-sparse backend should run masks keeping `share` of their T x T tiles."""
+    return share <= sparse_share_limit(tile) and sparse_share_limit(tile) > 0
 
 
 def flex_available() -> bool:
@@ -240,20 +284,24 @@ def flex_available() -> bool:
 
 
 def resolve_backend(name: str, store: MaskStore, device: torch.device) -> tuple[str, str]:
-    """(backend, reason). auto: a block-sparse backend for the device when the masks keep at most
-    SPARSE_TILE_SHARE of the tiles (blocksparse on CPU, flex on CUDA), else sdpa."""
+    """(backend, reason). auto: a block-sparse backend for the device when the masks' own tiles pay
+    (`sparse_pays`: blocksparse on CPU, flex on CUDA), else sdpa; each call is checked again
+    (MaskedAttention.backend_for)."""
     if name != "auto":
         if name not in BACKENDS:
             raise AttnmaskError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)}, auto)")
         if name == "flex" and not flex_available():
             raise AttnmaskError("the flex backend needs torch.nn.attention.flex_attention (torch >= 2.5)")
         return name, "requested"
-    share = kept_tile_share(store)
-    if share > SPARSE_TILE_SHARE:
-        return "sdpa", f"auto: {share:.0%} of {TILE}x{TILE} tiles kept, too many to skip"
+    tile = store_tile(store)
+    share = kept_tile_share(store, tile)
+    if not sparse_pays(share, tile):
+        limit = sparse_share_limit(tile)
+        why = f"at most {limit:.0%} pay" if limit > 0 else "tiles this small never pay"
+        return "sdpa", f"auto: {share:.0%} of {tile}x{tile} tiles kept ({why})"
     if device.type == "cuda" and flex_available():
-        return "flex", f"auto: CUDA, {share:.0%} of {TILE}x{TILE} tiles kept"
-    return "blocksparse", f"auto: {device.type}, {share:.0%} of {TILE}x{TILE} tiles kept"
+        return "flex", f"auto: CUDA, {share:.0%} of {tile}x{tile} tiles kept"
+    return "blocksparse", f"auto: {device.type}, {share:.0%} of {tile}x{tile} tiles kept"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,11 +400,13 @@ def apply_masks(model: nn.Module, masks: MaskStore | str | os.PathLike, backend:
     name, reason = resolve_backend(backend, store, device)
     beyond = store.attrs.get("beyond", "dense")
     handle = MaskHandle(model, store, name, reason, seam)
+    tile = store_tile(store)
     for site, mask in sorted(store.sites.items()):
         keep = torch.from_numpy(mask.keep).to(device)
         for layer, module in enumerate(sites[site]):
             handle.masks.append(MaskedAttention(site, layer, keep[layer], causal=bool(mask.causal),
-                                                cross=seam.is_cross(site), beyond=beyond, backend=name))
+                                                cross=seam.is_cross(site), beyond=beyond, backend=name,
+                                                tile=tile, auto=backend == "auto"))
             handle.modules.append(module)
     handle.enable()
     logger.info("attnmask: %s backend (%s)", name, reason)

@@ -8,7 +8,12 @@
 //
 // t = the block's real queries (the last block may be short); a tile's keys stop at the call's k and at
 // key_len[b] (right padding), so padding keys are never computed. mask is 0, or the float minimum at the
-// cells of a partial tile that the tile's bool bank entry cells[partial[p]] [T, T] disallows. Keys,
+// cells of a partial tile that the tile's bool bank entry cells[partial[p]] [T, T] disallows. Such a cell
+// contributes exactly 0: e^x is written as 0 for every x below ln(FLT_MIN) + 1/2 (-86.8), so no
+// probability is subnormal or near the bottom of the float range (products of such values with V are
+// subnormal and make the BLAS products several times slower); where the platform has them (x86 SSE),
+// each task also runs with flush-to-zero and denormals-are-zero set in its thread, restored after. T is
+// any tile side (the mask's own block size: 32, 64, 128, ...). Keys,
 // values and queries are read in place through their strides (last dimension contiguous), so nothing is
 // gathered; the two matrix products per tile go to the BLAS sgemm that torch links. A row that has no
 // key gives 0. This is attnmask/masks/blocksparse.py's block_sparse_attention without autograd, dropout
@@ -21,6 +26,11 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define ATTNMASK_HAS_MXCSR 1
+#endif
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -35,10 +45,16 @@ void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha
   sgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
 }
 
+// Below this, e^x is written as exactly 0 (e^-86.8 = 2^-125.2, a little above FLT_MIN = 2^-126).
+constexpr float kSmallestExponent = -86.8f;
+
 // e^x for x <= 0: 2^(x log2 e) = 2^r · 2^f with r = round(x log2 e), |f| <= 1/2 and 2^f a degree-6
-// polynomial (relative error < 4e-6 over [-87, 0]); written without calls so the loops vectorise.
+// polynomial (relative error < 4e-6 over [-86.8, 0]); exactly 0 below -86.8 (masked cells, whose score
+// is the float minimum, and scores that far below their row's maximum), so every result is 0 or a normal
+// float >= 2^-125.3; written without calls so the loops vectorise.
 inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
+  const bool vanishes = x < kSmallestExponent;
+  x = std::max(x, kSmallestExponent);
   const float t = x * 1.4426950408889634f;
   const float r = (t + 12582912.f) - 12582912.f;  // adding 1.5 · 2^23 rounds to an integer
   const float f = t - r;
@@ -52,8 +68,20 @@ inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return vanishes ? 0.f : p * scale;
 }
+
+// Flush-to-zero and denormals-are-zero in the calling thread while in scope (x86 SSE; elsewhere nothing).
+class FlushDenormals {
+ public:
+#ifdef ATTNMASK_HAS_MXCSR
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 // Softmax of each of `rows` rows of s [rows, n] in place, except the division: returns 1 / row sums.
 void exponentiate_rows(float* s, int64_t rows, int64_t n, float* inverse_sums) {
@@ -116,6 +144,7 @@ torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const
   for (int64_t r = 0; r < heads * nq; ++r) widest = std::max(widest, starts[r + 1] - starts[r]);
 
   at::parallel_for(0, batch * heads * nq, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     std::vector<float> scores(tile * widest * tile);
     std::vector<float> inverse_sums(tile);
     for (int64_t task = begin; task < end; ++task) {
@@ -168,6 +197,18 @@ torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const
   return out;
 }
 
+// exp_nonpositive elementwise on a contiguous float32 tensor of values <= 0 (what the softmax computes).
+torch::Tensor exp_of_nonpositive(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 CPU tensor");
+  auto out = torch::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) o[i] = exp_nonpositive(in[i]);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "Block-sparse attention forward over kept key tiles (float32, CPU)");
+  m.def("exp_nonpositive", &exp_of_nonpositive, "The kernel's softmax exponential, elementwise (for tests)");
 }

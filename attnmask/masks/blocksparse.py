@@ -9,7 +9,8 @@ head h (a "row" of tiles) with kept key tiles j_1 < ... < j_c:
 
 where mask_i is 0 where allowed and the dtype's minimum elsewhere (cells of partial tiles, padding
 keys beyond a sequence's length), plus an optional additive score term (Transformer-XL's relative
-positions). Rows with equal c form a group: one gather of [R, c·T, D] keys and values and one
+positions). The minimum is far below any real score, so SDPA's softmax gives such a cell exactly 0 (e^x
+underflows to 0, never to a subnormal): masked cells contribute nothing. Rows with equal c form a group: one gather of [R, c·T, D] keys and values and one
 scaled_dot_product_attention call per group, so the work is the kept tiles only and runs in SDPA's
 fused kernel. A row with no kept tile gives 0 (only bucket rows beyond the call have none: the row
 guarantee keeps a key in every real row). A finite minimum instead of -inf keeps rows whose keys are
@@ -35,7 +36,20 @@ from attnmask.masks import native
 from attnmask.scratch import scratch
 
 TILE = 128
-"""Tile side (queries x keys) of the block-sparse kernels; FlexAttention's BLOCK_SIZE too."""
+"""Tile side (queries x keys) of the block-sparse kernels for masks not compiled in blocks (element-wise
+masks); FlexAttention's BLOCK_SIZE too."""
+TILE_STEP = 16
+"""Block sizes that run as their own tile: multiples of TILE_STEP from TILE_STEP to MAX_TILE."""
+MAX_TILE = 512
+
+
+def tile_for_block(block_size: int | None) -> int:
+    """The tile side that runs masks compiled in block_size x block_size tiles: the block size itself
+    when it is a multiple of TILE_STEP up to MAX_TILE (16, 32, 64, 128, ...), so their tiles are skipped
+    whole and none is cut; TILE otherwise (element-wise masks, block_size 1 or None)."""
+    if block_size is not None and TILE_STEP <= block_size <= MAX_TILE and block_size % TILE_STEP == 0:
+        return int(block_size)
+    return TILE
 
 
 def blocks(n: int, tile: int = TILE) -> int:
