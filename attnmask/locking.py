@@ -16,6 +16,11 @@ name is missing for a moment between the writer's two renames: the writer holds 
 exclusively meanwhile, and a reader that finds the name missing looks again under a shared lock of the
 parent, so it sees the new store, or learns that there is none.
 
+Every wait for a flock is bounded (`wait_flock`): another process (another user's, too: a shared flock
+needs only read access) may hold one as long as it likes. After NOTICE_AFTER seconds the waiter says on
+stderr which process holds it (from /proc/locks, where there is one), and after $ATTNMASK_LOCK_TIMEOUT
+seconds (default DEFAULT_LOCK_TIMEOUT) it gives up with one error line naming the holder.
+
 A temporary of a remote store is named after its writer (`owner_tag`), so that later writers on the
 same host remove only those whose writer is gone (`owner_gone`).
 """
@@ -26,12 +31,17 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from attnmask.errors import AttnmaskError
 
 _HELD: dict[str, list] = {}  # resolved lock path -> [fd, depth]
+LOCK_TIMEOUT_ENV = "ATTNMASK_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 120.0  # seconds a flock is waited for before giving up
+NOTICE_AFTER = 2.0  # seconds of waiting before the waiter says whom it waits for
 
 
 def lock_path(out: Path) -> Path:
@@ -107,12 +117,98 @@ class StoreLock:
 # Readers against a writer replacing the store
 
 
+def lock_timeout() -> float:
+    """Seconds to wait for a flock: $ATTNMASK_LOCK_TIMEOUT (a non-negative number), else the default."""
+    text = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise AttnmaskError(f"${LOCK_TIMEOUT_ENV} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def flock_holders(fd: int) -> list[str]:
+    """'process PID (user NAME)' for each process holding a flock on the file open as `fd`, read from
+    /proc/locks (Linux); [] where that is not knowable."""
+    st = os.fstat(fd)
+    try:
+        with open("/proc/locks") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    holders = []
+    for line in lines:
+        fields = line.split()  # "1: FLOCK  ADVISORY  READ  1234 08:01:5678 0 EOF" ("->" marks waiters)
+        if len(fields) < 6 or fields[1] != "FLOCK" or "->" in fields:
+            continue
+        pid, where = fields[4], fields[5].split(":")
+        if len(where) != 3 or not pid.isdigit() or not where[2].isdigit() or int(where[2]) != st.st_ino:
+            continue
+        if int(pid) != os.getpid():
+            holders.append(f"process {pid}{_user_of(int(pid))} ({fields[3].lower()} lock)")
+    return sorted(set(holders))
+
+
+def _user_of(pid: int) -> str:
+    """' of user NAME' for a process, or '' when unknown."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return ""
+    try:
+        import pwd
+
+        return f" of user {pwd.getpwuid(uid).pw_name}"
+    except (KeyError, ImportError):
+        return f" of uid {uid}"
+
+
+def wait_flock(fd: int, operation: int, what: Path) -> None:
+    """flock(fd, `operation`), waiting at most lock_timeout() seconds; says on stderr whom it waits for
+    after NOTICE_AFTER seconds, and raises one AttnmaskError naming the holder when the time is up.
+
+    The wait is the kernel's own (a blocking flock, in a helper thread, so that waiters are woken in turn
+    and a writer is not starved by a stream of readers). After a timeout the caller closes `fd`; the
+    helper's flock then ends with the file and the lock is released at once if it is granted late."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    timeout = lock_timeout()
+    done, failed = threading.Event(), []
+
+    def block() -> None:
+        try:
+            fcntl.flock(fd, operation)
+        except OSError as e:
+            failed.append(e)
+        done.set()
+
+    threading.Thread(target=block, name="attnmask-flock", daemon=True).start()
+    if not done.wait(min(NOTICE_AFTER, timeout)):
+        print(f"attnmask: waiting for {_holders(fd)} to release {what} (at most {timeout:g} s)", file=sys.stderr)
+        if not done.wait(max(0.0, timeout - NOTICE_AFTER)):
+            raise AttnmaskError(f"{what} is locked by {_holders(fd)}; gave up after {timeout:g} s (wait until it "
+                                f"finishes, or set ${LOCK_TIMEOUT_ENV} to wait longer)")
+    if failed:
+        raise failed[0]
+
+
+def _holders(fd: int) -> str:
+    return ", ".join(flock_holders(fd)) or "another process"
+
+
 @contextlib.contextmanager
 def _flocked(folder: Path, operation: int) -> Iterator[None]:
-    """Holds flock(`operation`) on the folder `folder` while inside."""
+    """Holds flock(`operation`) on the folder `folder` while inside (waiting a bounded time: wait_flock)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, operation)
+        wait_flock(fd, operation, folder)
         yield
     finally:
         os.close(fd)
@@ -146,7 +242,11 @@ def _pinned(out: Path) -> int | None:
         fd = _open_folder(out)
         if fd is None:
             return None
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            wait_flock(fd, fcntl.LOCK_SH, out)
+        except BaseException:
+            os.close(fd)
+            raise
         if _still_at(fd, out):
             return fd
         os.close(fd)  # a writer replaced `out` before we got the lock: pin what is there now

@@ -49,6 +49,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ STORAGE_OPTIONS_ENV = "ATTNMASK_STORAGE_OPTIONS"
 COMMIT_MARKER = ".attnmask-commit"  # object in a remote store's prefix while a commit into it is unfinished
 HEX8 = "[0-9a-f]" * 8  # glob of the random part of a temporary's name
 TOKEN_CLASSES_ATTR = "token_classes"  # site attribute naming the classes of the optional token-class arrays
+METADATA_LIMIT = 16 << 20  # bytes: a zarr.json larger than this is refused unread
+MEMORY_SHARE = 0.5  # a store whose arrays claim more than this share of the machine's memory is refused
 
 
 def attnmask_version() -> str:
@@ -371,6 +374,7 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path | str:
 
     Returns the output as a Path, or as the URL string for a remote store."""
     out = path if is_url(path) else local_path(path)
+    settle(out)
     if _exists(out) and not overwrite:
         raise AttnmaskError(f"output {out} already exists (pass --overwrite to replace it)")
     if _exists(out) and not _is_store(out):
@@ -411,6 +415,29 @@ def _clean_leftovers(out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(old, out)
+
+
+def settle(path: Path | str) -> None:
+    """Roll back the swap of a killed local writer before `path` is used: when the store is missing and a
+    store moved aside as `.NAME.old-*` is there (the writer died between its two renames), it is put back
+    (`_clean_leftovers`, under the store's lock). Nothing happens while a live writer holds the lock (it is
+    in the middle of its swap, which readers wait for) or when the store is there. Remote stores settle
+    on their own (`_remote_location`)."""
+    if is_url(path):
+        return
+    out = local_path(path)
+    if os.path.lexists(out) or not any(out.parent.glob(f".{glob.escape(out.name)}.old-{HEX8}")):
+        return
+    lock = StoreLock(out)
+    try:
+        lock.acquire()
+    except (AttnmaskError, OSError):  # a live writer (or a folder we may not write): leave it to them
+        return
+    try:
+        if not os.path.lexists(out):
+            _clean_leftovers(out)
+    finally:
+        lock.release()
 
 
 def _fill_group(store, root_attrs: dict, arrays: dict[str, dict[str, np.ndarray]],
@@ -574,7 +601,9 @@ def _read_root_attrs(path: Path | str) -> dict:
         fs, root = remote_fs(_remote_location(path))
         doc = json.loads(_remote_call(path, fs.cat_file, f"{root}/zarr.json"))
     else:
-        with open(local_path(path) / "zarr.json") as fh:
+        head = local_path(path) / "zarr.json"
+        check_regular(head, path)
+        with open(head) as fh:
             doc = json.load(fh)
     if not isinstance(doc, dict) or not isinstance(doc.get("attributes", {}), dict):
         raise ValueError("zarr.json does not hold a JSON object with attributes")
@@ -584,6 +613,7 @@ def _read_root_attrs(path: Path | str) -> dict:
 def store_kind(path: str | os.PathLike) -> str:
     """'patterns' or 'masks', after checking the path is an attnmask store of a known version."""
     p = path if is_url(path) else local_path(path)
+    settle(p)
     with _snapshot(p):
         return _kind(p)
 
@@ -614,9 +644,97 @@ def _open(path: Path | str, want: str) -> zarr.Group:
     try:
         if is_url(path):
             return zarr.open_group(_remote_store(_remote_location(path), True), mode="r", zarr_format=3)
+        check_entries(local_path(path))
         return zarr.open_group(str(path), mode="r", zarr_format=3)
+    except AttnmaskError:
+        raise
     except Exception as e:  # noqa: BLE001 - any zarr failure means the store is unreadable
         raise AttnmaskError(f"{path} cannot be opened as a zarr v3 group: {e}") from None
+
+
+def check_regular(path: Path, where) -> None:
+    """Refuse, before opening it, a file of a store that is not a regular file (a FIFO would block its
+    reader forever, a device such as /dev/zero never ends) or a zarr.json larger than METADATA_LIMIT.
+    A missing file is left to the reader to report."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise AttnmaskError(f"{where}: {path} is not a regular file (a pipe, device or socket); refusing to read it")
+    if path.name == "zarr.json" and st.st_size > METADATA_LIMIT:
+        raise AttnmaskError(f"{where}: {path} holds {st.st_size} bytes, more than the {METADATA_LIMIT >> 20} MB "
+                            "any store's metadata needs; refusing to read it")
+
+
+def check_entries(folder: Path) -> None:
+    """Every entry of a local store folder is a real folder or a regular file (check_regular), before zarr
+    reads any of them; a symbolic link to a folder inside a store is refused too."""
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs:
+            if os.path.islink(os.path.join(parent, name)):
+                raise AttnmaskError(f"{folder}: {os.path.join(parent, name)} is a symbolic link to a folder; "
+                                    "a store never holds one")
+        for name in files:
+            check_regular(Path(parent, name), folder)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _recorded_heads(g: zarr.Group, path, site: str) -> tuple[int, int]:
+    """(layers, heads) that the site group's attributes record (the writer always records both)."""
+    values = (g.attrs.get("layers"), g.attrs.get("heads"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise AttnmaskError(f"{path}: site {site} records layers {values[0]!r} and heads {values[1]!r}, not two "
+                            "positive integers")
+    return values
+
+
+def _array(group: zarr.Group, name: str, path, site: str) -> zarr.Array:
+    """The array `name` of a site group: its metadata only, no chunk is read."""
+    try:
+        arr = group[name]
+    except KeyError:
+        raise AttnmaskError(f"{path}: site {site} has no array {name!r}") from None
+    except Exception as e:  # noqa: BLE001 - unreadable metadata
+        raise AttnmaskError(f"{path}: array {site}/{name} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(arr, zarr.Array):
+        raise AttnmaskError(f"{path}: {site}/{name} is not a zarr array")
+    return arr
+
+
+def check_declared(path, site: str, arrays: dict[str, zarr.Array], want: dict[str, tuple]) -> None:
+    """Before any chunk is read (reading allocates what the metadata claims): each array has the dtype and
+    the shape `want` gives ((dtype, shape), None standing for any size), and together they claim at most
+    MEMORY_SHARE of this machine's memory."""
+    for name, (dtype, shape) in want.items():
+        arr = arrays[name]
+        have = tuple(arr.shape)
+        if arr.dtype != np.dtype(dtype) or len(have) != len(shape) or \
+                any(w is not None and h != w for h, w in zip(have, shape)):
+            expected = "x".join("?" if w is None else str(w) for w in shape)
+            raise AttnmaskError(f"{path}: site {site} array {name} is {arr.dtype}{list(have)}, but the store "
+                                f"records {np.dtype(dtype)} [{expected}]")
+    claimed = sum(int(np.prod(a.shape, dtype=object)) * a.dtype.itemsize for a in arrays.values())
+    limit = memory_bytes() * MEMORY_SHARE
+    if limit and claimed > limit:
+        raise AttnmaskError(f"{path}: site {site} claims {claimed / 2**30:.1f} GiB of arrays, more than "
+                            f"{MEMORY_SHARE:.0%} of this machine's memory; refusing to read it")
+
+
+def _queries_bound(attrs: dict, queries: int, path, site: str) -> None:
+    """Every family's plane has `max_length` queries: a store claiming more than its recorded max_length
+    is refused before it is read."""
+    length = attrs.get("max_length")
+    if isinstance(length, int) and not isinstance(length, bool) and length >= 1 and queries > length:
+        raise AttnmaskError(f"{path}: site {site} claims {queries} query positions, more than the store's "
+                            f"max_length {length}")
 
 
 def _site_names(root: zarr.Group, path: Path) -> list[str]:
@@ -641,19 +759,19 @@ def _site_group(root: zarr.Group, name: str, path) -> zarr.Group:
     return g
 
 
-def _load(group: zarr.Group, name: str, path: Path, site: str) -> np.ndarray:
+def _values(arr: zarr.Array, path, site: str) -> np.ndarray:
+    """The whole array (after check_declared)."""
     try:
-        return np.asarray(group[name][...])
-    except KeyError:
-        raise AttnmaskError(f"{path}: site {site} has no array {name!r}") from None
+        return np.asarray(arr[...])
     except Exception as e:  # noqa: BLE001 - truncated or corrupt chunks
-        raise AttnmaskError(f"{path}: array {site}/{name} is unreadable ({type(e).__name__}: {e})") from None
+        raise AttnmaskError(f"{path}: array {site}/{arr.basename} is unreadable ({type(e).__name__}: {e})") from None
 
 
 def read_patterns(path: str | os.PathLike) -> PatternStore:
     """Read and validate a pattern store (shapes agree, sums finite and >= 0, counts >= 0, the arrays hash
     to the digest). A local store is read whole from one version while another process replaces it."""
     p = path if is_url(path) else local_path(path)
+    settle(p)
     with _snapshot(p):
         store = _read_patterns(p)
     _check_digest(p, store.attrs, patterns_digest(store.sites))
@@ -691,11 +809,14 @@ def _read_token_classes(g: zarr.Group, p, name: str, layers: int, heads: int) ->
     """The optional token-class arrays of a site (None when the store was collected without them)."""
     if TOKEN_CLASSES_ATTR not in g.attrs:
         return None
-    mass = _load(g, "token_class_mass", p, name)
-    tokens = _load(g, "token_class_tokens", p, name)
-    if mass.dtype != np.float64 or tokens.dtype != np.int64:
-        raise AttnmaskError(f"{p}: site {name} has token class dtypes {mass.dtype}/{tokens.dtype}, "
-                            "expected float64/int64")
+    names = g.attrs[TOKEN_CLASSES_ATTR]
+    if not isinstance(names, list) or not names:
+        raise AttnmaskError(f"{p}: site {name} has malformed token class names {names!r}")
+    arrays = {a: _array(g, a, p, name) for a in ("token_class_mass", "token_class_tokens")}
+    check_declared(p, name, arrays, {"token_class_mass": (np.float64, (layers, heads, len(names))),
+                                     "token_class_tokens": (np.int64, (len(names),))})
+    mass = _values(arrays["token_class_mass"], p, name)
+    tokens = _values(arrays["token_class_tokens"], p, name)
     classes = TokenClasses(g.attrs[TOKEN_CLASSES_ATTR], mass, tokens)
     check_token_classes(p, name, classes, layers, heads)
     classes.names = list(classes.names)
@@ -707,10 +828,15 @@ def _read_patterns(p: Path | str) -> PatternStore:
     sites = {}
     for name in _site_names(root, p):
         g = _site_group(root, name, p)
-        s = _load(g, "sum", p, name)
-        c = _load(g, "count", p, name)
-        if s.dtype != np.float64 or c.dtype != np.int64:
-            raise AttnmaskError(f"{p}: site {name} has dtypes {s.dtype}/{c.dtype}, expected float64/int64")
+        layers, heads = _recorded_heads(g, p, name)
+        arrays = {a: _array(g, a, p, name) for a in ("sum", "count")}
+        plane = tuple(arrays["count"].shape)
+        if len(plane) != 2:
+            raise AttnmaskError(f"{p}: site {name} has count {list(plane)}, expected int64 [queries, keys]")
+        check_declared(p, name, arrays, {"sum": (np.float64, (layers, heads, *plane)), "count": (np.int64, plane)})
+        _queries_bound(root.attrs, plane[0], p, name)
+        s = _values(arrays["sum"], p, name)
+        c = _values(arrays["count"], p, name)
         check_site_values(p, name, s, c)
         classes = _read_token_classes(g, p, name, *s.shape[:2])
         attrs = {k: v for k, v in g.attrs.items() if k not in ("causal", "layers", "heads", TOKEN_CLASSES_ATTR)}
@@ -722,6 +848,7 @@ def read_masks(path: str | os.PathLike) -> MaskStore:
     """Read and validate a mask store (the keep bits hash to the digest). A local store is read whole from
     one version while another process replaces it."""
     p = path if is_url(path) else local_path(path)
+    settle(p)
     with _snapshot(p):
         store = _read_masks(p)
     _check_digest(p, store.attrs, masks_digest(store.sites))
@@ -733,10 +860,11 @@ def _read_masks(p: Path | str) -> MaskStore:
     sites = {}
     for name in _site_names(root, p):
         g = _site_group(root, name, p)
-        keep = _load(g, "keep", p, name)
-        if keep.ndim != 4 or keep.dtype != bool:
-            raise AttnmaskError(f"{p}: site {name} has keep {keep.dtype}{list(keep.shape)}, "
-                                "expected bool [layers, heads, queries, keys]")
+        layers, heads = _recorded_heads(g, p, name)
+        arrays = {"keep": _array(g, "keep", p, name)}
+        check_declared(p, name, arrays, {"keep": (bool, (layers, heads, None, None))})
+        _queries_bound(root.attrs, arrays["keep"].shape[2], p, name)
+        keep = _values(arrays["keep"], p, name)
         attrs = {k: v for k, v in g.attrs.items() if k not in ("causal", "layers", "heads")}
         sites[name] = SiteMask(keep, bool(g.attrs.get("causal", False)), attrs)
     return MaskStore(dict(root.attrs), sites, str(p))

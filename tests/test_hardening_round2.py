@@ -1,0 +1,214 @@
+"""Hardening, round two (project issue 25, items 3-5 and 7-11; issue 26 item 7's empty patterns/ folder
+and 0600 model files): run folders that --overwrite may replace, saves killed half-way, bounded lock
+waits, store metadata that drives allocation, non-finite models, and tracebacks turned into one line.
+Every test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from attnmask.cli import app
+from attnmask.errors import AttnmaskError
+from attnmask.store import check_output, read_patterns, write_patterns
+from scale_helpers import REPO
+from test_store_hardening import KILLED, edition, stamp
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+
+
+def script(code: str, *args, env: dict | None = None, timeout: float = 120, memory: int | None = None):
+    """Run `code` in a fresh Python (with at most `memory` bytes of address space when given)."""
+    def limit():
+        if memory is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+
+
+def one_error_line(result, *needles: str) -> str:
+    """A CliRunner result or a finished process: exit 1 and exactly one `error:` line holding every needle."""
+    if isinstance(result, subprocess.CompletedProcess):
+        code, text = result.returncode, result.stderr + result.stdout
+    else:
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        code, text = result.exit_code, result.output
+    assert code == 1, text
+    lines = [line for line in text.strip().splitlines() if not line.startswith("attnmask: waiting")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# item 7: a flock held by another process is waited for a bounded time, naming the holder
+
+FLOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2] == "shared" else fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(300)
+"""
+
+WRITE_OR_READ = """
+import sys
+from attnmask.errors import AttnmaskError
+from attnmask.store import read_patterns, write_patterns
+from test_store_hardening import edition, stamp
+try:
+    if sys.argv[2] == "write":
+        write_patterns(sys.argv[1], edition(1), stamp(1), overwrite=True)
+    else:
+        read_patterns(sys.argv[1])
+except AttnmaskError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("held, action", [("shared", "write"), ("exclusive", "read")])
+def test_a_foreign_flock_on_a_store_is_waited_for_a_bounded_time_and_named(tmp_path, held, action):
+    """Another user's reader (a shared flock on the folder) used to make a writer wait forever without a
+    word; a foreign exclusive flock did the same to readers. Now: a notice naming the holder, then one
+    error line after $ATTNMASK_LOCK_TIMEOUT seconds, and the store is untouched."""
+    out = tmp_path / "p.zarr"
+    write_patterns(out, edition(0), stamp(0))
+    holder = subprocess.Popen([sys.executable, "-c", FLOCK_HOLDER, str(out), held], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        r = script(WRITE_OR_READ, out, action, env={"ATTNMASK_LOCK_TIMEOUT": "3"}, timeout=60)
+        assert time.monotonic() - started < 50
+        one_error_line(r, f"process {holder.pid}", "gave up after 3 s", "ATTNMASK_LOCK_TIMEOUT")
+        assert f"waiting for process {holder.pid}" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_patterns(out).attrs["edition"] == 0
+
+
+def test_a_bad_lock_timeout_is_one_error_line(tmp_path, monkeypatch):
+    from attnmask.locking import lock_timeout
+
+    monkeypatch.setenv("ATTNMASK_LOCK_TIMEOUT", "soon")
+    with pytest.raises(AttnmaskError, match="ATTNMASK_LOCK_TIMEOUT must be a number"):
+        lock_timeout()
+
+
+# ----------------------------------------------------------------------------------------------
+# item 8: store metadata cannot make a reader hang or allocate what the store does not hold
+
+def small_store(tmp_path: Path) -> Path:
+    out = tmp_path / "p.zarr"
+    write_patterns(out, edition(0), stamp(0))
+    return out
+
+
+def set_shape(array_meta: Path, shape: list[int]) -> None:
+    meta = json.loads(array_meta.read_text())
+    meta["shape"] = shape
+    array_meta.write_text(json.dumps(meta))
+
+
+INSPECT = """
+import sys
+from typer.testing import CliRunner
+from attnmask.cli import app
+r = CliRunner().invoke(app, ["inspect", sys.argv[1]])
+sys.stdout.write(r.output)
+sys.exit(r.exit_code if r.exception is None or isinstance(r.exception, SystemExit) else 3)
+"""
+
+
+def test_a_fifo_as_zarr_json_is_refused_without_hanging(tmp_path):
+    out = small_store(tmp_path)
+    (out / "zarr.json").unlink()
+    os.mkfifo(out / "zarr.json")
+    r = script(INSPECT, out, timeout=60)  # it used to block forever in open()
+    one_error_line(r, "not a regular file")
+
+
+def test_a_fifo_inside_a_store_is_refused_without_hanging(tmp_path):
+    out = small_store(tmp_path)
+    meta = out / "encoder.self" / "count" / "zarr.json"
+    meta.unlink()
+    os.mkfifo(meta)
+    r = script(INSPECT, out, timeout=60)
+    one_error_line(r, "not a regular file")
+
+
+def test_dev_zero_as_zarr_json_is_one_error_line(tmp_path):
+    out = small_store(tmp_path)
+    (out / "zarr.json").unlink()
+    (out / "zarr.json").symlink_to("/dev/zero")
+    r = script(INSPECT, out, timeout=120, memory=2 << 30)  # it used to end in a MemoryError traceback
+    one_error_line(r, "not a regular file")
+
+
+def test_an_oversized_zarr_json_is_refused_unread(tmp_path):
+    out = small_store(tmp_path)
+    with open(out / "zarr.json", "r+") as fh:
+        fh.seek(0, 2)
+        fh.truncate(fh.tell() + (17 << 20))  # valid JSON followed by 17 MB of NULs
+    one_error_line(CliRunner().invoke(app, ["inspect", str(out)]), "more than the 16 MB")
+
+
+def test_claimed_shapes_beyond_the_recorded_sizes_are_refused_before_allocation(tmp_path):
+    """The 8x8 store claims 6000x6000 planes (3.4 GB of sums): refused in a process allowed 2 GB, which
+    used to end in a MemoryError traceback."""
+    out = small_store(tmp_path)
+    set_shape(out / "encoder.self" / "sum" / "zarr.json", [3, 4, 6000, 6000])
+    set_shape(out / "encoder.self" / "count" / "zarr.json", [6000, 6000])
+    r = script(INSPECT, out, timeout=120, memory=2 << 30)
+    one_error_line(r, "6000 query positions", "max_length 8")
+
+
+def test_claimed_layers_beyond_the_recorded_ones_are_refused(tmp_path):
+    out = small_store(tmp_path)
+    set_shape(out / "encoder.self" / "sum" / "zarr.json", [300, 4, 8, 8])
+    one_error_line(CliRunner().invoke(app, ["inspect", str(out)]), "site encoder.self array sum",
+                   "records float64 [3x4x8x8]")
+
+
+def test_claims_beyond_the_machines_memory_are_refused(tmp_path, monkeypatch):
+    import attnmask.store as store
+
+    out = small_store(tmp_path)
+    monkeypatch.setattr(store, "memory_bytes", lambda: 4096)
+    with pytest.raises(AttnmaskError, match="of this machine's memory"):
+        read_patterns(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# item 11: a local write killed between its two renames is rolled back on the next access
+
+def test_a_swap_killed_between_the_renames_is_rolled_back_on_the_next_read(tmp_path):
+    out = tmp_path / "p.zarr"
+    write_patterns(out, edition(0), stamp(0))
+    r = script(KILLED, out, "moved-aside")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not out.exists()
+    assert read_patterns(out).attrs["edition"] == 0  # it used to say the store does not exist
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]
+
+
+def test_a_plain_rerun_after_a_killed_swap_is_refused_before_the_work(tmp_path):
+    out = tmp_path / "p.zarr"
+    write_patterns(out, edition(0), stamp(0))
+    assert script(KILLED, out, "moved-aside").returncode == -signal.SIGKILL
+    with pytest.raises(AttnmaskError, match="already exists"):  # it used to pass, and fail after the work
+        check_output(out, overwrite=False)
+    assert read_patterns(out).attrs["edition"] == 0
