@@ -16,15 +16,34 @@ in a checkpoint is still refused. attnmask calls it before it reads a checkpoint
 `make install` writes into the environment's site-packages (`python -m attnmask.fairseq_safe_load
 --install`): at interpreter start it installs an import hook that calls `allow_fairseq_globals()` right
 after `fairseq.checkpoint_utils` is imported, so processes that never import fairseq pay nothing.
+
+Config strings fairseq eval()s. fairseq turns some config strings into values with the builtin eval():
+`utils.eval_str_list` / `eval_str_dict` / `eval_bool` (cfg.model.adaptive_softmax_cutoff, the attention's
+xformers_att_config, ...) and direct `eval(cfg.adam_betas)`, `eval(args.encoder_layers)` and the like in
+optimizers and models. A checkpoint's cfg is data, so a string there must not run code. The same import
+hook therefore gives every fairseq module whose code names `eval` a module-level `eval` =
+`literal_value`, which shadows the builtin for that module alone: it evaluates Python literals (and
++, -, *, /, //, % on them, for values such as fconv's "[(512, 3)] * 20", with at most MAX_ITEMS items in
+a repeated sequence) and raises NotALiteral for anything else (a name, a call, an attribute, ...), before
+any of it runs. This covers every eval in fairseq, whichever config field, data file or entry point
+reaches it: attnmask's commands and the stock CLIs alike. In the stock CLIs, where fairseq does not
+catch it, NotALiteral is printed as one `error:` line (exit status 1) instead of a traceback.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.abc
+import operator
 import sys
+import types
 from pathlib import Path
 
+from attnmask.errors import AttnmaskError
+
 HOOKED_MODULE = "fairseq.checkpoint_utils"
+GUARDED_PACKAGES = ("fairseq", "fairseq_cli")
+MAX_ITEMS = 1_000_000  # the longest sequence a repetition such as "[0] * n" may build
 PTH_NAME = "attnmask-fairseq-safe-load.pth"
 PTH_LINE = ("import importlib.util as _u; _u.find_spec('attnmask') and "
             "__import__('attnmask.fairseq_safe_load', fromlist=['_']).install_import_hook()\n")
@@ -59,35 +78,167 @@ def refused_global(error: BaseException) -> str | None:
     return match[1] if match else None
 
 
-class _AllowAfterImport(importlib.abc.MetaPathFinder):
-    """Runs allow_fairseq_globals() once HOOKED_MODULE has been executed (then leaves sys.meta_path)."""
+class NotALiteral(AttnmaskError, ValueError):
+    """fairseq was about to eval() a string that is not a Python literal; `source` is that string."""
+
+    def __init__(self, source, why: str):
+        shown = repr(source if len(str(source)) <= 120 else str(source)[:117] + "...")
+        super().__init__(f"refusing to eval() {shown}: fairseq evaluates this config value, and it is not a "
+                         f"Python literal ({why})")
+        self.source = source
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_SEQUENCES = (str, bytes, tuple, list)
+
+
+def literal_value(source, globals=None, locals=None):
+    """eval(source) where `source` is a Python literal, else NotALiteral (nothing of it runs).
+
+    Literals: constants, tuples, lists, sets, dicts of literals, unary + and - on numbers, the six
+    arithmetic operators + - * / // % on numbers, + of two sequences of one type and * of a sequence by
+    an int (at most MAX_ITEMS items). `globals` and `locals` are accepted, as eval's, and ignored: a
+    literal names nothing. Like eval, anything but a string raises TypeError (fairseq's eval_bool
+    relies on it)."""
+    if not isinstance(source, (str, bytes)):
+        raise TypeError("eval() arg 1 must be a string, bytes or code object")
+    text = source.decode() if isinstance(source, bytes) else source
+    try:
+        tree = ast.parse(text.lstrip(" \t"), mode="eval")
+        return _literal(tree.body, source)
+    except NotALiteral:
+        raise
+    except (SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as e:
+        raise NotALiteral(source, f"{type(e).__name__}: {e}") from None
+
+
+def _literal(node: ast.AST, source):
+    """The value of the literal expression `node` (see literal_value)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        items = [_literal(item, source) for item in node.elts]
+        return {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)](items)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(k, source): _literal(v, source) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _literal(node.operand, source)
+        if _is_number(value):
+            return +value if isinstance(node.op, ast.UAdd) else -value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        return _combine(node.op, _literal(node.left, source), _literal(node.right, source), source)
+    part = node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else node
+    raise NotALiteral(source, f"{type(part).__name__} is not allowed in one")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, complex))
+
+
+def _combine(op: ast.operator, left, right, source):
+    """left op right for two numbers, two sequences of one type (+) or a sequence and an int (*)."""
+    if _is_number(left) and _is_number(right):
+        return _ARITHMETIC[type(op)](left, right)
+    if isinstance(op, ast.Add) and isinstance(left, _SEQUENCES) and type(left) is type(right):
+        if len(left) + len(right) <= MAX_ITEMS:
+            return left + right
+        raise NotALiteral(source, f"more than {MAX_ITEMS} items")
+    if isinstance(op, ast.Mult) and isinstance(left, int) and isinstance(right, _SEQUENCES):
+        left, right = right, left
+    if isinstance(op, ast.Mult) and isinstance(left, _SEQUENCES) and isinstance(right, int):
+        if len(left) * max(right, 0) <= MAX_ITEMS:
+            return left * right
+        raise NotALiteral(source, f"more than {MAX_ITEMS} items")
+    raise NotALiteral(source, f"{type(left).__name__} {type(op).__name__} {type(right).__name__}")
+
+
+def is_guarded(name: str) -> bool:
+    """Whether module `name` belongs to fairseq (whose eval() calls literal_value replaces)."""
+    return name.split(".")[0] in GUARDED_PACKAGES
+
+
+def _names_eval(code: types.CodeType | None) -> bool:
+    """Whether `code` or a function or class body inside it names `eval`."""
+    if code is None:
+        return False
+    return "eval" in code.co_names or any(isinstance(c, types.CodeType) and _names_eval(c) for c in code.co_consts)
+
+
+def _module_code(loader, name: str) -> types.CodeType | None:
+    get_code = getattr(loader, "get_code", None)
+    try:
+        return get_code(name) if get_code is not None else None
+    except (ImportError, OSError, SyntaxError):
+        return None
+
+
+def guard_module(module: types.ModuleType, loader) -> None:
+    """Shadow the builtin eval with literal_value in `module` if its code names eval."""
+    if _names_eval(_module_code(loader, module.__name__)):
+        module.eval = literal_value
+
+
+def _print_refusal_on_one_line(previous):
+    """A sys.excepthook: NotALiteral as one `error:` line (the interpreter then exits with status 1)."""
+
+    def excepthook(kind, error, traceback):
+        if isinstance(error, NotALiteral):
+            sys.stderr.write(f"error: {error}\n")
+        else:
+            previous(kind, error, traceback)
+
+    excepthook.attnmask_refusals = True
+    return excepthook
+
+
+def _after_import(name: str) -> None:
+    """What follows the import of fairseq module `name`: the allow-list, one-line refusals."""
+    if name == HOOKED_MODULE:
+        allow_fairseq_globals()
+    if name == "fairseq" and not getattr(sys.excepthook, "attnmask_refusals", False):
+        sys.excepthook = _print_refusal_on_one_line(sys.excepthook)
+
+
+class _FairseqGuard(importlib.abc.MetaPathFinder):
+    """Guards each fairseq module as it is executed: guard_module before, _after_import after."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != HOOKED_MODULE:
+        if not is_guarded(fullname):
             return None
-        sys.meta_path.remove(self)
         for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None and spec.loader is not None:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
                 break
         else:
             return None
-        execute = spec.loader.exec_module
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        execute = loader.exec_module
 
-        def execute_then_allow(module):
+        def execute_guarded(module):
+            guard_module(module, loader)
             execute(module)
-            allow_fairseq_globals()
+            _after_import(fullname)
 
-        spec.loader.exec_module = execute_then_allow
+        loader.exec_module = execute_guarded
         return spec
 
 
 def install_import_hook() -> None:
-    """Arrange for allow_fairseq_globals() to run when fairseq.checkpoint_utils is imported."""
-    if HOOKED_MODULE in sys.modules:
-        allow_fairseq_globals()
-    elif not any(isinstance(f, _AllowAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AllowAfterImport())
+    """Guard fairseq: every fairseq module imported from now on (see the module docstring), and those
+    already imported."""
+    if any(isinstance(f, _FairseqGuard) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _FairseqGuard())
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if is_guarded(name) and spec is not None:
+            guard_module(module, spec.loader)
+            _after_import(name)
 
 
 def install_pth(site_packages: str | Path | None = None) -> Path:

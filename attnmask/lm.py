@@ -434,7 +434,7 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
                   "masks": None if masks is None else str(getattr(masks, "path", masks)), "steps": steps,
                   "epochs": epochs, "batch_size": batch_size, "tgt_len": tgt_len, "mem_len": mem_len, "lr": lr,
                   "seed": seed, "precision": precision, "gradient_accumulation": gradient_accumulation}
-    run_dir = RunFolder(Path(out), markers=("settings.json", "checkpoint", "vocab.txt"))
+    run_dir = RunFolder(Path(out), resume, overwrite)
     loop = LoopSettings(output_dir=run_dir.checkpoints, lr=lr, batch_size=batch_size, epochs=epochs, steps=steps,
                         warmup_share=0.05, scheduler="cosine", weight_decay=0.0, max_grad_norm=0.25, seed=seed,
                         use_cpu=torch.device(device).type == "cpu", precision=precision,
@@ -450,8 +450,8 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
     args = training_arguments(loop, len(data.starts))
     if args.world_size > 1:
         raise AttnmaskError("--task lm trains in one process (each stream's memory follows its segments in order)")
-    run_dir.check(comparable, resume, overwrite)
-    run_dir.create(resume)
+    run_dir.check(comparable)
+    run_dir.create()
     lm = run.model.to(args.device)
     handle = load_masks(lm, masks, run.tgt_len, run.mem_len, backend) if masks is not None else None
     if not resume:

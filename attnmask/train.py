@@ -258,7 +258,7 @@ def train_classifier(settings: TrainSettings, progress: Callable | None = None) 
     data = read_labelled(settings.data, settings.text_column, settings.label_column, settings.labels,
                          split=settings.split)
     train_idx, eval_idx = split(len(data.texts), settings.eval_split, settings.seed, settings.limit)
-    run = RunFolder(Path(settings.out))
+    run = RunFolder(Path(settings.out), settings.resume, settings.overwrite)
     loop = LoopSettings(output_dir=run.checkpoints, lr=settings.lr, batch_size=settings.batch_size,
                         epochs=settings.epochs, warmup_share=0.1, scheduler="linear", weight_decay=0.01,
                         max_grad_norm=1.0, seed=settings.seed, use_cpu=device.type == "cpu",
@@ -266,10 +266,10 @@ def train_classifier(settings: TrainSettings, progress: Callable | None = None) 
                         report_to=settings.report_to, eval_batch_size=settings.batch_size * 2,
                         changing_parameters=bool(settings.pruning and settings.pruning["learn_thresholds"]))
     args = training_arguments(loop, math.ceil(len(train_idx) / settings.batch_size))
-    run.check(settings.comparable(), settings.resume, settings.overwrite)
+    run.check(settings.comparable())
     with args.main_process_first(local=False, desc="output folder"):
         if args.process_index == 0:
-            run.create(settings.resume)
+            run.create()
 
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)

@@ -26,9 +26,11 @@ shapes. Anything else is one error line. Precision (`fp32`, `bf16`, `fp16`), gra
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
+import os
 import pickle
 import shutil
 import warnings
@@ -460,49 +462,180 @@ def check_weights(folder: Path, model: nn.Module) -> None:
 # Run folders
 
 
+RUN_MARKER = "attnmask-run.json"  # written by every run into its folder: proof that it is one, and what it wrote
+RUN_FORMAT = "attnmask.run"
+TRAINING_ENTRIES = ("settings.json", CHECKPOINTS)  # what a run's folder holds while it trains
+
+
 @dataclass
 class RunFolder:
-    """A training run's output folder: settings.json (what must match to resume), checkpoint/ while
-    training, the model files and metrics.json at the end."""
+    """A training run's output folder `out`: RUN_MARKER, settings.json (what must match to resume) and
+    checkpoint/ while training, the model files and metrics.json at the end.
 
-    path: Path
-    markers: tuple[str, ...] = field(default=("settings.json", CHECKPOINTS))
+    RUN_MARKER proves that a folder is an attnmask run and lists the entries the run wrote (settings.json
+    and checkpoint/ while it trains; everything it holds once finished). Only such a folder is replaced by
+    --overwrite, only when it holds nothing else, and only those entries are deleted.
+
+    A new run is built in `out` itself. A run replacing an existing one (--overwrite) is built beside it,
+    in `.NAME.next` (`path`), and swapped in by `finish`: out is renamed to `.NAME.old-<hex>`, the new run
+    to out, and the old run is removed. Until then out is the old run, untouched; a run killed between the
+    two renames is completed (the new run is finished) on the next use of out (`settle_run`). --resume
+    continues the unfinished replacement in `.NAME.next` when there is one, else the run in out."""
+
+    out: Path
+    resume: bool = False
+    overwrite: bool = False
+    path: Path = field(init=False)  # where the run is built: out, or its replacement `.NAME.next`
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        settle_run(self.out)
+        if self.resume:
+            self.path = self.staging if is_run(self.staging) else self.out
+        elif self.overwrite and has_entries(self.out):
+            self.path = self.staging
+        else:
+            self.path = self.out
+
+    @property
+    def staging(self) -> Path:
+        return staging_of(self.out)
 
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
-    def check(self, comparable: dict, resume: bool, overwrite: bool) -> None:
+    def check(self, comparable: dict) -> None:
         """Refuse, before any work, a run that is neither new, resumable (--resume, same comparable
-        settings) nor replaceable (--overwrite of an attnmask training run). Reads only."""
-        out = self.path
-        if resume:
-            if (out / "metrics.json").exists() and not self.checkpoints.exists():
-                raise AttnmaskError(f"{out} holds a finished run; nothing to resume")
+        settings) nor replaceable (--overwrite of an attnmask run holding only what it wrote). Reads only."""
+        run = self.path
+        if self.resume:
+            if (run / "metrics.json").exists() and not self.checkpoints.exists():
+                raise AttnmaskError(f"{run} holds a finished run; nothing to resume")
             if not self.checkpoints.exists():
-                raise AttnmaskError(f"{out} has no checkpoint to resume from")
-            saved = read_record(out / "settings.json", "settings")["settings"]
+                raise AttnmaskError(f"{run} has no checkpoint to resume from")
+            saved = read_record(run / "settings.json", "settings")["settings"]
             diff = [k for k in comparable if saved.get(k) != comparable[k]]
             if diff:
                 raise AttnmaskError(f"--resume with settings that differ from the checkpoint's: {', '.join(diff)}")
             return
-        if out.exists() and any(out.iterdir()):
-            if not overwrite:
-                hint = "--resume or --overwrite" if self.checkpoints.exists() else "--overwrite"
-                raise AttnmaskError(f"output {out} already exists (pass {hint})")
-            if not any((out / m).exists() for m in self.markers):
-                raise AttnmaskError(f"output {out} exists and is not an attnmask training run; refusing to replace it")
+        if has_entries(self.out):
+            if not self.overwrite:
+                unfinished = (self.out / CHECKPOINTS).exists() or is_run(self.staging)
+                hint = "--resume or --overwrite" if unfinished else "--overwrite"
+                raise AttnmaskError(f"output {self.out} already exists (pass {hint})")
+            replaceable_entries(self.out)
+        if self.path == self.staging and self.staging.exists():
+            replaceable_entries(self.staging)
 
-    def create(self, resume: bool) -> None:
-        """After `check`: an empty folder for a new run (a replaced run is removed), as is for --resume."""
-        if resume:
+    def create(self) -> None:
+        """After `check`: an empty folder for a new run (holding RUN_MARKER), as is for --resume; a
+        replacement left by a killed --overwrite is removed first."""
+        if self.resume:
             return
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        if self.path == self.staging and self.staging.exists():
+            remove_run(self.staging)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_marker(self.path, "training", TRAINING_ENTRIES)
 
     def finish(self) -> None:
+        """The run is complete in `path`: its checkpoints are removed, RUN_MARKER lists what it holds, and a
+        replacement is swapped in for the old run (see the class docstring)."""
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+        write_marker(self.path, "finished", sorted(p.name for p in self.path.iterdir() if p.name != RUN_MARKER))
+        if self.path != self.out:
+            swap_in(self.path, self.out)
+
+
+def staging_of(out: Path) -> Path:
+    return out.with_name(f".{out.name}.next")
+
+
+def has_entries(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir()) or (folder.exists() and not folder.is_dir())
+
+
+def write_marker(folder: Path, state: str, entries) -> None:
+    """RUN_MARKER in `folder` (written to a temporary name and renamed: never half written)."""
+    tmp = folder / f".{RUN_MARKER}.tmp"
+    tmp.write_text(json.dumps({"format": RUN_FORMAT, "state": state, "entries": sorted(set(entries))}, indent=1))
+    tmp.rename(folder / RUN_MARKER)
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The RUN_MARKER record of `folder`, or None when it has none (or a damaged one)."""
+    try:
+        record = json.loads((folder / RUN_MARKER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    entries = record.get("entries")
+    if record.get("format") != RUN_FORMAT or not isinstance(entries, list) or \
+            not all(isinstance(e, str) and e and "/" not in e and e not in (".", "..") for e in entries):
+        return None
+    return record
+
+
+def is_run(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and read_marker(folder) is not None
+
+
+def replaceable_entries(folder: Path) -> list[str]:
+    """The entries of the run folder `folder` that --overwrite deletes (all of them but RUN_MARKER); refuses
+    a folder that is not provably an attnmask run or that holds entries the run did not write."""
+    if not is_run(folder):
+        raise AttnmaskError(f"output {folder} exists and is not an attnmask training run (it has no valid "
+                            f"{RUN_MARKER}); refusing to replace it: choose another output or remove it yourself")
+    written = set(read_marker(folder)["entries"])
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in written and p.name != RUN_MARKER)
+    if foreign:
+        hint = " (a run cut short while saving: finish it with --resume)" if (folder / CHECKPOINTS).exists() else ""
+        raise AttnmaskError(f"output {folder} holds {', '.join(foreign[:5])}, which the run did not write{hint}; "
+                            "move them away before --overwrite")
+    return sorted(written & {p.name for p in folder.iterdir()})
+
+
+def remove_run(folder: Path) -> None:
+    """Delete the entries the run in `folder` wrote, then its marker and the folder (after
+    replaceable_entries has found nothing else in it)."""
+    for name in replaceable_entries(folder):
+        entry = folder / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (folder / RUN_MARKER).unlink()
+    folder.rmdir()
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Replace the run `out` by the finished run `new`: out is renamed aside, new renamed to out, and the
+    old run removed (settle_run completes a swap killed half-way)."""
+    import uuid
+
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    os.rename(new, out)
+    remove_run(old)
+
+
+def settle_run(out: Path) -> None:
+    """Complete a swap_in killed half-way: when out is missing and a run moved aside as `.NAME.old-*` is
+    there, the finished replacement `.NAME.next` is renamed to out (else the old run is put back); a run
+    moved aside that is no longer needed is removed."""
+    olds = sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.old-*") if is_run(p)) \
+        if out.parent.is_dir() else []
+    if not olds:
+        return
+    if not os.path.lexists(out):
+        staged = staging_of(out)
+        if is_run(staged) and read_marker(staged)["state"] == "finished":
+            os.rename(staged, out)
+        else:
+            os.rename(olds.pop(), out)
+    for old in olds:
+        remove_run(old)
 
 
 def read_record(path: Path, need: str | None = None) -> dict:

@@ -212,3 +212,113 @@ def test_a_plain_rerun_after_a_killed_swap_is_refused_before_the_work(tmp_path):
     with pytest.raises(AttnmaskError, match="already exists"):  # it used to pass, and fail after the work
         check_output(out, overwrite=False)
     assert read_patterns(out).attrs["edition"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# items 3 and 4: --overwrite replaces only attnmask runs, builds the new run beside the old one, swaps at the end
+
+from test_train import labelled_csv, settings, tiny_model  # noqa: E402,F401 - the tiny BERT and labelled data
+
+
+def train_run(tiny_model, labelled_csv, out, **kw):  # noqa: F811
+    from attnmask.train import train
+
+    return train(settings(tiny_model, labelled_csv, out, limit=40, epochs=1, **kw))
+
+
+def entries(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_a_folder_that_merely_looks_like_a_run(tiny_model, labelled_csv, tmp_path):  # noqa: F811
+    """A folder with a checkpoint/ folder and a settings.json (but no marker a run wrote) used to be removed
+    whole, the user's other files with it."""
+    out = tmp_path / "mine"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "settings.json").write_text("{}")
+    (out / "thesis.tex").write_text("years of work")
+    before = entries(out)
+    with pytest.raises(AttnmaskError, match="not an attnmask training run"):
+        train_run(tiny_model, labelled_csv, out, overwrite=True)
+    assert entries(out) == before and (out / "checkpoint").is_dir()
+
+
+def test_overwrite_refuses_a_run_holding_files_it_did_not_write(tiny_model, labelled_csv, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    train_run(tiny_model, labelled_csv, out)
+    assert json.loads((out / "attnmask-run.json").read_text())["state"] == "finished"
+    (out / "notes.txt").write_text("mine")
+    before = entries(out)
+    with pytest.raises(AttnmaskError, match="holds notes.txt, which the run did not write"):
+        train_run(tiny_model, labelled_csv, out, overwrite=True)
+    assert entries(out) == before
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(n: int):
+    def progress(step, total, loss, epoch):
+        if step == n:
+            raise Interrupt
+
+    return progress
+
+
+def test_an_overwrite_killed_midway_leaves_the_old_run_whole(tiny_model, labelled_csv, tmp_path,  # noqa: F811
+                                                               monkeypatch):
+    """The old run used to be removed before training began: a run killed midway left neither. Now the
+    new run is built in .run.next; the old one stays as it was until the new one is complete; --resume
+    continues the replacement, and the finished replacement is swapped in."""
+    from attnmask.train import train
+
+    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    out = tmp_path / "run"
+    train_run(tiny_model, labelled_csv, out)
+    old = entries(out)
+    with pytest.raises(Interrupt):
+        train(settings(tiny_model, labelled_csv, out, limit=40, epochs=2, lr=1e-3, overwrite=True),
+              progress=stop_at(3))
+    assert entries(out) == old  # the old run, untouched
+    staged = tmp_path / ".run.next"
+    assert (staged / "checkpoint" / "checkpoint-2").is_dir()
+    with pytest.raises(AttnmaskError, match="--resume or --overwrite"):
+        train(settings(tiny_model, labelled_csv, out, limit=40, epochs=2, lr=1e-3))
+    resumed = train(settings(tiny_model, labelled_csv, out, limit=40, epochs=2, lr=1e-3, resume=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == resumed["steps"]
+    assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
+
+
+def test_an_overwrite_killed_between_its_renames_is_completed(tiny_model, labelled_csv, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    from attnmask.trainer import RunFolder
+
+    out = tmp_path / "run"
+    train_run(tiny_model, labelled_csv, out)
+    rename = os.rename
+
+    def die_after_moving_aside(src, dst):
+        rename(src, dst)
+        if ".old-" in str(dst):
+            raise Interrupt
+
+    monkeypatch.setattr(os, "rename", die_after_moving_aside)
+    with pytest.raises(Interrupt):
+        train_run(tiny_model, labelled_csv, out, lr=1e-3, overwrite=True)
+    monkeypatch.setattr(os, "rename", rename)
+    assert not out.exists()
+    RunFolder(out)  # the next use of the output completes the swap
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
+
+
+def test_overwrite_of_a_finished_run_replaces_it_and_leaves_nothing_beside(tiny_model, labelled_csv,  # noqa: F811
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    train_run(tiny_model, labelled_csv, out)
+    train_run(tiny_model, labelled_csv, out, lr=1e-3, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
+    assert not (out / "checkpoint").exists()

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.fairseq_safe_load import allow_fairseq_globals, refused_global
+from attnmask.fairseq_safe_load import NotALiteral, allow_fairseq_globals, install_import_hook, refused_global
 from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, sink_attached
 from attnmask.store import json_digest
 
@@ -44,11 +44,13 @@ _VOLATILE_MODEL_KEYS = {"_name", "data", "no_progress_bar", "log_format", "log_i
 
 
 def import_fairseq():
-    """Import fairseq without letting it reconfigure logging.
+    """Import fairseq guarded (attnmask.fairseq_safe_load: its eval() calls take literals only) without
+    letting it reconfigure logging.
 
     `import fairseq` configures the root logger (DEBUG level, a stderr handler) and logs a hint about
     tensorboardX; the root logger's level and handlers are restored afterwards.
     """
+    install_import_hook()
     root = logging.getLogger()
     level, handlers, disabled = root.level, list(root.handlers), logging.root.manager.disable
     logging.disable(logging.WARNING)
@@ -127,10 +129,32 @@ def build_task_and_model(state: dict):
         task = tasks.setup_task(cfg.task)
         model = task.build_model(cfg.model)
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    except NotALiteral as e:
+        fields = ", ".join(fields_holding(cfg, e.source)) or "a config field"
+        raise AttnmaskError(f"the checkpoint's {fields} holds {e.source!r}, which fairseq would eval() and which "
+                            "is not a Python literal; refusing to build its model") from None
     except (FileNotFoundError, KeyError, RuntimeError, AssertionError) as e:
         raise AttnmaskError(f"cannot build the checkpoint's model: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return cfg, task, model
+
+
+def fields_holding(cfg, text: str, prefix: str = "cfg") -> list[str]:
+    """The dotted names of the fields of `cfg` (omegaconf, argparse.Namespace or dict, nested) whose value
+    is the string `text`."""
+    import argparse
+
+    from omegaconf import DictConfig
+
+    if isinstance(cfg, argparse.Namespace):
+        cfg = vars(cfg)
+    if not isinstance(cfg, (dict, DictConfig)):
+        return []
+    found = []
+    for key in cfg:
+        value, name = cfg.get(key), f"{prefix}.{key}"
+        found += [name] if isinstance(value, str) and value == text else fields_holding(value, text, name)
+    return found
 
 
 def recorded_masks(state: dict) -> dict | None:
