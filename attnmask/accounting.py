@@ -39,6 +39,32 @@ from attnmask.models.base import MaskSeam
 from attnmask.store import MaskStore, PatternStore, SitePatterns
 
 FIGURES = ("data_sparsity", "mass_kept", "plane_sparsity")
+SUMS = ("entries", "pruned_entries", "weight", "pruned_weight", "mass", "kept_mass")
+# each figure's one name and what it counts, as every command prints them
+FIGURE_NAMES = {"data_sparsity": "data sparsity", "mass_kept": "mass kept", "plane_sparsity": "plane sparsity"}
+FIGURE_MEANINGS = {
+    "data_sparsity": "share of the attention work on real tokens of the data that the masks remove "
+                     "(entries weighted by how many sequences reach them)",
+    "mass_kept": "share of the data's attention probability that falls on kept entries",
+    "plane_sparsity": "share of the plane's eligible cells pruned (every observed cell inside the causal "
+                      "band once, whatever the lengths)",
+}
+DIGITS = 4  # every figure is printed as a fraction with this many decimals
+
+
+def figure_text(value: float | None) -> str:
+    """A figure as every command prints it: a fraction with DIGITS decimals ('-' when not known)."""
+    return "-" if value is None else f"{value:.{DIGITS}f}"
+
+
+def figures_text(figures: dict) -> str:
+    """'data sparsity 0.9000, mass kept 0.5938, plane sparsity 0.9277' (the figures that are known)."""
+    return ", ".join(f"{FIGURE_NAMES[k]} {figure_text(figures[k])}" for k in FIGURES if figures.get(k) is not None)
+
+
+def figures_legend() -> str:
+    """One sentence defining every figure, for captions and notes."""
+    return "; ".join(f"{FIGURE_NAMES[k]}: {FIGURE_MEANINGS[k]}" for k in FIGURES)
 
 
 def eligible_entries(count: np.ndarray, causal: bool) -> np.ndarray:
@@ -78,19 +104,43 @@ class Tally:
 
     def figures(self) -> dict[str, float]:
         """data sparsity, mass kept and plane sparsity summed over all its layers and heads."""
-        return {"data_sparsity": self.ratio(self.pruned_weight.sum(), self.weight.sum(), 0.0),
-                "mass_kept": self.ratio(self.kept_mass.sum(), self.mass.sum(), 1.0),
-                "plane_sparsity": self.ratio(self.pruned_entries.sum(), self.entries.sum(), 0.0)}
+        return combined([self])
 
     def per_layer(self, numerator: str, denominator: str, empty: float) -> list[float]:
         """[L]: sum over heads of `numerator` / sum over heads of `denominator`."""
         num, den = getattr(self, numerator).sum(axis=1), getattr(self, denominator).sum(axis=1)
         return np.where(den > 0, num / np.where(den > 0, den, 1), empty).round(6).tolist()
 
+    def per_head(self, numerator: str, denominator: str, empty: float) -> list[list[float]]:
+        """[L][H]: `numerator` / `denominator` of each (layer, head)."""
+        num, den = getattr(self, numerator), getattr(self, denominator)
+        return np.where(den > 0, num / np.where(den > 0, den, 1), empty).tolist()
+
+    def layer_figures(self) -> dict[str, list[float]]:
+        """{figure: [L]}: each layer's figures over its heads (rounded to 6 decimals)."""
+        return {figure: self.per_layer(*RATIOS[figure]) for figure in FIGURES}
+
+    def head_figures(self) -> dict[str, list[list[float]]]:
+        """{figure: [L][H]}: each (layer, head)'s figures."""
+        return {figure: self.per_head(*RATIOS[figure]) for figure in FIGURES}
+
     def totals(self) -> dict[str, float]:
         """The site's sums (JSON numbers), from which figures over several sites are combined."""
-        return {name: float(getattr(self, name).sum()) for name in
-                ("entries", "pruned_entries", "weight", "pruned_weight", "mass", "kept_mass")}
+        return {name: float(getattr(self, name).sum()) for name in SUMS}
+
+    def head_totals(self) -> dict[str, list[list[float]]]:
+        """{sum: [L][H]}: the sums of every (layer, head), from which from_head_totals rebuilds the Tally."""
+        return {name: getattr(self, name).tolist() for name in SUMS}
+
+    @classmethod
+    def from_head_totals(cls, totals: dict) -> "Tally":
+        """The Tally whose head_totals() is `totals` (a mask site's `head_totals` attribute)."""
+        return cls(*(np.asarray(totals[name], dtype=np.float64) for name in SUMS))
+
+
+# figure: (numerator, denominator, value when the denominator is 0)
+RATIOS = {"data_sparsity": ("pruned_weight", "weight", 0.0), "mass_kept": ("kept_mass", "mass", 1.0),
+          "plane_sparsity": ("pruned_entries", "entries", 0.0)}
 
 
 def tally_layer(keep: np.ndarray, sums: np.ndarray, count: np.ndarray, elig: np.ndarray,
@@ -120,12 +170,8 @@ def tally_site(name: str, keep: np.ndarray, site: SitePatterns) -> Tally:
 def combined(tallies: list[Tally] | list[dict]) -> dict[str, float]:
     """The figures of several sites together: Tallies, or their `totals()` dicts."""
     totals = [t.totals() if isinstance(t, Tally) else t for t in tallies]
-    s = {k: sum(t[k] for t in totals) for k in totals[0]} if totals else {}
-    if not s:
-        return {"data_sparsity": 0.0, "mass_kept": 1.0, "plane_sparsity": 0.0}
-    return {"data_sparsity": Tally.ratio(s["pruned_weight"], s["weight"], 0.0),
-            "mass_kept": Tally.ratio(s["kept_mass"], s["mass"], 1.0),
-            "plane_sparsity": Tally.ratio(s["pruned_entries"], s["entries"], 0.0)}
+    s = {k: sum(t[k] for t in totals) for k in SUMS}
+    return {figure: Tally.ratio(s[num], s[den], empty) for figure, (num, den, empty) in RATIOS.items()}
 
 
 def check_comparable(masks: MaskStore, patterns: PatternStore) -> None:
@@ -144,15 +190,30 @@ def check_comparable(masks: MaskStore, patterns: PatternStore) -> None:
                                 "collect it with the same model and --max-length")
 
 
+def measured_tallies(masks: MaskStore, patterns: PatternStore) -> dict[str, Tally]:
+    """{site: Tally} of a mask store's sites on a comparable pattern store."""
+    check_comparable(masks, patterns)
+    return {name: tally_site(name, site.keep, patterns.sites[name]) for name, site in masks.sites.items()}
+
+
+def recorded_tally(attrs: dict) -> Tally | None:
+    """The Tally compile recorded for a site on its source data (site attribute `head_totals`); None for
+    a store written before it was recorded."""
+    return Tally.from_head_totals(attrs["head_totals"]) if "head_totals" in attrs else None
+
+
+def patterns_identity(patterns: PatternStore) -> dict:
+    """{path, digest, sequences}: which pattern store figures were measured on."""
+    return {"path": patterns.path, "digest": patterns.attrs.get("digest"), "sequences": patterns.attrs.get("sequences")}
+
+
 def measure(masks: MaskStore, patterns: PatternStore) -> dict:
     """The figures of a mask store on a pattern store: {data_sparsity, mass_kept, plane_sparsity,
     sites: {name: figures}, patterns: {path, digest, sequences}}."""
-    check_comparable(masks, patterns)
-    tallies = {name: tally_site(name, site.keep, patterns.sites[name]) for name, site in masks.sites.items()}
+    tallies = measured_tallies(masks, patterns)
     return {**combined(list(tallies.values())),
             "sites": {name: t.figures() for name, t in tallies.items()},
-            "patterns": {"path": patterns.path, "digest": patterns.attrs.get("digest"),
-                         "sequences": patterns.attrs.get("sequences")}}
+            "patterns": patterns_identity(patterns)}
 
 
 def recorded(masks: MaskStore | None) -> dict:

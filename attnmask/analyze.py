@@ -30,8 +30,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from attnmask.accounting import (FIGURE_NAMES, FIGURES, Tally, combined, eligible_entries, figure_text,
+                                 figures_legend, figures_text, measured_tallies, patterns_identity, recorded_tally,
+                                 tally, tally_layer)
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import causal_band
+from attnmask.models.base import MaskSeam
 from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns
 
 CONCENTRATION_LEVELS = (0.5, 0.9, 0.99)
@@ -329,73 +333,89 @@ def store_stats(store: PatternStore, site: str | None = None) -> dict:
 
 @dataclass
 class MaskHeadSummary:
+    """One (layer, head) of a mask site, as the runtime applies the mask (attnmask.accounting)."""
+
     site: str
     layer: int
     head: int
-    kept: int            # kept cells among the eligible ones
-    eligible: int        # cells the mask could keep (observed, and within the causal band)
-    sparsity: float      # 1 - kept / eligible
-    kept_mass: float | None  # sum_{q,k} J[q, k] keep[q, k]: the share of attention mass kept
+    kept: int                     # eligible entries kept
+    eligible: int                 # eligible entries (observed, inside the causal band)
+    data_sparsity: float | None   # FIGURE_MEANINGS; None when no data was measured
+    mass_kept: float | None
+    plane_sparsity: float
 
 
-def mask_eligible(mask: SiteMask, key_offset: int, patterns: SitePatterns | None) -> np.ndarray:
-    """Cells a mask can meaningfully keep: the pattern's E when given, else all cells (causal band)."""
+def band_tally(name: str, mask: SiteMask) -> Tally:
+    """The Tally of a mask with no data under it: every cell of the causal band eligible, counted once
+    (count 1, no mass), so that only its plane sparsity means something."""
     queries, keys = mask.keep.shape[2:]
+    count = np.ones((queries, keys), dtype=np.int64)
+    elig = eligible_entries(count, mask.causal)
+    sums = np.zeros(mask.keep.shape[1:])
+    cross = MaskSeam.is_cross(name)
+    return tally([tally_layer(mask.keep[layer], sums, count, elig, cross) for layer in range(mask.layers)])
+
+
+def figures_source(masks: MaskStore, patterns: PatternStore | None, names: list[str]) -> tuple[dict, dict[str, Tally]]:
+    """What a mask summary's figures are measured on and each site's Tally: the pattern store given
+    (measured now), else the source data compile recorded them on, else the causal band alone (a store
+    written before compile recorded them: plane sparsity only)."""
+    chosen = MaskStore(masks.attrs, {name: masks.sites[name] for name in names}, masks.path)
     if patterns is not None:
-        return site_plane(patterns.count, patterns.causal, key_offset).eligible
-    if mask.causal:
-        return causal_band(queries, keys, key_offset).numpy()
-    return np.ones((queries, keys), bool)
+        return {"measured_on": patterns_identity(patterns)}, measured_tallies(chosen, patterns)
+    recorded = {name: recorded_tally(masks.sites[name].attrs) for name in names}
+    if all(t is not None for t in recorded.values()):
+        return {"recorded_on": masks.attrs.get("source")}, recorded
+    return {"plane_only": True}, {name: band_tally(name, masks.sites[name]) for name in names}
 
 
-def site_mask_summary(name: str, mask: SiteMask, patterns: SitePatterns | None = None,
-                      key_offset: int = 0) -> list[MaskHeadSummary]:
-    """Sparsity 1 - |keep & E| / |E| and kept mass sum J keep per (layer, head) of one site."""
-    if patterns is not None and patterns.sum.shape != mask.keep.shape:
-        raise AttnmaskError(f"site {name}: mask shape {list(mask.keep.shape)} does not match the "
-                            f"pattern shape {list(patterns.sum.shape)}")
-    eligible = mask_eligible(mask, key_offset, patterns)
-    plane = site_plane(patterns.count, patterns.causal, key_offset) if patterns is not None else None
-    cells = int(eligible.sum())
-    out = []
-    for layer in range(mask.layers):
-        kept_cells = (mask.keep[layer] & eligible).sum((-2, -1))
-        kept_mass = None
-        if plane is not None:
-            P = layer_distributions(patterns, layer, plane)
-            kept_mass = np.einsum("hqk,hqk,q->h", P, mask.keep[layer], plane.weights)
-        for head in range(mask.heads):
-            kept = int(kept_cells[head])
-            out.append(MaskHeadSummary(
-                site=name, layer=layer, head=head, kept=kept, eligible=cells,
-                sparsity=1 - kept / cells if cells else 0.0,
-                kept_mass=None if kept_mass is None else float(kept_mass[head]),
-            ))
-    return out
+def site_mask_summary(name: str, t: Tally, with_data: bool) -> list[MaskHeadSummary]:
+    """Each (layer, head)'s figures from the site's Tally (data figures None without data)."""
+    heads = t.head_figures()
+    return [MaskHeadSummary(
+        site=name, layer=layer, head=head, kept=int(t.entries[layer, head] - t.pruned_entries[layer, head]),
+        eligible=int(t.entries[layer, head]),
+        data_sparsity=heads["data_sparsity"][layer][head] if with_data else None,
+        mass_kept=heads["mass_kept"][layer][head] if with_data else None,
+        plane_sparsity=heads["plane_sparsity"][layer][head],
+    ) for layer in range(t.entries.shape[0]) for head in range(t.entries.shape[1])]
+
+
+def without_data(figures: dict, with_data: bool) -> dict:
+    return figures if with_data else {**figures, "data_sparsity": None, "mass_kept": None}
 
 
 def mask_summary(masks: MaskStore, patterns: PatternStore | None = None, site: str | None = None) -> dict:
-    """{'store': attrs, 'sites': {name: {'heads': [MaskHeadSummary...], 'sparsity', 'kept_mass'}}}.
-
-    Site-level `sparsity` is 1 - (kept cells) / (eligible cells) summed over all heads, and
-    `kept_mass` the mean over heads of their kept mass (None without a pattern store).
-    """
-    out = {"store": _plain(masks.attrs), "sites": {}}
-    for name in select_sites(list(masks.sites), site):
-        m = masks.sites[name]
-        p = patterns.sites.get(name) if patterns is not None else None
-        offset = site_key_offset(m, p)
-        heads = site_mask_summary(name, m, p, offset)
-        kept = sum(h.kept for h in heads)
-        cells = sum(h.eligible for h in heads)
-        masses = [h.kept_mass for h in heads if h.kept_mass is not None]
+    """{'store': attrs, 'figures_on': {...}, data_sparsity, mass_kept, plane_sparsity (the chosen sites
+    together), 'sites': {name: {causal, key_offset, shape, the three figures, 'layers': {figure: [L]},
+    'heads': [MaskHeadSummary...]}}}: the figures of attnmask.accounting, measured on `patterns` when
+    given, else as compile recorded them on its source data (`figures_on` says which)."""
+    names = select_sites(list(masks.sites), site)
+    source, tallies = figures_source(masks, patterns, names)
+    with_data = "plane_only" not in source
+    out = {"store": _plain(masks.attrs), "figures_on": _plain(source),
+           **without_data(combined(list(tallies.values())), with_data), "sites": {}}
+    for name in names:
+        m, t = masks.sites[name], tallies[name]
+        layers = t.layer_figures()
         out["sites"][name] = {
-            "causal": m.causal, "key_offset": offset, "shape": list(m.keep.shape),
-            "sparsity": 1 - kept / cells if cells else 0.0,
-            "kept_mass": float(np.mean(masses)) if masses else None,
-            "heads": [asdict(h) for h in heads],
+            "causal": m.causal, "key_offset": site_key_offset(m), "shape": list(m.keep.shape),
+            **without_data(t.figures(), with_data),
+            "layers": {k: v for k, v in layers.items() if with_data or k == "plane_sparsity"},
+            "heads": [asdict(h) for h in site_mask_summary(name, t, with_data)],
         }
     return out
+
+
+def figures_on_text(source: dict) -> str:
+    """Which data a mask summary's figures are on, in words."""
+    if "measured_on" in source:
+        on = source["measured_on"]
+        sequences = f", {on['sequences']} sequences" if on.get("sequences") else ""
+        return f"measured on the pattern store {on['path']}{sequences}"
+    if "recorded_on" in source:
+        return f"as compile recorded them on its source data {(source['recorded_on'] or {}).get('path')}"
+    return "no data: plane sparsity over the causal band, every cell once (give --patterns for the data figures)"
 
 
 def _plain(attrs: dict) -> dict:
@@ -461,17 +481,19 @@ def stats_table(name: str, result: dict):
     return table
 
 
-def mask_table(name: str, result: dict):
-    """A rich Table of one mask site's sparsity (`result` is mask_summary(...)['sites'][name])."""
+def mask_table(name: str, result: dict, source: dict):
+    """A rich Table of one mask site's figures (`result` is mask_summary(...)['sites'][name], `source`
+    its 'figures_on')."""
     from rich.table import Table
 
-    table = Table(title=f"{name} {result['shape']}: sparsity {result['sparsity']:.2%}")
-    for title in ("layer", "head", "kept", "eligible", "sparsity", "mass kept"):
+    table = Table(title=f"{name} {result['shape']}: {figures_text(result)}")
+    for title in ("layer", "head", "kept", "eligible", *(FIGURE_NAMES[k] for k in FIGURES)):
         table.add_column(title, justify="right")
     for h in result["heads"]:
-        mass = "-" if h["kept_mass"] is None else f"{h['kept_mass']:.4f}"
         table.add_row(str(h["layer"]), str(h["head"]), str(h["kept"]), str(h["eligible"]),
-                      f"{h['sparsity']:.2%}", mass)
+                      *(figure_text(h[k]) for k in FIGURES))
+    table.caption = (f"figures {figures_on_text(source)}, as the runtime applies the masks; kept / eligible: "
+                     f"eligible entries of the plane; {figures_legend()}")
     return table
 
 

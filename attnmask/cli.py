@@ -408,6 +408,7 @@ def compile_command(
     out: Optional[str] = typer.Option(None, help="Mask store to write, a path or an fsspec URL "
                                       "[default: beside PATTERNS, named after it and every setting that differs from its default]."),
     overwrite: bool = typer.Option(False, help="Replace an existing mask store."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (the store written and its figures)."),
 ):
     """Compile a pattern store into sparse attention masks that prune a share TAU of the attention work."""
     from attnmask.compile import CompileSettings, compile_masks
@@ -429,9 +430,12 @@ def compile_command(
     store = read_patterns(patterns)
     held = read_patterns(held_out) if held_out is not None else None
     start = time.perf_counter()
-    with console.status("compiling masks"):
+    with console.status("compiling masks") if not as_json else contextlib.nullcontext():
         sites, attrs = compile_masks(store, settings, held_out=held)
     written = write_masks(out, sites, attrs, overwrite=overwrite)
+    if as_json:
+        typer.echo(json.dumps(compile_summary(written, time.perf_counter() - start), indent=2, default=str))
+        return
     console.print(f"wrote [bold]{escape(str(out))}[/] in {time.perf_counter() - start:.1f} s")
     console.print(compile_table(written))
     for line in figures_lines(written.attrs):
@@ -470,24 +474,41 @@ def default_masks_name(patterns: str, settings) -> str:
     return ".".join([*parts, "masks.zarr"])
 
 
+def compile_summary(masks, seconds: float) -> dict:
+    """What `compile --json` prints: the store written, its settings and its figures on the collected
+    data (and held out), per site and per layer, under the names of attnmask.accounting."""
+    from attnmask.accounting import FIGURES
+
+    settings = ("tau", "budget", "scope", "block_size", "min_keep", "random", "seed", "beyond", "site_tau")
+    return {"path": str(masks.path), "digest": masks.digest, "seconds": round(seconds, 3),
+            **{k: masks.attrs.get(k) for k in settings}, "source": masks.attrs.get("source"),
+            "figures": masks.attrs.get("figures"), "held_out": masks.attrs.get("held_out"),
+            "sites": {name: {"tau": site.attrs["tau"], "layers": [{"layer": layer, **{k: site.attrs[k][layer] for k in FIGURES}}
+                                                                  for layer in range(site.layers)]}
+                      for name, site in masks.sites.items()}}
+
+
 def compile_table(masks) -> Table:
-    table = Table(title="per layer: data sparsity (share of the attention entries computed on the collected data "
-                  "that the masks remove), attention mass kept on that data, plane sparsity (eligible cells)")
-    for col in ("site", "layer", "tau", "data sparsity", "mass kept", "plane sparsity"):
+    from attnmask.accounting import FIGURE_NAMES, FIGURES, figure_text, figures_legend
+
+    table = Table(title="per layer, on the collected data, as the runtime applies the masks")
+    table.caption = figures_legend()
+    for col in ("site", "layer", "tau", *(FIGURE_NAMES[k] for k in FIGURES)):
         table.add_column(col, justify="left" if col == "site" else "right", no_wrap=col == "site")
     for name, site in masks.sites.items():
         a = site.attrs
-        for layer, (data, mass, plane) in enumerate(zip(a["data_sparsity"], a["mass_kept"], a["plane_sparsity"])):
-            table.add_row(name, str(layer), f"{a['tau']:g}", f"{data:.4f}", f"{mass:.4f}", f"{plane:.4f}")
+        for layer in range(site.layers):
+            table.add_row(name, str(layer), f"{a['tau']:g}", *(figure_text(a[k][layer]) for k in FIGURES))
     return table
 
 
 def figures_text(f: dict) -> str:
-    """'data sparsity 0.8712, mass kept 0.6610, plane sparsity 0.9000' (figures of attnmask.accounting)."""
+    """'data sparsity 0.9000, mass kept 0.5938, plane sparsity 0.9277' (attnmask.accounting.figures_text)."""
+    from attnmask.accounting import figures_text as text
+
     if f.get("data_sparsity") is None:
-        return f"plane sparsity {f['plane_sparsity']:.4f} (data figures not recorded)"
-    return (f"data sparsity {f['data_sparsity']:.4f}, attention mass kept {f['mass_kept']:.4f}, "
-            f"plane sparsity {f['plane_sparsity']:.4f}")
+        return f"{text(f)} (data figures not recorded)"
+    return text(f)
 
 
 def figures_lines(attrs: dict, measured: dict | None = None) -> list[str]:
@@ -534,7 +555,6 @@ def store_summary(store) -> dict:
             else:
                 layers = site.attrs.get("layer_sparsity", [0])
                 entry.update(data_sparsity=None, mass_kept=None, plane_sparsity=float(sum(layers) / max(len(layers), 1)))
-            entry["kept_share"] = float(site.keep.mean())
         else:
             entry["coverage"] = float((site.count > 0).mean())
             entry["max_count"] = int(site.count.max())
@@ -543,21 +563,24 @@ def store_summary(store) -> dict:
 
 
 def inspect_table(summary: dict) -> Table:
+    from attnmask.accounting import FIGURE_NAMES, FIGURES, figure_text, figures_legend
+
     is_masks = summary["format"].endswith("masks")
     title = f"{summary['path']} ({summary['format']} v{summary['version']})"
     table = Table(title=title)
     cols = ["site", "layers", "heads", "queries x keys", "causal"]
-    cols += ["data sparsity", "mass kept", "plane sparsity", "kept cells"] if is_masks else ["coverage", "sequences", "tokens"]
+    cols += [FIGURE_NAMES[k] for k in FIGURES] if is_masks else ["coverage", "sequences", "tokens"]
     for col in cols:
         table.add_column(col, no_wrap=col == "site", min_width=13 if col == "site" else None)
     for name, s in summary["sites"].items():
         row = [name, str(s["layers"]), str(s["heads"]), f"{s['queries']} x {s['keys']}", str(s["causal"])]
         if is_masks:
-            row += ["-" if s[k] is None else f"{s[k]:.4f}" for k in ("data_sparsity", "mass_kept", "plane_sparsity",
-                                                                    "kept_share")]
+            row += [figure_text(s[k]) for k in FIGURES]
         else:
             row += [f"{s['coverage']:.4f}", str(summary.get("sequences")), str(summary.get("tokens"))]
         table.add_row(*row)
+    if is_masks:
+        table.caption = f"per site, on the collected data; {figures_legend()}"
     return table
 
 
@@ -643,9 +666,9 @@ def analyze(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    make_table = mask_table if result["kind"] == "masks" else stats_table
     for name, site_result in result["sites"].items():
-        console.print(make_table(name, site_result))
+        console.print(mask_table(name, site_result, result["figures_on"]) if result["kind"] == "masks"
+                      else stats_table(name, site_result))
 
 
 @command()

@@ -410,18 +410,44 @@ class Reach:
         self.short |= budget > candidates
         return budget <= candidates
 
-    def check(self, site: str, tau: float, settings: CompileSettings) -> None:
+    def check(self, site: str, tau: float, settings: CompileSettings, plane: tuple[int, int]) -> None:
         if not self.short:
             return
         pool, share = min(self.shares, key=lambda item: item[1])
         largest = math.floor(share * 10_000) / 10_000
         what = "count-weighted entries" if settings.budget == "data" else "eligible entries"
-        if settings.block_size > 1:
-            what += f" (in {settings.block_size}x{settings.block_size} tiles)"
         raise UnreachableTau(
-            f"site {site}: --tau {tau:g} cannot be reached with --budget {settings.budget}: in {pool} the row "
-            f"guarantee (--min-keep {settings.min_keep}) protects {float(1 - share):.2%} of the {what}; "
-            f"the largest reachable tau is {largest:.4f}", largest)
+            f"site {site}: --tau {tau:g} cannot be reached with --budget {settings.budget}: "
+            f"{row_guarantee_bound(plane, settings.block_size, settings.min_keep)}; in {pool} it protects "
+            f"{float(1 - share):.2%} of the {what}, so the largest reachable tau is {largest:.4f}; "
+            f"{fitting_blocks(plane, tau, settings.block_size, settings.min_keep)}", largest)
+
+
+def row_guarantee_bound(plane: tuple[int, int], block: int, min_keep: int) -> str:
+    """Why the row guarantee caps tau: it keeps `min_keep` units in every row of units of the plane,
+    and a row of the [Q, K] plane has ceil(K / B) units."""
+    queries, keys = plane
+    columns = -(-keys // block)
+    unit, units, row = ("tile", "tiles", "block-row") if block > 1 else ("entry", "entries", "row")
+    tiling = f" in {block}x{block} tiles" if block > 1 else ""
+    return (f"the row guarantee (--min-keep {min_keep}) keeps {min_keep} {unit if min_keep == 1 else units} in "
+            f"every {row}, and the {queries}x{keys} plane{tiling} has {columns} {unit if columns == 1 else units} per {row}, so at most "
+            f"{max(columns - min_keep, 0)}/{columns} of them can be pruned (less in short or causal rows and "
+            "where counts are uneven)")
+
+
+def fitting_blocks(plane: tuple[int, int], tau: float, block: int, min_keep: int) -> str:
+    """Which block sizes leave a full row of units the ceil(min_keep / (1 - tau)) units tau needs."""
+    keys = plane[1]
+    needed = math.ceil(min_keep / (1 - Fraction(repr(float(tau)))))
+    fits = [b for b in range(1, block + 1) if -(-keys // b) >= needed]
+    if not fits:
+        return (f"tau {tau:g} needs at least {needed} keys per row and the plane has {keys}: lower --tau or "
+                "--min-keep, or collect with a larger --max-length")
+    if block == 1 or max(fits) == block:
+        return f"lower --tau or --min-keep{', or a smaller --block-size' if block > 1 else ''}"
+    return (f"tau {tau:g} needs at least {needed} tiles per block-row, which only --block-size {max(fits)} or "
+            "smaller gives this plane (short or causal rows need smaller still); or lower --tau or --min-keep")
 
 
 def global_cut(scorer: Scorer, min_keep: int, candidates: np.ndarray, tau: float, reach: Reach) -> Cut | None:
@@ -471,11 +497,11 @@ def compile_site(name: str, site: SitePatterns, settings: CompileSettings, tau: 
         # keep doubles as the store of entry candidates: keep[l] is written once candidates[l] is used
         candidates = keep if units.block == 1 else np.empty(site.sum.shape[:2] + units.eligible.shape, bool)
         shared = global_cut(scorer, settings.min_keep, candidates, tau, reach)
-        reach.check(name, tau, settings)
+        reach.check(name, tau, settings, (q, k))
     allowed = causal_plane(q, k) if site.causal else None
     cross = MaskSeam.is_cross(name)
     planes_per_pool = site.heads if settings.scope == "layer" else 1
-    columns, pruned_per_head = [], []
+    columns, pruned_entries = [], 0
     for layer in range(site.layers):
         score = scorer(layer)
         cand = candidates[layer] if shared is not None else candidate_units(score, units.eligible, settings.min_keep)
@@ -490,30 +516,19 @@ def compile_site(name: str, site: SitePatterns, settings: CompileSettings, tau: 
         keep[layer] = ~units.pruned_entries(pruned)
         if allowed is not None:
             keep[layer] &= allowed
-        pruned_per_head.append(int(elig.sum()) - (keep[layer] & elig).sum(axis=(-2, -1)))
+        pruned_entries += int(elig.sum()) * site.heads - int((keep[layer] & elig).sum())
         columns.append(tally_layer(keep[layer], site.sum[layer], site.count, elig, cross))
-    reach.check(name, tau, settings)
-    return keep, site_attrs(tau, settings.budget, int(elig.sum()), np.array(pruned_per_head), tally(columns))
+    reach.check(name, tau, settings, (q, k))
+    return keep, site_attrs(tau, settings.budget, int(elig.sum()), pruned_entries, tally(columns))
 
 
-def site_attrs(tau: float, budget: str, eligible: int, pruned: np.ndarray, t: Tally) -> dict:
-    """The attributes a compiled site records (patterns/README.md): tau and budget; the compiled keep's
-    sparsity, pruned [L, H] / eligible entries, per (layer, head) and layer; per layer the data sparsity,
-    mass kept and plane sparsity of the masks as the runtime applies them (attnmask.accounting); the
-    site's totals."""
-    per_head = pruned / max(eligible, 1)
-    return {
-        "tau": tau,
-        "budget": budget,
-        "sparsity": per_head.round(6).tolist(),
-        "layer_sparsity": per_head.mean(axis=1).round(6).tolist(),
-        "data_sparsity": t.per_layer("pruned_weight", "weight", 0.0),
-        "mass_kept": t.per_layer("kept_mass", "mass", 1.0),
-        "plane_sparsity": t.per_layer("pruned_entries", "entries", 0.0),
-        "eligible": eligible,
-        "pruned": int(pruned.sum()),
-        "totals": t.totals(),
-    }
+def site_attrs(tau: float, budget: str, eligible: int, pruned: int, t: Tally) -> dict:
+    """The attributes a compiled site records (patterns/README.md): tau and budget; the eligible entries
+    of one (layer, head) plane and the eligible entries the compiled keep prunes in the site (before the
+    runtime's row guarantee); the masks' data sparsity, mass kept and plane sparsity as the runtime
+    applies them (attnmask.accounting), per layer; the sums behind them per (layer, head) and for the site."""
+    return {"tau": tau, "budget": budget, "eligible": eligible, "pruned": pruned, **t.layer_figures(),
+            "head_totals": t.head_totals(), "totals": t.totals()}
 
 
 def compile_masks(patterns: PatternStore, settings: CompileSettings,

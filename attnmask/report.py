@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from attnmask.analyze import cluster_order, mask_summary, store_stats
+from attnmask.accounting import FIGURE_MEANINGS, FIGURE_NAMES, FIGURES, figure_text, figures_legend, figures_text
+from attnmask.analyze import cluster_order, figures_on_text, mask_summary, store_stats
 from attnmask.errors import AttnmaskError
 from attnmask.plot import (DEFAULT_SCALE, check_scale, entropy_distance_figure, grid_figure,
                            head_similarity, mask_view, pattern_view, png_bytes, position_mass_figure,
@@ -95,17 +96,18 @@ STATS_NOTE = ("Statistics of the average pattern sum / count, each row normalize
               "Click a column's title to sort by it; shading runs from the column's smallest (white) to "
               "its largest value (blue).")
 
-# descriptions of mask site attributes compile is known to write; any other attribute is shown by its name
+# descriptions of mask site attributes compile is known to write (and older stores carry); any other
+# attribute is shown by its name
 MASK_ATTRIBUTES = {
-    "tau": "share of eligible entries pruned, as asked",
-    "sparsity": "pruned eligible entries / eligible entries per head: share of the plane",
-    "layer_sparsity": "per layer: share of the plane pruned",
-    "mass_kept": "per layer: average attention mass on kept entries / mass on eligible entries",
-    "eligible": "eligible entries per head (observed, inside the causal band)",
-    "pruned": "entries pruned in the site",
+    "tau": "share of the budget's weight pruned, as asked",
     "budget": "what tau counts: data (entries weighted by how often they occur) or plane (every entry once)",
-    "data_sparsity": "per layer: pruned share of the attention entries of the data (weighted by their count)",
-    "totals": "the sums behind the per-layer figures",
+    **{figure: f"per layer on the source data, {FIGURE_NAMES[figure]}: {FIGURE_MEANINGS[figure]}" for figure in FIGURES},
+    "eligible": "eligible entries per head (observed, inside the causal band)",
+    "pruned": "eligible entries the compiled keep prunes in the site (before the runtime's row guarantee)",
+    "head_totals": "per (layer, head) on the source data: the sums behind the figures",
+    "totals": "the site's sums behind the figures",
+    "sparsity": "(older stores) pruned eligible entries / eligible entries per head of the compiled keep: share of the plane",
+    "layer_sparsity": "(older stores) per layer: share of the plane the compiled keep prunes",
 }
 FIRST_KEYS = ("model", "data", "sequences", "tokens", "max_length", "tau", "budget", "scope", "source")
 
@@ -152,9 +154,23 @@ def table_html(header: list[str], rows: list[list[str]], text_columns: int = 0, 
     return f"{opening}{head}<tbody>{body}</tbody></table>"
 
 
+def value_text(key: str, value) -> str:
+    """An attribute's value as the page prints it: a figure (data_sparsity, mass_kept, plane_sparsity)
+    as every command does (attnmask.accounting.figure_text), a whole number without decimals, any other
+    float to 6 significant digits, anything else as it is."""
+    if isinstance(value, float) and key.rsplit(".", 1)[-1].split("[")[0] in FIGURES:
+        return figure_text(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
 def flatten(value, prefix: str = "") -> list[tuple[str, str]]:
     """(dotted key, text) pairs of nested attributes: {'model': {'name': 'x'}} -> [('model.name', 'x')];
-    lists of dicts are numbered (data.parts[0].name), lists of plain values joined with ', '."""
+    lists of dicts are numbered (data.parts[0].name), lists of plain values joined with ', '; numbers
+    as value_text prints them."""
     if isinstance(value, dict):
         if not value:
             return [(prefix, "{}")]
@@ -162,8 +178,8 @@ def flatten(value, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
         return [pair for i, item in enumerate(value) for pair in flatten(item, f"{prefix}[{i}]")]
     if isinstance(value, list):
-        return [(prefix, ", ".join(str(item) for item in value))]
-    return [(prefix, "" if value is None else str(value))]
+        return [(prefix, ", ".join(value_text(prefix, item) for item in value))]
+    return [(prefix, value_text(prefix, value))]
 
 
 def metadata_rows(attrs: dict) -> list[list[str]]:
@@ -191,7 +207,7 @@ def stats_table(result: dict) -> str:
     return f'<div class="scroll">{table_html(header, rows, values=values, shaded=shaded, sortable=True)}</div>'
 
 
-def layer_head_grid(heads: list[dict], key: str, fmt: str) -> str:
+def layer_head_grid(heads: list[dict], key: str, fmt) -> str:
     """A layers x heads table of one per-head value, shaded over the whole grid."""
     layers = sorted({h["layer"] for h in heads})
     columns = sorted({h["head"] for h in heads})
@@ -199,16 +215,17 @@ def layer_head_grid(heads: list[dict], key: str, fmt: str) -> str:
     return grid_table(layers, columns, [[value[(layer, c)] for c in columns] for layer in layers], fmt)
 
 
-def grid_table(layers: list[int], heads: list[int], matrix: list[list], fmt: str) -> str:
+def grid_table(layers: list[int], heads: list[int], matrix: list[list], fmt) -> str:
     """A layers x heads table of `matrix` ([layers][heads], numbers or None), shaded from its smallest to
-    its largest value."""
+    its largest value; `fmt` a format string or a function of the number."""
+    text = fmt if callable(fmt) else fmt.format
     numbers = [v for row in matrix for v in row if isinstance(v, (int, float)) and np.isfinite(v)]
     low, high = (min(numbers), max(numbers)) if numbers else (0.0, 0.0)
 
     def cell(v) -> str:
         if not isinstance(v, (int, float)) or not np.isfinite(v):
             return "<td>-</td>"
-        return f'<td style="{shade(v, low, high)}">{html.escape(fmt.format(v))}</td>'
+        return f'<td style="{shade(v, low, high)}">{html.escape(text(v))}</td>'
 
     head = "<thead><tr><th></th>" + "".join(f"<th>head {h}</th>" for h in heads) + "</tr></thead>"
     body = "".join(f'<tr><td class="text">layer {layer}</td>' + "".join(cell(v) for v in row) + "</tr>"
@@ -223,38 +240,45 @@ def is_layer_head_matrix(value, layers: int, heads: int) -> bool:
 
 
 def mask_attributes_section(site_attrs: dict, layers: int, heads: int) -> str:
-    """Every attribute of a mask site: [layers][heads] numbers as shaded grids, the rest as key/value rows
-    (known attributes with their description, unknown ones under their own name)."""
+    """Every attribute of a mask site: [layers][heads] numbers (also inside a dict, as `head_totals`) as
+    shaded grids, the rest as key/value rows (known attributes with their description, unknown ones
+    under their own name); numbers as value_text prints them."""
     rows, grids = [], []
     for key in sorted(site_attrs):
         value, about = site_attrs[key], MASK_ATTRIBUTES.get(key, "")
-        if is_layer_head_matrix(value, layers, heads):
-            title = f"{key}" + (f": {about}" if about else "")
-            grids.append(f"<h4>{html.escape(title)}</h4>"
-                         + grid_table(list(range(layers)), list(range(heads)), value, "{:.4g}"))
-        else:
+        matrices = {key: value} if is_layer_head_matrix(value, layers, heads) else {}
+        if isinstance(value, dict) and value and all(is_layer_head_matrix(v, layers, heads) for v in value.values()):
+            matrices = {f"{key}.{name}": v for name, v in value.items()}
+        for title, matrix in matrices.items():
+            title += f": {about}" if about else ""
+            grids.append(f"<h4>{html.escape(title)}</h4>" + grid_table(
+                list(range(layers)), list(range(heads)), matrix, functools.partial(value_text, key)))
+        if not matrices:
             rows += [[name, text, about] for name, text in flatten(value, key)]
     table = table_html(["attribute", "value", "meaning"], rows, text_columns=3, css="metadata") if rows else ""
     return table + "".join(grids)
 
 
 def mask_section(path: str, masks, patterns, summary: dict, scale: str = DEFAULT_SCALE) -> str:
+    """A mask store's settings, its figures on the report's pattern store (attnmask.analyze.mask_summary,
+    the figures of attnmask.accounting) per site, layer and head, what it records, and its grids."""
     source = (masks.attrs.get("source") or {}).get("digest")
     same = source == patterns.attrs.get("digest")
-    parts = [f"<h2>Mask store {html.escape(path)}</h2>",
-             f'<p class="note">Compiled from {"this" if same else "another"} pattern store (source digest '
-             f"{html.escape(str(source))}).</p>",
+    recorded = masks.attrs.get("figures")
+    parts = [f"<h2>Mask store {html.escape(path)}: {html.escape(figures_text(summary))}</h2>",
+             f'<p class="note">Figures {html.escape(figures_on_text(summary["figures_on"]))}, as the runtime '
+             f"applies the masks. Compiled from {'this' if same else 'another'} pattern store (source digest "
+             f"{html.escape(str(source))})"
+             + ("." if same or not recorded else
+                f"; on its own source data compile recorded {html.escape(figures_text(recorded))}.")
+             + f" {html.escape(figures_legend())}.</p>",
              "<h3>Settings and metadata</h3>" + metadata_table(masks.attrs)]
     for name, site in summary["sites"].items():
-        mass = "-" if site["kept_mass"] is None else f"{site['kept_mass']:.4f}"
         layers, heads = site["shape"][:2]
-        parts.append(f"<h3>{html.escape(name)}: sparsity {site['sparsity']:.2%} of the plane, attention mass "
-                     f"kept {mass}</h3>")
-        parts.append("<p class=\"note\">Sparsity (share of the plane): pruned share of the observed cells "
-                     "inside the causal band, every cell counted once. Mass kept: share of the pattern's "
-                     "attention mass (rows weighted by how often the query occurred) on kept cells.</p>")
-        parts.append("<h4>sparsity, share of the plane</h4>" + layer_head_grid(site["heads"], "sparsity", "{:.2%}"))
-        parts.append("<h4>attention mass kept</h4>" + layer_head_grid(site["heads"], "kept_mass", "{:.4f}"))
+        parts.append(f"<h3>{html.escape(name)}: {html.escape(figures_text(site))}</h3>")
+        for figure in FIGURES:
+            parts.append(f"<h4>{FIGURE_NAMES[figure]} per layer and head</h4>"
+                         + layer_head_grid(site["heads"], figure, figure_text))
         parts.append("<h4>what the mask store records for this site</h4>"
                      + mask_attributes_section(masks.sites[name].attrs, layers, heads))
         if name in patterns.sites:

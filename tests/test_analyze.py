@@ -219,14 +219,15 @@ def test_mask_summary_sparsity_and_kept_mass(tmp_path):
     band = Q * (Q + 1) // 2
     uniform_head, diagonal_head = result["heads"]
     assert uniform_head["eligible"] == band and uniform_head["kept"] == Q
-    assert uniform_head["sparsity"] == pytest.approx(1 - Q / band)
-    assert uniform_head["kept_mass"] == pytest.approx(np.mean(1 / (np.arange(Q) + 1)))
-    assert diagonal_head["kept_mass"] == pytest.approx(1.0)
-    assert result["sparsity"] == pytest.approx(1 - Q / band)
+    assert uniform_head["plane_sparsity"] == pytest.approx(1 - Q / band)
+    assert uniform_head["mass_kept"] == pytest.approx(np.mean(1 / (np.arange(Q) + 1)))
+    assert diagonal_head["mass_kept"] == pytest.approx(1.0)
+    assert result["plane_sparsity"] == pytest.approx(1 - Q / band)
     alone = mask_summary(masks)["sites"]["decoder.self"]
-    assert alone["kept_mass"] is None and alone["heads"][0]["eligible"] == band
+    assert alone["mass_kept"] is None and alone["heads"][0]["eligible"] == band
+    assert alone["plane_sparsity"] == pytest.approx(1 - Q / band)
     wrong = PatternStore({}, {"decoder.self": site_from_rows([diagonal(Q - 1)] * 2, causal=True)})
-    with pytest.raises(AttnmaskError, match="does not match"):
+    with pytest.raises(AttnmaskError, match="has shape"):
         mask_summary(masks, wrong)
 
 
@@ -247,8 +248,8 @@ def test_store_round_trip_and_json(tmp_path):
     masks = analyze_store(str(tmp_path / "m"), patterns=str(tmp_path / "p"))
     assert masks["kind"] == "masks"
     assert masks["sites"]["encoder.self"]["heads"][0]["kept"] == Q * Q - 1
-    assert masks["sites"]["encoder.self"]["heads"][0]["kept_mass"] == pytest.approx(1.0)  # P[0, 1] = 0
-    assert masks["sites"]["encoder.self"]["heads"][1]["kept_mass"] == pytest.approx(1.0)
+    assert masks["sites"]["encoder.self"]["heads"][0]["mass_kept"] == pytest.approx(1.0)  # P[0, 1] = 0
+    assert masks["sites"]["encoder.self"]["heads"][1]["mass_kept"] == pytest.approx(1.0)
     with pytest.raises(AttnmaskError, match="mask store"):
         analyze_store(str(tmp_path / "p"), patterns=str(tmp_path / "p"))
 

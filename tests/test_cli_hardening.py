@@ -340,7 +340,7 @@ def test_piped_output_keeps_long_lines_whole_and_every_digit(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"wrote {out} in "), lines[:2]
     assert "…" not in r.stdout and "..." not in r.stdout
-    sparsity = read_masks(out).sites["encoder.self"].attrs["layer_sparsity"]
+    sparsity = read_masks(out).sites["encoder.self"].attrs["plane_sparsity"]
     assert all(f"{s:.4f}" in r.stdout for s in sparsity)
     r = run_cli("inspect", str(out), env={"COLUMNS": "40"})
     assert r.returncode == 0 and str(out) in r.stdout.splitlines()[0] and "…" not in r.stdout

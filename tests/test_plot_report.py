@@ -340,7 +340,7 @@ def test_report_is_valid_html_with_embedded_images(stores, tmp_path):
     body = " ".join(parsed.text)
     for name in sites:
         assert f"Site {name}" in body
-    assert "sparsity" in body and "attention mass kept" in body and "compiled from this pattern store" in body.lower()
+    assert "data sparsity" in body and "mass kept" in body and "compiled from this pattern store" in body.lower()
     assert "share of the plane" in body
     assert "model.name" in body and "tiny" in body  # metadata as key / value, not JSON
     assert '{"name"' not in text
@@ -443,8 +443,8 @@ def test_report_shows_whatever_the_mask_store_records(tmp_path):
     write_masks(tmp_path / "m2.zarr", {"encoder.self": SiteMask(keep, False, attrs)}, {"budget": "data"})
     page = build_report(patterns, [tmp_path / "m2.zarr"])
     body = " ".join(parse(page).text)
-    assert "sparsity: pruned eligible entries / eligible entries per head: share of the plane" in body
-    assert "data_sparsity" in body and "0.25, 0.25" in body and "weighted by their count" in body
+    assert "sparsity: (older stores) pruned eligible entries / eligible entries per head of the compiled keep" in body
+    assert "data_sparsity" in body and "0.2500, 0.2500" in body and "weighted by how many sequences" in body
     assert "something_new.a" in body and "weird[0]" in body
 
 
