@@ -1,7 +1,7 @@
 """`attnmask bench`: how much time do compiled masks save, for the attention op and the whole model?
 
-Models: random-weight presets of each family (`bert-base`, `fairseq-base`, `transfo-xl-base`; speed
-does not depend on the weights) or a Hugging Face / Transformer-XL folder. For every length L:
+Models: random-weight presets of each family (`bert-base`, `gpt2-base`, `fairseq-base`,
+`transfo-xl-base`; speed does not depend on the weights) or a Hugging Face / Transformer-XL folder. For every length L:
 
 * op level, per attention site: one attention call on random q, k, v [B, H, L, D] through
   `MaskedAttention.attend` (what the runtime runs) against the family's dense attention with
@@ -24,7 +24,15 @@ by torch.utils.flop_counter), and the Amdahl limit is 1 / (1 - a + a / ideal). "
 share of the time saving the ideal (op) or the limit (model) allows that was measured:
 (1 - 1 / speed-up) / (1 - 1 / limit).
 
-Synthetic masks (no `--masks`), per (layer, head) on an L x L plane (Transformer-XL: L x 2L) with n
+Masks, per length L: by default compiled from patterns collected on the bench model itself
+(`collected_store`: `--sequences` sequences of L random tokens through the model's eager attention,
+accumulated as `attnmask collect` does, then `attnmask compile --tau --block-size`'s rules), or the
+store `--masks` names (its plane may be smaller than L: such rows say that the rest runs dense), or with
+`--synthetic` synthetic masks, labelled so in the output. Masks run in tiles of their own block size
+(runtime.store_tile). Lengths default to 1024 and 2048, or for a model with fewer positions the longest
+of 512, 256, 128 that fit (`default_lengths`). Nothing is written unless `--out` is given.
+
+Synthetic masks (`--synthetic`), per (layer, head) on an L x L plane (Transformer-XL: L x 2L) with n
 tiles a side and E eligible tiles (all, or for causal sites those on or below the diagonal): each
 block-row first keeps one eligible tile at or before its diagonal (what the row guarantee needs, so
 the runtime adds nothing), then tiles drawn uniformly from the rest, max(n, E - floor(tau · E)) in
@@ -33,6 +41,7 @@ all (floor as compile takes it). The share asked for is kept exactly unless it i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -46,9 +55,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnmask.errors import AttnmaskError
+from attnmask.errors import AttnmaskError, UnreachableTau
 
-MASKED_BACKENDS = ("eager", "sdpa", "blocksparse", "flex")
+MASKED_BACKENDS = ("eager", "sdpa", "blocksparse", "flex", "auto")
+DEFAULT_LENGTHS = (1024, 2048)
+SHORT_LENGTHS = (512, 256, 128)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,9 +68,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class BenchSettings:
     model: str
     masks: str | None = None
+    synthetic: bool = False  # synthetic masks instead of masks compiled from collected patterns
     tau: float = 0.9
     block_size: int = 128
-    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    sequences: int = 2  # collected masks: sequences of random tokens whose attention is averaged
+    lengths: list[int] | None = None  # default: default_lengths(the model's positions)
     model_lengths: list[int] | None = None  # default: the same as lengths
     batch_size: int = 2
     dtype: str = "float32"
@@ -73,16 +87,20 @@ class BenchSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        if not self.lengths and not self.model_lengths:
+        if self.lengths is not None and not self.lengths and not self.model_lengths:
             raise AttnmaskError("--lengths is empty")
-        if any(n < 1 for n in self.lengths + (self.model_lengths or [])):
+        if any(n < 1 for n in (self.lengths or []) + (self.model_lengths or [])):
             raise AttnmaskError("--lengths must be positive integers")
         if self.dtype not in DTYPES:
             raise AttnmaskError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.rounds < 1 or self.warmup < 0:
             raise AttnmaskError("--batch-size and --rounds must be >= 1 and --warmup >= 0")
+        if self.masks is not None and self.synthetic:
+            raise AttnmaskError("--synthetic and --masks exclude each other (the masks are given)")
         if self.masks is None and not (0 <= self.tau < 1):
             raise AttnmaskError(f"--tau must lie in [0, 1), got {self.tau}")
+        if self.sequences < 1:
+            raise AttnmaskError(f"--sequences must be a positive integer, got {self.sequences}")
         if self.block_size < 1:
             raise AttnmaskError(f"--block-size must be a positive integer, got {self.block_size}")
         for b in self.backends:
@@ -192,6 +210,8 @@ class BenchModel:
 
     plane(site, L) -> (Q, K) of the masks; window(site, L) -> the op-level call's Window;
     forward(L, batch) -> a zero-argument function running one inference forward pass at L tokens;
+    capture(sink) -> a context manager during which every attention probability tensor [B, H, q, k]
+    the model computes goes to sink(site, layer, probs), laid out on the plane (what collection reads);
     term(q, k, L) -> the op's additive score term (Transformer-XL) or None.
     """
 
@@ -201,6 +221,7 @@ class BenchModel:
     plane: Callable[[str, int], tuple[int, int]]
     window: Callable[[str, int], Any]
     forward: Callable[[int, int], Callable[[], Any]]
+    capture: Callable[[Any], Any]
     term: Callable[[torch.Tensor, int], Any] | None = None
     positions: int | None = None
 
@@ -219,6 +240,14 @@ def bert_base(positions: int) -> BenchModel:
     return _hf_bench_model(BertModel(config, add_pooling_layer=False))
 
 
+def gpt2_base(positions: int) -> BenchModel:
+    """GPT-2 small's shape (12 layers, 768 wide, 12 heads; causal self-attention), random weights."""
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=max(1024, positions))
+    return _hf_bench_model(GPT2Model(config))
+
+
 def _hf_bench_model(model: nn.Module) -> BenchModel:
     model.set_attn_implementation("sdpa")
     cfg = model.config
@@ -231,7 +260,33 @@ def _hf_bench_model(model: nn.Module) -> BenchModel:
 
     positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return BenchModel(model, heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                      lambda site, n: (n, n), _self_window, forward, positions=positions)
+                      lambda site, n: (n, n), _self_window, forward, lambda sink: _hf_capture(model, sink),
+                      positions=positions)
+
+
+@contextlib.contextmanager
+def _hf_capture(model: nn.Module, sink):
+    """The model's attention through attnmask's registered function, which hands its probabilities to
+    the attention modules' sink (what `attnmask collect` does for Hugging Face models)."""
+    from attnmask.models.base import sink_attached
+    from attnmask.models.hf import ATTENTION_NAME, attention_modules, register_attention
+
+    register_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        with sink_attached(attention_modules(model), sink):
+            yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _seam_capture(model: nn.Module, sink):
+    """The sink on every attention module of the model's mask seam (fairseq's attention calls it)."""
+    from attnmask.models import mask_seam
+    from attnmask.models.base import sink_attached
+
+    return sink_attached((m for modules in mask_seam(model).sites(model).values() for m in modules), sink)
 
 
 def fairseq_base(positions: int, **sizes) -> BenchModel:
@@ -259,7 +314,8 @@ def fairseq_base(positions: int, **sizes) -> BenchModel:
         return lambda: model(tokens, lengths, tokens)
 
     return BenchModel(model, args.encoder_attention_heads, args.encoder_embed_dim // args.encoder_attention_heads,
-                      lambda site, n: (n, n), _self_window, forward, positions=positions)
+                      lambda site, n: (n, n), _self_window, forward, lambda sink: _seam_capture(model, sink),
+                      positions=positions)
 
 
 def transfo_xl_base(positions: int, **sizes) -> BenchModel:
@@ -285,11 +341,24 @@ def transfo_xl_base(positions: int, **sizes) -> BenchModel:
         r_k = torch.randn(2 * length, heads, dim, generator=g, device=query.device, dtype=query.dtype)
         return RelativeScores(query, r_k, length, dim ** -0.5)
 
+    @contextlib.contextmanager
+    def capture(sink):  # L queries after L memories: the probabilities [B, H, L, 2L] fill the plane
+        from attnmask.models.transfo_xl import SITE
+
+        body = model.transformer
+        previous = body.prob_sink
+        body.prob_sink = lambda layer, probs: sink(SITE, layer, probs)
+        try:
+            yield
+        finally:
+            body.prob_sink = previous
+
     return BenchModel(model, heads, dim, lambda site, n: (n, 2 * n), lambda site, n: Window(n, 2 * n),
-                      forward, term, positions)
+                      forward, capture, term, positions)
 
 
-PRESET_MODELS = {"bert-base": bert_base, "fairseq-base": fairseq_base, "transfo-xl-base": transfo_xl_base}
+PRESET_MODELS = {"bert-base": bert_base, "gpt2-base": gpt2_base, "fairseq-base": fairseq_base,
+                 "transfo-xl-base": transfo_xl_base}
 """Random-weight presets (no download): speed does not depend on the weights."""
 
 
@@ -303,7 +372,7 @@ def load_bench_model(spec: str, positions: int, device: torch.device, dtype: tor
         from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
 
-        from attnmask.models.hf import resolve_model_path
+        from attnmask.models.hf import loading_error, resolve_model_path
 
         hf_logging.set_verbosity_error()
         path = resolve_model_path(spec)
@@ -313,7 +382,7 @@ def load_bench_model(spec: str, positions: int, device: torch.device, dtype: tor
             else:
                 model = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
         except (OSError, ValueError, KeyError) as e:
-            raise AttnmaskError(f"cannot load a Hugging Face model from {spec}: {str(e).splitlines()[0]}") from None
+            raise loading_error(spec, path, e) from None
         bench_model = _hf_bench_model(model)
     bench_model.model.to(device=device, dtype=dtype).eval()
     return bench_model
@@ -380,6 +449,83 @@ def synthetic_store(bench_model: BenchModel, length: int, tau: float, block: int
     return MaskStore(attrs, sites)
 
 
+def collected_patterns(bench_model: BenchModel, length: int, sequences: int, seed: int, name: str):
+    """A PatternStore of the attention the bench model computes on `sequences` sequences of L random
+    tokens, one at a time: the sums and counts `attnmask collect` accumulates (PatternAccumulator), every
+    cell of the L x L plane (Transformer-XL: L x 2L, after L memories) real."""
+    from attnmask.collect import PatternAccumulator
+    from attnmask.models import mask_seam
+    from attnmask.models.base import Batch, Site
+    from attnmask.store import PatternStore
+
+    model = bench_model.model
+    seam = mask_seam(model)
+    device = next(model.parameters()).device
+    sites = [Site(site, len(modules), seam.heads(modules[0]), seam.is_causal(site))
+             for site, modules in sorted(seam.sites(model).items())]
+    planes = {s.name: bench_model.plane(s.name, length) for s in sites}
+    accumulator = PatternAccumulator(sites, planes, device)
+    real = {n: (torch.ones(1, q, dtype=torch.bool, device=device), torch.ones(1, k, dtype=torch.bool, device=device))
+            for n, (q, k) in planes.items()}
+    for sequence in range(sequences):
+        torch.manual_seed(seed + sequence)
+        forward = bench_model.forward(length, 1)
+        accumulator.begin(Batch(None, 1, length, real))
+        with torch.inference_mode(), bench_model.capture(accumulator):
+            forward()
+    return PatternStore({"model": {"name": name}, "data": {"name": "random tokens", "seed": seed},
+                         "max_length": length, "sequences": sequences}, accumulator.result())
+
+
+def compiled_store(patterns, tau: float, block: int):
+    """A MaskStore compiled from `patterns` (attnmask/compile.py with `--tau` and `--block-size`, other
+    settings at compile's defaults); in tiles no larger than the plane, and at the largest reachable tau
+    where the row guarantee leaves less (short planes in big tiles), which its `bench_note` attribute
+    says."""
+    from attnmask.compile import CompileSettings, compile_masks
+    from attnmask.store import MaskStore, masks_digest
+
+    length = patterns.attrs["max_length"]
+    note = ""
+    if block > length:
+        block, note = length, f"block size {block} exceeds the {length}-token plane: {length}; "
+    try:
+        compiled, attrs = compile_masks(patterns, CompileSettings(tau=tau, block_size=block))
+    except UnreachableTau as unreachable:
+        compiled, attrs = compile_masks(patterns, CompileSettings(tau=unreachable.largest, block_size=block))
+        note += (f"tau {tau:g} unreachable on the {length}-token plane in {block}x{block} tiles (row "
+                 f"guarantee): compiled at {unreachable.largest:g}")
+    return MaskStore({**attrs, "digest": masks_digest(compiled), "collected": "bench", "bench_note": note}, compiled)
+
+
+def collected_store(bench_model: BenchModel, length: int, tau: float, block: int, sequences: int, seed: int,
+                    name: str):
+    """Masks compiled (`compiled_store`) from the bench model's own attention (`collected_patterns`)."""
+    return compiled_store(collected_patterns(bench_model, length, sequences, seed, name), tau, block)
+
+
+def default_lengths(positions: int | None) -> list[int]:
+    """DEFAULT_LENGTHS, or for a model with fewer positions the longest of SHORT_LENGTHS that fits."""
+    if positions is None or positions >= max(DEFAULT_LENGTHS):
+        return list(DEFAULT_LENGTHS)
+    fitting = [n for n in DEFAULT_LENGTHS if n <= positions]
+    return fitting or [next((n for n in SHORT_LENGTHS if n <= positions), positions)]
+
+
+def plane_note(mask, window, beyond: str) -> str:
+    """What a row says when the call reaches past the mask's [Q, K] plane (the rest follows `beyond`)."""
+    plane_q, plane_k = mask.keep.shape[-2:]
+    if window.q <= plane_q and window.k <= plane_k:
+        return ""
+    rest = "runs dense" if beyond == "dense" else f"follows beyond={beyond}"
+    return f"masks cover {plane_q}x{plane_k} of {window.q}x{window.k}: the rest {rest}"
+
+
+def add_note(row: Row, note: str) -> None:
+    if note:
+        row.note = f"{row.note}; {note}" if row.note else note
+
+
 def computed_flops(masked, window, batch: int, dim: int, term: bool) -> tuple[float, float]:
     """(attention FLOPs, kept tile share) of one block-sparse call of `masked` (a MaskedAttention)."""
     layout = masked.layout(window)
@@ -424,10 +570,28 @@ def bare_flex_kernel(masked, call, q, k, v) -> Callable[[], Any]:
     return lambda: compiled_flex_attention()(qp, kp, vp, block_mask=block_mask, scale=call.scale)[:, :, :q.shape[2]]
 
 
+def op_masks(store, site: str, keep: torch.Tensor, causal: bool, cross: bool, backends: list[str], device):
+    """{backend: MaskedAttention of layer 0} as apply_masks builds them (the store's tile; auto resolved)."""
+    from attnmask.runtime import MaskedAttention, resolve_backend, store_tile
+
+    beyond = store.attrs.get("beyond", "dense")
+    masks = {}
+    for name in backends:
+        backend = resolve_backend(name, store, device)[0]
+        masks[name] = MaskedAttention(site, 0, keep, causal=causal, cross=cross, beyond=beyond, backend=backend,
+                                      tile=store_tile(store), auto=name == "auto")
+    return masks
+
+
+def ran_sparse(masked, call, query) -> bool:
+    """Whether the call runs on a block-sparse backend (what auto chose for it, too)."""
+    return masked.backend_for(call, query, query.requires_grad) in ("blocksparse", "flex")
+
+
 def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, device, dtype, log) -> list[Row]:
     """Per length and site: dense SDPA against MaskedAttention.attend with each backend."""
     from attnmask.models import mask_seam
-    from attnmask.runtime import Call, MaskedAttention
+    from attnmask.runtime import Call
 
     seam = mask_seam(bench_model.model)
     heads, dim, batch = bench_model.heads, bench_model.head_dim, settings.batch_size
@@ -458,11 +622,9 @@ def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, de
                     bias = term.dense().masked_fill(blocked, torch.finfo(dtype).min)
                     return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
             variants = {"dense": dense}
-            masks = {}
-            for name in settings.backends:
-                masks[name] = MaskedAttention(site, 0, keep, causal=causal, cross=seam.is_cross(site),
-                                              beyond="dense", backend=name)
-                variants[name] = (lambda m=masks[name]: m.attend(q, k, v, call)[0])
+            masks = op_masks(store, site, keep, causal, seam.is_cross(site), settings.backends, device)
+            for name, m in masks.items():
+                variants[name] = (lambda m=m: m.attend(q, k, v, call)[0])
             if "flex" in masks:  # the compiled kernel alone, BlockMask prebuilt: the runtime's overhead is the rest
                 variants["flex-kernel"] = bare_flex_kernel(masks["flex"], call, q, k, v)
             if settings.backward:
@@ -474,35 +636,48 @@ def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, de
                                                 causal_square=causal and term is None and window.q == window.k)
             flops = {"dense": (dense_flops, 1.0)}
             for name, m in masks.items():  # eager and sdpa with a mask compute every cell
-                sparse = name in ("blocksparse", "flex")
+                sparse = ran_sparse(m, call, q)
                 flops[name] = (computed_flops(m, window, batch, dim, term is not None) if sparse else
                                (dense_attention_flops(batch, heads, window.q, window.k, dim, term is not None), 1.0))
             if "flex" in masks:
                 flops["flex-kernel"] = flops["flex"]
             new = rows_of("op", site, length, times, flops, lambda f: dense_flops / f)
             kept, asked = tiles_asked(*keep.shape[1:], settings.tau, settings.block_size, causal)
-            if settings.masks is None and kept > asked:
-                for row in new:
+            beyond = plane_note(mask, window, store.attrs.get("beyond", "dense"))
+            for row in new:
+                if row.variant != "dense":
+                    add_note(row, store.attrs.get("bench_note", ""))
+                if settings.synthetic and kept > asked:
                     row.note = f"row guarantee: {kept} tiles a head kept, tau asks {asked}"
+                add_note(row, beyond)
+                if row.variant == "auto":
+                    add_note(row, f"ran {masks['auto'].backend_for(call, q, q.requires_grad)}")
             rows += new
     return rows
 
 
-def attention_accounting(handle, forward, bench_model: BenchModel, batch: int) -> tuple[float, float, float]:
-    """(dense attention FLOPs, computed attention FLOPs, kept tile share) of one forward pass with the
-    handle's masks, from the call shapes its MaskedAttentions saw."""
+def attention_accounting(handle, forward, bench_model: BenchModel, batch: int) -> tuple[float, float, float, str]:
+    """(dense attention FLOPs, computed attention FLOPs, kept tile share, note) of one forward pass with
+    the handle's masks, from the call shapes its MaskedAttentions saw (a call auto sent to sdpa computes
+    every cell); the note says where calls reached past the masks' plane."""
+    from attnmask.runtime import Call
+
     term = bench_model.term is not None
     dense = computed = 0.0
     kept = total = 0
+    notes = set()
+    probe = torch.empty(0, device=next(bench_model.model.parameters()).device)
     handle.enable()
     try:
         with torch.inference_mode():
             forward()
+        beyond = handle.store.attrs.get("beyond", "dense")
         for m in handle.masks:
             for window in list(m._allowed):
                 d = dense_attention_flops(batch, bench_model.heads, window.q, window.k, bench_model.head_dim, term)
                 dense += d
-                if handle.backend in ("blocksparse", "flex"):
+                notes.add(plane_note(handle.store.sites[m.site], window, beyond))
+                if m.backend_for(Call(window, 1.0), probe, False) in ("blocksparse", "flex"):
                     computed += computed_flops(m, window, batch, bench_model.head_dim, term)[0]
                     layout = m.layout(window)
                     kept, total = kept + layout.kept_tiles, total + layout.total_tiles
@@ -510,7 +685,7 @@ def attention_accounting(handle, forward, bench_model: BenchModel, batch: int) -
                     computed += d
     finally:
         handle.remove()
-    return dense, computed, (kept / total if total else 1.0)
+    return dense, computed, (kept / total if total else 1.0), "; ".join(sorted(n for n in notes if n))
 
 
 def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for, device, log) -> list[Row]:
@@ -555,9 +730,10 @@ def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for,
         with torch.inference_mode():
             times = interleaved(variants, settings.rounds, settings.warmup, device)
             model_flops = dense_model_flops(model, forward)
-        flops, dense_attention = {}, 0.0
+        flops, dense_attention, plane_notes = {}, 0.0, {}
         for name, handle in handles.items():
-            dense_attention, computed, kept = attention_accounting(handle, forward, bench_model, batch)
+            dense_attention, computed, kept, plane_notes[name] = attention_accounting(handle, forward, bench_model,
+                                                                                      batch)
             flops[name] = (computed, kept)
         flops["dense"] = (dense_attention, 1.0)
         share = min(dense_attention / model_flops, 1.0) if model_flops else 0.0
@@ -568,6 +744,11 @@ def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for,
                 row.tokens_kept = pruned_stats[row.variant.split(" ", 1)[1]].rows()
             if row.variant == "dense":
                 row.note = f"attention {share:.0%} of {model_flops / 1e9:.0f} GFLOP"
+            if row.variant in handles:
+                add_note(row, store.attrs.get("bench_note", ""))
+                add_note(row, plane_notes[row.variant])
+                if row.variant == "auto":
+                    add_note(row, f"auto chose {handles['auto'].backend}")
         rows += new
     return rows
 
@@ -614,8 +795,10 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
     if dtype == torch.float16 and device.type == "cpu":
         raise AttnmaskError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
     store = load_store(settings.masks) if settings.masks else None
-    all_lengths = settings.lengths + (settings.model_lengths or [])
+    all_lengths = (settings.lengths or list(DEFAULT_LENGTHS)) + (settings.model_lengths or [])
     bench_model = load_bench_model(settings.model, max(all_lengths), device, dtype)
+    if settings.lengths is None:
+        settings.lengths = default_lengths(bench_model.positions)
     cache: dict[int, Any] = {}
 
     def store_for(length: int):
@@ -623,7 +806,13 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
             return store
         if length not in cache:
             cache.clear()  # one plane at a time: a 4096 plane of BERT-base is 2.4 GB
-            cache[length] = synthetic_store(bench_model, length, settings.tau, settings.block_size, settings.seed)
+            if settings.synthetic:
+                cache[length] = synthetic_store(bench_model, length, settings.tau, settings.block_size, settings.seed)
+            else:
+                log(f"collecting the model's attention on {settings.sequences} x {length} random tokens, "
+                    f"compiling at tau {settings.tau}, block size {settings.block_size}")
+                cache[length] = collected_store(bench_model, length, settings.tau, settings.block_size,
+                                                settings.sequences, settings.seed, settings.model)
         return cache[length]
 
     if store is not None:
@@ -635,10 +824,14 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
         rows += run_op_level(settings, bench_model, store_for, device, dtype, log)
     if settings.whole_model:
         rows += run_model_level(settings, bench_model, store_for, device, log)
-    masks = ({"synthetic": True, "tau": settings.tau, "block_size": settings.block_size, "seed": settings.seed}
-             if store is None else
-             {"synthetic": False, "path": settings.masks, "digest": store.attrs.get("digest"),
-              "tau": store.attrs.get("tau"), "block_size": store.attrs.get("block_size")})
+    if store is not None:
+        masks = {"kind": "given", "synthetic": False, "path": settings.masks, "digest": store.attrs.get("digest"),
+                 "tau": store.attrs.get("tau"), "block_size": store.attrs.get("block_size")}
+    else:
+        masks = {"kind": "synthetic" if settings.synthetic else "collected", "synthetic": settings.synthetic,
+                 "tau": settings.tau, "block_size": settings.block_size, "seed": settings.seed}
+        if not settings.synthetic:
+            masks["sequences"] = settings.sequences
     return {
         "format": "attnmask.bench", "version": 2,
         "machine": machine_description(device), "device": str(device), "torch": torch.__version__,
@@ -663,14 +856,24 @@ def _fmt(value, digits=2, suffix="") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def masks_label(masks: dict) -> str:
+    """How the run's masks were made, as the table's title says it."""
+    if masks.get("kind") == "given":
+        return f"masks {masks['path']}"
+    what = (f"SYNTHETIC masks (random tiles)" if masks.get("synthetic") else
+            f"masks compiled from attention collected on the model ({masks.get('sequences')} sequences)")
+    return f"{what}, tau {masks['tau']}, block {masks['block_size']}"
+
+
 def results_table(result: dict):
     """A rich table: one row per (level, site, length, variant)."""
     from rich.table import Table
 
     s = result["settings"]
     load = result["load_average"]
-    table = Table(title=f"attnmask bench: {s['model']}, {s['dtype']}, batch {s['batch_size']}, {s['rounds']} "
-                        f"interleaved rounds, on {result['machine']} (load {load[0]:.2f} -> {load[1]:.2f})")
+    table = Table(title=f"attnmask bench: {s['model']}, {masks_label(result['masks'])}, {s['dtype']}, batch "
+                        f"{s['batch_size']}, {s['rounds']} interleaved rounds, on {result['machine']} "
+                        f"(load {load[0]:.2f} -> {load[1]:.2f})")
     notes = any(r["note"] for r in result["rows"])
     columns = ["level", "site", "L", "variant", "median ms", "speed-up (min-max)", "GFLOP", "tiles",
                "ideal", "of possible"] + ["note"] * notes
@@ -692,8 +895,3 @@ def tokens_kept_tables(result: dict) -> list:
 
     return [stats_table(r["tokens_kept"], title=f"tokens kept per layer: {r['variant']}, L={r['length']}")
             for r in result["rows"] if r.get("tokens_kept")]
-
-
-def default_out(model: str) -> Path:
-    name = Path(model).name or "model"
-    return Path("benchmarks") / "out" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"

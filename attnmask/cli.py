@@ -1092,44 +1092,53 @@ def merge(
 def bench(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Hugging Face model folder, 'minilm', or a random-weight preset: "
-                                "bert-base, fairseq-base, transfo-xl-base."),
-    masks: Optional[str] = typer.Option(None, help="Mask store to run [default: a synthetic block mask "
-                                        "at --tau and --block-size]."),
-    tau: float = typer.Option(0.9, help="Synthetic masks: share of tiles pruned."),
-    block_size: int = typer.Option(128, help="Synthetic masks: tile size."),
+                                "bert-base, gpt2-base, fairseq-base, transfo-xl-base."),
+    masks: Optional[str] = typer.Option(None, help="Mask store to run [default: masks compiled at --tau and "
+                                        "--block-size from attention collected on the model itself]."),
+    synthetic: bool = typer.Option(False, help="Run synthetic masks (random tiles at --tau and --block-size) "
+                                   "instead of collected ones; labelled so in the output."),
+    tau: float = typer.Option(0.9, help="Share of the attention work the masks prune (compile --tau)."),
+    block_size: int = typer.Option(128, help="Tile size of the masks (compile --block-size); they run in "
+                                   "tiles of this size."),
+    sequences: int = typer.Option(2, help="Collected masks: sequences of random tokens whose attention "
+                                  "is averaged."),
     prune_tokens: list[str] = typer.Option([], help="Also time this token pruning (repeatable). "
                                            + PRUNE_SPEC_HELP + "."),
-    lengths: str = typer.Option("1024,2048,4096", help="Sequence lengths, comma-separated."),
+    lengths: Optional[str] = typer.Option(None, help="Sequence lengths, comma-separated [default: 1024,2048, "
+                                          "or the longest of 512, 256, 128 within the model's positions]."),
     model_lengths: Optional[str] = typer.Option(None, help="Lengths of the whole-model benchmark "
                                                 "[default: --lengths]."),
     batch_size: int = typer.Option(2, help="Sequences per call."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16 (float16 on CUDA)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backends: str = typer.Option("sdpa,blocksparse", help="Masked backends to time, comma-separated "
-                                 "(eager, sdpa, blocksparse, flex)."),
+    backends: str = typer.Option("sdpa,blocksparse,auto", help="Masked backends to time, comma-separated "
+                                 "(eager, sdpa, blocksparse, flex, auto)."),
     rounds: int = typer.Option(7, help="Interleaved rounds: every variant timed once per round, order rotated."),
     warmup: int = typer.Option(2, help="Untimed calls of each variant first (they include compilation)."),
     op: bool = typer.Option(True, "--op/--no-op", help="Benchmark the attention op alone."),
     backward: bool = typer.Option(False, help="Op level: time forward + backward."),
     whole_model: bool = typer.Option(True, "--model/--no-model", help="Benchmark the whole model."),
-    seed: int = typer.Option(0, help="Seed of the inputs and the synthetic masks."),
-    out: Optional[str] = typer.Option(None, help="JSON to write [default: benchmarks/out/bench-MODEL-TIME.json]."),
+    seed: int = typer.Option(0, help="Seed of the inputs, the collected tokens and the synthetic masks."),
+    out: Optional[str] = typer.Option(None, help="Also write the results as JSON to this file [default: "
+                                      "nothing written]."),
     overwrite: bool = typer.Option(False, help="Replace an existing JSON."),
 ):
     """Time dense SDPA against the masked backends, for the attention op and the whole model
     (interleaved rounds; per-round speed-ups, FLOP ideal and Amdahl limit)."""
-    from attnmask.bench import (BenchSettings, default_out, parse_lengths, results_table, run_bench,
-                                tokens_kept_tables, write_json)
+    from attnmask.bench import (BenchSettings, parse_lengths, results_table, run_bench, tokens_kept_tables,
+                                write_json)
 
-    synthetic_only = options_given(ctx, {"tau", "block_size"}) if masks is not None else []
-    if synthetic_only:
-        raise not_applying(synthetic_only, "with --masks (they shape the synthetic masks)")
-    target = Path(out) if out else default_out(model)
-    check_output_path(target)
-    if target.exists() and not overwrite:
-        raise AttnmaskError(f"output {target} already exists (pass --overwrite to replace it)")
+    shaping = options_given(ctx, {"tau", "block_size", "sequences", "synthetic"}) if masks is not None else []
+    if shaping:
+        raise not_applying(shaping, "with --masks (they shape the masks bench makes)")
+    target = Path(out) if out else None
+    if target is not None:
+        check_output_path(target)
+        if target.exists() and not overwrite:
+            raise AttnmaskError(f"output {target} already exists (pass --overwrite to replace it)")
     settings = BenchSettings(
-        model=model, masks=masks, tau=tau, block_size=block_size, lengths=parse_lengths(lengths),
+        model=model, masks=masks, synthetic=synthetic, tau=tau, block_size=block_size, sequences=sequences,
+        lengths=parse_lengths(lengths) if lengths else None,
         model_lengths=parse_lengths(model_lengths) if model_lengths else None, batch_size=batch_size,
         dtype=dtype, device=device, rounds=rounds, warmup=warmup,
         backends=[b for b in backends.replace(" ", "").split(",") if b], op=op, backward=backward,
@@ -1139,7 +1148,8 @@ def bench(
     console.print(results_table(result))
     for table in tokens_kept_tables(result):
         console.print(table)
-    console.print(f"wrote [bold]{escape(str(write_json(result, target, overwrite)))}[/]")
+    if target is not None:
+        console.print(f"wrote [bold]{escape(str(write_json(result, target, overwrite)))}[/]")
 
 
 def compact_bar():

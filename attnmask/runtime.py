@@ -50,7 +50,7 @@ from torch import nn
 from attnmask.errors import AttnmaskError
 from attnmask.masks.blocksparse import (TILE, ScoreTerm, TileLayout, block_sparse_attention, pad_to_tiles, tile_classes,
                                         tile_for_block, tile_layout)
-from attnmask.masks.rules import BEYOND_POLICIES, Window, window_keep
+from attnmask.masks.rules import BEYOND_POLICIES, Window, causal_band, window_keep
 from attnmask.store import MaskStore, read_masks, write_masks
 
 logger = logging.getLogger("attnmask")
@@ -197,8 +197,16 @@ class MaskedAttention:
         return _memo(self._flex, window, lambda: FlexPlan(self.allowed(window), self.tile))
 
     def kept_share(self, window: Window) -> float:
-        """Share of the call's T x T tiles (after padding q and k to whole tiles) that keep a cell (cached)."""
-        return _memo(self._shares, window, lambda: tile_share(self.allowed(window), self.tile))
+        """Share of the call's T x T tiles (after padding q and k to whole tiles) that keep a cell, among
+        the tiles dense attention computes (causal sites: those meeting the causal band) (cached)."""
+        def build():
+            allowed = self.allowed(window)
+            if not self.causal:
+                return tile_share(allowed, self.tile)
+            band = causal_band(window.q, window.k, window.k - window.q, allowed.device)[None]
+            return tile_share(allowed, self.tile) / tile_share(band, self.tile)
+
+        return _memo(self._shares, window, build)
 
     def backend_for(self, call: Call, query: torch.Tensor, needs_grad: bool) -> str:
         """The backend that runs this call: the chosen one, unless it cannot express the call, or (auto)
@@ -252,14 +260,18 @@ def tile_share(allowed: torch.Tensor, tile: int) -> float:
 
 
 def kept_tile_share(store: MaskStore, tile: int | None = None) -> float:
-    """Share of the T x T tiles of all planes (every site, layer, head) that keep any entry; T is the
-    store's own tile (`store_tile`) unless given."""
+    """Share of the T x T tiles of all planes (every site, layer, head) that keep any entry, among the
+    tiles dense attention computes (causal sites: those meeting the causal band); T is the store's own
+    tile (`store_tile`) unless given."""
     tile = store_tile(store) if tile is None else tile
     kept = total = 0
     for mask in store.sites.values():
+        queries, keys = mask.keep.shape[-2:]
+        eligible = causal_band(queries, keys, keys - queries) if mask.causal else torch.ones(queries, keys, dtype=torch.bool)
+        computed = int(tile_classes(pad_to_tiles(eligible[None], tile), tile)[0].sum()) * mask.heads
         for layer in range(mask.layers):
             some, _ = tile_classes(pad_to_tiles(torch.from_numpy(mask.keep[layer]), tile), tile)
-            kept, total = kept + int(some.sum()), total + some.numel()
+            kept, total = kept + int(some.sum()), total + computed
     return kept / max(total, 1)
 
 

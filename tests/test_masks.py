@@ -291,7 +291,7 @@ def test_bench_cli_times_op_and_model_and_writes_json(tmp_path):
                max_position_embeddings=300).save_pretrained(model_dir)
     out = tmp_path / "bench.json"
     args = ["bench", str(model_dir), "--lengths", "256", "--batch-size", "2", "--rounds", "2", "--warmup", "1",
-            "--tau", "0.5", "--block-size", "128", "--backends", "sdpa,blocksparse", "--out", str(out)]
+            "--synthetic", "--tau", "0.5", "--block-size", "128", "--backends", "sdpa,blocksparse", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
