@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,11 +69,16 @@ class Call:
 
     window      where the q queries and k keys sit on the plane
     scale       multiplies q·kᵀ
-    key_len     long [B]: real keys per sequence, all first (right padding); None when all are real
+    key_len     long [B]: real keys per sequence, after key_start (right padding behind them); None when
+                all k are real
+    key_start   long [B]: padding slots before each sequence's first real key (left padding); None when
+                there are none. Sequence b's real keys are slots key_start[b] .. key_start[b] + key_len[b] - 1,
+                and positions count from its first real token: real key j is plane column col0 + j, and a
+                self-attention query i (key slot k - q + i) is plane row row0 + i - key_start[b]
     dropout     attention dropout probability (0 outside training)
     extra       additive score term beside q·kᵀ·scale (already scaled), or None
-    model_allowed  bool, broadcastable to [B, H, q, k]: a model mask that is more than right padding
-                and causality (left padding, custom masks); forces a dense backend
+    model_allowed  bool, broadcastable to [B, H, q, k]: a model mask that is more than padding and
+                causality (custom masks); forces a dense backend
     need_probs  the caller needs the probabilities [B, H, q, k] (eager)
     """
 
@@ -84,11 +89,33 @@ class Call:
     extra: ScoreTerm | None = None
     model_allowed: torch.Tensor | None = None
     need_probs: bool = False
+    key_start: torch.Tensor | None = None
 
 
 def key_real(key_len: torch.Tensor | None, k: int, device) -> torch.Tensor | None:
     """bool [B, k]: key j of sequence b is real (j < key_len[b]); None when all are."""
     return None if key_len is None else torch.arange(k, device=device)[None, :] < key_len[:, None]
+
+
+def key_padding(real: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """Read real bool [B, k] (key j of sequence b is a token, not padding) as Call's (key_start, key_len):
+    each is None where it says nothing (no left padding; every key real). None when some sequence's real
+    keys are not one run of slots (a gap: not padding)."""
+    length = real.sum(-1)
+    start = real.to(torch.uint8).argmax(-1)  # the first real slot (0 for a sequence without any)
+    slots = torch.arange(real.shape[-1], device=real.device)[None, :]
+    if not torch.equal((slots >= start[:, None]) & (slots < (start + length)[:, None]), real):
+        return None
+    return (start if bool(start.any()) else None), (None if bool((length == real.shape[-1]).all()) else length)
+
+
+def roll_slots(x: torch.Tensor, shift: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """x [B, ...] with sequence b's slots along `dim` rolled by shift[b]: slot n moves to (n + shift[b]) mod N."""
+    n = x.shape[dim]
+    source = (torch.arange(n, device=x.device)[None, :] - shift[:, None]) % n  # [B, N]: where each slot comes from
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = n
+    return x.gather(dim, source.view(shape).expand_as(x))
 
 
 def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -225,9 +252,16 @@ class MaskedAttention:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: Call,
                training: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """query [B, H, q, D], key/value [B, Hkv, k, D] -> (out [B, H, q, D], probabilities or None)."""
+        """query [B, H, q, D], key/value [B, Hkv, k, D] -> (out [B, H, q, D], probabilities [B, H, q, k] or
+        None), in the caller's slots; a left-padded call runs on sequences moved to slot 0 (attend_left_padded)."""
         if self.keep.device != query.device:  # the model moved after masks were applied (fairseq's trainer)
             self.to(query.device)
+        if call.key_start is not None:
+            return self.attend_left_padded(query, key, value, call, training)
+        return self.attend_aligned(query, key, value, call, training)
+
+    def attend_aligned(self, query, key, value, call: Call, training: bool):
+        """A call whose sequences all start at slot 0 (right padding at most): the chosen backend."""
         allowed = self.allowed(call.window)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         backend = self.backend_for(call, query, needs_grad)
@@ -241,6 +275,54 @@ class MaskedAttention:
         from attnmask.flex import flex_attention_call
 
         return flex_attention_call(query, key, value, self.flex_plan(call.window), call), None
+
+    def attend_left_padded(self, query, key, value, call: Call, training: bool):
+        """Left padding (s_b = key_start[b] slots before sequence b's first token), read as positions
+        counted from each sequence's first token, so the result equals the unpadded sequence's.
+
+        Queries that move with their keys (cross-attention: the keys alone move; self-attention with
+        q = k: every key slot is a query) form one right-padded call: keys and values (and self-attention
+        queries) rolled by -s_b, the outputs and probabilities rolled back. Self-attention queries behind
+        a cache (q < k) sit at plane rows row0 + i - s_b, which differ between sequences: the sequences
+        of each distinct s run as one call on their keys s.. (attend_by_offset)."""
+        if call.extra is not None or call.model_allowed is not None:
+            raise AttnmaskError("left padding cannot be combined with a score term or a model mask")
+        q, k = query.shape[-2], key.shape[-2]
+        start = call.key_start
+        length = k - start if call.key_len is None else call.key_len
+        if not self.cross and q < k:
+            return self.attend_by_offset(query, key, value, call, length, training)
+        aligned = replace(call, key_start=None, key_len=None if bool((length == k).all()) else length)
+        moves = not self.cross
+        out, probs = self.attend_aligned(roll_slots(query, -start) if moves else query, roll_slots(key, -start),
+                                         roll_slots(value, -start), aligned, training)
+        if moves:
+            out = roll_slots(out, start)
+        if probs is not None:
+            probs = roll_slots(probs, start, dim=3)
+            probs = roll_slots(probs, start, dim=2) if moves else probs
+        return out, probs
+
+    def attend_by_offset(self, query, key, value, call: Call, length: torch.Tensor, training: bool):
+        """Self-attention behind a cache, sequences grouped by their left padding s: keys s..k-1, queries
+        from the first real token on (q' = min(q, k - s) of them), window rows row0 - s + (q - q').
+        Outputs and probabilities of padding queries are 0."""
+        q, k = query.shape[-2], key.shape[-2]
+        out = query.new_zeros(query.shape[:-1] + value.shape[-1:])
+        probs = query.new_zeros(query.shape[:-1] + (k,), dtype=torch.float32) if call.need_probs else None
+        for s in torch.unique(call.key_start).tolist():
+            rows = (call.key_start == s).nonzero().squeeze(1)
+            keys = k - s
+            first = q - min(q, keys)  # the group's first real query
+            lengths = length[rows]
+            window = Window(q - first, keys, call.window.row0 - s + first, call.window.col0)
+            group = replace(call, window=window, key_start=None,
+                            key_len=None if bool((lengths == keys).all()) else lengths)
+            o, p = self.attend_aligned(query[rows, :, first:], key[rows, :, s:], value[rows, :, s:], group, training)
+            out[rows, :, first:] = o
+            if probs is not None:
+                probs[rows, :, first:, s:] = p
+        return out, probs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -115,16 +115,19 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 _padding_cache: dict[tuple, tuple] = {}
 
 
-def right_padding(attention_mask: torch.Tensor | None, q: int, k: int, causal: bool
-                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Read transformers' mask [B, 1, q, k] (additive, 0 = kept; or bool) as (key_len, model_allowed).
+def mask_padding(attention_mask: torch.Tensor | None, q: int, k: int, causal: bool
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Read transformers' mask [B, 1, q, k] (additive, 0 = kept; or bool) as (key_start, key_len,
+    model_allowed) of the runtime's Call.
 
-    key_len [B] when the mask is exactly right padding (and the causal band of the last q of k positions
-    when `causal`), which every backend expresses; else model_allowed bool [B, 1, q, k], the mask itself.
-    One answer per mask tensor is cached: every layer of a forward pass receives the same tensor.
+    When the mask is exactly padding (each sequence's real keys one run of slots: left padding before
+    it, right padding after it) and, when `causal`, the causal band of the last q of k slots: key_start
+    [B] and key_len [B] (runtime.key_padding), which every backend expresses; else model_allowed bool
+    [B, 1, q, k], the mask itself. One answer per mask tensor is cached: every layer of a forward pass
+    receives the same tensor.
     """
     if attention_mask is None:
-        return None, None
+        return None, None, None
     cache_key = (id(attention_mask), q, k, causal)
     hit = _padding_cache.get(cache_key)
     if hit is not None and hit[0]() is attention_mask:
@@ -138,18 +141,20 @@ def right_padding(attention_mask: torch.Tensor | None, q: int, k: int, causal: b
 
 def _read_padding(mask: torch.Tensor, q: int, k: int, causal: bool):
     from attnmask.masks.rules import causal_band
+    from attnmask.runtime import key_padding
 
     allowed = mask[..., :k]
     allowed = allowed if allowed.dtype == torch.bool else allowed == 0
     if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[2] != q:
-        return None, allowed
-    key_len = allowed[:, 0, -1, :].sum(-1)  # the last query sees every real key, also under causality
-    expected = torch.arange(k, device=mask.device)[None, None, :] < key_len[:, None, None]
+        return None, None, allowed
+    real = allowed[:, 0, -1, :]  # the last query sees every real key, also under causality
+    padding = key_padding(real)
+    expected = real[:, None, :]
     if causal:
         expected = expected & causal_band(q, k, k - q, mask.device)
-    if not bool((expected == allowed[:, 0]).all()):  # broadcast: without causality expected is [B, 1, k]
-        return None, allowed
-    return (None if bool((key_len == k).all()) else key_len), None
+    if padding is None or not bool((expected == allowed[:, 0]).all()):  # broadcast: [B, 1 or q, k]
+        return None, None, allowed
+    return padding[0], padding[1], None
 
 
 def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -175,10 +180,11 @@ def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
     q, k = query.shape[-2], key.shape[-2]
     window = Window(q, k) if masked.cross else Window.self_attention(q, k)
-    key_len, model_allowed = right_padding(attention_mask, q, k, masked.causal)
+    key_start, key_len, model_allowed = mask_padding(attention_mask, q, k, masked.causal)
     sink = getattr(module, "_attnmask_sink", None)
     call = Call(window, query.shape[-1] ** -0.5 if scaling is None else scaling, key_len,
-                dropout if module.training else 0.0, model_allowed=model_allowed, need_probs=sink is not None)
+                dropout if module.training else 0.0, model_allowed=model_allowed, need_probs=sink is not None,
+                key_start=key_start)
     out, probs = masked.attend(query, key, value, call, module.training)
     if sink is not None:
         sink(site_of(module), module.layer_idx, probs)
