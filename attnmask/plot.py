@@ -13,6 +13,9 @@ Heatmap colours:
 * mask store alone: kept cells blue, pruned cells light grey, cells outside the causal band white.
 * mask store with its pattern store: the pattern as above, and pruned cells (observed, inside the
   causal band, not kept) in a grey ramp of the same scale (dark grey = much mass pruned).
+* a mask store's images name its figures (attnmask.accounting: data sparsity, mass kept, plane
+  sparsity; of the site on the grid, of the head on a per-head image), measured on the pattern store
+  given, else as compile recorded them on its source data.
 
 Axes are token positions: y the query position, x the key position; on a plane with a key offset o
 (Transformer-XL memory first) x is k - o, so memory keys have negative positions. Grid panels of
@@ -43,8 +46,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from attnmask.analyze import (average_pattern, cluster_order, parse_indices, select_sites, site_js_distances,
-                              site_key_offset, site_stats)
+from attnmask.accounting import figures_text
+from attnmask.analyze import (average_pattern, cluster_order, figures_on_text, mask_summary, parse_indices,
+                              select_sites, site_js_distances, site_key_offset, site_stats)
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import causal_band
 from attnmask.store import read_masks, read_patterns, store_kind
@@ -80,6 +84,9 @@ class SiteView:
     band: np.ndarray
     key_offset: int
     causal: bool
+    figures: str | None = None  # a mask's figures, said on its images (mask_figures)
+    figures_on: str | None = None  # what they were measured on
+    head_figures: dict[tuple[int, int], str] | None = None  # (layer, head): that head's figures
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,9 +281,10 @@ def grid_figure(view: SiteView, scale: str = DEFAULT_SCALE, title: str | None = 
         what += ", pruned entries grey"
     if maxima is not None:
         what += ", each panel scaled to its own max"
-    fig.suptitle(title or f"{view.site}: {what}", fontsize=10)
-    fig.text(0.5, 0.35 / height, f"x: {xlabel}, y: {ylabel}" + (f"; panels max-pooled {factor}x" if factor > 1 else ""),
-             ha="center", fontsize=7)
+    figures = f"\n{view.figures}" if view.figures else ""
+    fig.suptitle(title or f"{view.site}: {what}{figures}", fontsize=10)
+    fig.text(0.5, 0.35 / height, f"x: {xlabel}, y: {ylabel}" + (f"; panels max-pooled {factor}x" if factor > 1 else "")
+             + (f"; figures {view.figures_on}" if view.figures_on else ""), ha="center", fontsize=7, wrap=True)
     if norm is not None:
         _colorbar(fig, norm, [1 - (right - 0.25) / width, bottom / height, 0.15 / width,
                               1 - (top + bottom) / height], scale_label(scale))
@@ -297,7 +305,9 @@ def head_figure(view: SiteView, li: int, hi: int, scale: str = DEFAULT_SCALE) ->
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     peak = f" (max {maxima[li, hi]:.3g})" if maxima is not None else ""
-    ax.set_title(f"{view.site} layer {view.layers[li]} head {view.heads[hi]}{peak}")
+    figures = (view.head_figures or {}).get((view.layers[li], view.heads[hi]))
+    ax.set_title(f"{view.site} layer {view.layers[li]} head {view.heads[hi]}{peak}"
+                 + (f"\n{figures}" if figures else ""), fontsize=10 if figures else None)
     if norm is not None:
         _colorbar(fig, norm, [0.84, 0.16, 0.03, 0.74], scale_label(scale))
     fig.legend(handles=legend_handles(view), loc="lower left", fontsize=8, frameon=False, ncol=3)
@@ -505,6 +515,16 @@ def mask_view(name: str, mask, layers: list[int], heads: list[int], patterns_sit
     return SiteView(name, layers, heads, None, np.ones((queries, keys), bool), keep, band, offset, mask.causal)
 
 
+def mask_figures(view: SiteView, summary: dict) -> SiteView:
+    """The view with the figures of its site (`summary` is analyze.mask_summary of the mask store, on the
+    pattern store given or as recorded) written on its images: the site's on the grid, each head's on
+    its own image."""
+    site = summary["sites"][view.site]
+    on = figures_on_text(summary["figures_on"])
+    heads = {(h["layer"], h["head"]): figures_text(h) for h in site["heads"]}
+    return replace(view, figures=figures_text(site), figures_on=on, head_figures=heads)
+
+
 def parse_kinds(text: str | None, kind: str) -> list[str]:
     """'all' (or None) -> every figure that applies to the store kind; else a comma list of KINDS.
     Only `heatmap` applies to a mask store."""
@@ -570,8 +590,10 @@ def plot_store(store: str | Path, out: str | Path, site: str | None = None, laye
             raise AttnmaskError("--patterns goes with a mask store; STORE is already a pattern store")
         sites = read_patterns(store).sites
     else:
-        sites = read_masks(store).sites
-    pattern_sites = read_patterns(patterns).sites if patterns is not None else {}
+        masks = read_masks(store)
+        sites = masks.sites
+    pattern_store = read_patterns(patterns) if patterns is not None else None
+    pattern_sites = pattern_store.sites if pattern_store is not None else {}
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AttnmaskError(f"--out {out} exists and is not a folder")
@@ -586,6 +608,7 @@ def plot_store(store: str | Path, out: str | Path, site: str | None = None, laye
             if patterns is not None and name not in pattern_sites:
                 raise AttnmaskError(f"the pattern store {patterns} has no site {name}")
             view = mask_view(name, s, chosen_layers, chosen_heads, pattern_sites.get(name))
+            view = mask_figures(view, mask_summary(masks, pattern_store, name))
         for kind in chosen:
             if kind == "heatmap":
                 targets.append((out / f"{name}.png", functools.partial(grid_figure, view, scale)))
