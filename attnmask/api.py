@@ -252,9 +252,10 @@ def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device)
     from transformers.utils import logging as hf_logging
 
     from attnmask.models.hf import register_attention, resolve_model_path
-    from attnmask.runtime import folder_masks, recorded_masks
+    from attnmask.runtime import folder_masks, recorded_masks, settle_saved
 
     path = resolve_model_path(spec)
+    settle_saved(path)  # a save with masks cut short: the folder is the old save or the new one
     register_attention()
     if model_class is None:
         from transformers import AutoConfig

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -519,27 +521,105 @@ def recorded_masks(model_or_config) -> dict | None:
 
 MASKS_IN_FOLDER = "attnmask-masks.zarr"
 """The mask store's name inside a model folder saved with masks applied (beside config.json)."""
+SAVING = ".attnmask-saving"
+"""The folder inside a model folder that a save with masks is written to before it is moved in."""
+SAVED = "COMMITTED"
+"""The file in SAVING that marks it complete: from then on the folder's contents are the new save."""
+WEIGHT_FILE = re.compile(r"(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
+                         r"(\.index\.json)?")
 
 
 def follow_saves(model: nn.Module, store: MaskStore):
     """While masks are applied, `model.save_pretrained(folder, ...)` (the family's own method, also what
-    transformers' Trainer calls for checkpoints) writes the model and then `store` into the folder as
-    MASKS_IN_FOLDER; on a non-main process of a distributed save (is_main_process=False) only the
-    model's own writing happens. Installed as an attribute of the model object, over its class's
-    method; returns the function that removes it. Models without save_pretrained are left alone."""
+    transformers' Trainer calls for checkpoints) writes the model and `store` (as MASKS_IN_FOLDER) into the
+    folder so that it always holds the old save or the new one (`save_with_masks`); on a non-main
+    process of a distributed save (is_main_process=False) only the model's own writing happens. Installed
+    as an attribute of the model object, over its class's method; returns the function that removes it.
+    Models without save_pretrained are left alone."""
     original = getattr(model, "save_pretrained", None)
     if original is None:
         return lambda: None
 
     def save_pretrained(folder, *args, **kwargs):
-        result = original(folder, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            save_masks_into(store, folder)
-        return result
+        if not kwargs.get("is_main_process", True):
+            return original(folder, *args, **kwargs)
+        return save_with_masks(lambda into: original(into, *args, **kwargs), store, folder)
 
     save_pretrained.__doc__ = original.__doc__
     model.save_pretrained = save_pretrained
     return lambda: model.__dict__.pop("save_pretrained", None)
+
+
+def save_with_masks(save, store: MaskStore, folder: str | os.PathLike):
+    """Save a model and its masks into `folder` as one step: `save(into)` (the model's own save) and the
+    mask store are written into `folder`/SAVING, whose files get the modes the user's umask gives; the
+    file SAVED marks it complete, and then its entries are moved into `folder` (replacing those of the
+    same names, and weight files of an older save that this one lacks; nothing else). A kill before SAVED
+    leaves the old save, which the next use rolls back to; after it, the next use (`settle_saved`: every
+    load through attnmask and every save) finishes the move. Returns what `save` returned."""
+    from attnmask.store import match_umask
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    settle_saved(folder)
+    staging = os.path.join(folder, SAVING)
+    result = save(staging)
+    save_masks_into(store, staging)
+    match_umask(staging)
+    names = sorted(os.listdir(staging))
+    with open(os.path.join(staging, SAVED), "w") as fh:  # the names the save consists of
+        fh.write("".join(f"{name}\n" for name in names))
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_folder(staging)
+    settle_saved(folder)
+    return result
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle_saved(folder: str | os.PathLike) -> None:
+    """Bring a model folder to one save: a complete SAVING (its file SAVED lists the save's entries) is
+    moved in, each step repeatable after a kill (entries already moved are no longer in SAVING); an
+    incomplete SAVING is removed."""
+    folder = os.fspath(folder)
+    staging = os.path.join(folder, SAVING)
+    if not os.path.isdir(staging) or os.path.islink(staging):
+        return
+    try:
+        with open(os.path.join(staging, SAVED)) as fh:
+            names = [n for n in fh.read().splitlines() if n and "/" not in n and n not in (".", "..", SAVED)]
+    except FileNotFoundError:
+        shutil.rmtree(staging)
+        return
+    for name in sorted(names, key=lambda n: n == "config.json"):  # config.json (the masks' record) last
+        if os.path.lexists(os.path.join(staging, name)):
+            _move_in(os.path.join(staging, name), os.path.join(folder, name))
+    for name in os.listdir(folder):
+        if WEIGHT_FILE.fullmatch(name) and name not in names and os.path.isfile(os.path.join(folder, name)):
+            os.unlink(os.path.join(folder, name))  # a shard or format of the older save
+    shutil.rmtree(staging)
+
+
+def _move_in(src: str, dst: str) -> None:
+    """Put the file or folder `src` at `dst`: a file by os.replace, a folder (a mask store) by moving the
+    old one aside first (a folder cannot be replaced in one rename)."""
+    if not os.path.isdir(src):
+        os.replace(src, dst)
+        return
+    aside = f"{dst}.replaced"
+    if os.path.lexists(aside):
+        shutil.rmtree(aside)
+    if os.path.lexists(dst):
+        os.rename(dst, aside)
+    os.rename(src, dst)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_masks_into(store: MaskStore, folder: str | os.PathLike) -> str:
@@ -556,7 +636,8 @@ def save_masks_into(store: MaskStore, folder: str | os.PathLike) -> str:
 
 def folder_masks(folder: str | os.PathLike, record: dict) -> MaskStore:
     """The mask store saved in a model folder, which must have the digest `record` (the model's config
-    record) names."""
+    record) names (a save interrupted in the folder is settled first: settle_saved)."""
+    settle_saved(folder)
     path = os.path.join(os.fspath(folder), MASKS_IN_FOLDER)
     digest = str(record.get("digest"))
     if not os.path.exists(path):

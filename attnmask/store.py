@@ -84,6 +84,31 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where there is one: setting it to read it races threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_umask(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` mode 0666 and every folder 0777, less the user's umask, as a plain
+    open() or mkdir would (libraries that write through a temporary file leave 0600 behind)."""
+    mask = current_umask()
+    for parent, dirs, files in os.walk(folder):
+        for name, mode in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode & ~mask)
+
+
 def json_digest(obj: Any) -> str:
     """sha256 of the canonical JSON of `obj` (sorted keys), as 'sha256:<hex>'."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -541,7 +541,10 @@ class RunFolder:
     def finish(self) -> None:
         """The run is complete in `path`: its checkpoints are removed, RUN_MARKER lists what it holds, and a
         replacement is swapped in for the old run (see the class docstring)."""
+        from attnmask.store import match_umask
+
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+        match_umask(self.path)  # the user's umask decides the modes (transformers leaves its weights 0600)
         write_marker(self.path, "finished", sorted(p.name for p in self.path.iterdir() if p.name != RUN_MARKER))
         if self.path != self.out:
             swap_in(self.path, self.out)

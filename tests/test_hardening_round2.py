@@ -322,3 +322,111 @@ def test_overwrite_of_a_finished_run_replaces_it_and_leaves_nothing_beside(tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
     assert not (out / "checkpoint").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# item 5: a save with masks cut short leaves a folder attnmask.load_model reads (the old save or the new)
+
+def masked_saves(tmp_path: Path):
+    """(model, folder, first store, second store, first weights): a tiny BERT classifier saved once with the
+    first masks applied (and its first parameter then), and a second, different store applied now with
+    other weights (the next save writes them)."""
+    import attnmask
+    from test_masks_travel import random_store, tiny_classifier
+
+    model, _ = tiny_classifier(tmp_path / "tok")
+    first, second = random_store(tmp_path / "a.zarr", seed=0), random_store(tmp_path / "b.zarr", seed=1)
+    folder = tmp_path / "saved"
+    handle = attnmask.apply_masks(model, first)
+    model.save_pretrained(folder)
+    handle.remove()
+    saved = next(model.parameters()).detach().clone()
+    with torch_no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the second save's weights differ from the first's
+    attnmask.apply_masks(model, second)
+    return model, folder, first, second, saved
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+def loaded(folder: Path):
+    import attnmask
+    from transformers import BertForSequenceClassification
+
+    model = attnmask.load_model(folder, model_class=BertForSequenceClassification)
+    return model._attnmask_handle.store.digest, next(model.parameters()).detach().clone()
+
+
+def test_a_save_cut_short_before_its_masks_leaves_the_old_save(tmp_path, monkeypatch):
+    """The weights and the config used to be written into the folder before the masks: cut there, the
+    folder held new weights whose config named masks it did not hold, and load_model refused it."""
+    import attnmask.runtime as runtime
+
+    model, folder, first, second, old_weight = masked_saves(tmp_path)
+
+    def cut(*args, **kwargs):
+        raise Interrupt
+
+    monkeypatch.setattr(runtime, "save_masks_into", cut)
+    with pytest.raises(Interrupt):
+        model.save_pretrained(folder)
+    monkeypatch.undo()
+    digest, weight = loaded(folder)
+    assert digest == first.digest and bool((weight == old_weight).all())
+    assert sorted(p.name for p in folder.iterdir()) == ["attnmask-masks.zarr", "config.json", "model.safetensors"]
+
+
+def test_a_save_cut_short_while_moving_in_is_completed_by_the_next_load(tmp_path, monkeypatch):
+    import attnmask.runtime as runtime
+
+    model, folder, first, second, _ = masked_saves(tmp_path)
+    new_weight = next(model.parameters()).detach().clone()
+    move, moves = runtime._move_in, []
+
+    def cut_after_one(src, dst):
+        if moves:
+            raise Interrupt
+        moves.append(dst)
+        move(src, dst)
+
+    monkeypatch.setattr(runtime, "_move_in", cut_after_one)
+    with pytest.raises(Interrupt):
+        model.save_pretrained(folder)
+    monkeypatch.undo()
+    digest, weight = loaded(folder)
+    assert digest == second.digest and bool((weight == new_weight).all())
+    assert sorted(p.name for p in folder.iterdir()) == ["attnmask-masks.zarr", "config.json", "model.safetensors"]
+
+
+def test_a_save_with_masks_replaces_the_older_weights_format(tmp_path):
+    """A folder saved before as pytorch_model.bin gets the new model.safetensors and loses the old weights
+    (transformers' own save removes them too), nothing else."""
+    model, folder, first, second, _ = masked_saves(tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    (folder / "notes.txt").write_text("mine")
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["attnmask-masks.zarr", "config.json", "model.safetensors",
+                                                         "notes.txt"]
+    assert loaded(folder)[0] == second.digest
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 26 item 7 (D's parts): model files get the modes the umask gives
+
+def test_saved_weights_follow_the_umask(tiny_model, labelled_csv, tmp_path):  # noqa: F811
+    old = os.umask(0o022)
+    try:
+        model, folder, first, second, _ = masked_saves(tmp_path)
+        model.save_pretrained(folder)  # with masks applied
+        assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        out = tmp_path / "run"
+        train_run(tiny_model, labelled_csv, out)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+        assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    finally:
+        os.umask(old)
