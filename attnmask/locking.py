@@ -7,7 +7,8 @@ left behind by a dead process is never mistaken for a live one: the next writer 
 The file holds the owner's pid and host, only to name the owner in the error message.
 
 Locks are re-entrant within a process (a `collect` holds the lock for its whole run and the final
-`write_patterns` takes it again).
+`write_patterns` takes it again). Folders made for the lock file are removed with it when they are
+still empty (a failed `collect` leaves no empty patterns/ folder behind).
 
 A reader holds a shared flock on the store's folder while it reads (`reading`), and a writer replacing
 the store takes it exclusively before moving the old folder aside (`replacing`): the writer waits for
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from attnmask.errors import AttnmaskError
 
-_HELD: dict[str, list] = {}  # resolved lock path -> [fd, depth]
+_HELD: dict[str, list] = {}  # resolved lock path -> [fd, depth, folders the lock created]
 LOCK_TIMEOUT_ENV = "ATTNMASK_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 120.0  # seconds a flock is waited for before giving up
 NOTICE_AFTER = 2.0  # seconds of waiting before the waiter says whom it waits for
@@ -57,6 +58,15 @@ def _owner(path: Path) -> str:
     return f"process {pid} on {host}" if pid else "another process"
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders that mkdir(parents=True) of `folder` would create, deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 class StoreLock:
     """`with StoreLock(out):` holds the exclusive lock of the store `out` (local paths only)."""
 
@@ -69,6 +79,7 @@ class StoreLock:
         if self.key in _HELD:
             _HELD[self.key][1] += 1
             return
+        created = missing_folders(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -89,7 +100,7 @@ class StoreLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        _HELD[self.key] = [fd, 1]
+        _HELD[self.key] = [fd, 1, created]
 
     def release(self) -> None:
         held = _HELD.get(self.key)
@@ -104,6 +115,11 @@ class StoreLock:
         except FileNotFoundError:
             pass
         os.close(held[0])  # closing releases the flock
+        for folder in held[2]:  # deepest first: what a failed run made for its output goes with it
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the store, a checkpoint, anything else): kept
+                break
 
     def __enter__(self) -> "StoreLock":
         self.acquire()

@@ -430,3 +430,21 @@ def test_saved_weights_follow_the_umask(tiny_model, labelled_csv, tmp_path):  # 
         assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
     finally:
         os.umask(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 26 item 7 (D's parts): a failed collect leaves no empty patterns/ folder
+
+def test_a_failed_collect_leaves_no_empty_output_folder(tiny_bert_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blank.txt").write_text("\n\n   \n")
+    one_error_line(CliRunner().invoke(app, ["collect", str(tiny_bert_dir), "blank.txt", "--device", "cpu"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]
+    nested = tmp_path / "deep" / "er" / "p.zarr"
+    one_error_line(CliRunner().invoke(app, ["collect", str(tiny_bert_dir), "blank.txt", "--out", str(nested),
+                                            "--device", "cpu"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]
+    r = CliRunner().invoke(app, ["collect", str(tiny_bert_dir), str(REPO / "README.md"), "--out", str(nested),
+                                 "--device", "cpu", "--limit", "4", "--max-length", "16"])
+    assert r.exit_code == 0, r.output
+    assert (nested / "zarr.json").is_file()
