@@ -189,18 +189,19 @@ def test_every_backend_matches_float64_reference_in_outputs_and_gradients(family
 @pytest.mark.parametrize("causal", [False, True])
 def test_right_padding_is_read_as_key_lengths_and_anything_else_as_a_model_mask(causal):
     from attnmask.masks.rules import causal_band
-    from attnmask.models.hf import right_padding
+    from attnmask.models.hf import mask_padding
 
     lengths = torch.tensor([5, 3])
     allowed = (torch.arange(5) < lengths[:, None])[:, None, None, :].expand(2, 1, 5, 5)
     if causal:
         allowed = allowed & causal_band(5, 5, 0)
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    key_len, model_allowed = right_padding(additive, 5, 5, causal)
-    assert key_len.tolist() == [5, 3] and model_allowed is None
-    left = allowed.flip(-1).clone()  # left padding: a model mask
-    key_len, model_allowed = right_padding(left, 5, 5, causal)
-    assert key_len is None and torch.equal(model_allowed, left)
+    key_start, key_len, model_allowed = mask_padding(additive, 5, 5, causal)
+    assert key_start is None and key_len.tolist() == [5, 3] and model_allowed is None
+    holed = allowed.clone()
+    holed[1, 0, :, 1] = False  # a key inside the sequence that no query sees: a model mask
+    key_start, key_len, model_allowed = mask_padding(holed, 5, 5, causal)
+    assert key_start is None and key_len is None and torch.equal(model_allowed, holed)
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
