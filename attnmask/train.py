@@ -434,6 +434,7 @@ def evaluate_classifier(settings: EvalSettings) -> dict:
     path = resolve_model_path(settings.model)
     trained = read_record(path / "settings.json", "settings") if (path / "settings.json").exists() else None
     model, tokenizer = load_classifier(settings.model, None, None, device)
+    refuse_non_finite(model, settings.model)
     store, note = masks_for_eval(path, recorded_masks(model), settings.masks)
     names = label_names(model)
     ts = trained["settings"] if trained else {}
@@ -476,6 +477,23 @@ def evaluate_classifier(settings: EvalSettings) -> dict:
             "backend": handle.backend if handle else None, "max_length": max_length,
             "precision": settings.precision, "seconds": round(time.perf_counter() - started, 2),
             "pruning": pruning.record() if pruning is not None else None, "pruning_note": prune_note}
+
+
+def refuse_non_finite(model, spec: str) -> None:
+    """Refuse a classifier with a NaN or infinite weight (its accuracy would mean nothing), and make every
+    forward pass refuse non-finite logits (a forward hook; the model is evaluated and discarded)."""
+    bad = next((name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise AttnmaskError(f"{spec}: weight {bad} holds NaN or infinite values; the model cannot be evaluated "
+                            "(train it again)")
+
+    def check_logits(module, inputs, output) -> None:
+        if not bool(torch.isfinite(output.logits).all()):
+            raise AttnmaskError(f"{spec} gives NaN or infinite logits on these inputs; no accuracy is reported "
+                                "(try --precision fp32)")
+
+    model.register_forward_hook(check_logits)
 
 
 EVALUATORS: dict[str, Callable[[EvalSettings], dict]] = {"classify": evaluate_classifier}

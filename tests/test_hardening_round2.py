@@ -448,3 +448,26 @@ def test_a_failed_collect_leaves_no_empty_output_folder(tiny_bert_dir, tmp_path,
                                  "--device", "cpu", "--limit", "4", "--max-length", "16"])
     assert r.exit_code == 0, r.output
     assert (nested / "zarr.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# item 9: eval refuses a model with non-finite weights or logits
+
+@pytest.mark.parametrize("damage", ["nan-weight", "overflowing-logits"])
+def test_eval_refuses_non_finite_weights_and_logits(labelled_csv, tmp_path, damage):  # noqa: F811
+    """A model whose weights are NaN used to report an accuracy (every logit NaN, argmax 0) with exit 0."""
+    import torch
+    from test_masks_travel import tiny_classifier
+
+    folder = tmp_path / "nan-model"
+    model, _ = tiny_classifier(folder)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    with torch.no_grad():
+        if damage == "nan-weight":
+            model.classifier.weight[0, 0] = float("nan")
+        else:  # finite weights whose logits overflow float32
+            model.classifier.weight.fill_(3e38)
+            model.classifier.bias.fill_(3e38)
+    model.save_pretrained(folder)
+    r = CliRunner().invoke(app, ["eval", str(folder), str(labelled_csv), "--device", "cpu"])
+    one_error_line(r, "NaN or infinite", "weight classifier.weight" if damage == "nan-weight" else "logits")
