@@ -12,7 +12,6 @@ import html
 import json
 import re
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
