@@ -130,6 +130,12 @@ def test_command_line_synopsis_matches_help():
             assert "-m attnmask" in line
             continue
         assert words[0] == "attnmask", line
+        if words[1].startswith("-"):  # global options (`attnmask --version`, `attnmask -h | attnmask COMMAND -h`)
+            for part in line.split("|"):
+                args = [("compile" if w == "COMMAND" else w) for w in part.split()[1:]]
+                result = CliRunner().invoke(app, args)
+                assert result.exit_code == 0 and result.stdout.strip(), (part, result.output)
+            continue
         known = help_text(words[1])
         for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line):
             assert re.search(rf"{option}\b", known), f"{line}: {option} is not an option of {words[1]}"
