@@ -18,10 +18,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from attnmask.errors import AttnmaskError
+from attnmask.errors import AttnmaskError, weights_refused
 from attnmask.store import MaskStore, PatternStore
 
 DEFAULT_MAX_LENGTH = 128
@@ -244,11 +245,13 @@ def load_model(model: str | os.PathLike, *, model_class: Any = None, masks: Mask
         if model_class is not None:
             raise AttnmaskError("model_class applies to Hugging Face models, not to a Transformer-XL folder")
         return _load_transfo_xl(spec, masks, backend, run_device)
-    return _load_hugging_face(spec, model_class, masks, backend, run_device)
+    try:
+        return _load_hugging_face(spec, model_class, masks, backend, run_device)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickled weights file
+        raise AttnmaskError(f"{spec}: {weights_refused(e)}") from None
 
 
 def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device):
-    import transformers
     from transformers.utils import logging as hf_logging
 
     from attnmask.models.hf import register_attention, resolve_model_path
@@ -260,9 +263,8 @@ def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device)
     if model_class is None:
         from transformers import AutoConfig
 
-        architectures = getattr(_hf_call(spec, AutoConfig.from_pretrained, path), "architectures", None) or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        model_class = model_class or transformers.AutoModel
+        architectures = getattr(_hf_call(spec, AutoConfig.from_pretrained, path), "architectures", None)
+        model_class = architecture_class(spec, architectures)
     elif not hasattr(model_class, "from_pretrained"):
         raise AttnmaskError(f"model_class must be a transformers model class (with from_pretrained), got {model_class!r}")
     hf_logging.set_verbosity_error()
@@ -278,6 +280,26 @@ def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device)
     if store is not None:
         apply_masks(loaded, store, backend)
     return loaded
+
+
+def architecture_class(spec: str, architectures: Any):
+    """The transformers model class that config.json's `architectures` names first (AutoModel when it names
+    none); a name that is not a transformers model class is one error line."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    if not architectures:
+        return transformers.AutoModel
+    name = architectures if isinstance(architectures, str) else \
+        architectures[0] if isinstance(architectures, list) else architectures
+    try:
+        found = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    except Exception:  # noqa: BLE001 - transformers' lazy module fails on names whose backend is missing
+        found = None
+    if not (isinstance(found, type) and issubclass(found, PreTrainedModel) and found is not PreTrainedModel):
+        raise AttnmaskError(f"{spec}: config.json's architectures names {str(name)[:80]!r}, which is not a "
+                            "transformers model class; correct it, or pass model_class=")
+    return found
 
 
 def _hf_call(spec: str, fn, path, **kwargs):

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 import re
 import sys
 import time
@@ -25,7 +26,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 from typer.core import TyperGroup
 
-from attnmask.errors import AttnmaskError
+from attnmask.errors import AttnmaskError, weights_refused
 
 if TYPE_CHECKING:
     from attnmask.workflows import Workflow
@@ -90,6 +91,9 @@ def guarded(fn: Callable) -> Callable:
             raise typer.Exit(1) from None
         except OSError as e:
             typer.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
+            raise typer.Exit(1) from None
+        except pickle.UnpicklingError as e:  # a model's weights file that torch.load(weights_only=True) refused
+            typer.echo(f"error: {weights_refused(e)}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -641,8 +645,11 @@ def plot(
     """Figures of a pattern store per site: heatmaps of the average pattern as a layers x heads grid and
     Clark et al.-style per-head figures; of a mask store: its kept entries."""
     from attnmask.plot import plot_store
+    from attnmask.store import refuse_uncounted
 
     check_output_path(out)
+    for given in [store] + ([patterns] if patterns else []):
+        refuse_uncounted(given, "plot")
     with stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("plot", total=None)
         written = plot_store(store, out, site, layers, heads, scale, per_head, patterns, overwrite, kind,
@@ -661,7 +668,10 @@ def analyze(
     """Per layer and head: entropy, attention distance, first/diagonal/previous/next mass, concentration
     and the most similar head (Jensen-Shannon distance); for a mask store its sparsity and mass kept."""
     from attnmask.analyze import analyze_store, mask_table, stats_table
+    from attnmask.store import refuse_uncounted
 
+    for given in [store] + ([patterns] if patterns else []):
+        refuse_uncounted(given, "analyze")
     result = analyze_store(store, site, patterns)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

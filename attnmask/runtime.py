@@ -53,7 +53,7 @@ from attnmask.errors import AttnmaskError
 from attnmask.masks.blocksparse import (TILE, ScoreTerm, TileLayout, block_sparse_attention, pad_to_tiles, tile_classes,
                                         tile_for_block, tile_layout)
 from attnmask.masks.rules import BEYOND_POLICIES, Window, causal_band, window_keep
-from attnmask.store import MaskStore, read_masks, write_masks
+from attnmask.store import MaskStore, check_mask_store, read_masks, write_masks
 
 logger = logging.getLogger("attnmask")
 
@@ -405,7 +405,11 @@ def resolve_backend(name: str, store: MaskStore, device: torch.device) -> tuple[
 
 
 def load_store(masks: MaskStore | str | os.PathLike) -> MaskStore:
-    return masks if isinstance(masks, MaskStore) else read_masks(masks)
+    """A mask store read from its path, or one in memory checked as a reader checks it (check_mask_store)."""
+    if isinstance(masks, MaskStore):
+        check_mask_store(masks)
+        return masks
+    return read_masks(masks)
 
 
 def check_fit(sites: dict[str, list[nn.Module]], seam, store: MaskStore) -> None:

@@ -253,6 +253,24 @@ def masks_digest(sites: dict[str, SiteMask]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def check_mask_store(store: MaskStore) -> None:
+    """An in-memory MaskStore as read_masks would return one: known sites of SiteMask whose keep is a bool
+    numpy array [layers, heads, queries, keys], and attrs (a dict) holding the digest of those bits."""
+    where = store.path or "the mask store"
+    check_sites(where, store.sites, SiteMask)
+    for name, mask in store.sites.items():
+        keep = mask.keep
+        if not isinstance(keep, np.ndarray) or keep.dtype != bool or keep.ndim != 4:
+            what = f"{keep.dtype}{list(keep.shape)}" if isinstance(keep, np.ndarray) else type(keep).__name__
+            raise AttnmaskError(f"{where}: site {name} has keep {what}, not a bool numpy array [layers, heads, "
+                                "queries, keys]")
+    digest = store.attrs.get("digest") if isinstance(store.attrs, dict) else None
+    if digest != masks_digest(store.sites):
+        raise AttnmaskError(f"{where}: its attrs {'hold no digest' if digest is None else 'hold another digest'} "
+                            "of its keep bits; build it with attnmask.compile_masks or read_masks, or set "
+                            "attrs['digest'] = attnmask.store.masks_digest(sites)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Remote (fsspec) locations
 
@@ -741,11 +759,12 @@ def check_declared(path, site: str, arrays: dict[str, zarr.Array], want: dict[st
     for name, (dtype, shape) in want.items():
         arr = arrays[name]
         have = tuple(arr.shape)
-        if arr.dtype != np.dtype(dtype) or len(have) != len(shape) or \
-                any(w is not None and h != w for h, w in zip(have, shape)):
+        if arr.dtype != np.dtype(dtype):
+            raise AttnmaskError(f"{path}: site {site} array {name} has dtypes {arr.dtype}, expected {np.dtype(dtype)}")
+        if len(have) != len(shape) or any(w is not None and h != w for h, w in zip(have, shape)):
             expected = "x".join("?" if w is None else str(w) for w in shape)
-            raise AttnmaskError(f"{path}: site {site} array {name} is {arr.dtype}{list(have)}, but the store "
-                                f"records {np.dtype(dtype)} [{expected}]")
+            raise AttnmaskError(f"{path}: site {site} array {name} is {list(have)}, but the store records "
+                                f"[{expected}]: the shapes disagree")
     claimed = sum(int(np.prod(a.shape, dtype=object)) * a.dtype.itemsize for a in arrays.values())
     limit = memory_bytes() * MEMORY_SHARE
     if limit and claimed > limit:
@@ -867,6 +886,24 @@ def _read_patterns(p: Path | str) -> PatternStore:
         attrs = {k: v for k, v in g.attrs.items() if k not in ("causal", "layers", "heads", TOKEN_CLASSES_ATTR)}
         sites[name] = SitePatterns(s, c, bool(g.attrs.get("causal", False)), attrs, classes)
     return PatternStore(dict(root.attrs), sites, str(p))
+
+
+def refuse_uncounted(path: str | os.PathLike, what: str) -> None:
+    """Refuse a pattern store whose counts are all zero (no sequence was collected into it: no average
+    attention exists to `what`); reads only the count arrays. Mask stores pass."""
+    p = path if is_url(path) else local_path(path)
+    settle(p)
+    with _snapshot(p):
+        if _kind(p) != "patterns":
+            return
+        root = _open(p, "patterns")
+        for name in _site_names(root, p):
+            count = _array(_site_group(root, name, p), "count", p, name)
+            check_declared(p, name, {"count": count}, {"count": (np.int64, (None, None))})
+            if _values(count, p, name).any():
+                return
+    raise AttnmaskError(f"{p}: its counts are all zero (no sequence was collected into it); there is no average "
+                        f"attention to {what}")
 
 
 def read_masks(path: str | os.PathLike) -> MaskStore:

@@ -9,6 +9,9 @@ it has none) on labelled texts, with the masks applied in training and evaluatio
     settings.json                                     the settings, the label names and the split
     metrics.json                                      accuracy on the held-out split, loss, time, sparsity
     checkpoint/                                       while training: state for --resume (removed at the end)
+    attnmask-run.json                                 what the run wrote (only such a run is replaced by
+                                                      --overwrite; the new run is built beside it and
+                                                      swapped in at the end: trainer.RunFolder)
 
 Training runs on transformers.Trainer through attnmask/trainer.py (precision, gradient accumulation,
 multi-GPU, report_to, verified resume); token pruning plugs in as its loss term and callbacks there.

@@ -19,8 +19,9 @@ Resume (`verified_checkpoint`): the newest checkpoint whose manifest exists (a c
 being written has none); every file must match its recorded sha256 and no other file may be present; the
 files Trainer reads with `torch.load` (optimizer.pt, scheduler.pt, scaler.pt, rng_state*.pth) are read
 here first with `weights_only=True` (tensors and plain values only: a planted object cannot run code;
-Trainer itself reads them the same way); the model weights must carry the model's tensor names and
-shapes. Anything else is one error line. Precision (`fp32`, `bf16`, `fp16`), gradient accumulation,
+Trainer itself reads them the same way); trainer_state.json must be a JSON object of TrainerState's
+fields whose global_step does not pass the run's planned steps; the model weights must carry the model's
+tensor names and shapes. Anything else is one error line. Precision (`fp32`, `bf16`, `fp16`), gradient accumulation,
 `report_to` and multi-process training (`torchrun` / `accelerate launch`) are Trainer's own.
 """
 
@@ -329,7 +330,8 @@ def run_training(trainer, run_dir: Path, resume: bool):
     loss it back-propagated, micro-batch losses divided by the accumulation steps and summed)."""
     from transformers import TrainerCallback
 
-    checkpoint = verified_checkpoint(run_dir, trainer.model, trainer.extensions) if resume else None
+    checkpoint = verified_checkpoint(run_dir, trainer.model, trainer.extensions, planned_steps(trainer)) \
+        if resume else None
     if checkpoint is not None:
         state = read_extension_state(checkpoint)
 
@@ -378,8 +380,53 @@ def checkpoint_error(folder: Path, why: str) -> AttnmaskError:
     return AttnmaskError(f"checkpoint {folder} cannot be resumed ({why}); pass --overwrite to start the run over")
 
 
-def verified_checkpoint(run_dir: Path, model: nn.Module, extensions: list[Extension]) -> Path:
-    """The newest complete checkpoint under run_dir/checkpoint, checked as the module docstring says."""
+def planned_steps(trainer) -> int:
+    """The optimizer steps the run makes in all: --steps, else epochs x ceil(batches / accumulation) (as
+    Trainer counts them)."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = len(trainer.get_train_dataloader())
+    return math.ceil(args.num_train_epochs * max(1, math.ceil(batches / args.gradient_accumulation_steps)))
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def check_trainer_state(folder: Path, planned: int | None) -> None:
+    """Trainer's trainer_state.json in a checkpoint is a JSON object of TrainerState's fields whose
+    global_step is an integer in [0, planned] (Trainer would fail on anything else with a traceback, or
+    train past the end)."""
+    from dataclasses import fields
+
+    from transformers import TrainerState
+
+    try:
+        record = json.loads((folder / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        raise checkpoint_error(folder, f"it has no {TRAINER_STATE}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise checkpoint_error(folder, f"{TRAINER_STATE} is not valid JSON") from None
+    if not isinstance(record, dict):
+        raise checkpoint_error(folder, f"{TRAINER_STATE} holds a JSON {type(record).__name__}, not an object")
+    unknown = sorted(set(record) - {f.name for f in fields(TrainerState)})
+    if unknown:
+        raise checkpoint_error(folder, f"{TRAINER_STATE} has fields Trainer does not know: {', '.join(unknown[:3])}")
+    step = record.get("global_step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise checkpoint_error(folder, f"{TRAINER_STATE} has global_step {step!r}, not a non-negative integer")
+    if planned is not None and step > planned:
+        raise checkpoint_error(folder, f"its global_step {step} is past the {planned} steps this run makes")
+    kinds = {"log_history": list, "stateful_callbacks": dict, "epoch": (int, float)}
+    wrong = [k for k, kind in kinds.items() if record.get(k) is not None and not isinstance(record[k], kind)]
+    if wrong or not all(isinstance(entry, dict) for entry in record.get("log_history") or []):
+        raise checkpoint_error(folder, f"{TRAINER_STATE} has a malformed {(wrong or ['log_history'])[0]}")
+
+
+def verified_checkpoint(run_dir: Path, model: nn.Module, extensions: list[Extension],
+                        planned: int | None = None) -> Path:
+    """The newest complete checkpoint under run_dir/checkpoint, checked as the module docstring says
+    (`planned`: the optimizer steps of the whole run, which the checkpoint's global_step may not pass)."""
     complete = sorted((p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (p / MANIFEST).is_file()),
                       key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     if not complete:
@@ -402,6 +449,7 @@ def verified_checkpoint(run_dir: Path, model: nn.Module, extensions: list[Extens
     for name in sorted(files):
         if name in TORCH_FILES or (name.startswith("rng_state") and name.endswith(".pth")):
             check_torch_file(folder, name)
+    check_trainer_state(folder, planned)
     check_weights(folder, model)
     try:
         state = read_extension_state(folder)

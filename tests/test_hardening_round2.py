@@ -180,7 +180,7 @@ def test_claimed_layers_beyond_the_recorded_ones_are_refused(tmp_path):
     out = small_store(tmp_path)
     set_shape(out / "encoder.self" / "sum" / "zarr.json", [300, 4, 8, 8])
     one_error_line(CliRunner().invoke(app, ["inspect", str(out)]), "site encoder.self array sum",
-                   "records float64 [3x4x8x8]")
+                   "records [3x4x8x8]")
 
 
 def test_claims_beyond_the_machines_memory_are_refused(tmp_path, monkeypatch):
@@ -471,3 +471,98 @@ def test_eval_refuses_non_finite_weights_and_logits(labelled_csv, tmp_path, dama
     model.save_pretrained(folder)
     r = CliRunner().invoke(app, ["eval", str(folder), str(labelled_csv), "--device", "cpu"])
     one_error_line(r, "NaN or infinite", "weight classifier.weight" if damage == "nan-weight" else "logits")
+
+
+# ----------------------------------------------------------------------------------------------
+# item 10: one error line instead of a traceback
+
+@pytest.mark.parametrize("state, needle", [
+    ("{not json", "trainer_state.json is not valid JSON"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("GLOBAL_STEP", "global_step 999 is past the 24 steps this run makes"),
+])
+def test_a_damaged_or_overlong_trainer_state_is_one_error_line(tiny_bert_dir, labelled_csv, tmp_path,  # noqa: F811
+                                                               monkeypatch, state, needle):
+    from test_cli_hardening import interrupted_run, reseal
+
+    args, checkpoint = interrupted_run(tmp_path / "run", tiny_bert_dir, labelled_csv, monkeypatch)
+    if state == "GLOBAL_STEP":
+        record = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = json.dumps({**record, "global_step": 999})
+    (checkpoint / "trainer_state.json").write_text(state)
+    reseal(checkpoint)
+    one_error_line(CliRunner().invoke(app, [str(a) for a in args]), needle, "--overwrite")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def pickled_weights_folder(tmp_path: Path) -> Path:
+    """A classifier folder whose only weights are a pytorch_model.bin holding a non-tensor object, which
+    torch.load(weights_only=True) refuses."""
+    import datetime
+
+    import torch
+    from test_masks_travel import tiny_classifier
+
+    folder = tmp_path / "pickled"
+    model, _ = tiny_classifier(folder)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({**model.state_dict(), "planted": datetime.date(2020, 1, 1)}, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_a_refused_pytorch_model_bin_is_one_error_line(labelled_csv, tmp_path):  # noqa: F811
+    import attnmask
+
+    folder = pickled_weights_folder(tmp_path)
+    for args in (["eval", str(folder), str(labelled_csv), "--device", "cpu"],
+                 ["collect", str(folder), str(labelled_csv), "--out", str(tmp_path / "p.zarr"), "--device", "cpu",
+                  "--max-length", "16"]):
+        one_error_line(CliRunner().invoke(app, args), "refused unread", "datetime.date")
+    with pytest.raises(AttnmaskError, match="refused unread"):
+        attnmask.load_model(folder)
+
+
+@pytest.mark.parametrize("architectures", [["AutoTokenizer"], ["logging"], [3], ["PreTrainedModel"]])
+def test_an_architectures_field_that_is_not_a_model_class_is_one_error(tmp_path, architectures):
+    import attnmask
+    from test_masks_travel import tiny_classifier
+
+    folder = tmp_path / "model"
+    model, _ = tiny_classifier(folder)
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": architectures}))
+    with pytest.raises(AttnmaskError, match="not a transformers model class"):
+        attnmask.load_model(folder)
+
+
+@pytest.mark.parametrize("command", ["plot", "analyze"])
+def test_plot_and_analyze_refuse_a_store_whose_counts_are_all_zero(tmp_path, command):
+    from attnmask.store import SitePatterns
+
+    store = tmp_path / "zero.zarr"
+    sites = {"encoder.self": SitePatterns(np.zeros((2, 4, 8, 8)), np.zeros((8, 8), dtype=np.int64), False)}
+    write_patterns(store, sites, {"model": {"name": "m"}, "data": {"name": "d"}, "max_length": 8})
+    args = [command, str(store)] + (["--out", str(tmp_path / "plots")] if command == "plot" else [])
+    one_error_line(CliRunner().invoke(app, args), "counts are all zero", command)
+    assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("damage, needle", [("float keep", "not a bool numpy array"), ("no digest", "no digest")])
+def test_an_in_memory_mask_store_that_no_reader_would_accept_is_one_error(tmp_path, damage, needle):
+    import attnmask
+    from attnmask.store import MaskStore, SiteMask
+    from test_masks_travel import random_store, tiny_classifier
+
+    model, _ = tiny_classifier(tmp_path / "tok")
+    good = random_store(tmp_path / "m.zarr")
+    if damage == "float keep":
+        bad = MaskStore(dict(good.attrs), {"encoder.self": SiteMask(good.sites["encoder.self"].keep.astype(float),
+                                                                    False)})
+    else:
+        bad = MaskStore({k: v for k, v in good.attrs.items() if k != "digest"}, good.sites)
+    with pytest.raises(AttnmaskError, match=needle):
+        attnmask.apply_masks(model, bad)
+    assert getattr(model, "_attnmask_handle", None) is None
