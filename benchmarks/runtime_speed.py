@@ -12,8 +12,9 @@ of the per-round ratios time(dense) / time(variant); load average before and aft
 * same-share comparisons (`compare`): one attention op (layer 0 of the first site, q, k, v random) with
   several mask stores in the same rounds: collected masks in 128 x 128 and 64 x 64 blocks, and for each
   synthetic masks (random tiles, bench's `synthetic_keep`) with the same number of kept tiles per head,
-  so "op on real masks against synthetic masks of the same tile share" and "block 64 against block 128"
-  are read from one set of rounds.
+  and synthetic masks in 64 x 64 tiles at the 128 x 128 masks' tile share, so "op on real masks against
+  synthetic masks of the same tile share" and "block 64 against block 128" are read from one set of
+  rounds.
 
 Each run's JSON goes to OUT/NAME.json and its table to stdout; OUT/summary.md collects the rows
 benchmarks/README.md quotes, and the worst `auto` speed-up over every run.
@@ -58,15 +59,22 @@ GPU_COMPARISONS = {
 }
 
 
-def same_share_keep(real: torch.Tensor, block: int, causal: bool, seed: int) -> torch.Tensor:
-    """bool [H, Q, K]: synthetic masks (random tiles; bench's synthetic_keep) keeping, per head, as many
-    block x block tiles as the call of the real masks keeps on average (`real` [H, Q, K]: what the call
-    may attend to, the runtime's row guarantee included)."""
-    heads, queries, keys = real.shape
+def tile_share_of(allowed: torch.Tensor, block: int) -> float:
+    """Share of the block x block tiles of allowed [H, Q, K] (zero-padded to whole tiles) that allow a cell."""
+    heads, queries, keys = allowed.shape
     n_q, n_k = -(-queries // block), -(-keys // block)
     padded = torch.zeros(heads, n_q * block, n_k * block, dtype=torch.bool)
-    padded[:, :queries, :keys] = real
-    kept = int(round(padded.view(heads, n_q, block, n_k, block).any(4).any(2).sum().item() / heads))
+    padded[:, :queries, :keys] = allowed
+    return padded.view(heads, n_q, block, n_k, block).any(4).any(2).float().mean().item()
+
+
+def same_share_keep(real: torch.Tensor, block: int, causal: bool, seed: int, share: float | None = None) -> torch.Tensor:
+    """bool [H, Q, K]: synthetic masks (random tiles; bench's synthetic_keep) keeping, per head, as many
+    block x block tiles as the call of the real masks keeps on average (`real` [H, Q, K]: what the call
+    may attend to, the runtime's row guarantee included), or the given `share` of the tiles."""
+    heads, queries, keys = real.shape
+    n_q, n_k = -(-queries // block), -(-keys // block)
+    kept = int(round((tile_share_of(real, block) if share is None else share) * n_q * n_k))
     eligible = int(eligible_tiles(n_q, n_k, (keys - queries) // block, causal).sum())
     tau = (eligible - kept + 0.5) / eligible  # floor(tau * E) = E - kept: synthetic_keep keeps `kept`
     return torch.from_numpy(synthetic_keep(1, heads, queries, keys, tau, block, causal, seed)[0])
@@ -109,7 +117,15 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
             synthetic = {site: SiteMask(same_share_keep(real, block, causal, seed)[None].numpy(), causal)}
             synthetic_store = MaskStore({"digest": masks_digest(synthetic), "beyond": "dense", "block_size": block,
                                          "synthetic": True}, synthetic)
-            for label, source in ((f"collected-{block}", store), (f"synthetic-{block}", synthetic_store)):
+            sources = [(f"collected-{block}", store), (f"synthetic-{block}", synthetic_store)]
+            if block != blocks[0]:  # the first block size's tile share in tiles of this size
+                share = tile_share_of(first_allowed, blocks[0])
+                same = {site: SiteMask(same_share_keep(real, block, causal, seed, share)[None].numpy(), causal)}
+                sources.append((f"synthetic-{block}@{blocks[0]}-share", MaskStore(
+                    {"digest": masks_digest(same), "beyond": "dense", "block_size": block, "synthetic": True}, same)))
+            else:
+                first_allowed = real
+            for label, source in sources:
                 keep = torch.from_numpy(source.sites[site].keep[0]).to(device_)
                 names = [backend, "auto"] if label.startswith("collected") else [backend]
                 for name, masked in op_masks(source, site, keep, causal, seam.is_cross(site), names, device_).items():
