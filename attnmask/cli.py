@@ -662,11 +662,13 @@ def plot(
 def analyze(
     store: str = typer.Argument(..., help="A pattern store (head statistics) or a mask store (sparsity)."),
     site: Optional[str] = typer.Option(None, help="Only this site."),
-    patterns: Optional[str] = typer.Option(None, help="With a mask store: the pattern store, for the mass kept."),
+    patterns: Optional[str] = typer.Option(None, help="With a mask store: a pattern store to measure its figures on "
+                                           "[default: as compile recorded them on its source data]."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Per layer and head: entropy, attention distance, first/diagonal/previous/next mass, concentration
-    and the most similar head (Jensen-Shannon distance); for a mask store its sparsity and mass kept."""
+    and the most similar head (Jensen-Shannon distance); for a mask store its data sparsity, mass kept and
+    plane sparsity."""
     from attnmask.analyze import analyze_store, mask_table, stats_table
     from attnmask.store import refuse_uncounted
 
@@ -690,7 +692,7 @@ def report(
     overwrite: bool = typer.Option(False, help="Replace an existing index.html."),
 ):
     """One self-contained HTML page: store metadata, heatmaps and per-head figures, a sortable table of
-    head statistics, and each mask's sparsity and attention mass kept."""
+    head statistics, and each mask's data sparsity, mass kept and plane sparsity per layer and head."""
     from attnmask.report import write_report
 
     check_output_path(out)
