@@ -1,4 +1,4 @@
-"""Head statistics of a pattern store (and sparsity of a mask store), in plain numpy.
+"""Head statistics of a pattern store (and the figures of a mask store, from attnmask.accounting), in plain numpy.
 
 Notation, for one site, one layer and one head:
 

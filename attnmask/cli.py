@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import pickle
 import re
@@ -76,7 +77,28 @@ class OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Data-informed global attention sparsity: collect patterns, compile masks, run them.")
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from attnmask import __version__
+
+        typer.echo(f"attnmask {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=print_version,
+                                              help="Print the version and exit.")) -> None:
+    """Data-informed global attention sparsity: collect patterns, compile masks, run them."""
+
+
+def choices(*values: str) -> str:
+    """The metavar of an option that takes one of `values`: --help shows `<auto|cpu|cuda>`, not `<str>`
+    (the settings the command builds check the value, with their own one-line error)."""
+    return f"<{'|'.join(values)}>"
 
 
 def guarded(fn: Callable) -> Callable:
@@ -201,7 +223,7 @@ def collect(
                                              "[default: 128; Transformer-XL: its tgt_len]."),
     batch_size: int = typer.Option(32, help="Sequences per batch."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N examples."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text (tables)."),
     overwrite: bool = typer.Option(False, help="Replace an existing store (and discard an old checkpoint)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint sums, counts and the data cursor "
@@ -397,15 +419,18 @@ def compile_command(
     patterns: str = typer.Argument(..., help="Pattern store written by `collect` (a path or an fsspec URL)."),
     tau: float = typer.Option(0.9, help="Share of the budget's weight to prune, in [0, 1): of the attention "
                               "entries computed on the data (--budget data) or of the plane's cells (plane)."),
-    budget: str = typer.Option("data", help="What tau counts: data (each entry weighted by how many collected "
+    budget: str = typer.Option("data", metavar=choices("data", "plane"),
+                               help="What tau counts: data (each entry weighted by how many collected "
                                "sequences reach it) or plane (every eligible cell once; fixed-length inputs)."),
-    scope: str = typer.Option("layer", help="Pool of the pruning: layer, head or global."),
+    scope: str = typer.Option("layer", metavar=choices("layer", "head", "global"),
+                              help="Pool of the pruning: layer, head or global."),
     block_size: int = typer.Option(1, help="Prune B x B tiles instead of entries (for block-sparse kernels)."),
     min_keep: int = typer.Option(1, help="Entries (tiles) always kept in every query row (block-row)."),
     random: bool = typer.Option(False, "--random", help="Random baseline: the same budget, entries and row "
                                 "guarantee drawn uniformly at random (no attention means used)."),
     seed: int = typer.Option(0, help="Seed of --random."),
-    beyond: str = typer.Option("dense", help="Sequences longer than the plane: dense (keep) or error."),
+    beyond: str = typer.Option("dense", metavar=choices("dense", "error"),
+                               help="Sequences longer than the plane: dense (keep) or error."),
     site_tau: list[str] = typer.Option([], help="Per-site tau, e.g. decoder.cross=0.5 (repeatable)."),
     held_out: Optional[str] = typer.Option(None, help="A pattern store collected on held-out data (same model "
                                            "and --max-length): also report the masks' figures there."),
@@ -635,7 +660,8 @@ def plot(
                              "against attention distance), positions (mass on first token, diagonal, "
                              "neighbours), tokens (attention to [CLS]/[SEP]/punctuation; needs collect "
                              "--token-classes), similarity (clustered Jensen-Shannon distances between heads)."),
-    scale: str = typer.Option("head-log", help="Heatmap colours: head-log (each panel log-scaled to its own "
+    scale: str = typer.Option("head-log", metavar=choices("head-log", "head-linear", "shared-log", "shared-linear"),
+                              help="Heatmap colours: head-log (each panel log-scaled to its own "
                               "max), head-linear, shared-log or shared-linear (one scale for all panels)."),
     per_head: bool = typer.Option(False, "--per-head", help="Also one full-resolution heatmap per head."),
     patterns: Optional[str] = typer.Option(None, help="With a mask store: its pattern store, drawn with "
@@ -688,7 +714,8 @@ def report(
     store: str = typer.Argument(..., help="A pattern store."),
     masks: list[str] = typer.Option([], "--masks", help="A mask store to include (repeat for several)."),
     out: Path = typer.Option(..., help="Folder for index.html."),
-    scale: str = typer.Option("head-log", help="Heatmap colours, as in `plot --scale`."),
+    scale: str = typer.Option("head-log", metavar=choices("head-log", "head-linear", "shared-log", "shared-linear"),
+                              help="Heatmap colours, as in `plot --scale`."),
     overwrite: bool = typer.Option(False, help="Replace an existing index.html."),
 ):
     """One self-contained HTML page: store metadata, heatmaps and per-head figures, a sortable table of
@@ -762,13 +789,30 @@ def print_pruning(record: dict | None, note: str | None = None) -> None:
                                                            f"{values}){' - ' + note if note else ''}"))
 
 
+PLAIN_PROGRESS_LINES = 20  # at most this many progress lines per training run when stderr is not a terminal
+
+
+def plain_progress_step(step: int, total: int) -> bool:
+    """Whether optimizer step `step` of `total` gets a plain progress line: the first, the last, and every
+    ceil(total / PLAIN_PROGRESS_LINES)-th."""
+    return step in (1, total) or step % math.ceil(total / PLAIN_PROGRESS_LINES) == 0
+
+
 def training_bar():
-    """(rich progress, callback(step, total, loss, epoch)) for attnmask.train and attnmask.lm.train_lm."""
+    """(rich progress, callback(step, total, loss, epoch)) for attnmask.train and attnmask.lm.train_lm; when
+    stderr is not a terminal (a pipe, a log) the bar is off and plain lines `train: step S/T (epoch E),
+    loss L, N s` go to stderr instead (plain_progress_step)."""
     bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
     state = {}
 
     def callback(step, total, loss, epoch):
+        if bar.disable:
+            state.setdefault("started", time.perf_counter())
+            if plain_progress_step(step, total):
+                typer.echo(f"train: step {step}/{total} (epoch {epoch + 1}), loss {loss:.4f}, "
+                           f"{time.perf_counter() - state['started']:.0f} s", err=True)
+            return
         if state.get("total") != total or step < state.get("step", 0):
             if "task" in state:
                 bar.remove_task(state["task"])
@@ -781,15 +825,35 @@ def training_bar():
 
 
 def metrics_table(title: str, rows: list[dict], columns: list[str]) -> Table:
-    """Rows as a table; a cell too wide for the terminal folds onto more lines, never loses characters."""
+    """Rows as a table; a cell too wide for the terminal folds onto more lines, never loses characters,
+    and no column is narrower than its header's longest word. One row wider than the terminal is shown
+    as one line per column (`metric`, `value`), so that no header breaks mid-word."""
+    cells = [[cell_text(row.get(c, "")) for c in columns] for row in rows]
     table = Table(title=title)
     for col in columns:
         table.add_column(col, justify="left" if col in ("kind", "model", "masks", "run") else "right",
-                         overflow="fold")
-    for row in rows:
-        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else
-                        "none" if row.get(c, "") is None else str(row.get(c, "")) for c in columns])
+                         overflow="fold", min_width=max(map(len, col.split())))
+    for row in cells:
+        table.add_row(*row)
+    if len(rows) == 1 and natural_width(table) > console.width:
+        table = Table(title=title)
+        table.add_column("metric", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for col, cell in zip(columns, cells[0]):
+            table.add_row(col, cell)
     return table
+
+
+def cell_text(value) -> str:
+    """A metric as a table cell: floats to 4 decimals, None as 'none'."""
+    return f"{value:.4f}" if isinstance(value, float) else "none" if value is None else str(value)
+
+
+def natural_width(table: Table) -> int:
+    """The columns a table takes when nothing in it wraps."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(UNWRAPPED_WIDTH), table).maximum
 
 
 def print_metrics(title: str, row: dict, columns: list[str], as_json: bool, as_csv: bool) -> None:
@@ -814,6 +878,12 @@ def output_format(as_json: bool, as_csv: bool) -> None:
         raise AttnmaskError("choose one of --json and --csv")
 
 
+def warn_line(line: str) -> None:
+    """`warning: LINE` on stderr (under torchrun / accelerate launch, from the first process only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"warning: {line}", err=True)
+
+
 def run_workflow(ctx: typer.Context, workflow: Workflow, title: str, pruning: Callable[[], dict | str | None]) -> None:
     """Run `workflow` (attnmask.workflows) from the command's parsed options: its argument checks, every
     given option that does not apply to it refused, then the run (`pruning()` parses the token-pruning
@@ -831,7 +901,7 @@ def run_workflow(ctx: typer.Context, workflow: Workflow, title: str, pruning: Ca
     options = dict(options, pruning=pruning())
     bar, callback = training_bar() if workflow.progress_bar else (contextlib.nullcontext(), None)
     with bar:
-        outcome = workflow.run(options, callback, lambda line: typer.echo(f"warning: {line}", err=True))
+        outcome = workflow.run(options, callback, warn_line)
     as_table = not (as_json or as_csv)
     if outcome.metrics is not None:
         if as_table and int(os.environ.get("RANK", "0")) == 0:
@@ -850,31 +920,37 @@ def train(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm'."),
     data: str = typer.Argument(..., help="Labelled data (CSV/TSV/JSON/Parquet, a datasets folder) or "
-                               "'rotten-tomatoes'; --task lm: a text file."),
+                               "'rotten-tomatoes'; --task lm: a text file or 'hamlet'."),
     masks: str = typer.Option(..., help="Mask store written by `compile`, or 'none' for the dense baseline."),
     out: Path = typer.Option(None, help="Folder for the model, settings.json and metrics.json (required "
                              "except for fairseq, whose --save-dir is a fairseq-train argument)."),
-    task: str = typer.Option("classify", help="classify (sequence classification), or lm (Transformer-XL "
+    task: str = typer.Option("classify", metavar=choices("classify", "lm"),
+                             help="classify (sequence classification), or lm (Transformer-XL "
                              "language model on a text file; MODEL 'none' with --config trains from scratch)."),
-    config: Optional[str] = typer.Option(None, help="--task lm: preset small or base to train from scratch."),
+    config: Optional[str] = typer.Option(None, metavar=choices("small", "base"),
+                                         help="--task lm: preset small or base to train from scratch."),
     steps: Optional[int] = typer.Option(None, help="--task lm: optimizer steps [default: --epochs passes]."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the label [default: label; category for rotten-tomatoes(-full)]."),
     labels: Optional[str] = typer.Option(None, help="Comma-separated label values to keep [rotten-tomatoes(-full): fresh,rotten]."),
-    split: Optional[str] = typer.Option(None, help="Dataset split of DATA to read [default: the data's own]."),
+    split: Optional[str] = typer.Option(None, help="Dataset split of DATA to read [default: the data's own; "
+                                        "a built-in text such as hamlet: train, its first nine tenths]."),
     epochs: int = typer.Option(1, help="Passes over the training examples."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, linear warmup and decay) "
                                        "[default: 5e-5; --task lm: 2e-4, or 1e-3 from scratch]."),
     batch_size: int = typer.Option(16, help="Examples per batch and process (--task lm: parallel streams)."),
     gradient_accumulation: int = typer.Option(1, help="Batches per optimizer step."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (mixed precision; fp16 needs CUDA)."),
+    precision: str = typer.Option("fp32", metavar=choices("fp32", "bf16", "fp16"),
+                                  help="fp32, bf16 or fp16 (mixed precision; fp16 needs CUDA)."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example (longer ones are truncated) "
                                              "[default: 128; --task lm: the model's tgt_len]."),
     eval_split: float = typer.Option(0.2, help="Share of the examples held out for evaluation."),
     seed: int = typer.Option(0, help="Seed of the held-out split, the head's initialisation and the batch order."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (several GPUs: start with torchrun or "
+    device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"),
+                               help="auto, cpu or cuda (several GPUs: start with torchrun or "
                                "accelerate launch)."),
-    backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
+    backend: str = typer.Option("auto", metavar=choices("auto", "eager", "sdpa", "blocksparse", "flex"),
+                                help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
     limit: Optional[int] = typer.Option(None, help="Only the first N labelled examples (then split by --seed)."),
     report_to: str = typer.Option("none", help="Trainer logging integrations, comma-separated (tensorboard, "
                                   "wandb, ...), or none."),
@@ -909,20 +985,26 @@ def train(
 def eval_command(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="A model folder written by `train`."),
-    data: str = typer.Argument(..., help="Labelled data (as for `train`)."),
+    data: str = typer.Argument(..., help="Labelled data (as for `train`); --task lm: a text "
+                               "file or 'hamlet'."),
     masks: Optional[str] = typer.Option(None, help="Mask store, or 'none' [default: the masks recorded in the model]."),
-    task: str = typer.Option("classify", help="classify, or lm (perplexity of a Transformer-XL on a text file)."),
+    task: str = typer.Option("classify", metavar=choices("classify", "lm"),
+                             help="classify, or lm (perplexity of a Transformer-XL on a text file)."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the label."),
     split: Optional[str] = typer.Option(None, help="Dataset split of DATA to read [default: the data's own; "
-                                        "fairseq: test]."),
-    on: str = typer.Option("auto", help="held-out (the examples training held out), all, or auto (held-out "
+                                        "fairseq: test; --task lm on a built-in text such as hamlet: valid, "
+                                        "its held-out last tenth]."),
+    on: str = typer.Option("auto", metavar=choices("auto", "held-out", "all"),
+                           help="held-out (the examples training held out), all, or auto (held-out "
                            "when DATA is the training data)."),
     batch_size: int = typer.Option(32, help="Examples per batch."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example [default: as in training]."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (fp16 needs CUDA)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
+    precision: str = typer.Option("fp32", metavar=choices("fp32", "bf16", "fp16"),
+                                  help="fp32, bf16 or fp16 (fp16 needs CUDA)."),
+    device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),
+    backend: str = typer.Option("auto", metavar=choices("auto", "eager", "sdpa", "blocksparse", "flex"),
+                                help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
     limit: Optional[int] = typer.Option(None, help="Only the first N of the examples evaluated (fairseq: "
                                         "sentence ids 0..N-1 of the split, whatever --batch-size)."),
     prune_tokens: Optional[str] = typer.Option(None, help=PRUNE_SPEC_HELP + "; 'none' turns it off "
@@ -965,8 +1047,10 @@ def sweep(
                               "--seed, --seed + 1, ...; means and paired 95 % intervals over them."),
     out: Path = typer.Option(..., help="Folder for masks/, runs/, sweep.csv, summary.csv, sweep.json and sweep.png "
                              "(finished runs are reused)."),
-    scope: str = typer.Option("layer", help="Compile scope: layer, head or global."),
-    budget: str = typer.Option("data", help="Compile budget: data or plane (see `compile --budget`)."),
+    scope: str = typer.Option("layer", metavar=choices("layer", "head", "global"),
+                              help="Compile scope: layer, head or global."),
+    budget: str = typer.Option("data", metavar=choices("data", "plane"),
+                               help="Compile budget: data or plane (see `compile --budget`)."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the label."),
     labels: Optional[str] = typer.Option(None, help="Comma-separated label values to keep (default: all)."),
@@ -976,8 +1060,9 @@ def sweep(
     max_length: int = typer.Option(128, help="Tokens per example."),
     eval_split: float = typer.Option(0.2, help="Held-out share."),
     seed: int = typer.Option(0, help="First seed."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    backend: str = typer.Option("auto", help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
+    device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),
+    backend: str = typer.Option("auto", metavar=choices("auto", "eager", "sdpa", "blocksparse", "flex"),
+                                help="Mask backend: auto, eager, sdpa, blocksparse or flex."),
     limit: Optional[int] = typer.Option(None, help="Use the first N labelled examples."),
 ):
     """Compile, train and evaluate at each tau over seeds (and random masks) -> tables, CSVs and sweep.png."""
@@ -1000,13 +1085,27 @@ def sweep(
     bar, callback = training_bar()
     with bar:
         result = run_sweep(base, str(patterns), parse_taus(taus), variants, out, list(range(seed, seed + seeds)),
-                           on_run=lambda name, row: bar.console.print(f"{name}: accuracy {row['accuracy']:.4f}"),
+                           on_run=lambda name, row: sweep_run_line(bar.console.print, name, row),
                            progress=callback)
     console.print(sweep_table(f"sweep {model} on {data}: {seeds} seed(s)", result))
     console.print(f"majority class {result['majority']:.4f}; sparsity = data sparsity (share of the attention entries "
                   "computed on the collected data that the masks remove), mass kept on that data, plane sparsity; "
                   "differences are paired by seed, ± the 95 % t-interval's half-width")
     console.print(f"wrote {out / 'sweep.csv'}, {out / 'summary.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+
+
+def sweep_run_line(say: Callable[[str], None], name: str, row: dict) -> None:
+    """A finished sweep run (on stderr, through the progress bar's console `say`): its accuracy beside its
+    majority-class baseline, then a warning line for each reason it learned nothing
+    (attnmask.train.learning_warnings)."""
+    from attnmask.train import learning_warnings
+
+    if row.get("majority") is None:  # a run reused from before the baseline was recorded
+        say(f"{name}: accuracy {row['accuracy']:.4f}")
+        return
+    say(f"{name}: accuracy {row['accuracy']:.4f} (majority class {row['majority']:.4f})")
+    for line in learning_warnings(row):
+        say(escape(f"warning: {name}: {line}"))
 
 
 def points(value: float | None, interval: float | None) -> str:
@@ -1036,7 +1135,7 @@ def demo(
     epochs: int = typer.Option(1, help="Training epochs."),
     max_length: int = typer.Option(32, help="Tokens per snippet."),
     seed: int = typer.Option(0, help="Seed of the split, the training and the random masks."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace an existing demo folder."),
 ):
     """collect -> compile -> train dense, data-informed and random MiniLM classifiers (Rotten Tomatoes fresh vs rotten)."""
@@ -1121,8 +1220,9 @@ def bench(
     model_lengths: Optional[str] = typer.Option(None, help="Lengths of the whole-model benchmark "
                                                 "[default: --lengths]."),
     batch_size: int = typer.Option(2, help="Sequences per call."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16 (float16 on CUDA)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", metavar=choices("float32", "bfloat16", "float16"),
+                              help="float32 or bfloat16 (float16 on CUDA)."),
+    device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),
     backends: str = typer.Option("sdpa,blocksparse,auto", help="Masked backends to time, comma-separated "
                                  "(eager, sdpa, blocksparse, flex, auto)."),
     rounds: int = typer.Option(7, help="Interleaved rounds: every variant timed once per round, order rotated."),
@@ -1210,7 +1310,8 @@ def compact(
     blocks: int = typer.Option(2, help="Compact blocks per substitute."),
     heads: int = typer.Option(4, help="Attention heads of a compact block."),
     intermediate: Optional[int] = typer.Option(None, help="Feed-forward width of a compact block [default: 4 x --hidden]."),
-    task: str = typer.Option("distill", help="distill (hidden states only), or classify (then fine-tune the "
+    task: str = typer.Option("distill", metavar=choices("distill", "classify"),
+                             help="distill (hidden states only), or classify (then fine-tune the "
                              "whole model with the teacher's logits: KL + cross-entropy)."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
     label_column: Optional[str] = typer.Option(None, help="--task classify: column holding the label."),
@@ -1223,7 +1324,7 @@ def compact(
     eval_split: float = typer.Option(0.2, help="Share of the examples held out for evaluation."),
     seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
     limit: Optional[int] = typer.Option(None, help="Use a seeded random sample of N examples."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),
     gmacs_length: int = typer.Option(128, help="Sequence length at which GMACs are counted."),
     out: Optional[Path] = typer.Option(None, help="Folder for the compact model (without it, --patterns only "
                                        "prints the proposals)."),

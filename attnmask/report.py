@@ -6,8 +6,8 @@ token classes when collected, head similarity) and the head statistics of attnma
 whose columns sort on a click (a few lines of inline JavaScript) and whose numbers are shaded from the
 column's smallest (white) to its largest value (blue). For every mask store: its settings, every
 per-site attribute it carries (read defensively: whatever compile wrote is shown, known ones with a
-description), its sparsity and the attention mass it keeps per layer and head, and the grid of the
-pattern with its pruned entries grey. Images are PNGs embedded as base64 `data:` URIs and nothing is
+description), its data sparsity, mass kept and plane sparsity (attnmask.accounting) on the report's
+pattern store per site, layer and head, and the grid of the pattern with its pruned entries grey. Images are PNGs embedded as base64 `data:` URIs and nothing is
 loaded from elsewhere, so the page is one file that can be mailed or archived.
 """
 
