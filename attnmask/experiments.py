@@ -213,8 +213,9 @@ def sweep(base: TrainSettings, patterns: str | dict[int, str], taus: list[float]
     for planned in plan(base, stores, taus, variants, out, seeds):
         metrics = finished_or_train(base, planned, progress)
         row = {"seed": planned.seed, "kind": planned.kind, "tau": planned.tau,
-               **{k: metrics.get(k) for k in ("sparsity", "mass_kept", "plane_sparsity", "accuracy",
-                                               "train_loss_last_epoch", "train_seconds")},
+               **{k: metrics.get(k) for k in ("sparsity", "mass_kept", "plane_sparsity", "accuracy", "majority",
+                                               "majority_label", "predicted", "train_loss_last_epoch",
+                                               "train_seconds")},
                "run": str(planned.run)}
         rows.append(row)
         if on_run is not None:

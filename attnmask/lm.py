@@ -174,12 +174,23 @@ def _vocab_symbols(saved, path: Path) -> list[str]:
     return symbols
 
 
-def read_lines(path: str | Path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise AttnmaskError(f"text file {p} does not exist")
-    with open(p, encoding="utf-8", errors="replace") as fh:
-        return [line.rstrip("\r\n") for line in fh]
+def text_source(text: str | Path, split: str | None = None):
+    """A plain text DATA argument (attnmask.data.DataSource): a text file (its one split, train) or a
+    built-in text such as `hamlet` (split train, the default, or valid)."""
+    from attnmask.data import resolve_data
+
+    source = resolve_data(str(text), split=split)
+    if source.kind != "text":
+        raise AttnmaskError(f"{text} is a {source.kind} table; a language model reads a plain text file "
+                            "(one line after another)")
+    return source
+
+
+def read_lines(text: str | Path, split: str | None = None) -> list[str]:
+    """The non-empty lines of a plain text (text_source), read as `collect` reads them."""
+    from attnmask.data import iter_texts
+
+    return list(iter_texts(text_source(text, split)))
 
 
 def batchify(stream: torch.Tensor, batch: int) -> torch.Tensor:
@@ -270,18 +281,23 @@ def evaluate(run: LMRun, stream: torch.Tensor, batch_size: int) -> dict:
 
 def eval_lm(model: str | Path, text: str | Path, *, masks: str | Path | MaskStore | None = None,
             batch_size: int = 8, tgt_len: int | None = None, mem_len: int | None = None,
-            device: torch.device | str = "cpu", backend: str = "auto") -> dict:
-    """Perplexity of a saved Transformer-XL on a text file, with attention masks: `masks`, or when
+            device: torch.device | str = "cpu", backend: str = "auto", split: str | None = None) -> dict:
+    """Perplexity of a saved Transformer-XL on a text (read_lines: a file, or a built-in text's `split`,
+    by default its held-out one, attnmask.data.default_eval_split), with attention masks: `masks`, or when
     None the store recorded in the model's config (if it is still there, same digest), or 'none'.
 
-    Returns {'loss', 'perplexity', 'tokens', 'seconds', 'masks'} (masks: the digest or None)."""
+    Returns {'split', 'loss', 'perplexity', 'tokens', 'seconds', 'masks'} (masks: the digest or None)."""
+    from attnmask.data import default_eval_split, iter_texts
+
+    source = text_source(text, split or default_eval_split(str(text)))
+    lines = list(iter_texts(source))
     run = load_lm(model, device, tgt_len, mem_len)
     store = None
     if masks is None:
         masks = recorded_store(model, run.model.config)
     if masks is not None and str(masks) != "none":
         store = load_masks(run.model, masks, run.tgt_len, run.mem_len, backend).store
-    result = evaluate(run, run.vocab.encode_lines(read_lines(text)), batch_size)
+    result = {"split": source.split, **evaluate(run, run.vocab.encode_lines(lines), batch_size)}
     result["masks"] = store.digest if store is not None else None
     return result
 
@@ -404,9 +420,10 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
              tgt_len: int | None = None, mem_len: int | None = None, lr: float | None = None,
              seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False, resume: bool = False,
              precision: str = "fp32", gradient_accumulation: int = 1, report_to: str = "none",
-             progress: Callable | None = None, backend: str = "auto") -> dict:
-    """Train a Transformer-XL language model on `text` for `steps` optimizer steps (None: `epochs`
-    passes over the text), with masks if given, on transformers.Trainer (attnmask/trainer.py).
+             progress: Callable | None = None, backend: str = "auto", split: str | None = None) -> dict:
+    """Train a Transformer-XL language model on `text` (read_lines: a file, or a built-in text's `split`,
+    by default train) for `steps` optimizer steps (None: `epochs` passes over the text), with masks if
+    given, on transformers.Trainer (attnmask/trainer.py).
 
     model None and config 'small'|'base': from scratch (vocabulary built from `text`); otherwise
     fine-tune the model folder `model` (its vocabulary). Adam (AdamW without decay), linear warm-up over
@@ -430,7 +447,7 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
     if model is not None and config is not None:
         raise AttnmaskError("--config trains from scratch; it cannot be combined with a model folder")
     lr = lr or (1e-3 if model is None else 2e-4)
-    comparable = {"model": None if model is None else str(model), "text": str(text), "config": config,
+    comparable = {"model": None if model is None else str(model), "text": str(text), "split": split, "config": config,
                   "masks": None if masks is None else str(getattr(masks, "path", masks)), "steps": steps,
                   "epochs": epochs, "batch_size": batch_size, "tgt_len": tgt_len, "mem_len": mem_len, "lr": lr,
                   "seed": seed, "precision": precision, "gradient_accumulation": gradient_accumulation}
@@ -439,7 +456,7 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
                         warmup_share=0.05, scheduler="cosine", weight_decay=0.0, max_grad_norm=0.25, seed=seed,
                         use_cpu=torch.device(device).type == "cpu", precision=precision,
                         gradient_accumulation=gradient_accumulation, report_to=report_to, sequential=True)
-    lines = read_lines(text)
+    lines = read_lines(text, split)
     if model is None:
         vocab = Vocabulary.build(lines)
         run = _with_lengths(new_model(config, vocab, seed), vocab, tgt_len, mem_len)

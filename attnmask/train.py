@@ -106,6 +106,7 @@ class LabelledData:
     texts: list[str]
     labels: list[int]
     names: list[str]  # label id -> label name
+    split: str | None = None  # the dataset split read (the data layer's name for it)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def read_labelled(data: str, text_column: str | None, label_column: str | None,
         raise AttnmaskError(f"{data} has labels {', '.join(map(repr, unknown[:5]))} the model does not know "
                             f"(model labels: {', '.join(names)})")
     index = {name: i for i, name in enumerate(names)}
-    return LabelledData([t for t, _ in pairs], [index[label] for _, label in pairs], list(names))
+    return LabelledData([t for t, _ in pairs], [index[label] for _, label in pairs], list(names), source.split)
 
 
 def split(n: int, eval_split: float, seed: int, limit: int | None) -> tuple[list[int], list[int]]:
@@ -168,7 +169,7 @@ def load_classifier(spec: str, num_labels: int | None, names: list[str] | None, 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from attnmask.models.hf import register_attention, resolve_model_path
+    from attnmask.models.hf import loading_error, register_attention, resolve_model_path
 
     path = resolve_model_path(spec)
     hf_logging.set_verbosity_error()
@@ -183,7 +184,7 @@ def load_classifier(spec: str, num_labels: int | None, names: list[str] | None, 
         model = AutoModelForSequenceClassification.from_pretrained(
             path, local_files_only=True, attn_implementation="eager", **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise AttnmaskError(f"cannot load a sequence classifier from {spec}: {str(e).splitlines()[0]}") from None
+        raise loading_error(spec, path, e, "a sequence classifier") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -235,11 +236,35 @@ class EncodeBatch:
         return {**enc, "labels": torch.tensor([x["label"] for x in items])}
 
 
-def predicted_accuracy(trainer, dataset: LabelledExamples) -> float:
-    """Share of examples whose argmax logit is the label (Trainer.predict: batched, every process)."""
+def predicted_scores(trainer, dataset: LabelledExamples, names: list[str]) -> dict:
+    """Trainer.predict (batched, every process) scored by `scores`: the argmax logit is the prediction."""
     result = trainer.predict(dataset)
     logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
-    return float((np.asarray(logits).argmax(-1) == np.asarray(result.label_ids)).mean())
+    return scores(np.asarray(logits).argmax(-1), np.asarray(result.label_ids), names)
+
+
+def scores(predicted: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """accuracy: share of the n examples whose prediction is the label; majority: the accuracy of always
+    answering the most common label of these n examples (the baseline a model must beat), and that label;
+    predicted: how many examples were given each label name (names of label ids 0..C-1)."""
+    counts = np.bincount(labels, minlength=len(names))
+    return {"accuracy": float((predicted == labels).mean()), "majority": float(counts.max() / len(labels)),
+            "majority_label": names[int(counts.argmax())],
+            "predicted": {names[i]: int(c) for i, c in enumerate(np.bincount(predicted, minlength=len(names)))}}
+
+
+def learning_warnings(metrics: dict) -> list[str]:
+    """Why a classifier's accuracy (scores' fields) shows it learned nothing: it gives one label to every
+    example, or it does not beat the majority class."""
+    predicted = {name: n for name, n in metrics["predicted"].items() if n}
+    hint = "; try more examples, more --epochs or another --lr"
+    if len(predicted) == 1:
+        return [f"the model predicts {next(iter(predicted))!r} for all {sum(predicted.values())} examples: "
+                f"it has learned nothing from its inputs{hint}"]
+    if metrics["accuracy"] <= metrics["majority"]:
+        return [f"accuracy {metrics['accuracy']:.4f} does not beat the majority class ({metrics['majority_label']!r}: "
+                f"{metrics['majority']:.4f}){hint}"]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,11 +326,11 @@ def train_classifier(settings: TrainSettings, progress: Callable | None = None) 
         if extensions and extensions[0].stage == "soft":
             extensions[0].set_stage("hard")
         pruning.reset_stats()
-    acc = predicted_accuracy(trainer, LabelledExamples(data, eval_idx))
+    scored = predicted_scores(trainer, LabelledExamples(data, eval_idx), data.names)
     losses = step_losses(trainer)
     steps_per_epoch = math.ceil(trainer.state.max_steps / settings.epochs)
     metrics = {
-        "accuracy": acc,
+        **scored,
         "eval_examples": len(eval_idx),
         "train_examples": len(train_idx),
         "train_loss_last_epoch": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
@@ -468,14 +493,14 @@ def evaluate_classifier(settings: EvalSettings) -> dict:
     try:
         trainer = prediction_trainer(model, EncodeBatch(tokenizer, max_length), settings.batch_size,
                                      use_cpu=device.type == "cpu", precision=settings.precision)
-        acc = predicted_accuracy(trainer, LabelledExamples(data, idx))
+        scored = predicted_scores(trainer, LabelledExamples(data, idx), names)
     finally:
         if handle is not None:
             handle.remove()
         if pruning is not None:
             pruning.remove()
-    return {"model": settings.model, "data": settings.data, "split": settings.split, "on": on,
-            "examples": len(idx), "accuracy": acc, "masks": (store.path if store else "none"), "masks_note": note,
+    return {"model": settings.model, "data": settings.data, "split": data.split, "on": on,
+            "examples": len(idx), **scored, "masks": (store.path if store else "none"), "masks_note": note,
             "masks_digest": store.digest if store else None, **sparsity_fields(store),
             "backend": handle.backend if handle else None, "max_length": max_length,
             "precision": settings.precision, "seconds": round(time.perf_counter() - started, 2),

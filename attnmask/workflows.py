@@ -77,8 +77,8 @@ def _train_fairseq(options: dict, progress: Progress | None, warn: Warn) -> Outc
 
 
 def _train_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
-    """A Transformer-XL language model trained on the text file DATA (attnmask.lm.train_lm), from MODEL or,
-    with MODEL 'none' and --config, from scratch."""
+    """A Transformer-XL language model trained on the text DATA (attnmask.lm.train_lm: a file, or a built-in
+    text's --split, by default train), from MODEL or, with MODEL 'none' and --config, from scratch."""
     from attnmask.lm import train_lm
     from attnmask.models import pick_device
 
@@ -89,7 +89,7 @@ def _train_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
                        tgt_len=options["max_length"], seed=options["seed"], device=pick_device(options["device"]),
                        overwrite=options["overwrite"], resume=options["resume"], precision=options["precision"],
                        gradient_accumulation=options["gradient_accumulation"], report_to=options["report_to"],
-                       progress=progress, backend=options["backend"])
+                       progress=progress, backend=options["backend"], split=options["split"])
     return Outcome(summary)
 
 
@@ -111,7 +111,18 @@ def _train_classify(options: dict, progress: Progress | None, warn: Warn) -> Out
                              report_to=options["report_to"], resume=options["resume"],
                              overwrite=options["overwrite"], pruning=options["pruning"], **given)
     settings.validate()
-    return Outcome(train(settings, progress))
+    metrics = train(settings, progress)
+    warn_unlearned(metrics, warn)
+    return Outcome(metrics)
+
+
+def warn_unlearned(metrics: dict, warn: Warn) -> None:
+    """A warning line for each reason the classifier's accuracy shows it learned nothing
+    (attnmask.train.learning_warnings)."""
+    from attnmask.train import learning_warnings
+
+    for line in learning_warnings(metrics):
+        warn(line)
 
 
 def _check_fairseq_eval(options: dict) -> None:
@@ -144,13 +155,15 @@ def _eval_fairseq(options: dict, progress: Progress | None, warn: Warn) -> Outco
 
 
 def _eval_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
-    """Perplexity of the Transformer-XL MODEL on the text file DATA (attnmask.lm.eval_lm)."""
+    """Perplexity of the Transformer-XL MODEL on the text DATA (attnmask.lm.eval_lm: a file, or a built-in
+    text's --split, by default its held-out split valid)."""
     from attnmask.lm import eval_lm
     from attnmask.models import pick_device
 
     return Outcome(eval_lm(options["model"], options["data"], masks=options["masks"],
                            batch_size=options["batch_size"], tgt_len=options["max_length"],
-                           device=pick_device(options["device"]), backend=options["backend"]))
+                           device=pick_device(options["device"]), backend=options["backend"],
+                           split=options["split"]))
 
 
 def _eval_classify(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
@@ -164,6 +177,7 @@ def _eval_classify(options: dict, progress: Progress | None, warn: Warn) -> Outc
                                    batch_size=options["batch_size"], max_length=options["max_length"],
                                    precision=options["precision"], device=options["device"],
                                    backend=options["backend"], limit=options["limit"], pruning=options["pruning"]))
+    warn_unlearned(result, warn)
     return Outcome(result, (f"masks: {result['masks_note']}",))
 
 
@@ -174,11 +188,12 @@ LM_TRAIN = Workflow(_check_train,
                     (Applies("to --task lm", only=frozenset({
                         "masks", "out", "task", "config", "steps", "epochs", "lr", "batch_size", "max_length", "seed",
                         "device", "backend", "overwrite", "resume", "precision", "gradient_accumulation", "report_to",
-                        "as_json", "as_csv"})),),
+                        "as_json", "as_csv", "split"})),),
                     _train_lm, ("masks", "steps", "train_loss", "seconds"), progress_bar=True)
 CLASSIFY_TRAIN = Workflow(_check_train, (Applies("to --task {task}", but=frozenset({"config", "steps"})),),
                           _train_classify, ("masks", "sparsity", "backend", "train_examples", "eval_examples",
-                                            "train_loss_last_epoch", "accuracy", "train_seconds"), progress_bar=True)
+                                            "train_loss_last_epoch", "accuracy", "majority", "train_seconds"),
+                          progress_bar=True)
 FAIRSEQ_EVAL = Workflow(_check_fairseq_eval,
                         (Applies("to fairseq", only=frozenset({"masks", "split", "batch_size", "limit", "device",
                                                                "backend"}) | _FAIRSEQ_EVAL_OPTIONS),),
@@ -186,10 +201,11 @@ FAIRSEQ_EVAL = Workflow(_check_fairseq_eval,
 LM_EVAL = Workflow(_check_eval,
                    (Applies("without MODEL fairseq", but=_FAIRSEQ_EVAL_OPTIONS),
                     Applies("to --task lm", only=frozenset({"masks", "task", "batch_size", "max_length", "device",
-                                                            "backend", "as_json", "as_csv"}))),
-                   _eval_lm, ("masks", "tokens", "loss", "perplexity", "seconds"))
+                                                            "backend", "as_json", "as_csv", "split"}))),
+                   _eval_lm, ("masks", "split", "tokens", "loss", "perplexity", "seconds"))
 CLASSIFY_EVAL = Workflow(_check_eval, (Applies("without MODEL fairseq", but=_FAIRSEQ_EVAL_OPTIONS),),
-                         _eval_classify, ("masks", "sparsity", "backend", "split", "on", "examples", "accuracy"))
+                         _eval_classify, ("masks", "sparsity", "backend", "split", "on", "examples", "accuracy",
+                                         "majority"))
 
 # MODEL keywords that name a workflow whatever --task says, then the --task values with their own workflow;
 # every other task is the classifier's (attnmask.train validates it).

