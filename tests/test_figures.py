@@ -134,3 +134,15 @@ def test_plot_images_name_the_figures(compiled):
     title = head_figure(view, 1, 1).axes[0].get_title()
     assert FIGURE_LINE.search(title).groups() == printed(head)
     assert figures_text(head) in title
+
+
+def test_compile_json_pipes_into_json_tool(compiled, tmp_path):
+    """`compile --json` prints only the JSON object (no status line or table) on stdout."""
+    import subprocess
+    import sys
+
+    patterns = compiled[0]
+    r = subprocess.run(f"{sys.executable} -m attnmask compile {patterns} --tau 0.5 --out {tmp_path / 'm.zarr'} --json "
+                       f"| {sys.executable} -m json.tool", shell=True, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["figures"] == read_masks(tmp_path / "m.zarr").attrs["figures"]
