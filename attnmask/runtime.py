@@ -255,11 +255,12 @@ class MaskedAttention:
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: Call,
                training: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """query [B, H, q, D], key/value [B, Hkv, k, D] -> (out [B, H, q, D], probabilities [B, H, q, k] or
-        None), in the caller's slots; a left-padded call runs on sequences moved to slot 0 (attend_left_padded)."""
+        None), in the caller's slots. A left-padded call, and a padded cross-attention call, run as each
+        sequence's unpadded call would (attend_padded)."""
         if self.keep.device != query.device:  # the model moved after masks were applied (fairseq's trainer)
             self.to(query.device)
-        if call.key_start is not None:
-            return self.attend_left_padded(query, key, value, call, training)
+        if call.key_start is not None or (self.cross and call.key_len is not None):
+            return self.attend_padded(query, key, value, call, training)
         return self.attend_aligned(query, key, value, call, training)
 
     def attend_aligned(self, query, key, value, call: Call, training: bool):
@@ -278,52 +279,49 @@ class MaskedAttention:
 
         return flex_attention_call(query, key, value, self.flex_plan(call.window), call), None
 
-    def attend_left_padded(self, query, key, value, call: Call, training: bool):
-        """Left padding (s_b = key_start[b] slots before sequence b's first token), read as positions
-        counted from each sequence's first token, so the result equals the unpadded sequence's.
+    def attend_padded(self, query, key, value, call: Call, training: bool):
+        """Padding read as positions counted from each sequence's first token (s_b = key_start[b] slots
+        of left padding, n_b = key_len[b] real keys), so every sequence's result equals its unpadded call's.
 
-        Queries that move with their keys (cross-attention: the keys alone move; self-attention with
-        q = k: every key slot is a query) form one right-padded call: keys and values (and self-attention
-        queries) rolled by -s_b, the outputs and probabilities rolled back. Self-attention queries behind
-        a cache (q < k) sit at plane rows row0 + i - s_b, which differ between sequences: the sequences
-        of each distinct s run as one call on their keys s.. (attend_by_offset)."""
+        Self-attention with q = k (no cache): every key slot is a query, so keys, values and queries are
+        rolled by -s_b into one right-padded call, and the outputs and probabilities rolled back.
+        Self-attention behind a cache (q < k) sits at plane rows row0 + i - s_b, which differ between
+        sequences, and cross-attention's row guarantee reads the row's real keys (a row keeping none of
+        them keeps source token 0): those run one call per (s, n) on their own keys (attend_groups)."""
         if call.extra is not None or call.model_allowed is not None:
-            raise AttnmaskError("left padding cannot be combined with a score term or a model mask")
+            raise AttnmaskError("padding read per sequence cannot be combined with a score term or a model mask")
         q, k = query.shape[-2], key.shape[-2]
-        start = call.key_start
+        start = torch.zeros_like(call.key_len) if call.key_start is None else call.key_start
         length = k - start if call.key_len is None else call.key_len
-        if not self.cross and q < k:
-            return self.attend_by_offset(query, key, value, call, length, training)
+        if self.cross or q < k:
+            return self.attend_groups(query, key, value, call, start, length, training)
         aligned = replace(call, key_start=None, key_len=None if bool((length == k).all()) else length)
-        moves = not self.cross
-        out, probs = self.attend_aligned(roll_slots(query, -start) if moves else query, roll_slots(key, -start),
-                                         roll_slots(value, -start), aligned, training)
-        if moves:
-            out = roll_slots(out, start)
-        if probs is not None:
-            probs = roll_slots(probs, start, dim=3)
-            probs = roll_slots(probs, start, dim=2) if moves else probs
-        return out, probs
+        out, probs = self.attend_aligned(roll_slots(query, -start), roll_slots(key, -start), roll_slots(value, -start),
+                                         aligned, training)
+        return roll_slots(out, start), None if probs is None else roll_slots(roll_slots(probs, start, 3), start, 2)
 
-    def attend_by_offset(self, query, key, value, call: Call, length: torch.Tensor, training: bool):
-        """Self-attention behind a cache, sequences grouped by their left padding s: keys s..k-1, queries
-        from the first real token on (q' = min(q, k - s) of them), window rows row0 - s + (q - q').
-        Outputs and probabilities of padding queries are 0."""
+    def attend_groups(self, query, key, value, call: Call, start: torch.Tensor, length: torch.Tensor, training: bool):
+        """Sequences grouped by (s, n), each group one call on its real keys s .. s + n - 1.
+        Cross-attention: every query, Window(q, n) at the call's row0 and col0. Self-attention behind a
+        cache: the queries from the first real token on (the last q' = min(q, k - s)), at plane rows from
+        row0 - s + (q - q'), keys s .. k - 1 of which n are real. Padding queries and empty sources give 0."""
         q, k = query.shape[-2], key.shape[-2]
         out = query.new_zeros(query.shape[:-1] + value.shape[-1:])
         probs = query.new_zeros(query.shape[:-1] + (k,), dtype=torch.float32) if call.need_probs else None
-        for s in torch.unique(call.key_start).tolist():
-            rows = (call.key_start == s).nonzero().squeeze(1)
-            keys = k - s
-            first = q - min(q, keys)  # the group's first real query
-            lengths = length[rows]
-            window = Window(q - first, keys, call.window.row0 - s + first, call.window.col0)
+        for s, n in torch.stack([start, length], 1).unique(dim=0).tolist():
+            rows = ((start == s) & (length == n)).nonzero().squeeze(1)
+            keys = n if self.cross else k - s
+            first = 0 if self.cross else q - min(q, keys)  # the group's first real query
+            if n == 0 or first == q:
+                continue
+            window = Window(q - first, keys, call.window.row0 + (0 if self.cross else first - s), call.window.col0)
             group = replace(call, window=window, key_start=None,
-                            key_len=None if bool((lengths == keys).all()) else lengths)
-            o, p = self.attend_aligned(query[rows, :, first:], key[rows, :, s:], value[rows, :, s:], group, training)
+                            key_len=None if n == keys else torch.full_like(rows, n))
+            o, p = self.attend_aligned(query[rows, :, first:], key[rows, :, s:s + keys], value[rows, :, s:s + keys],
+                                       group, training)
             out[rows, :, first:] = o
             if probs is not None:
-                probs[rows, :, first:, s:] = p
+                probs[rows, :, first:, s:s + keys] = p
         return out, probs
 
 

@@ -238,16 +238,20 @@ def test_transformer_xl_position_term_per_tile_equals_the_dense_term():
             assert torch.allclose(tiles[:, r][:, inside], want[:, inside], atol=1e-5)
 
 
-def test_fairseq_left_padding_rolls_to_the_front_and_back():
-    from attnmask.models.fairseq import left_padding, roll_positions
+def test_fairseq_padding_is_read_as_each_sentences_padding_before_and_after_it():
+    from attnmask.models.fairseq import sentence_padding
+    from attnmask.runtime import roll_slots
 
-    pad = torch.tensor([[True, True, False, False, False], [False] * 5])
-    shift = left_padding(pad)
-    assert shift.tolist() == [2, 0] and left_padding(torch.zeros(2, 5, dtype=torch.bool)) is None
+    pad = torch.tensor([[True, True, False, False, False], [False] * 4 + [True]])
+    key_start, key_len, model_allowed = sentence_padding(pad)
+    assert key_start.tolist() == [2, 0] and key_len.tolist() == [3, 4] and model_allowed is None
+    assert sentence_padding(torch.zeros(2, 5, dtype=torch.bool)) == (None, None, None)
+    holed = torch.tensor([[False, True, False]])  # not padding: a model mask
+    assert torch.equal(sentence_padding(holed)[2], ~holed[:, None, None, :])
     x = torch.arange(10.0).view(2, 1, 5, 1)
-    front = roll_positions(x, -shift)
+    front = roll_slots(x, -key_start)
     assert front[0, 0, :3, 0].tolist() == [2.0, 3.0, 4.0] and torch.equal(front[1], x[1])
-    assert torch.equal(roll_positions(front, shift), x)
+    assert torch.equal(roll_slots(front, key_start), x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ a subclass (no fairseq file is edited, parameters and state_dict keys are unchan
   included, runs inside fairseq.
 
 Positions. A mask cell (q, k) is indexed by the position of the query and key tokens in their
-sentences. Left-padded sentences (fairseq's default for sources) are rolled so that their first real
-token sits at slot 0, which makes every batch right-padded for the runtime, and rolled back after.
+sentences. The key padding mask is handed to the runtime as each sentence's padding before and after
+it (`Call.key_start`, `Call.key_len`): left-padded sentences (fairseq's default for sources) run as if
+their first real token sat at slot 0 (attnmask/runtime.py), outputs and weights in fairseq's own slots.
 Decoder queries are the last T of the target positions seen so far; in incremental decoding the
 self-attention's cached keys give the current target position, which it shares with the
 cross-attention of the same layer (`_attnmask_cursor`), so step t uses mask row t at both sites.
@@ -311,29 +312,16 @@ class _AttnmaskAttentionMixin:
         tgt_len, bsz, embed_dim = query.shape
         q, k, v, key_padding_mask = self._project(query, key, key_padding_mask, incremental_state, static_kv)
         src_len = k.shape[2]
-        shift = left_padding(key_padding_mask)
-        if shift is not None:  # sentence positions count from the first real token: move it to slot 0
-            k, v = roll_positions(k, -shift), roll_positions(v, -shift)
-            if self.self_attention and tgt_len == src_len:
-                q = roll_positions(q, -shift)
-        key_len = None if key_padding_mask is None else src_len - key_padding_mask.sum(-1)
-        if key_len is not None and bool((key_len == src_len).all()):
-            key_len = None
+        key_start, key_len, model_allowed = sentence_padding(key_padding_mask)
         if self._attnmask_site == "decoder.cross":
             window = Window(tgt_len, src_len, row0=self._attnmask_cursor.get("start", 0))
         else:
             window = Window.self_attention(tgt_len, src_len)
         sink = self._attnmask_sink
         dropout = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
-        call = Call(window, self.scaling, key_len, dropout, need_probs=need_weights or sink is not None)
+        call = Call(window, self.scaling, key_len, dropout, model_allowed=model_allowed,
+                    need_probs=need_weights or sink is not None, key_start=key_start)
         out, probs = masked.attend(q, k, v, call, self.training)
-        rolled_queries = shift is not None and self.self_attention and tgt_len == src_len
-        if rolled_queries:
-            out = roll_positions(out, shift)
-        if probs is not None and shift is not None:
-            probs = roll_positions(probs.transpose(-1, -2), shift).transpose(-1, -2)
-            if rolled_queries:
-                probs = roll_positions(probs, shift)
         if sink is not None:
             sink(self._attnmask_site, self._attnmask_layer, probs)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim))
@@ -350,20 +338,20 @@ class _AttnmaskAttentionMixin:
             sink(self._attnmask_site, self._attnmask_layer, probs.view(-1, self.num_heads, t, s))
 
 
-def left_padding(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """long [B]: padding slots before each sentence's first real token; None when none are."""
+def sentence_padding(key_padding_mask: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """fairseq's key padding mask [B, S] (True = pad) as the runtime Call's (key_start, key_len,
+    model_allowed): left-padded sources and right-padded targets are runs of real slots (positions
+    count from each sentence's first token, runtime.key_padding); any other mask is a model mask."""
+    from attnmask.runtime import key_padding
+
     if key_padding_mask is None:
-        return None
-    pad = key_padding_mask.bool()
-    leading = pad.long().cumprod(-1).sum(-1)
-    return leading if bool(leading.any()) else None
-
-
-def roll_positions(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, D] with each sentence b's positions rolled by shift[b] along N (slot n -> n + shift)."""
-    n = x.shape[2]
-    index = (torch.arange(n, device=x.device)[None, :] - shift[:, None]) % n  # [B, N]
-    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+        return None, None, None
+    real = ~key_padding_mask.bool()
+    padding = key_padding(real)
+    if padding is None:
+        return None, None, real[:, None, None, :]
+    return padding[0], padding[1], None
 
 
 AttnmaskMultiheadAttention = None
