@@ -679,14 +679,17 @@ def settle_run(out: Path) -> None:
         if out.parent.is_dir() else []
     if not olds:
         return
-    if not os.path.lexists(out):
-        staged = staging_of(out)
-        if is_run(staged) and read_marker(staged)["state"] == "finished":
-            os.rename(staged, out)
-        else:
-            os.rename(olds.pop(), out)
-    for old in olds:
-        remove_run(old)
+    try:
+        if not os.path.lexists(out):
+            staged = staging_of(out)
+            if is_run(staged) and read_marker(staged)["state"] == "finished":
+                os.rename(staged, out)
+            else:
+                os.rename(olds.pop(), out)
+        for old in olds:
+            remove_run(old)
+    except FileNotFoundError:  # another process of the same run (torchrun) settled it first
+        pass
 
 
 def read_record(path: Path, need: str | None = None) -> dict:
