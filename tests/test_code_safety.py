@@ -14,9 +14,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -92,8 +94,11 @@ def test_expression_in_an_evaluated_config_field_never_runs(fairseq_run, tmp_pat
     would create does not exist."""
     data, checkpoint = fairseq_run
     ran = tmp_path / "ran"
-    evil = crafted(checkpoint, tmp_path / "evil.pt", "adaptive_softmax_cutoff",
-                   f"__import__('pathlib').Path({str(ran)!r}).touch()")
+    payload = f"__import__('pathlib').Path({str(ran)!r}).touch()"
+    eval(payload)  # what fairseq's eval_str_list did with it
+    assert ran.exists()
+    ran.unlink()
+    evil = crafted(checkpoint, tmp_path / "evil.pt", "adaptive_softmax_cutoff", payload)
     for name, argv in entry_points(evil, data, tmp_path).items():
         r = run(argv, tmp_path)
         output = r.stdout + r.stderr
@@ -188,3 +193,188 @@ def test_fairseq_imported_before_the_hook_is_guarded_too():
     assert fairseq.utils.eval is literal_value
     with pytest.raises(NotALiteral):
         fairseq.utils.eval_str_list("__import__('os').getpid()", type=int)
+
+
+# ----------------------------------------------------------------------------------------------
+# Items 2 and 6: the C++ kernel's build folder, its recorded sha256, its lock
+
+from attnmask.masks import native  # noqa: E402
+
+TINY_EXTENSION = """
+#include <Python.h>
+static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "%(name)s", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_%(name)s(void) { return PyModule_Create(&definition); }
+"""
+CONSTRUCTOR = """
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE *f = fopen("%(mark)s", "w"); if (f) fclose(f); }
+"""
+
+
+def compile_c(source: str, out: Path, *flags: str) -> Path:
+    cc = shutil.which("cc") or pytest.skip("no C compiler")
+    c = out.with_name(out.name + ".c")
+    c.write_text(source)
+    subprocess.run([cc, "-shared", "-fPIC", *flags, "-o", str(out), str(c)], check=True, capture_output=True)
+    c.unlink()
+    return out
+
+
+@pytest.fixture()
+def kernels(tmp_path, monkeypatch):
+    """(root, name, compiles): builds go to tmp_path/kernels under a name of this test's own; _compile
+    builds a tiny real Python extension (plus the leftovers a torch build has) and counts its calls."""
+    import sysconfig
+
+    root, name, compiles = tmp_path / "kernels", f"attnmask_test_{tmp_path.name.replace('-', '_')}", []
+
+    def tiny_compile(module_name, staging):
+        compiles.append(staging)
+        (staging / "build.ninja").write_text("")
+        (staging / "lock").write_text("")
+        compile_c(TINY_EXTENSION % {"name": module_name}, staging / f"{module_name}.so",
+                  f"-I{sysconfig.get_paths()['include']}")
+        return native._import(module_name, staging / f"{module_name}.so")
+
+    monkeypatch.setenv("ATTNMASK_NATIVE_DIR", str(root))
+    monkeypatch.setenv("ATTNMASK_NATIVE", "1")
+    monkeypatch.setattr(native, "extension_name", lambda: name)
+    monkeypatch.setattr(native, "_compile", tiny_compile)
+    native.kernel.cache_clear()
+    yield root, name, compiles
+    native.kernel.cache_clear()
+
+
+def kernel_warnings() -> tuple[object, list[str]]:
+    native.kernel.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = native.kernel()
+    return module, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_build_records_the_binarys_sha256_and_loads_verify_it(kernels):
+    root, name, compiles = kernels
+    module, said = kernel_warnings()
+    folder = root / name
+    library = native.binary(folder)
+    assert said == [] and len(compiles) == 1 and module.__name__ == name and Path(module.__file__) == library
+    assert sorted(p.name for p in folder.iterdir()) == [f"{name}.so", f"{name}.so.sha256"]  # no leftovers
+    assert native.record(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    assert not list(root.glob(f"{name}.build-*"))
+    again, said = kernel_warnings()  # a later process: loaded, verified, not rebuilt
+    assert said == [] and len(compiles) == 1 and Path(again.__file__) == library
+
+
+def plant(root: Path, name: str, mark: Path, how: str) -> Path:
+    """A shared object with a constructor (it creates `mark` when loaded) where the build would be."""
+    folder = root / name
+    folder.mkdir(parents=True, mode=0o700)
+    library = native.binary(folder)
+    if how == "link to a file elsewhere":
+        library.symlink_to(compile_c(CONSTRUCTOR % {"mark": mark}, root / "elsewhere.so"))
+    else:
+        compile_c(CONSTRUCTOR % {"mark": mark}, library)
+    if how == "another binary's sha256":
+        native.record(library).write_text(hashlib.sha256(b"the real build").hexdigest() + "\n")
+    elif how == "sha256 record is a FIFO":  # reading it would wait forever
+        os.mkfifo(native.record(library))
+    elif how != "no sha256 recorded":
+        native.record(library).write_text(native.sha256_of(library) + "\n")
+    if how == "folder writable by others":
+        folder.chmod(0o777)
+    return library
+
+
+@pytest.mark.parametrize("how", ["no sha256 recorded", "another binary's sha256", "folder writable by others",
+                                 "link to a file elsewhere", "sha256 record is a FIFO"])
+def test_planted_binary_is_never_loaded(kernels, tmp_path, how):
+    root, name, compiles = kernels
+    mark = tmp_path / "constructor-ran"
+    library = plant(root, name, mark, how)
+    module, said = kernel_warnings()
+    assert module is None and not mark.exists() and compiles == []
+    assert len(said) == 1 and said[0].startswith("attnmask: not loading the C++ block-sparse kernel"), said
+    assert not native.usable(torch.zeros(1, 1, 4, 8), 0.0, None, needs_grad=False)  # the Python kernel runs
+    loaded = run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(library)!r})"], tmp_path)
+    assert loaded.returncode == 0 and mark.exists()  # it would have run code had it been loaded
+
+
+def test_stale_lock_of_a_killed_build_does_not_hold_the_next(kernels, tmp_path):
+    """A build killed with -9 leaves NAME.lock (naming a dead pid) and its NAME.build-PID folder with
+    torch's own `lock` file: the next process builds at once, without a warning, and removes it."""
+    root, name, compiles = kernels
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dying = root / f"{name}.build-{dead.pid}"
+    dying.mkdir(parents=True)
+    (dying / "lock").write_text("")
+    (dying / "blocksparse.o").write_bytes(b"half an object")
+    (root / f"{name}.lock").write_text(f"{dead.pid}\n")
+    module, said = kernel_warnings()
+    assert module is not None and said == [] and len(compiles) == 1
+    assert not dying.exists() and native.trust_problem(root / name) is None
+
+
+def test_live_builder_is_announced_and_waited_for_a_bounded_time(kernels, monkeypatch):
+    root, name, compiles = kernels
+    monkeypatch.setenv("ATTNMASK_NATIVE_WAIT", "0.5")
+    root.mkdir(parents=True)
+    with open(root / f"{name}.lock", "w") as held:  # another open file: flock excludes it like a process
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        module, said = kernel_warnings()
+    assert module is None and compiles == []
+    assert said == [f"attnmask: process 4242 is building the C++ block-sparse kernel ({root / name}.lock); "
+                    "waiting up to 0.5 s for it",
+                    "attnmask: process 4242 is still building the C++ block-sparse kernel after 0.5 s; "
+                    "using the Python kernel"]
+
+
+def test_waiter_loads_the_build_another_process_finished(kernels):
+    import threading
+
+    root, name, compiles = kernels
+    root.mkdir(parents=True)
+    taken = threading.Event()
+
+    def other_builder():
+        with native.build_lock(root, name):
+            taken.set()
+            time.sleep(0.5)
+            native.build(root, name)
+
+    builder = threading.Thread(target=other_builder)
+    builder.start()
+    taken.wait(10)
+    module, said = kernel_warnings()
+    builder.join()
+    assert module is not None and Path(module.__file__) == native.binary(root / name)
+    assert len(compiles) == 1 and len(said) == 1 and "is building" in said[0]
+
+
+def test_real_build_killed_mid_way_then_built_verified(tmp_path):
+    """The real C++ build, killed with -9 while it compiles, then run again: the second run builds without
+    waiting, records the sha256, and never looks at torch's extension cache (where a planted binary lies)."""
+    root, torch_cache, mark = tmp_path / "kernels", tmp_path / "torch_extensions", tmp_path / "constructor-ran"
+    name = native.extension_name()
+    (torch_cache / name).mkdir(parents=True)
+    compile_c(CONSTRUCTOR % {"mark": mark}, torch_cache / name / f"{name}.so")
+    env = {"ATTNMASK_NATIVE_DIR": str(root), "TORCH_EXTENSIONS_DIR": str(torch_cache), "ATTNMASK_NATIVE": "1",
+           "PYTHONWARNINGS": "always"}
+    script = "from attnmask.masks import native; m = native.kernel(); print(m.__file__ if m else None)"
+    first = subprocess.Popen([sys.executable, "-c", script], env={**environment(), **env}, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(root.glob(f"{name}.build-*/build.ninja")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    os.killpg(first.pid, 9)  # the compiler too
+    first.wait()
+    assert list(root.glob(f"{name}.build-*")) and not (root / name).exists()  # killed mid-build
+    second = run([sys.executable, "-c", script], tmp_path, timeout=900, **env)
+    library = native.binary(root / name)
+    assert second.returncode == 0 and second.stdout.strip() == str(library), second.stderr[-2000:]
+    assert "RuntimeWarning" not in second.stderr, second.stderr[-2000:]
+    assert native.record(library).read_text().strip() == native.sha256_of(library)
+    assert not list(root.glob(f"{name}.build-*")) and not mark.exists()
