@@ -219,3 +219,31 @@ def test_auto_sends_calls_whose_tiles_do_not_pay_to_sdpa():
     name, reason = resolve_backend("auto", store, torch.device("cpu"))
     assert name == "blocksparse" and "64x64" in reason
     assert kept_tile_share(store) == pytest.approx(kept_tile_share(store, 64))
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_flex_runs_the_store_block_size_and_gives_masked_cells_zero_weight(block):
+    """FlexAttention (CPU, compiled) with a store of block x block tiles: its BlockMask has BLOCK_SIZE =
+    block and skips the unkept blocks; the output equals float64, and masked cells get exactly 0."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    length = 4 * block
+    store = block_store(block, length, 0.3)
+    keep = torch.from_numpy(store.sites["encoder.self"].keep[0])
+    masked = MaskedAttention("encoder.self", 0, keep, causal=False, cross=False, beyond="dense", backend="flex",
+                             tile=store_tile(store))
+    window = Window.self_attention(length, length)
+    plan = masked.flex_plan(window)
+    assert plan.tile == block and plan.block_mask(None, False).BLOCK_SIZE == (block, block)
+    assert plan.kept_tiles == int(keep.view(2, 4, block, 4, block).any(4).any(2).sum())
+    g = torch.Generator().manual_seed(block)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=g) for _ in range(3))
+    call = Call(window, 16 ** -0.5)
+    with torch.no_grad():
+        out = masked.attend(q, k, v, call)[0]
+    assert (out.double() - reference(q, k, v, masked.allowed(window))).abs().max() <= 1e-5
+    half = half_tiles(2, length, block)
+    zero = MaskedAttention("encoder.self", 0, half, causal=False, cross=False, beyond="dense", backend="flex",
+                           tile=block)
+    values = zero_where_allowed(half, 16).expand(1, 2, -1, -1).contiguous()
+    with torch.no_grad():
+        assert (zero.attend(q, k, values, call)[0] == 0).all()
