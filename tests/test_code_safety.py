@@ -378,3 +378,16 @@ def test_real_build_killed_mid_way_then_built_verified(tmp_path):
     assert "RuntimeWarning" not in second.stderr, second.stderr[-2000:]
     assert native.record(library).read_text().strip() == native.sha256_of(library)
     assert not list(root.glob(f"{name}.build-*")) and not mark.exists()
+
+
+def test_checkouts_share_builds_by_source_not_by_path(tmp_path, monkeypatch):
+    """Two checkouts of one source name one build (switching rebuilds nothing); another source gets a
+    build of its own beside it, so switching back rebuilds nothing either."""
+    name = native.extension_name()
+    other = tmp_path / "other-checkout" / "blocksparse.cpp"
+    other.parent.mkdir()
+    other.write_bytes(native.SOURCE.read_bytes())
+    monkeypatch.setattr(native, "SOURCE", other)
+    assert native.extension_name() == name
+    other.write_bytes(other.read_bytes() + b"\n// edited\n")
+    assert native.extension_name() != name
