@@ -58,10 +58,11 @@ from attnmask.store import MaskStore, check_mask_store, read_masks, write_masks
 logger = logging.getLogger("attnmask")
 
 BACKENDS = ("eager", "sdpa", "blocksparse", "flex")
-SPARSE_TILE_SHARE = {128: 0.5, 64: 0.4, 32: 0.25}
+SPARSE_TILE_SHARE = {128: 0.75, 64: 0.6, 32: 0.5}
 """auto picks a block-sparse backend for tiles of side T when at most SPARSE_TILE_SHARE[T] of the tiles
-are kept (smaller tiles run fewer FLOP/s, so they must skip more; sides between take the next smaller
-entry's share, sides above 128 the 128 share); tiles smaller than 32 never pay (benchmarks/README.md)."""
+are kept: about where the C++ kernel still matches dense SDPA (benchmarks/README.md, "auto"; smaller
+tiles run fewer FLOP/s, so they must skip more; sides between take the next smaller entry's share, sides
+above 128 the 128 share); tiles smaller than 32 never pay."""
 _CACHE_LIMIT = 16
 
 
