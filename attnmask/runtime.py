@@ -566,15 +566,19 @@ def save_with_masks(save, store: MaskStore, folder: str | os.PathLike):
     os.makedirs(folder, exist_ok=True)
     settle_saved(folder)
     staging = os.path.join(folder, SAVING)
-    result = save(staging)
-    save_masks_into(store, staging)
-    match_umask(staging)
-    names = sorted(os.listdir(staging))
-    with open(os.path.join(staging, SAVED), "w") as fh:  # the names the save consists of
-        fh.write("".join(f"{name}\n" for name in names))
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_folder(staging)
+    try:
+        result = save(staging)
+        save_masks_into(store, staging)
+        match_umask(staging)
+        names = sorted(os.listdir(staging))
+        with open(os.path.join(staging, SAVED), "w") as fh:  # the names the save consists of
+            fh.write("".join(f"{name}\n" for name in names))
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_folder(staging)
+    except Exception:  # a failed save (a full disk, say) leaves the old one, and no SAVING behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     settle_saved(folder)
     return result
 

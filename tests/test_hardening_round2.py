@@ -370,12 +370,13 @@ def test_a_save_cut_short_before_its_masks_leaves_the_old_save(tmp_path, monkeyp
     model, folder, first, second, old_weight = masked_saves(tmp_path)
 
     def cut(*args, **kwargs):
-        raise Interrupt
+        raise Killed
 
     monkeypatch.setattr(runtime, "save_masks_into", cut)
-    with pytest.raises(Interrupt):
+    with pytest.raises(Killed):
         model.save_pretrained(folder)
     monkeypatch.undo()
+    assert (folder / ".attnmask-saving").is_dir()  # as a kill leaves it
     digest, weight = loaded(folder)
     assert digest == first.digest and bool((weight == old_weight).all())
     assert sorted(p.name for p in folder.iterdir()) == ["attnmask-masks.zarr", "config.json", "model.safetensors"]
@@ -390,17 +391,38 @@ def test_a_save_cut_short_while_moving_in_is_completed_by_the_next_load(tmp_path
 
     def cut_after_one(src, dst):
         if moves:
-            raise Interrupt
+            raise Killed
         moves.append(dst)
         move(src, dst)
 
     monkeypatch.setattr(runtime, "_move_in", cut_after_one)
-    with pytest.raises(Interrupt):
+    with pytest.raises(Killed):
         model.save_pretrained(folder)
     monkeypatch.undo()
     digest, weight = loaded(folder)
     assert digest == second.digest and bool((weight == new_weight).all())
     assert sorted(p.name for p in folder.iterdir()) == ["attnmask-masks.zarr", "config.json", "model.safetensors"]
+
+
+class Killed(BaseException):
+    """Stands for a kill: no `except Exception` cleans up after it."""
+
+
+def test_a_failed_save_leaves_the_old_save_and_nothing_else(tmp_path, monkeypatch):
+    import attnmask.runtime as runtime
+
+    model, folder, first, second, old_weight = masked_saves(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime, "save_masks_into", disk_full)
+    with pytest.raises(OSError):
+        model.save_pretrained(folder)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["attnmask-masks.zarr", "config.json", "model.safetensors"]
+    digest, weight = loaded(folder)
+    assert digest == first.digest and bool((weight == old_weight).all())
 
 
 def test_a_save_with_masks_replaces_the_older_weights_format(tmp_path):
