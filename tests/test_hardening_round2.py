@@ -291,6 +291,36 @@ def test_an_overwrite_killed_midway_leaves_the_old_run_whole(tiny_model, labelle
     assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
 
 
+KILLED_TRAIN = """
+import os, signal, sys
+import attnmask.trainer
+from attnmask.train import TrainSettings, train
+
+def die(step, *_):
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+attnmask.trainer.CHECKPOINT_EVERY = 2
+train(TrainSettings(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3], limit=40, epochs=2, lr=1e-3, batch_size=8,
+                    max_length=16, device="cpu", overwrite=True), progress=die)
+"""
+
+
+def test_an_overwrite_killed_by_sigkill_leaves_the_old_run_and_resumes(tiny_model, labelled_csv,  # noqa: F811
+                                                                       tmp_path):
+    from attnmask.train import train
+
+    out = tmp_path / "run"
+    train_run(tiny_model, labelled_csv, out)
+    old = entries(out)
+    r = script(KILLED_TRAIN, tiny_model, labelled_csv, out, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert entries(out) == old
+    train(settings(tiny_model, labelled_csv, out, limit=40, epochs=2, lr=1e-3, resume=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
+
+
 def test_an_overwrite_killed_between_its_renames_is_completed(tiny_model, labelled_csv, tmp_path,  # noqa: F811
                                                               monkeypatch):
     from attnmask.trainer import RunFolder
