@@ -86,8 +86,9 @@ class StoreLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holders = ", ".join(flock_holders(fd)) or _owner(self.path)  # the kernel's word first
                 os.close(fd)
-                raise AttnmaskError(f"store {self.out} is in use by {_owner(self.path)} (lock file "
+                raise AttnmaskError(f"store {self.out} is in use by {holders} (lock file "
                                     f"{self.path}); wait until it finishes") from None
             # The previous holder may have unlinked the file between our open and our flock: then
             # we hold a lock on a dead inode and must start again on the current file.

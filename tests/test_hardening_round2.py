@@ -618,3 +618,29 @@ def test_an_in_memory_mask_store_that_no_reader_would_accept_is_one_error(tmp_pa
     with pytest.raises(AttnmaskError, match=needle):
         attnmask.apply_masks(model, bad)
     assert getattr(model, "_attnmask_handle", None) is None
+
+
+LOCKFILE_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_foreign_flock_on_a_stores_lock_file_names_its_holder(tmp_path):
+    """Another user's flock on `.NAME.lock` (the file left empty) used to be reported as 'another process'."""
+    from attnmask.locking import lock_path
+
+    out = tmp_path / "p.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", LOCKFILE_HOLDER, str(lock_path(out))], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AttnmaskError, match=rf"in use by process {holder.pid} of user \S+ \(read lock\)"):
+            write_patterns(out, edition(0), stamp(0))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
