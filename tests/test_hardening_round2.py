@@ -644,3 +644,25 @@ def test_a_foreign_flock_on_a_stores_lock_file_names_its_holder(tmp_path):
         holder.kill()
         holder.wait()
     assert not out.exists()
+
+
+LOAD_MODEL = """
+import sys
+import attnmask
+from attnmask.errors import AttnmaskError
+from transformers import BertForSequenceClassification
+try:
+    attnmask.load_model(sys.argv[1], model_class=BertForSequenceClassification)
+except AttnmaskError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_load_model_refuses_a_fifo_in_the_saved_masks_without_hanging(tmp_path):
+    model, folder, first, second, _ = masked_saves(tmp_path)
+    head = folder / "attnmask-masks.zarr" / "zarr.json"
+    head.unlink()
+    os.mkfifo(head)
+    r = script(LOAD_MODEL, folder, timeout=120)  # it used to block forever
+    one_error_line(r, "not a regular file")
