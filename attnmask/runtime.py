@@ -287,19 +287,34 @@ class MaskedAttention:
         Self-attention with q = k (no cache): every key slot is a query, so keys, values and queries are
         rolled by -s_b into one right-padded call, and the outputs and probabilities rolled back.
         Self-attention behind a cache (q < k) sits at plane rows row0 + i - s_b, which differ between
-        sequences, and cross-attention's row guarantee reads the row's real keys (a row keeping none of
-        them keeps source token 0): those run one call per (s, n) on their own keys (attend_groups)."""
+        sequences, and so does cross-attention where the row guarantee reads a row's real keys (a row
+        keeping none of them keeps source token 0; guarantee_reads_padding): those run one call per
+        (s, n) on their own keys (attend_groups). Other cross-attention calls roll only keys and values."""
         if call.extra is not None or call.model_allowed is not None:
             raise AttnmaskError("padding read per sequence cannot be combined with a score term or a model mask")
         q, k = query.shape[-2], key.shape[-2]
         start = torch.zeros_like(call.key_len) if call.key_start is None else call.key_start
         length = k - start if call.key_len is None else call.key_len
-        if self.cross or q < k:
+        if (self.cross and self.guarantee_reads_padding(call.window, length)) or (not self.cross and q < k):
             return self.attend_groups(query, key, value, call, start, length, training)
         aligned = replace(call, key_start=None, key_len=None if bool((length == k).all()) else length)
-        out, probs = self.attend_aligned(roll_slots(query, -start), roll_slots(key, -start), roll_slots(value, -start),
-                                         aligned, training)
-        return roll_slots(out, start), None if probs is None else roll_slots(roll_slots(probs, start, 3), start, 2)
+        if call.key_start is None:  # cross-attention, right padding only
+            return self.attend_aligned(query, key, value, aligned, training)
+        moved = query if self.cross else roll_slots(query, -start)  # cross-attention queries stay
+        out, probs = self.attend_aligned(moved, roll_slots(key, -start), roll_slots(value, -start), aligned, training)
+        if probs is not None:
+            probs = roll_slots(probs, start, 3)
+        if self.cross:
+            return out, probs
+        return roll_slots(out, start), None if probs is None else roll_slots(probs, start, 2)
+
+    def guarantee_reads_padding(self, window: Window, length: torch.Tensor) -> bool:
+        """Cross-attention: True when some row of the window keeps keys, but none among the first
+        min(length) (its first kept key c satisfies min(length) <= c < k): that row, for the shortest
+        sequence, would keep nothing real, and its unpadded call would keep source token 0 instead."""
+        allowed = self.allowed(window)
+        kept_any, first_kept = allowed.view(torch.uint8).max(-1)  # max returns the first maximal index
+        return bool(((kept_any == 1) & (first_kept >= int(length.min()))).any())
 
     def attend_groups(self, query, key, value, call: Call, start: torch.Tensor, length: torch.Tensor, training: bool):
         """Sequences grouped by (s, n), each group one call on its real keys s .. s + n - 1.

@@ -316,3 +316,31 @@ def test_fairseq_left_padded_sources_decode_as_each_sentence_alone(backend, stor
             gap, masked = fairseq_gap(model, words)
         assert gap <= 1e-5, (tau, block, gap)
         assert (masked - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_cross_attention_equals_each_sources_own_call(backend, late):
+    """The runtime alone, cross-attention (queries at plane rows 2..7) over sources of 24, 12 (left-padded)
+    and 15 (right-padded) keys: each row equals its source's unpadded call. With `late`, query row 5
+    keeps key 20 only, beyond two of the sources, whose own calls then keep source token 0 there."""
+    torch.manual_seed(1)
+    keep = torch.rand(HEADS, 32, 32) < 0.4
+    if late:
+        keep[:, 5] = False
+        keep[:, 5, 20] = True
+    masked = MaskedAttention("decoder.cross", 0, keep, causal=False, cross=True, beyond="dense", backend=backend)
+    q, k, starts, lengths = 6, 24, torch.tensor([0, 12, 0]), torch.tensor([24, 12, 15])
+    query, key, value = torch.randn(3, HEADS, q, 8), torch.randn(3, HEADS, k, 8), torch.randn(3, HEADS, k, 8)
+    probs_wanted = backend == "eager"
+    call = Call(Window(q, k, row0=2), 8 ** -0.5, key_len=lengths, key_start=starts, need_probs=probs_wanted)
+    with torch.no_grad():
+        out, probs = masked.attend(query, key, value, call)
+        for b, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            alone, alone_probs = masked.attend(query[b:b + 1], key[b:b + 1, :, s:s + n], value[b:b + 1, :, s:s + n],
+                                               Call(Window(q, n, row0=2), 8 ** -0.5, need_probs=probs_wanted))
+            torch.testing.assert_close(out[b], alone[0], atol=1e-6, rtol=0)
+            if probs is not None:
+                torch.testing.assert_close(probs[b, :, :, s:s + n], alone_probs[0], atol=1e-6, rtol=0)
+                assert (probs[b, :, :, :s] == 0).all() and (probs[b, :, :, s + n:] == 0).all()
+    assert masked.guarantee_reads_padding(call.window, lengths) == late
