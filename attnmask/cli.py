@@ -937,7 +937,7 @@ def train(
                                         "a built-in text such as hamlet: train, its first nine tenths]."),
     epochs: int = typer.Option(1, help="Passes over the training examples."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, linear warmup and decay) "
-                                       "[default: 5e-5; --task lm: 2e-4, or 1e-3 from scratch]."),
+                                       "[default: 2e-4; --task lm: 2e-4, or 1e-3 from scratch]."),
     batch_size: int = typer.Option(16, help="Examples per batch and process (--task lm: parallel streams)."),
     gradient_accumulation: int = typer.Option(1, help="Batches per optimizer step."),
     precision: str = typer.Option("fp32", metavar=choices("fp32", "bf16", "fp16"),
@@ -1055,7 +1055,7 @@ def sweep(
     label_column: Optional[str] = typer.Option(None, help="Column holding the label."),
     labels: Optional[str] = typer.Option(None, help="Comma-separated label values to keep (default: all)."),
     epochs: int = typer.Option(1, help="Passes over the training split (every run)."),
-    lr: float = typer.Option(5e-5, help="Peak learning rate."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (as `train --lr`)."),
     batch_size: int = typer.Option(16, help="Examples per step."),
     max_length: int = typer.Option(128, help="Tokens per example."),
     eval_split: float = typer.Option(0.2, help="Held-out share."),
@@ -1100,10 +1100,8 @@ def sweep_run_line(say: Callable[[str], None], name: str, row: dict) -> None:
     (attnmask.train.learning_warnings)."""
     from attnmask.train import learning_warnings
 
-    if row.get("majority") is None:  # a run reused from before the baseline was recorded
-        say(f"{name}: accuracy {row['accuracy']:.4f}")
-        return
-    say(f"{name}: accuracy {row['accuracy']:.4f} (majority class {row['majority']:.4f})")
+    baseline = f" (majority class {row['majority']:.4f})" if row.get("majority") is not None else ""
+    say(f"{name}: accuracy {row['accuracy']:.4f}{baseline}")  # no baseline: a run reused from before it was kept
     for line in learning_warnings(row):
         say(escape(f"warning: {name}: {line}"))
 

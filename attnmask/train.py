@@ -42,6 +42,7 @@ from attnmask.accounting import sparsity_fields
 from attnmask.errors import AttnmaskError
 from attnmask.trainer import read_record
 
+DEFAULT_LR = 2e-4  # peak learning rate of classifier fine-tuning: the measured default (README, "Training defaults")
 DEFAULT_LABELS = {name: ("category", ["fresh", "rotten"]) for name in ("rotten-tomatoes", "rotten-tomatoes-full")}
 
 
@@ -56,7 +57,7 @@ class TrainSettings:
     label_column: str | None = None
     labels: list[str] | None = None  # label values to keep (None: all)
     epochs: int = 1
-    lr: float = 5e-5
+    lr: float = DEFAULT_LR
     batch_size: int = 16
     max_length: int = 128
     eval_split: float = 0.2
@@ -255,7 +256,10 @@ def scores(predicted: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
 
 def learning_warnings(metrics: dict) -> list[str]:
     """Why a classifier's accuracy (scores' fields) shows it learned nothing: it gives one label to every
-    example, or it does not beat the majority class."""
+    example, or it does not beat the majority class. Metrics without those fields (a run recorded before
+    they were) give none."""
+    if metrics.get("predicted") is None or metrics.get("majority") is None:
+        return []
     predicted = {name: n for name, n in metrics["predicted"].items() if n}
     hint = "; try more examples, more --epochs or another --lr"
     if len(predicted) == 1:

@@ -418,7 +418,7 @@ def test_classifier_training_gets_the_documented_defaults(monkeypatch, tmp_path)
     common = ["train", "minilm", "d.csv", "--masks", "none", "--out", tmp_path / "o"]
     assert invoke(*common).exit_code == 0
     assert invoke(*common, "--max-length", 64, "--lr", 1e-4).exit_code == 0
-    assert (seen[0].max_length, seen[0].lr) == (128, 5e-5) and (seen[1].max_length, seen[1].lr) == (64, 1e-4)
+    assert (seen[0].max_length, seen[0].lr) == (128, 2e-4) and (seen[1].max_length, seen[1].lr) == (64, 1e-4)
 
 
 @pytest.mark.parametrize("args, needle", [

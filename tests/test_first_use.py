@@ -136,6 +136,40 @@ def test_the_learning_rule_warns_below_or_at_the_baseline_only():
     assert len(below) == 1 and "does not beat the majority class ('neg': 0.7500)" in below[0]
     one = learning_warnings(scores(np.array([1, 1, 1, 1]), labels, names))
     assert len(one) == 1 and "predicts 'pos' for all 4 examples" in one[0]
+    assert learning_warnings({"accuracy": 0.5}) == []  # a run recorded before the baseline was
+
+
+def test_sweep_shows_each_run_beside_its_majority_baseline(tiny_model, reviews, tmp_path):
+    r = invoke("sweep", tiny_model, reviews, "--patterns", tmp_path / "unused.zarr", "--taus", "0", "--out",
+               tmp_path / "sweep", "--epochs", 3, "--lr", 3e-3, "--batch-size", 8, "--max-length", 16,
+               "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"][0]
+    assert run["majority"] == pytest.approx(expected_majority(reviews, tmp_path / "sweep" / "runs" / "seed0" / "dense"))
+    line = f"seed 0 dense: accuracy {run['accuracy']:.4f} (majority class {run['majority']:.4f})"
+    assert line in r.stderr.splitlines(), r.stderr
+
+
+def test_classifier_defaults_are_the_measured_ones():
+    """README, "Training defaults": the --lr default measured to beat the majority class on the built-in data."""
+    from attnmask.train import DEFAULT_LR, TrainSettings
+
+    assert TrainSettings("m", "d", "o").lr == DEFAULT_LR
+    for command, pattern in (("train", r"\[default: ([0-9.e-]+); --task lm"), ("sweep", r"\[default: ([0-9.e-]+)\]")):
+        text = " ".join(option_line_block(invoke(command, "--help").stdout, "--lr"))
+        assert float(re.search(pattern, text).group(1)) == DEFAULT_LR, (command, text)
+
+
+def option_line_block(help_text: str, option: str) -> list[str]:
+    """The help lines of `option`: its first line and the indented lines after it."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(option + " "))
+    block = [lines[start].strip()]
+    for line in lines[start + 1:]:
+        if line.strip().startswith("-") or not line.startswith(" " * 10):
+            break
+        block.append(line.strip())
+    return block
 
 
 # ----------------------------------------------------------------------------------------------
