@@ -10,11 +10,14 @@ fits (sites, layers, heads), puts one `MaskedAttention` per (site, layer) on the
 call (masks stay until `handle.remove()`) and as a context manager (exit restores the model).
 
 A family's attention code computes q, k, v and hands them to `MaskedAttention.attend` with a `Call`:
-where the call sits on the plane (`Window`, attnmask/masks/rules.py), each sequence's number of real
-keys (right padding), the scale and dropout, and optionally an additive score term (Transformer-XL's
-relative positions). What the call may attend to is `window_keep` of the plane (the causal band, the
-length policy and the row guarantee: attnmask/masks/rules.py), and each sequence's padding on top.
-It is computed once per call shape and cached; nothing is rebuilt per call beyond the padding mask.
+where the call sits on the plane (`Window`, attnmask/masks/rules.py), each sequence's padding slots
+before its first real key (left padding) and number of real keys (right padding behind them), the scale
+and dropout, and optionally an additive score term (Transformer-XL's relative positions). What the call
+may attend to is `window_keep` of the plane (the causal band, the length policy and the row guarantee:
+attnmask/masks/rules.py), and each sequence's padding on top. It is computed once per call shape and
+cached; nothing is rebuilt per call beyond the padding mask. Positions count from each sequence's first
+real token, so a padded sequence gets what it gets alone: left-padded calls run on sequences moved to
+slot 0, or one call per padding where their plane rows differ (`MaskedAttention.attend_padded`).
 
 Backends (all exact; they differ only in speed):
 * eager        scores, masked softmax, probabilities (used whenever probabilities are needed:
@@ -29,7 +32,7 @@ Backends (all exact; they differ only in speed):
 T is the store's own block size (`store_tile`: masks compiled with --block-size 32, 64, 128 run in tiles
 of that side, so their tiles are skipped whole), TILE for element-wise masks.
 A call the chosen backend cannot express runs on the next one that can (a model mask that is more than
-right padding and causality: sdpa).
+padding and causality: sdpa).
 
 Masks travel with the model: while they are applied, `model.save_pretrained(folder)` also writes the
 mask store into the folder as `MASKS_IN_FOLDER` (`follow_saves`), beside the record in the model's
