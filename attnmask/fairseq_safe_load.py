@@ -27,7 +27,8 @@ hook therefore gives every fairseq module whose code names `eval` a module-level
 a repeated sequence) and raises NotALiteral for anything else (a name, a call, an attribute, ...), before
 any of it runs. This covers every eval in fairseq, whichever config field, data file or entry point
 reaches it: attnmask's commands and the stock CLIs alike. In the stock CLIs, where fairseq does not
-catch it, NotALiteral is printed as one `error:` line (exit status 1) instead of a traceback.
+catch it, NotALiteral is printed as one `error:` line (exit status 1) instead of a traceback, and so is
+a global the weights-only unpickler refused.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import ast
 import importlib.abc
 import operator
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -179,12 +181,24 @@ def guard_module(module: types.ModuleType, loader) -> None:
         module.eval = literal_value
 
 
+def refusal_line(error: BaseException) -> str | None:
+    """The one line for a refusal of this module's (NotALiteral, a global the weights-only unpickler
+    refused), or None for any other error."""
+    if isinstance(error, NotALiteral):
+        return f"error: {error}"
+    if isinstance(error, pickle.UnpicklingError) and refused_global(error):
+        return (f"error: refusing to unpickle the checkpoint: unsupported GLOBAL {refused_global(error)}, which a "
+                "fairseq checkpoint does not need")
+    return None
+
+
 def _print_refusal_on_one_line(previous):
-    """A sys.excepthook: NotALiteral as one `error:` line (the interpreter then exits with status 1)."""
+    """A sys.excepthook: refusal_line's errors as one line (the interpreter then exits with status 1)."""
 
     def excepthook(kind, error, traceback):
-        if isinstance(error, NotALiteral):
-            sys.stderr.write(f"error: {error}\n")
+        line = refusal_line(error)
+        if line is not None:
+            sys.stderr.write(line + "\n")
         else:
             previous(kind, error, traceback)
 

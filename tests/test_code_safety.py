@@ -110,6 +110,30 @@ def test_expression_in_an_evaluated_config_field_never_runs(fairseq_run, tmp_pat
     assert not (tmp_path / "patterns.zarr").exists()
 
 
+def test_stock_cli_refuses_a_pickle_that_runs_code_on_one_line(fairseq_run, tmp_path):
+    """The weights-only refusal (a global a checkpoint does not need) is one line in the stock CLIs too."""
+    import pickle
+
+    data, checkpoint = fairseq_run
+    ran = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {ran}",)
+
+    allow_fairseq_globals()
+    state = torch.load(checkpoint, weights_only=True)
+    state["extra_state"]["best"] = Exploit()
+    torch.save(state, tmp_path / "evil.pt", pickle_module=pickle)
+    r = run([str(BIN / "fairseq-generate"), str(data), "--path", str(tmp_path / "evil.pt"), "--cpu"], tmp_path)
+    output = r.stdout + r.stderr
+    assert r.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        "error: refusing to unpickle the checkpoint: unsupported GLOBAL posix.system, which a fairseq checkpoint "
+        "does not need"]
+    assert not ran.exists()
+
+
 @pytest.mark.parametrize("field", EVALUATED_FIELDS)
 def test_attnmask_error_names_the_field(fairseq_run, tmp_path, field):
     from attnmask.translate import load_translation_model
