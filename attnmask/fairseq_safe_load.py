@@ -15,7 +15,8 @@ in a checkpoint is still refused. attnmask calls it before it reads a checkpoint
 (fairseq-train, fairseq-generate, ...) get it from `attnmask-fairseq-safe-load.pth`, which
 `make install` writes into the environment's site-packages (`python -m attnmask.fairseq_safe_load
 --install`): at interpreter start it installs an import hook that calls `allow_fairseq_globals()` right
-after `fairseq.checkpoint_utils` is imported, so processes that never import fairseq pay nothing.
+after `fairseq.checkpoint_utils` is imported, so processes that never import fairseq pay only for this
+module's import (a few milliseconds).
 
 Config strings fairseq eval()s. fairseq turns some config strings into values with the builtin eval():
 `utils.eval_str_list` / `eval_str_dict` / `eval_bool` (cfg.model.adaptive_softmax_cutoff, the attention's
