@@ -825,14 +825,14 @@ def training_bar():
 
 
 def metrics_table(title: str, rows: list[dict], columns: list[str]) -> Table:
-    """Rows as a table; a cell too wide for the terminal folds onto more lines, never loses characters,
-    and no column is narrower than its header's longest word. One row wider than the terminal is shown
-    as one line per column (`metric`, `value`), so that no header breaks mid-word."""
+    """Rows as a table; a cell too wide for the terminal folds onto more lines, never loses characters.
+    One row wider than the terminal is shown as one line per column (`metric`, `value`), so that no
+    header breaks mid-word."""
     cells = [[cell_text(row.get(c, "")) for c in columns] for row in rows]
     table = Table(title=title)
     for col in columns:
         table.add_column(col, justify="left" if col in ("kind", "model", "masks", "run") else "right",
-                         overflow="fold", min_width=max(map(len, col.split())))
+                         overflow="fold")
     for row in cells:
         table.add_row(*row)
     if len(rows) == 1 and natural_width(table) > console.width:
