@@ -274,7 +274,8 @@ def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device)
     loaded.to(device).eval()
     record = recorded_masks(loaded)
     if dense:
-        loaded.config.__dict__.pop("attnmask", None)
+        for key in ("attnmask", "attnmask_note"):  # saved again, it is a dense model's folder
+            loaded.config.__dict__.pop(key, None)
         return loaded
     store = folder_masks(path, record) if masks is None and record is not None else masks
     if store is not None:

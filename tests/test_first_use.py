@@ -329,6 +329,16 @@ def test_saved_masked_config_says_how_to_load_it(masked_folder):
     assert config_digest(AutoConfig.from_pretrained(masked_folder)) == config_digest(reloaded.config)
 
 
+def test_a_dense_save_carries_no_load_hint(masked_folder, tmp_path):
+    import attnmask
+
+    attnmask.load_model(masked_folder, masks="none").save_pretrained(tmp_path / "dense")
+    assert not {"attnmask", "attnmask_note"} & set(json.loads((tmp_path / "dense" / "config.json").read_text()))
+    model = attnmask.load_model(masked_folder)
+    model.save_pretrained(tmp_path / "masked-again")
+    assert "attnmask_note" in json.loads((tmp_path / "masked-again" / "config.json").read_text())
+
+
 def test_plain_transformers_fails_but_attnmask_errors_point_to_load_model(masked_folder, tiny_model):
     plain = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModel; "
                             "AutoModel.from_pretrained(sys.argv[1])", str(masked_folder)],
