@@ -45,8 +45,8 @@ import json
 import math
 import re
 import shutil
-import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -60,6 +60,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput
 
 from attnmask.errors import AttnmaskError
+from attnmask.store import match_umask
 
 COMPACT_SITE = "encoder.compact"
 COMPACT_MODEL_TYPE = "attnmask-compact-bert"
@@ -772,10 +773,13 @@ def settings_record(settings: CompactSettings) -> dict:
 
 
 def save_folder(folder: Path, model, tokenizer, files: dict[str, dict]) -> None:
+    """The model, its tokenizer and `files` ({name: JSON object}) in `folder`, every file and folder with
+    the modes the user's umask gives (transformers leaves its weights 0600)."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     for name, content in files.items():
         (folder / name).write_text(json.dumps(content, indent=2))
+    match_umask(folder)
 
 
 def replace_output(tmp: Path, out: Path) -> None:
@@ -835,7 +839,8 @@ def compact(settings: CompactSettings, progress: Progress | None = None,
     teacher, tokenizer, examples = load_teacher(settings, trained_teacher, device)
     started = time.perf_counter()
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
+    tmp = out.absolute().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # the umask's mode, as the output's own folder should have
     try:
         record = {"model": settings.model, "data": settings.data, "replaced": [list(s) for s in spans],
                   "architecture": spec.as_config(), **choice, "teacher": settings.model, "stages": {}}

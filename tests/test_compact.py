@@ -325,3 +325,26 @@ def test_read_examples_split_matches_train(labelled_csv):
     examples = read_examples(settings, None)
     assert (examples.train, examples.held) == split(60, 0.2, 4, None)
     assert examples.names == ["bad", "good"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes: the output gets the umask's modes (transformers writes its weights 0600, a temporary folder is 0700)
+
+
+def test_compact_output_follows_the_umask(bert4_dir, labelled_csv, tmp_path):
+    import os
+
+    out = tmp_path / "clf"
+    old = os.umask(0o022)
+    try:
+        r = run("compact", bert4_dir, labelled_csv, "--task", "classify", "--replace", "2-3", "--hidden", 16,
+                "--heads", 2, "--blocks", 1, "--max-length", 16, "--batch-size", 8, "--gmacs-length", 16,
+                "--out", out)
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert modes["clf"] == 0o755 and modes["clf/teacher"] == 0o755, modes
+    assert modes["clf/model.safetensors"] == 0o644 and modes["clf/teacher/model.safetensors"] == 0o644, modes
+    assert {m for name, m in modes.items() if (tmp_path / name).is_file()} == {0o644}, modes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temporary folder left beside it
