@@ -218,7 +218,9 @@ def measure(masks: MaskStore, patterns: PatternStore) -> dict:
 
 def recorded(masks: MaskStore | None) -> dict:
     """The figures compile recorded on its source data (root attribute `figures`), or, for a store
-    written before they were recorded, the plane sparsity from the sites' counts. Dense (None): 0."""
+    written before they were recorded, the plane sparsity from the sites' counts (data sparsity and mass
+    kept None). Dense (None): data sparsity 0, mass kept 1, plane sparsity 0. Run metrics (train, eval,
+    sweep, demo) carry these, under the keys of FIGURES."""
     if masks is None:
         return {"data_sparsity": 0.0, "mass_kept": 1.0, "plane_sparsity": 0.0}
     if "figures" in masks.attrs:
@@ -229,10 +231,3 @@ def recorded(masks: MaskStore | None) -> dict:
         eligible += site.attrs.get("eligible", 0) * site.keep.shape[0] * site.keep.shape[1]
     return {"data_sparsity": None, "mass_kept": None, "plane_sparsity": pruned / max(eligible, 1)}
 
-
-def sparsity_fields(masks: MaskStore | None) -> dict:
-    """The fields run metrics carry: `sparsity`, the data sparsity compile recorded on its source data
-    (the plane sparsity for a store written before it was recorded), `mass_kept` and `plane_sparsity`."""
-    figures = recorded(masks)
-    headline = figures["data_sparsity"] if figures["data_sparsity"] is not None else figures["plane_sparsity"]
-    return {"sparsity": headline, "mass_kept": figures["mass_kept"], "plane_sparsity": figures["plane_sparsity"]}

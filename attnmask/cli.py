@@ -828,10 +828,10 @@ def metrics_table(title: str, rows: list[dict], columns: list[str]) -> Table:
     """Rows as a table; a cell too wide for the terminal folds onto more lines, never loses characters.
     One row wider than the terminal is shown as one line per column (`metric`, `value`), so that no
     header breaks mid-word."""
-    cells = [[cell_text(row.get(c, "")) for c in columns] for row in rows]
+    cells = [[cell_text(c, row.get(c, "")) for c in columns] for row in rows]
     table = Table(title=title)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("kind", "model", "masks", "run") else "right",
+        table.add_column(column_header(col), justify="left" if col in ("kind", "model", "masks", "run") else "right",
                          overflow="fold")
     for row in cells:
         table.add_row(*row)
@@ -840,12 +840,25 @@ def metrics_table(title: str, rows: list[dict], columns: list[str]) -> Table:
         table.add_column("metric", no_wrap=True)
         table.add_column("value", overflow="fold")
         for col, cell in zip(columns, cells[0]):
-            table.add_row(col, cell)
+            table.add_row(column_header(col), cell)
     return table
 
 
-def cell_text(value) -> str:
-    """A metric as a table cell: floats to 4 decimals, None as 'none'."""
+def column_header(column: str) -> str:
+    """A metric's column header: a mask figure under its one name (attnmask.accounting.FIGURE_NAMES, as
+    compile, analyze and report print it), any other metric under its JSON key."""
+    from attnmask.accounting import FIGURE_NAMES
+
+    return FIGURE_NAMES.get(column, column)
+
+
+def cell_text(column: str, value) -> str:
+    """A metric as a table cell: a mask figure as attnmask.accounting prints it, other floats to 4
+    decimals, None as 'none'."""
+    from attnmask.accounting import FIGURES, figure_text
+
+    if column in FIGURES and not isinstance(value, str):  # a row without the figure has the empty string
+        return figure_text(value)
     return f"{value:.4f}" if isinstance(value, float) else "none" if value is None else str(value)
 
 
@@ -1068,6 +1081,7 @@ def sweep(
     """Compile, train and evaluate at each tau over seeds (and random masks) -> tables, CSVs and sweep.png."""
     from attnmask.compile import CompileSettings
     from attnmask.experiments import parse_taus
+    from attnmask.accounting import figures_legend
     from attnmask.experiments import sweep as run_sweep
     from attnmask.train import TrainSettings
 
@@ -1088,9 +1102,8 @@ def sweep(
                            on_run=lambda name, row: sweep_run_line(bar.console.print, name, row),
                            progress=callback)
     console.print(sweep_table(f"sweep {model} on {data}: {seeds} seed(s)", result))
-    console.print(f"majority class {result['majority']:.4f}; sparsity = data sparsity (share of the attention entries "
-                  "computed on the collected data that the masks remove), mass kept on that data, plane sparsity; "
-                  "differences are paired by seed, ± the 95 % t-interval's half-width")
+    console.print(f"majority class {result['majority']:.4f}; figures of the masks on the data they were compiled "
+                  f"from ({figures_legend()}); differences are paired by seed, ± the 95 % t-interval's half-width")
     console.print(f"wrote {out / 'sweep.csv'}, {out / 'summary.csv'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
 
 
@@ -1114,13 +1127,17 @@ def points(value: float | None, interval: float | None) -> str:
 
 
 def sweep_table(title: str, result: dict) -> Table:
+    """One row per (kind, tau): the seeds, the mask figures (names and digits of attnmask.accounting), the
+    mean accuracy ± sd and the paired differences in points."""
+    from attnmask.accounting import FIGURE_NAMES, FIGURES, figure_text
+
     table = Table(title=title)
-    for col in ("kind", "tau", "seeds", "sparsity", "mass kept", "plane", "accuracy", "- dense", "- random"):
+    for col in ("kind", "tau", "seeds", *(FIGURE_NAMES[k] for k in FIGURES), "accuracy", "- dense", "- random"):
         table.add_column(col, justify="left" if col == "kind" else "right")
     for e in result["summary"]:
         sd = f" ± {e['accuracy_sd']:.4f}" if e["accuracy_sd"] is not None else ""
-        table.add_row(e["kind"], f"{e['tau']:g}", str(e["seeds"]), f"{e['sparsity']:.4f}", f"{e['mass_kept']:.4f}",
-                      f"{e['plane_sparsity']:.4f}", f"{e['accuracy']:.4f}{sd}", points(e["vs_dense"], e["vs_dense_ci"]),
+        table.add_row(e["kind"], f"{e['tau']:g}", str(e["seeds"]), *(figure_text(e[k]) for k in FIGURES),
+                      f"{e['accuracy']:.4f}{sd}", points(e["vs_dense"], e["vs_dense_ci"]),
                       points(e["vs_random"], e["vs_random_ci"]))
     return table
 
@@ -1137,7 +1154,8 @@ def demo(
     overwrite: bool = typer.Option(False, help="Replace an existing demo folder."),
 ):
     """collect -> compile -> train dense, data-informed and random MiniLM classifiers (Rotten Tomatoes fresh vs rotten)."""
-    from attnmask.experiments import DemoSettings, binomial_se, run_demo
+    from attnmask.accounting import figures_legend
+    from attnmask.experiments import DemoSettings, run_demo
 
     check_output_path(out)
     bar, callback = training_bar()
@@ -1145,27 +1163,36 @@ def demo(
                             device=device, overwrite=overwrite)
     with bar:
         s = run_demo(settings, say=bar.console.print, progress=callback)
-    n = s["eval_examples"]
+    console.print(demo_table(s))
+    console.print(f"{figures_legend()}; held-out data sparsity: the data sparsity on the held-out snippets; "
+                  "SE = sqrt(p (1 - p) / n)")
+    console.print(s["reading"])
+    console.print(f"total time {s['seconds']:.0f} s; everything is in {out}")
+
+
+def demo_table(s: dict) -> Table:
+    """The demo's table (s: what run_demo returns): per run its mask figures on the training snippets
+    (names and digits of attnmask.accounting), the data sparsity on the held-out ones, the held-out
+    accuracy ± its standard error and the final training loss, under the majority-class baseline."""
+    from attnmask.accounting import FIGURE_NAMES, figure_text
+    from attnmask.experiments import binomial_se
+
+    n, tau, seed = s["eval_examples"], s["settings"]["tau"], s["settings"]["seed"]
     table = Table(title=f"demo: MiniLM, Rotten Tomatoes fresh vs rotten, {s['train_examples']} training / {n} "
                         f"held-out snippets, seed {seed}")
-    for col in ("masks", "data sparsity", "mass kept", "held-out data sparsity", "plane sparsity", "accuracy ± SE",
-                "final train loss"):
+    figures = ("data_sparsity", "mass_kept")
+    for col in ("masks", *(FIGURE_NAMES[k] for k in figures), f"held-out {FIGURE_NAMES['data_sparsity']}",
+                FIGURE_NAMES["plane_sparsity"], "accuracy ± SE", "final train loss"):
         table.add_column(col, justify="left" if col == "masks" else "right")
     table.add_row("majority class", "", "", "", "", f"{s['majority']:.3f} ± {binomial_se(s['majority'], n):.3f}", "")
     for kind, label in (("dense", "dense"), ("data", f"data-informed, tau {tau:g}"), ("random", f"random, tau {tau:g}")):
         m = s["runs"][kind]
-        held = s["held_out"].get(kind)
+        held = s["held_out"].get(kind) or {"data_sparsity": 0.0}
         loss = m.get("train_loss_last_epoch")
-        table.add_row(label, f"{m['sparsity']:.3f}", f"{m['mass_kept']:.3f}",
-                      f"{held['data_sparsity']:.3f}" if held else "0.000", f"{m['plane_sparsity']:.3f}",
-                      f"{m['accuracy']:.3f} ± {binomial_se(m['accuracy'], n):.3f}",
+        table.add_row(label, *(figure_text(m[k]) for k in figures), figure_text(held["data_sparsity"]),
+                      figure_text(m["plane_sparsity"]), f"{m['accuracy']:.3f} ± {binomial_se(m['accuracy'], n):.3f}",
                       f"{loss:.3f}" if loss is not None else "-")
-    console.print(table)
-    console.print("data sparsity: share of the attention entries computed on the training snippets that the masks "
-                  "remove (held-out: on the held-out snippets); mass kept: share of the attention probability kept; "
-                  "plane sparsity: share of the plane's eligible cells pruned; SE = sqrt(p (1 - p) / n)")
-    console.print(s["reading"])
-    console.print(f"total time {s['seconds']:.0f} s; everything is in {out}")
+    return table
 
 
 # ----------------------------------------------------------------------------------------------

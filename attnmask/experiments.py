@@ -7,8 +7,8 @@ seed, the differences variant - dense and variant - random with 95 % t-intervals
 
     d_s = acc(variant, s) - acc(dense, s),   mean d ± t(0.975, n - 1) · sd(d) / sqrt(n)
 
-Sparsity is the data sparsity of attnmask.accounting: the share of the attention entries computed on
-the collected data that the masks remove (with mass kept and the plane sparsity beside it).
+Every run carries the figures of attnmask.accounting under its names (data_sparsity, mass_kept,
+plane_sparsity: what compile recorded for the run's masks on their source data).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Callable
 
 import numpy as np
 
+from attnmask.accounting import FIGURES, recorded
 from attnmask.errors import AttnmaskError
 from attnmask.train import TrainSettings, read_labelled, split, train
 
-RUN_FIELDS = ("seed", "kind", "tau", "sparsity", "mass_kept", "plane_sparsity", "accuracy",
-              "train_loss_last_epoch", "train_seconds", "run")
-SUMMARY_FIELDS = ("kind", "tau", "seeds", "sparsity", "mass_kept", "plane_sparsity", "accuracy", "accuracy_sd",
+RUN_FIELDS = ("seed", "kind", "tau", *FIGURES, "accuracy", "train_loss_last_epoch", "train_seconds", "run")
+SUMMARY_FIELDS = ("kind", "tau", "seeds", *FIGURES, "accuracy", "accuracy_sd",
                   "vs_dense", "vs_dense_ci", "vs_random", "vs_random_ci")
 
 
@@ -170,6 +170,19 @@ def finished_or_train(base: TrainSettings, planned: Planned, progress: Callable 
     return train(replace(settings, resume=resume, overwrite=not resume), progress)
 
 
+def masks_figures(masks: str | None) -> dict:
+    """The figures of a run's masks (attnmask.accounting.recorded; dense for None), read from the store so
+    that a run reused from an older version carries them under today's names too."""
+    from attnmask.store import read_masks
+
+    return recorded(read_masks(masks) if masks else None)
+
+
+def mean_known(values: list[float | None]) -> float | None:
+    """The mean of `values`; None when one of them is not known (a store written before it was recorded)."""
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One row per (kind, tau): means over seeds and the paired differences to dense and to random."""
     by = {(r["kind"], r["tau"], r["seed"]): r for r in rows}
@@ -179,7 +192,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["kind"] == kind and r["tau"] == tau]
         accuracies = [r["accuracy"] for r in mine]
         entry = {"kind": kind, "tau": tau, "seeds": len(mine),
-                 **{k: float(np.mean([r[k] for r in mine])) for k in ("sparsity", "mass_kept", "plane_sparsity")},
+                 **{k: mean_known([r[k] for r in mine]) for k in FIGURES},
                  "accuracy": float(np.mean(accuracies)),
                  "accuracy_sd": float(np.std(accuracies, ddof=1)) if len(mine) > 1 else None,
                  "vs_dense": None, "vs_dense_ci": None, "vs_random": None, "vs_random_ci": None}
@@ -212,8 +225,8 @@ def sweep(base: TrainSettings, patterns: str | dict[int, str], taus: list[float]
     rows = []
     for planned in plan(base, stores, taus, variants, out, seeds):
         metrics = finished_or_train(base, planned, progress)
-        row = {"seed": planned.seed, "kind": planned.kind, "tau": planned.tau,
-               **{k: metrics.get(k) for k in ("sparsity", "mass_kept", "plane_sparsity", "accuracy", "majority",
+        row = {"seed": planned.seed, "kind": planned.kind, "tau": planned.tau, **masks_figures(planned.masks),
+               **{k: metrics.get(k) for k in ("accuracy", "majority",
                                                "majority_label", "predicted", "train_loss_last_epoch",
                                                "train_seconds")},
                "run": str(planned.run)}
@@ -267,7 +280,7 @@ def plot_sweep(path: Path, result: dict, title: str) -> None:
     kinds = [k for k in dict.fromkeys(e["kind"] for e in summary) if k != "dense"]
     for i, kind in enumerate(kinds):
         points = sorted((e for e in summary if e["kind"] == kind), key=lambda e: e["tau"])
-        left.errorbar([e["sparsity"] for e in points], [e["accuracy"] for e in points],
+        left.errorbar([e["data_sparsity"] for e in points], [e["accuracy"] for e in points],
                       yerr=[e["accuracy_sd"] or 0.0 for e in points], fmt="o-s^vD"[i % 6] + "-", capsize=3, label=kind)
         for name, key, offset in (("- dense", "vs_dense", -0.006), ("- random", "vs_random", 0.006)):
             pts = [e for e in points if e[key] is not None]
@@ -335,7 +348,7 @@ def demo_reading(s: dict) -> str:
         return f"{delta:+.1f} points ({verdict}: 2 SE {noise:.1f})"
 
     head = "the dense model learned" if learned else "the dense model did NOT beat the majority class"
-    return (f"Reading: {head}; removing {100 * s['runs']['data']['sparsity']:.0f} % of the attention work, "
+    return (f"Reading: {head}; removing {100 * s['runs']['data']['data_sparsity']:.0f} % of the attention work, "
             f"data-informed is {compare(informed, dense)} against dense and {compare(informed, random)} against "
             "random masks of the same budget. One seed; `attnmask sweep --seeds N` gives intervals.")
 
@@ -397,7 +410,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
         runs[kind] = train(replace(base, out=str(out / kind), masks=str(out / f"masks-{kind}.zarr")), progress)
     majority = Counter(data.labels[i] for i in eval_idx).most_common(1)[0][1] / len(eval_idx)
     summary = {"runs": runs, "majority": majority, "eval_examples": len(eval_idx), "train_examples": len(train_idx),
-               "held_out": {kind: {k: m.attrs["held_out"][k] for k in ("data_sparsity", "mass_kept", "plane_sparsity")}
+               "held_out": {kind: {k: m.attrs["held_out"][k] for k in FIGURES}
                             for kind, m in masks.items()},
                "seconds": round(time.perf_counter() - started, 1), "settings": asdict(settings)}
     summary["reading"] = demo_reading(summary)

@@ -7,7 +7,8 @@ it has none) on labelled texts, with the masks applied in training and evaluatio
     config.json, model.safetensors, tokenizer files   the model (config records the masks' digest)
     masks/                                            a copy of the mask store used (if any)
     settings.json                                     the settings, the label names and the split
-    metrics.json                                      accuracy on the held-out split, loss, time, sparsity
+    metrics.json                                      accuracy on the held-out split, loss, time, the masks'
+                                                      data_sparsity, mass_kept, plane_sparsity
     checkpoint/                                       while training: state for --resume (removed at the end)
     attnmask-run.json                                 what the run wrote (only such a run is replaced by
                                                       --overwrite; the new run is built beside it and
@@ -38,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from attnmask.accounting import sparsity_fields
+from attnmask.accounting import recorded as recorded_figures
 from attnmask.errors import AttnmaskError
 from attnmask.trainer import read_record
 
@@ -346,7 +347,7 @@ def train_classifier(settings: TrainSettings, progress: Callable | None = None) 
         "masks_digest": store.digest if store else None,
         "tau": store.attrs.get("tau") if store else None,
         "random": store.attrs.get("random") if store else None,
-        **sparsity_fields(store),
+        **recorded_figures(store),
         "backend": handle.backend if handle else None,
         "device": str(args.device),
         "processes": args.world_size,
@@ -505,7 +506,7 @@ def evaluate_classifier(settings: EvalSettings) -> dict:
             pruning.remove()
     return {"model": settings.model, "data": settings.data, "split": data.split, "on": on,
             "examples": len(idx), **scored, "masks": (store.path if store else "none"), "masks_note": note,
-            "masks_digest": store.digest if store else None, **sparsity_fields(store),
+            "masks_digest": store.digest if store else None, **recorded_figures(store),
             "backend": handle.backend if handle else None, "max_length": max_length,
             "precision": settings.precision, "seconds": round(time.perf_counter() - started, 2),
             "pruning": pruning.record() if pruning is not None else None, "pruning_note": prune_note}

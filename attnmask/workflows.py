@@ -191,7 +191,7 @@ LM_TRAIN = Workflow(_check_train,
                         "as_json", "as_csv", "split"})),),
                     _train_lm, ("masks", "steps", "train_loss", "seconds"), progress_bar=True)
 CLASSIFY_TRAIN = Workflow(_check_train, (Applies("to --task {task}", but=frozenset({"config", "steps"})),),
-                          _train_classify, ("masks", "sparsity", "backend", "train_examples", "eval_examples",
+                          _train_classify, ("masks", "data_sparsity", "backend", "train_examples", "eval_examples",
                                             "train_loss_last_epoch", "accuracy", "majority", "train_seconds"),
                           progress_bar=True)
 FAIRSEQ_EVAL = Workflow(_check_fairseq_eval,
@@ -204,7 +204,7 @@ LM_EVAL = Workflow(_check_eval,
                                                             "backend", "as_json", "as_csv", "split"}))),
                    _eval_lm, ("masks", "split", "tokens", "loss", "perplexity", "seconds"))
 CLASSIFY_EVAL = Workflow(_check_eval, (Applies("without MODEL fairseq", but=_FAIRSEQ_EVAL_OPTIONS),),
-                         _eval_classify, ("masks", "sparsity", "backend", "split", "on", "examples", "accuracy",
+                         _eval_classify, ("masks", "data_sparsity", "backend", "split", "on", "examples", "accuracy",
                                          "majority"))
 
 # MODEL keywords that name a workflow whatever --task says, then the --task values with their own workflow;

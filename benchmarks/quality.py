@@ -99,7 +99,7 @@ def readme_section(result: dict, meta: dict) -> str:
     ]
     for e in result["summary"]:
         sd = f" ± {e['accuracy_sd']:.3f}" if e["accuracy_sd"] is not None else ""
-        lines.append(f"| {e['kind']} | {e['tau']:g} | {e['seeds']} | {e['sparsity']:.3f} / "
+        lines.append(f"| {e['kind']} | {e['tau']:g} | {e['seeds']} | {e['data_sparsity']:.3f} / "
                      f"{e['held_out_sparsity']:.3f} | {e['mass_kept']:.3f} / {e['held_out_mass_kept']:.3f} | "
                      f"{e['plane_sparsity']:.3f} | {e['accuracy']:.3f}{sd} | "
                      f"{interval(e['vs_dense'], e['vs_dense_ci'])} | {interval(e['vs_random'], e['vs_random_ci'])} |")
@@ -176,7 +176,7 @@ def main() -> None:
     for stage in stages:
         result = sweep(base, patterns, parse_taus(args.taus), stage, args.out, seeds,
                        on_run=lambda name, row: print(f"{name}: accuracy {row['accuracy']:.4f}, data sparsity "
-                                                      f"{row['sparsity']:.3f} ({row['train_seconds']:.0f} s)",
+                                                      f"{row['data_sparsity']:.3f} ({row['train_seconds']:.0f} s)",
                                                       flush=True))
     held_out_figures(result, held)
     meta = {"limit": args.limit, "seeds": seeds, "max_length": args.max_length, "epochs": args.epochs,
@@ -194,7 +194,7 @@ def main() -> None:
     if args.readme is not None:
         update_readme(args.readme, readme_section(result, meta))
     for e in result["summary"]:
-        print(f"{e['kind']:>7} tau {e['tau']:<5g} data sparsity {e['sparsity']:.3f} (held out "
+        print(f"{e['kind']:>7} tau {e['tau']:<5g} data sparsity {e['data_sparsity']:.3f} (held out "
               f"{e['held_out_sparsity']:.3f}) mass kept {e['mass_kept']:.3f} accuracy {e['accuracy']:.4f} "
               f"- dense {interval(e['vs_dense'], e['vs_dense_ci'])} - random {interval(e['vs_random'], e['vs_random_ci'])}")
 

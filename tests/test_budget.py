@@ -173,7 +173,7 @@ def test_demo_reading_states_differences_against_their_noise():
     from attnmask.experiments import demo_reading
 
     def reading(dense, data, random, majority=0.52, n=100):
-        runs = {"dense": {"accuracy": dense}, "data": {"accuracy": data, "sparsity": 0.9},
+        runs = {"dense": {"accuracy": dense}, "data": {"accuracy": data, "data_sparsity": 0.9},
                 "random": {"accuracy": random}}
         return demo_reading({"runs": runs, "majority": majority, "eval_examples": n})
 

@@ -146,3 +146,93 @@ def test_compile_json_pipes_into_json_tool(compiled, tmp_path):
                        f"| {sys.executable} -m json.tool", shell=True, capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert json.loads(r.stdout)["figures"] == read_masks(tmp_path / "m.zarr").attrs["figures"]
+
+
+# ----------------------------------------------------------------------------------------------
+# train, eval, sweep and demo: the same figures under the same names (issue 26 item 2)
+
+
+@pytest.fixture(scope="module")
+def labelled(compiled):
+    """80 texts of the fixture's vocabulary labelled by whether they hold a word from the first half of it."""
+    import csv
+
+    from conftest import WORDS
+
+    path = compiled[0].parent / "labelled.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for text in random_texts(80, seed=4, lo=2, hi=12):
+            writer.writerow([text, "a" if set(text.split()) & set(WORDS[:len(WORDS) // 2]) else "b"])
+    return path
+
+
+def one_row(text: str) -> dict[str, str]:
+    """{column header: cell} of a one-row table (columns side by side, or `metric │ value` lines)."""
+    rows = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in text.splitlines()
+            if len(re.findall("[│┃]", line)) > 1]
+    if rows and rows[0][0] == "metric":
+        return dict(row for row in rows[1:] if len(row) == 2)
+    return dict(zip(rows[0], rows[1]))
+
+
+def test_train_and_eval_carry_the_recorded_figures_under_their_names(compiled, labelled, tiny_bert_dir, tmp_path):
+    patterns, masks, _, as_json = compiled
+    args = ["train", tiny_bert_dir, labelled, "--masks", masks, "--epochs", 1, "--max-length", 32, "--limit", 40,
+            "--device", "cpu"]
+    metrics = json.loads(run(*args, "--out", tmp_path / "run", "--json"))
+    for k in FIGURES:
+        assert metrics[k] == as_json["figures"][k]  # the keys of compile --json, the values it recorded
+    assert "sparsity" not in metrics
+    table = run(*args, "--out", tmp_path / "again")
+    cells = one_row(table)
+    assert cells["data sparsity"] == printed(as_json["figures"])[0] and "sparsity" not in cells, table
+    evaluated = json.loads(run("eval", tmp_path / "run", labelled, "--device", "cpu", "--json"))
+    assert {k: evaluated[k] for k in FIGURES} == {k: metrics[k] for k in FIGURES}
+    header, row = run("eval", tmp_path / "run", labelled, "--device", "cpu", "--csv").splitlines()[:2]
+    assert "data_sparsity" in header.split(",") and "sparsity" not in header.split(",")
+
+
+def test_sweep_prints_the_figures_compile_records(compiled, labelled, tiny_bert_dir, tmp_path):
+    import csv
+
+    patterns, masks, _, as_json = compiled
+    out = tmp_path / "sweep"
+    text = run("sweep", tiny_bert_dir, labelled, "--patterns", patterns, "--taus", "0,0.7", "--out", out,
+               "--max-length", 32, "--limit", 40, "--device", "cpu")
+    header = next(line for line in text.splitlines() if "kind" in line)
+    assert all(name in header for name in ("data sparsity", "mass kept", "plane sparsity")), header
+    data_row = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("data "))
+    assert re.findall(r"\d\.\d{4}", data_row)[:3] == list(printed(as_json["figures"])), data_row
+    result = json.loads((out / "sweep.json").read_text())
+    for entry in (result["rows"][1], result["summary"][1]):
+        assert {k: entry[k] for k in FIGURES} == as_json["figures"] and "sparsity" not in entry
+    with open(out / "summary.csv") as fh:
+        assert [k for k in next(csv.reader(fh)) if "sparsity" in k or "mass" in k] == list(FIGURES)
+
+
+def test_demo_table_names_the_figures_as_compile_does(compiled, labelled, tiny_bert_dir, tmp_path):
+    """The demo's table from run metrics of real runs (the demo itself trains MiniLM three times)."""
+    from rich.console import Console
+
+    from attnmask import cli
+    from attnmask.accounting import measure
+
+    patterns, masks, _, as_json = compiled
+    args = [tiny_bert_dir, labelled, "--epochs", 1, "--max-length", 32, "--limit", 40, "--device", "cpu", "--json"]
+    dense = json.loads(run("train", *args[:2], "--masks", "none", *args[2:], "--out", tmp_path / "dense"))
+    masked = json.loads(run("train", *args[:2], "--masks", masks, *args[2:], "--out", tmp_path / "data"))
+    held = {k: v for k, v in measure(read_masks(masks), read_patterns(patterns)).items() if k in FIGURES}
+    summary = {"runs": {"dense": dense, "data": masked, "random": masked}, "majority": 0.5, "eval_examples": 8,
+               "train_examples": 32, "held_out": {"data": held, "random": held}, "settings": {"tau": 0.7, "seed": 0}}
+    console = Console(width=250, color_system=None)
+    with console.capture() as captured:
+        console.print(cli.demo_table(summary))
+    rows = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in captured.get().splitlines()
+            if len(re.findall("[│┃]", line)) > 1]
+    assert rows[0][1:5] == ["data sparsity", "mass kept", "held-out data sparsity", "plane sparsity"], rows[0]
+    by_label = {row[0]: row[1:5] for row in rows[1:]}
+    figures = printed(as_json["figures"])
+    assert by_label["data-informed, tau 0.7"] == [figures[0], figures[1], f"{held['data_sparsity']:.4f}", figures[2]]
+    assert by_label["dense"] == ["0.0000", "1.0000", "0.0000", "0.0000"]

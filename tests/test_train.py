@@ -106,7 +106,7 @@ def test_train_masked_writes_model_settings_metrics_and_eval_reproduces(tiny_mod
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == metrics
     assert metrics["train_examples"] == 96 and metrics["eval_examples"] == 24
-    assert metrics["masks_digest"] == masks.digest and 0.3 < metrics["sparsity"] < 0.6
+    assert metrics["masks_digest"] == masks.digest and 0.3 < metrics["data_sparsity"] < 0.6
     assert [s for s, _, _ in steps] == list(range(1, 49)) and steps[-1][1] == 48
     assert metrics["accuracy"] > 0.75  # the label is one word: learnable even with half the attention pruned
 
@@ -191,7 +191,7 @@ def test_sweep_over_seeds_trains_dense_once_per_seed_and_pairs_differences(tiny_
     for r in rows[1:3] + rows[4:]:
         masks = read_masks(tmp_path / "sw" / "masks" / f"seed{r['seed']}" / f"{r['kind']}-tau0.6.masks.zarr")
         assert masks.attrs["budget"] == "data" and masks.attrs["random"] == (r["kind"] == "random")
-        assert r["sparsity"] == masks.attrs["figures"]["data_sparsity"] and 0.45 < r["sparsity"] <= 0.6
+        assert r["data_sparsity"] == masks.attrs["figures"]["data_sparsity"] and 0.45 < r["data_sparsity"] <= 0.6
     by = {(r["kind"], r["seed"]): r["accuracy"] for r in rows}
     summary = {e["kind"]: e for e in result["summary"]}
     expected = mean_interval([by["data", s] - by["dense", s] for s in (0, 1)])
