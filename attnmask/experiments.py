@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -156,18 +155,32 @@ def plan(base: TrainSettings, patterns: dict[int, str], taus: list[float], varia
     return runs
 
 
+def saved_settings(run: Path) -> dict | None:
+    """The comparable settings a run folder recorded (settings.json), None when it has none readable."""
+    try:
+        record = json.loads((run / "settings.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return record.get("settings") if isinstance(record, dict) else None
+
+
 def finished_or_train(base: TrainSettings, planned: Planned, progress: Callable | None) -> dict:
-    """The metrics of a finished run of exactly these settings, else of a fresh (or resumed) one."""
+    """The metrics of a finished run of exactly these settings, else of a resumed or a fresh one.
+
+    A run of other settings is replaced as `train --overwrite` replaces it (trainer.RunFolder): only a
+    provable attnmask run holding nothing else (anything else is refused and left as it is), the new run
+    built beside it and swapped in when complete, so an interrupted sweep leaves the old run whole; the
+    next sweep resumes that replacement when its settings are these."""
+    from attnmask.trainer import CHECKPOINTS, is_run, staging_of
+
     settings = replace(base, seed=planned.seed, masks=planned.masks, out=str(planned.run))
-    record = planned.run / "settings.json"
-    saved = json.loads(record.read_text()).get("settings") if record.exists() else None
-    if saved != settings.comparable() and planned.run.exists():
-        shutil.rmtree(planned.run)  # a run of other settings: retrain rather than reuse or resume it
-    metrics = planned.run / "metrics.json"
-    if metrics.exists() and not (planned.run / "checkpoint").exists():
-        return json.loads(metrics.read_text())
-    resume = (planned.run / "checkpoint").exists()
-    return train(replace(settings, resume=resume, overwrite=not resume), progress)
+    wanted, run, staged = settings.comparable(), planned.run, staging_of(planned.run)
+    if saved_settings(run) == wanted and (run / "metrics.json").exists() and not (run / CHECKPOINTS).exists():
+        return json.loads((run / "metrics.json").read_text())
+    building = staged if is_run(staged) else run  # where `train --resume` continues
+    if saved_settings(building) == wanted and (building / CHECKPOINTS).exists():
+        return train(replace(settings, resume=True), progress)
+    return train(replace(settings, overwrite=True), progress)
 
 
 def masks_figures(masks: str | None) -> dict:
@@ -330,6 +343,10 @@ class DemoSettings:
     overwrite: bool = False
 
 
+DEMO_ENTRIES = ("patterns.zarr", "held-out.zarr", "masks-data.zarr", "masks-random.zarr", "dense", "data", "random",
+                "demo.json")  # what a demo folder holds
+
+
 def binomial_se(p: float, n: int) -> float:
     """Standard error of an accuracy p measured on n independent examples: sqrt(p (1 - p) / n)."""
     return math.sqrt(p * (1 - p) / max(n, 1))
@@ -358,11 +375,13 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
     (data budget) -> train dense, data-informed and random classifiers -> accuracies and figures.
 
     Returns {"runs": {kind: metrics}, "majority", "eval_examples", "held_out": {kind: figures}, ...};
-    every stage writes under settings.out (patterns.zarr, held-out.zarr, masks-*.zarr, dense/, ...)."""
-    from attnmask.collect import collect
-    from attnmask.compile import CompileSettings, compile_masks
-    from attnmask.models import load_adapter, pick_device
-    from attnmask.store import write_masks, write_patterns
+    every stage writes under settings.out (DEMO_ENTRIES). The folder is a trainer.RunFolder: --overwrite
+    replaces only an earlier demo (its attnmask-run.json lists everything in it), and the new demo is
+    built beside it (`.NAME.next`) and swapped in when complete; a failed replacement is removed and
+    leaves the old demo as it was."""
+    from attnmask.compile import CompileSettings
+    from attnmask.models import pick_device
+    from attnmask.trainer import RunFolder
 
     compile_settings = {kind: CompileSettings(tau=settings.tau, random=kind == "random", seed=settings.seed)
                         for kind in ("data", "random")}
@@ -375,14 +394,29 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
     device = pick_device(settings.device)
     data = read_labelled(settings.data, None, None, None)
     train_idx, eval_idx = split(len(data.texts), base.eval_split, settings.seed, settings.limit)
-    out = Path(settings.out)
-    if out.exists() and any(out.iterdir()):
-        if not settings.overwrite:
-            raise AttnmaskError(f"output {out} already exists (pass --overwrite)")
-        if not (out / "demo.json").exists() and not (out / "patterns.zarr").exists():
-            raise AttnmaskError(f"output {out} exists and is not an attnmask demo; refusing to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    folder = RunFolder(Path(settings.out), overwrite=settings.overwrite, entries=DEMO_ENTRIES, resumable=False)
+    folder.check({})
+    folder.create()
+    try:
+        summary = demo_stages(settings, folder.path, base, compile_settings, data, train_idx, eval_idx, device, say,
+                              progress)
+        folder.finish()
+    except BaseException:
+        folder.discard()
+        raise
+    return summary
+
+
+def demo_stages(settings: DemoSettings, out: Path, base: TrainSettings, compile_settings: dict, data,
+                train_idx: list[int], eval_idx: list[int], device, say: Callable[[str], None],
+                progress: Callable | None) -> dict:
+    """The demo's work, written into `out` (the demo folder, or the replacement built beside it; the
+    summary names the masks where they will be, the runs' own records where they were built)."""
+    from attnmask.collect import collect
+    from attnmask.compile import compile_masks
+    from attnmask.models import load_adapter
+    from attnmask.store import write_masks, write_patterns
+
     started = time.perf_counter()
 
     say(f"1/3 collect: MiniLM attention over the {len(train_idx)} training snippets (and, to measure the masks "
@@ -409,6 +443,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
     for kind in ("data", "random"):
         runs[kind] = train(replace(base, out=str(out / kind), masks=str(out / f"masks-{kind}.zarr")), progress)
     majority = Counter(data.labels[i] for i in eval_idx).most_common(1)[0][1] / len(eval_idx)
+    final = Path(settings.out)  # where the masks are once a replacement is swapped in
+    runs = {kind: {**m, "masks": str(final / Path(m["masks"]).name) if m["masks"] else None} for kind, m in runs.items()}
     summary = {"runs": runs, "majority": majority, "eval_examples": len(eval_idx), "train_examples": len(train_idx),
                "held_out": {kind: {k: m.attrs["held_out"][k] for k in FIGURES}
                             for kind, m in masks.items()},

@@ -27,6 +27,7 @@ tensor names and shapes. Anything else is one error line. Precision (`fp32`, `bf
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -528,11 +529,17 @@ class RunFolder:
     in `.NAME.next` (`path`), and swapped in by `finish`: out is renamed to `.NAME.old-<hex>`, the new run
     to out, and the old run is removed. Until then out is the old run, untouched; a run killed between the
     two renames is completed (the new run is finished) on the next use of out (`settle_run`). --resume
-    continues the unfinished replacement in `.NAME.next` when there is one, else the run in out."""
+    continues the unfinished replacement in `.NAME.next` when there is one, else the run in out.
+
+    Other outputs made of runs (the demo) use the same folder: `entries` are what the marker lists while
+    the work is under way, and `resumable` False for a command without --resume (its messages name only
+    --overwrite)."""
 
     out: Path
     resume: bool = False
     overwrite: bool = False
+    entries: tuple[str, ...] = TRAINING_ENTRIES
+    resumable: bool = True
     path: Path = field(init=False)  # where the run is built: out, or its replacement `.NAME.next`
 
     def __post_init__(self) -> None:
@@ -570,7 +577,7 @@ class RunFolder:
         if has_entries(self.out):
             if not self.overwrite:
                 unfinished = (self.out / CHECKPOINTS).exists() or is_run(self.staging)
-                hint = "--resume or --overwrite" if unfinished else "--overwrite"
+                hint = "--resume or --overwrite" if unfinished and self.resumable else "--overwrite"
                 raise AttnmaskError(f"output {self.out} already exists (pass {hint})")
             replaceable_entries(self.out)
         if self.path == self.staging and self.staging.exists():
@@ -584,7 +591,7 @@ class RunFolder:
         if self.path == self.staging and self.staging.exists():
             remove_run(self.staging)
         self.path.mkdir(parents=True, exist_ok=True)
-        write_marker(self.path, "training", TRAINING_ENTRIES)
+        write_marker(self.path, "training", self.entries)
 
     def finish(self) -> None:
         """The run is complete in `path`: its checkpoints are removed, RUN_MARKER lists what it holds, and a
@@ -596,6 +603,13 @@ class RunFolder:
         write_marker(self.path, "finished", sorted(p.name for p in self.path.iterdir() if p.name != RUN_MARKER))
         if self.path != self.out:
             swap_in(self.path, self.out)
+
+    def discard(self) -> None:
+        """A replacement that failed: remove what it built beside the old run (which stays as it was).
+        One holding something it did not list is left for the next --overwrite to name."""
+        if self.path != self.out and is_run(self.path):
+            with contextlib.suppress(AttnmaskError):
+                remove_run(self.path)
 
 
 def staging_of(out: Path) -> Path:
