@@ -1151,7 +1151,8 @@ def demo(
     max_length: int = typer.Option(32, help="Tokens per snippet."),
     seed: int = typer.Option(0, help="Seed of the split, the training and the random masks."),
     device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),
-    overwrite: bool = typer.Option(False, help="Replace an existing demo folder."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier demo (only a folder a demo wrote, holding "
+                                   "nothing else; the new one is built beside it and swapped in when complete)."),
 ):
     """collect -> compile -> train dense, data-informed and random MiniLM classifiers (Rotten Tomatoes fresh vs rotten)."""
     from attnmask.accounting import figures_legend
