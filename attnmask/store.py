@@ -115,6 +115,19 @@ def json_digest(obj: Any) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def hash_file(h, path: Path):
+    """`h` (a hashlib object) updated with the file's bytes, read in 1 MiB blocks; returns h."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
+def sha256_hex(path: Path) -> str:
+    """sha256 of one file's bytes, as hex."""
+    return hash_file(hashlib.sha256(), path).hexdigest()
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted)."""
     h = hashlib.sha256()
@@ -122,9 +135,7 @@ def file_digest(path: Path) -> str:
     for f in files:
         if f is not path:
             h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        hash_file(h, f)
     return "sha256:" + h.hexdigest()
 
 

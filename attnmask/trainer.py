@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
+from attnmask.store import sha256_hex
 
 CHECKPOINT_EVERY = 50  # optimizer steps between checkpoints (and one at every epoch end)
 CHECKPOINTS = "checkpoint"  # the run folder's subfolder holding Trainer's checkpoint-N folders
@@ -350,14 +350,6 @@ def run_training(trainer, run_dir: Path, resume: bool):
 # Checkpoint files
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def finish_checkpoint(folder: Path, extensions: list[Extension]) -> None:
     """Complete the checkpoint Trainer wrote: extension state, no pickled arguments, manifest last."""
     from safetensors.torch import save_file
@@ -365,7 +357,7 @@ def finish_checkpoint(folder: Path, extensions: list[Extension]) -> None:
     state = {f"{ext.name}.{k}": v.contiguous() for ext in extensions for k, v in ext.state().items()}
     save_file(state, str(folder / STATE_FILE))
     (folder / "training_args.bin").unlink(missing_ok=True)
-    files = {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(folder)): sha256_hex(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
     tmp.rename(folder / MANIFEST)
@@ -444,7 +436,7 @@ def verified_checkpoint(run_dir: Path, model: nn.Module, extensions: list[Extens
     if present != set(files):
         extra = sorted(present ^ set(files))
         raise checkpoint_error(folder, f"files differ from those it was written with: {', '.join(extra[:3])}")
-    changed = [name for name, digest in files.items() if sha256_of(folder / name) != digest]
+    changed = [name for name, digest in files.items() if sha256_hex(folder / name) != digest]
     if changed:
         raise checkpoint_error(folder, f"{', '.join(changed[:3])} changed since it was written (sha256 differs)")
     for name in sorted(files):

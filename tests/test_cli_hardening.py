@@ -110,9 +110,10 @@ def torch_bytes(obj) -> bytes:
 
 def reseal(checkpoint: Path) -> None:
     """Rewrite the manifest to match the files as they are now (a tamperer who knows the format)."""
-    from attnmask.trainer import MANIFEST, sha256_of
+    from attnmask.store import sha256_hex
+    from attnmask.trainer import MANIFEST
 
-    files = {str(p.relative_to(checkpoint)): sha256_of(p) for p in sorted(checkpoint.rglob("*"))
+    files = {str(p.relative_to(checkpoint)): sha256_hex(p) for p in sorted(checkpoint.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     (checkpoint / MANIFEST).write_text(json.dumps({"files": files}))
 

@@ -27,6 +27,7 @@ import torch
 
 from attnmask.errors import AttnmaskError
 from attnmask.fairseq_safe_load import MAX_ITEMS, NotALiteral, allow_fairseq_globals, literal_value
+from attnmask.store import sha256_hex
 
 BIN = Path(sys.executable).parent
 PLUGIN = Path(__file__).resolve().parents[1] / "attnmask" / "fairseq_plugin"
@@ -304,7 +305,7 @@ def plant(root: Path, name: str, mark: Path, how: str) -> Path:
     elif how == "sha256 record is a FIFO":  # reading it would wait forever
         os.mkfifo(native.record(library))
     elif how != "no sha256 recorded":
-        native.record(library).write_text(native.sha256_of(library) + "\n")
+        native.record(library).write_text(sha256_hex(library) + "\n")
     if how == "folder writable by others":
         folder.chmod(0o777)
     return library
@@ -400,7 +401,7 @@ def test_real_build_killed_mid_way_then_built_verified(tmp_path):
     library = native.binary(root / name)
     assert second.returncode == 0 and second.stdout.strip() == str(library), second.stderr[-2000:]
     assert "RuntimeWarning" not in second.stderr, second.stderr[-2000:]
-    assert native.record(library).read_text().strip() == native.sha256_of(library)
+    assert native.record(library).read_text().strip() == sha256_hex(library)
     assert not list(root.glob(f"{name}.build-*")) and not mark.exists()
 
 

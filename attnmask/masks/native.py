@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from attnmask.store import sha256_hex
+
 SOURCE = Path(__file__).with_name("blocksparse.cpp")
 DEFAULT_WAIT_S = 300.0
 
@@ -87,14 +89,6 @@ def record(library: Path) -> Path:
     return library.with_name(library.name + ".sha256")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def owned_privately(path: Path, kind=stat.S_ISREG) -> bool:
     """Whether `path` is of `kind` (a regular file; stat.S_ISDIR: a folder), not a link, this user's and
     writable by no one else."""
@@ -113,7 +107,7 @@ def trust_problem(folder: Path) -> str | None:
             return f"{path} is a link, not a plain {plain}, another user's, or writable by others"
     with open(record(library)) as f:
         recorded = f.read(100).strip()
-    actual = sha256_of(library)
+    actual = sha256_hex(library)
     if actual != recorded:
         return f"{library} has sha256 {actual[:16]}…, not the {recorded[:16]}… recorded when it was built"
     return None
@@ -163,7 +157,7 @@ def build(root: Path, name: str):
         library = staging / f"{name}.so"
         if Path(module.__file__).resolve() != library.resolve():
             raise RuntimeError(f"the build wrote {module.__file__}, not {library}")
-        record(library).write_text(sha256_of(library) + "\n")
+        record(library).write_text(sha256_hex(library) + "\n")
         for leftover in set(staging.iterdir()) - {library, record(library)}:  # objects, ninja files
             if leftover.is_dir():
                 shutil.rmtree(leftover)
