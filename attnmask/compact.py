@@ -41,8 +41,10 @@ few distinct patterns, which a compact encoder with fewer heads and blocks can r
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -757,8 +759,10 @@ def is_classifier_folder(spec: str) -> bool:
 
 
 def check_out(settings: CompactSettings) -> Path:
-    """OUT must be new, empty, or (with overwrite) an earlier compact output; nothing is removed here."""
+    """OUT must be new, empty, or (with overwrite) an earlier compact output; nothing is removed here
+    beyond what an interrupted replacement left (settle_output)."""
     out = Path(settings.out)
+    settle_output(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not settings.overwrite:
             raise AttnmaskError(f"output {out} already exists (pass --overwrite)")
@@ -782,12 +786,34 @@ def save_folder(folder: Path, model, tokenizer, files: dict[str, dict]) -> None:
     match_umask(folder)
 
 
+def moved_aside(out: Path) -> list[Path]:
+    """Earlier outputs that replace_output moved aside as `.NAME.old-<hex>`, the last written last."""
+    olds = out.parent.glob(f".{glob.escape(out.name)}.old-*") if out.parent.is_dir() else []
+    return sorted(olds, key=lambda p: p.stat().st_mtime)
+
+
 def replace_output(tmp: Path, out: Path) -> None:
-    """Move the finished output into place; an earlier output is removed only now."""
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    """Move the finished output into place: an earlier output is renamed aside, the new one renamed to
+    out, and only then the earlier one removed, so out is always the old output or the new one (a kill
+    between the renames is rolled back by settle_output)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.path.lexists(out):
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old)
+
+
+def settle_output(out: Path) -> None:
+    """Finish what a replace_output killed half-way left: with out missing, the output moved aside is
+    put back; beside an out that exists, outputs moved aside are removed."""
+    olds = [p for p in moved_aside(out) if (p / RECORD).is_file()]
+    if olds and not os.path.lexists(out):
+        olds.pop().rename(out)
+    for old in olds:
+        shutil.rmtree(old)
 
 
 def choose_spans(settings: CompactSettings, layers: int, heads: int) -> tuple[list[tuple[int, int]], dict]:

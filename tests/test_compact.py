@@ -13,8 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from attnmask.cli import app
-from attnmask.compact import (COMPACT_SITE, CompactSettings, CompactSpec, build_student, distill, distillation_losses,
-                              parse_spans, propose_spans, read_examples, substitutes)
+from attnmask.compact import (COMPACT_SITE, RECORD, CompactSettings, CompactSpec, build_student, check_out, distill,
+                              distillation_losses, moved_aside, parse_spans, propose_spans, read_examples,
+                              replace_output, substitutes)
 from attnmask.errors import AttnmaskError
 from attnmask.store import SitePatterns, read_masks, read_patterns, write_patterns
 from conftest import make_tokenizer, random_texts
@@ -348,3 +349,37 @@ def test_compact_output_follows_the_umask(bert4_dir, labelled_csv, tmp_path):
     assert modes["clf/model.safetensors"] == 0o644 and modes["clf/teacher/model.safetensors"] == 0o644, modes
     assert {m for name, m in modes.items() if (tmp_path / name).is_file()} == {0o644}, modes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temporary folder left beside it
+
+
+def compact_output(folder: Path, marker: str) -> Path:
+    """A folder that passes for a compact output (compact.json), holding `marker` in weights.txt."""
+    folder.mkdir(parents=True)
+    (folder / RECORD).write_text("{}")
+    (folder / "weights.txt").write_text(marker)
+    return folder
+
+
+def test_a_replacement_killed_between_its_renames_leaves_the_old_output_for_the_next_run(tmp_path, monkeypatch):
+    out = compact_output(tmp_path / "out", "old")
+    new = compact_output(tmp_path / ".out.tmp-1", "new")
+    real_rename = Path.rename
+
+    def killed_on_the_second_rename(self, target):
+        if self == new:
+            raise KeyboardInterrupt  # the process dies after moving the old output aside
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_output(new, out)
+    monkeypatch.undo()
+    assert not out.exists() and len(moved_aside(out)) == 1
+    check_out(CompactSettings(model="m", data="d", out=str(out), replace="1", overwrite=True))  # the next run settles first
+    assert (out / "weights.txt").read_text() == "old" and moved_aside(out) == []
+
+
+def test_a_replacement_puts_the_new_output_in_place_and_leaves_nothing_beside(tmp_path):
+    out = compact_output(tmp_path / "out", "old")
+    replace_output(compact_output(tmp_path / ".out.tmp-1", "new"), out)
+    assert (out / "weights.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
