@@ -234,6 +234,7 @@ def sweep(base: TrainSettings, patterns: str | dict[int, str], taus: list[float]
     if not seeds:
         raise AttnmaskError("--seeds must be at least 1")
     stores = patterns if isinstance(patterns, dict) else {seed: patterns for seed in seeds}
+    check_sweep_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for planned in plan(base, stores, taus, variants, out, seeds):
@@ -253,6 +254,34 @@ def sweep(base: TrainSettings, patterns: str | dict[int, str], taus: list[float]
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     plot_sweep(out / "sweep.png", result, title=f"{base.model} on {base.data}, {len(seeds)} seed(s)")
     return result
+
+
+SWEEP_FILES = ("sweep.csv", "summary.csv", "sweep.json", "sweep.png")
+"""What a sweep writes at the top of its folder, beside runs/ and masks/ (replaced by every sweep)."""
+
+
+def check_sweep_folder(out: Path) -> None:
+    """Refuse, before any work, an --out that a sweep would overwrite others' files in: it must be new, or
+    hold nothing but a sweep's entries (runs/, masks/, SWEEP_FILES), with sweep.json a sweep's record
+    when there. (Runs inside runs/ are guarded by trainer.RunFolder.)"""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise AttnmaskError(f"--out {out} is a file, not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("runs", "masks", *SWEEP_FILES))
+    if foreign:
+        raise AttnmaskError(f"--out {out} holds files a sweep did not write ({', '.join(foreign[:5])}); "
+                            "choose a new folder")
+    record = out / "sweep.json"
+    written = [name for name in SWEEP_FILES if (out / name).exists()]
+    try:
+        doc = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        doc = None
+    is_sweep = isinstance(doc, dict) and "rows" in doc
+    if written and not is_sweep:
+        raise AttnmaskError(f"--out {out} holds {', '.join(written)} but no sweep's sweep.json; refusing to "
+                            "overwrite them (choose a new folder)")
 
 
 def write_csv(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:

@@ -53,6 +53,20 @@ def test_sweep_refuses_a_run_folder_that_is_not_a_run(tiny_model, labelled_csv, 
     assert entries(run) == before
 
 
+@pytest.mark.parametrize("user_file", ["notes.txt", "summary.csv"])
+def test_sweep_refuses_a_folder_whose_files_it_would_overwrite(tiny_model, labelled_csv, pattern_store, tmp_path,  # noqa: F811
+                                                               user_file):
+    """sweep writes sweep.csv, summary.csv, sweep.json and sweep.png at the top of --out: a folder holding
+    other files, or those names without a sweep's sweep.json, is refused before any work, untouched."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / user_file).write_text("the user's own")
+    base = settings(tiny_model, labelled_csv, "", epochs=1, limit=40)
+    with pytest.raises(AttnmaskError, match="choose a new folder"):
+        sweep(base, str(pattern_store), [0.0], {"data": {}}, out, seeds=[0])
+    assert entries(out) == {user_file: b"the user's own"}
+
+
 def test_an_interrupted_sweep_leaves_the_old_run_and_continues_the_replacement(
         tiny_model, labelled_csv, pattern_store, tmp_path, monkeypatch):  # noqa: F811
     """A run of other settings used to be deleted before its replacement was trained: an interrupted sweep
