@@ -248,3 +248,29 @@ def test_flex_runs_the_store_block_size_and_gives_masked_cells_zero_weight(block
     values = zero_where_allowed(half, 16).expand(1, 2, -1, -1).contiguous()
     with torch.no_grad():
         assert (zero.attend(q, k, values, call)[0] == 0).all()
+
+
+@pytest.mark.parametrize("tile", [32, 64, 128])
+def test_cpp_kernel_partial_tiles_run_in_row_chunks_exactly(tile, cpp_kernel_calls):
+    """The C++ kernel computes a partial tile in chunks of 32 query rows, each over the keys its rows
+    reach. Cases where that matters: a causal diagonal (chunk reaches grow), a partial tile whose first
+    rows allow nothing while a later tile gives them keys (their output must come from the later tile
+    alone), and short last blocks; all against float64."""
+    heads, length, dim = 3, 3 * tile + tile // 2, 16
+    g = torch.Generator().manual_seed(7 * tile)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    late_rows = torch.zeros(length, length, dtype=torch.bool)
+    late_rows[:, tile:] = True
+    late_rows[:, 0] = torch.arange(length) >= 40  # tile 0 partial; rows 0-39 get keys from later tiles only
+    scattered = torch.rand(length, length, generator=g) < 0.3
+    scattered[:, -1] = True  # every row keeps a key
+    allowed = torch.stack([causal, late_rows, scattered])
+    layout = tile_layout(allowed, tile)
+    assert (layout.rows.partial >= 0).any()
+    q, k, v = (torch.randn(2, heads, length, dim, generator=g) for _ in range(3))
+    poison = torch.full((2, length, heads, dim), float("nan"))  # the output's size: freed, then reused by
+    del poison                                                  # the kernel's torch::empty (rows it never
+    with torch.no_grad():                                       # writes would show as NaN)
+        out = block_sparse_attention(q, k, v, layout)
+    assert len(cpp_kernel_calls) == 1
+    torch.testing.assert_close(out.double(), reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)

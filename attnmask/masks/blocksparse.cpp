@@ -13,7 +13,9 @@
 // probability is subnormal or near the bottom of the float range (products of such values with V are
 // subnormal and make the BLAS products several times slower); where the platform has them (x86 SSE),
 // each task also runs with flush-to-zero and denormals-are-zero set in its thread, restored after. T is
-// any tile side (the mask's own block size: 32, 64, 128, ...). Keys,
+// any tile side (the mask's own block size: 32, 64, 128, ...). A partial tile runs in chunks of 32
+// query rows, each over the keys up to the last one its rows allow (a causal diagonal tile computes
+// about 5/8 of its cells in 4 chunks), the columns past a chunk's reach masked like its other cells. Keys,
 // values and queries are read in place through their strides (last dimension contiguous), so nothing is
 // gathered; the two matrix products per tile go to the BLAS sgemm that torch links. A row that has no
 // key gives 0. This is attnmask/masks/blocksparse.py's block_sparse_attention without autograd, dropout
@@ -99,6 +101,23 @@ void exponentiate_rows(float* s, int64_t rows, int64_t n, float* inverse_sums) {
   }
 }
 
+constexpr int64_t CHUNK = 32;  // query rows per chunk of a partial tile
+
+// The keys of a partial tile that rows x0 .. x0 + chunk - 1 of its bool cells [T, T] reach: one past the
+// last allowed column among those rows (at most `keys`; 0 when the rows allow none).
+int64_t chunk_reach(const bool* cell, int64_t tile, int64_t x0, int64_t chunk, int64_t keys) {
+  int64_t width = 0;
+  for (int64_t x = x0; x < x0 + chunk; ++x) {
+    for (int64_t y = keys - 1; y >= width; --y) {
+      if (cell[x * tile + y]) {
+        width = y + 1;
+        break;
+      }
+    }
+  }
+  return width;
+}
+
 int64_t check_long(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kLong && t.is_contiguous() && t.dim() == 1, name,
               " must be a contiguous 1-d int64 tensor");
@@ -147,6 +166,8 @@ torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const
     const FlushDenormals flush;
     std::vector<float> scores(tile * widest * tile);
     std::vector<float> inverse_sums(tile);
+    const int64_t chunks = (tile + CHUNK - 1) / CHUNK;
+    std::vector<int64_t> reach(chunks), reaches(widest * chunks);  // per partial tile and chunk: keys computed
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (heads * nq), r = task % (heads * nq), h = r / nq, i = r % nq;
       const int64_t rows = std::min(tile, q_len - i * tile);
@@ -162,18 +183,30 @@ torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const
         for (int64_t x = 0; x < rows; ++x) std::fill_n(oi + x * os[2], value_dim, 0.f);
         continue;
       }
+      // A partial tile runs in chunks of CHUNK query rows, each over the tile's keys up to the chunk's
+      // last allowed one (reach): a causal diagonal tile computes about (1 + 1/c) / 2 of its cells for c
+      // chunks instead of all of them. Columns past a chunk's reach are masked like disallowed cells.
       int64_t offset = 0;  // S [rows, n] row-major is column-major [n, rows]: per tile K_j · q_iᵀ
       for (int64_t p = first; p < last; ++p) {
         const int64_t j = kept[p], keys = std::min(tile, key_end - j * tile);
         if (keys <= 0) continue;
         float* s = scores.data() + offset;
-        gemm('T', 'N', keys, rows, dim, scale, kb + j * tile * ks[2], ks[2], qi, qs[2], 0.f, s, n);
-        if (bank[p] >= 0) {
+        const float* kj = kb + j * tile * ks[2];
+        if (bank[p] < 0) {
+          gemm('T', 'N', keys, rows, dim, scale, kj, ks[2], qi, qs[2], 0.f, s, n);
+        } else {
           const bool* cell = allowed + bank[p] * tile * tile;
-          for (int64_t x = 0; x < rows; ++x) {
+          for (int64_t x0 = 0; x0 < rows; x0 += CHUNK) {
+            const int64_t chunk = std::min(CHUNK, rows - x0), width = chunk_reach(cell, tile, x0, chunk, keys);
+            reach[x0 / CHUNK] = width;
+            if (width > 0) gemm('T', 'N', width, chunk, dim, scale, kj, ks[2], qi + x0 * qs[2], qs[2], 0.f, s + x0 * n, n);
+            for (int64_t x = x0; x < x0 + chunk; ++x) {
 #pragma omp simd
-            for (int64_t y = 0; y < keys; ++y) s[x * n + y] = cell[x * tile + y] ? s[x * n + y] : -FLT_MAX;
+              for (int64_t y = 0; y < width; ++y) s[x * n + y] = cell[x * tile + y] ? s[x * n + y] : -FLT_MAX;
+              std::fill(s + x * n + width, s + x * n + keys, -FLT_MAX);
+            }
           }
+          std::copy(reach.begin(), reach.end(), reaches.begin() + (p - first) * chunks);
         }
         offset += keys;
       }
@@ -182,8 +215,21 @@ torch::Tensor attend(const torch::Tensor& query, const torch::Tensor& key, const
       for (int64_t p = first; p < last; ++p) {
         const int64_t j = kept[p], keys = std::min(tile, key_end - j * tile);
         if (keys <= 0) continue;
-        gemm('N', 'N', value_dim, rows, keys, 1.f, vb + j * tile * vs[2], vs[2], scores.data() + offset, n,
-             offset == 0 ? 0.f : 1.f, oi, os[2]);
+        const float* vj = vb + j * tile * vs[2];
+        const float beta = offset == 0 ? 0.f : 1.f;
+        if (bank[p] < 0) {
+          gemm('N', 'N', value_dim, rows, keys, 1.f, vj, vs[2], scores.data() + offset, n, beta, oi, os[2]);
+        } else {
+          for (int64_t x0 = 0; x0 < rows; x0 += CHUNK) {
+            const int64_t chunk = std::min(CHUNK, rows - x0), width = reaches[(p - first) * chunks + x0 / CHUNK];
+            if (width > 0) {
+              gemm('N', 'N', value_dim, chunk, width, 1.f, vj, vs[2], scores.data() + offset + x0 * n, n, beta,
+                   oi + x0 * os[2], os[2]);
+            } else if (beta == 0.f) {  // nothing of this tile reaches these rows, and no tile wrote them yet
+              for (int64_t x = x0; x < x0 + chunk; ++x) std::fill_n(oi + x * os[2], value_dim, 0.f);
+            }
+          }
+        }
         offset += keys;
       }
       for (int64_t x = 0; x < rows; ++x) {
