@@ -22,7 +22,7 @@ Config strings fairseq eval()s. fairseq turns some config strings into values wi
 `utils.eval_str_list` / `eval_str_dict` / `eval_bool` (cfg.model.adaptive_softmax_cutoff, the attention's
 xformers_att_config, ...) and direct `eval(cfg.adam_betas)`, `eval(args.encoder_layers)` and the like in
 optimizers and models. A checkpoint's cfg is data, so a string there must not run code. The same import
-hook therefore gives every fairseq module whose code names `eval` a module-level `eval` =
+hook therefore gives every fairseq module a module-level `eval` =
 `literal_value`, which shadows the builtin for that module alone: it evaluates Python literals (and
 +, -, *, /, //, % on them, for values such as fconv's "[(512, 3)] * 20", with at most MAX_ITEMS items in
 a repeated sequence) and raises NotALiteral for anything else (a name, a call, an attribute, ...), before
@@ -161,25 +161,10 @@ def is_guarded(name: str) -> bool:
     return name.split(".")[0] in GUARDED_PACKAGES
 
 
-def _names_eval(code: types.CodeType | None) -> bool:
-    """Whether `code` or a function or class body inside it names `eval`."""
-    if code is None:
-        return False
-    return "eval" in code.co_names or any(isinstance(c, types.CodeType) and _names_eval(c) for c in code.co_consts)
-
-
-def _module_code(loader, name: str) -> types.CodeType | None:
-    get_code = getattr(loader, "get_code", None)
-    try:
-        return get_code(name) if get_code is not None else None
-    except (ImportError, OSError, SyntaxError):
-        return None
-
-
-def guard_module(module: types.ModuleType, loader) -> None:
-    """Shadow the builtin eval with literal_value in `module` if its code names eval."""
-    if _names_eval(_module_code(loader, module.__name__)):
-        module.eval = literal_value
+def guard_module(module: types.ModuleType) -> None:
+    """Shadow the builtin eval with literal_value in the fairseq module `module`, unless it defines an
+    eval of its own (a module that never calls eval is unaffected either way)."""
+    vars(module).setdefault("eval", literal_value)
 
 
 def refusal_line(error: BaseException) -> str | None:
@@ -235,7 +220,7 @@ class _FairseqGuard(importlib.abc.MetaPathFinder):
         execute = loader.exec_module
 
         def execute_guarded(module):
-            guard_module(module, loader)
+            guard_module(module)
             execute(module)
             _after_import(fullname)
 
@@ -250,9 +235,8 @@ def install_import_hook() -> None:
         return
     sys.meta_path.insert(0, _FairseqGuard())
     for name, module in list(sys.modules.items()):
-        spec = getattr(module, "__spec__", None)
-        if is_guarded(name) and spec is not None:
-            guard_module(module, spec.loader)
+        if is_guarded(name):
+            guard_module(module)
             _after_import(name)
 
 
