@@ -227,6 +227,7 @@ def train_run(tiny_model, labelled_csv, out, **kw):  # noqa: F811
 
 
 def entries(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative name: bytes)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 

@@ -13,16 +13,12 @@ import pytest
 
 from attnmask.errors import AttnmaskError
 from attnmask.experiments import DemoSettings, run_demo, sweep
+from test_hardening_round2 import entries
 from test_train import labelled_csv, pattern_store, settings, tiny_model  # noqa: F401 - fixtures and helpers
 
 
 class Interrupt(Exception):
     pass
-
-
-def entries(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (relative name: bytes)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def stop_at(n: int):
