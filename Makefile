@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
 
-$(STAMP): pyproject.toml Makefile attnmask/masks/blocksparse.cpp attnmask/masks/native.py | $(BIN)/python
+$(STAMP): pyproject.toml Makefile attnmask/runtime/blocksparse.cpp attnmask/runtime/native.py | $(BIN)/python
 	@# torch first, from the local CPU wheel, unless the venv already has a torch
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install --quiet cython numpy wheel setuptools
@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml Makefile attnmask/masks/blocksparse.cpp attnmask/masks/
 	@# fairseq pulls a CUDA torchaudio that breaks `import transformers`
 	$(BIN)/pip uninstall --quiet -y torchaudio || true
 	@# the stock fairseq CLIs load checkpoints weights-only with exactly the globals they need
-	$(BIN)/python -m attnmask.fairseq_safe_load --install
+	$(BIN)/python -m attnmask.models.fairseq_safe_load --install
 	@# the C++ block-sparse kernel, built once for this machine (~40 s) into $(VENV)/share/attnmask/kernels
 	@# (its sha256 recorded beside it) instead of at first use
-	$(BIN)/python -c "from attnmask.masks import native; print('C++ block-sparse kernel:', 'built' if native.kernel() else 'not built, the Python kernel runs')"
+	$(BIN)/python -c "from attnmask.runtime.attention import native; print('C++ block-sparse kernel:', 'built' if native.kernel() else 'not built, the Python kernel runs')"
 	touch $@
 
 # collect -> compile at tau 0.9 -> train dense and masked MiniLM classifiers -> accuracies (runs/demo)

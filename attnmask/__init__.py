@@ -3,7 +3,7 @@
 The Python API (attnmask/api.py): `collect_patterns`, `compile_masks`, `apply_masks`, `load_model`.
 """
 
-__version__ = "0.1.0"
+from attnmask.version import __version__
 
 API = ("collect_patterns", "compile_masks", "apply_masks", "load_model")
 __all__ = [*API, "__version__"]

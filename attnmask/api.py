@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from attnmask.errors import AttnmaskError, weights_refused
-from attnmask.store import MaskStore, PatternStore
+from attnmask.store.stores import MaskStore, PatternStore
 
 DEFAULT_MAX_LENGTH = 128
 PathLike = (str, os.PathLike)
@@ -77,7 +77,7 @@ def _examples(data: Any, text_column: str | None, split: str | None, limit: int 
     texts; the first `limit` non-empty texts."""
     import itertools
 
-    from attnmask.data import dataset_source, iter_texts, resolve_data
+    from attnmask.store.data import dataset_source, iter_texts, resolve_data
 
     if isinstance(data, PathLike):
         source = resolve_data(os.fspath(data), text_column, split)
@@ -94,7 +94,8 @@ def _examples(data: Any, text_column: str | None, split: str | None, limit: int 
 def _adapter(model: Any, tokenizer: Any, name: str | None, device: str):
     """The model adapter: a transformers model in memory (with its tokenizer), or a model argument as on
     the command line (a folder, 'minilm', a Hub id in the local cache, a Transformer-XL folder)."""
-    from attnmask.models import load_adapter, pick_device
+    from attnmask.models.base import pick_device
+    from attnmask.models.families import load_adapter
 
     if isinstance(model, PathLike):
         if tokenizer is not None:
@@ -118,7 +119,7 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
                      max_length: int | None = None, batch_size: int = 32, limit: int | None = None,
                      text_column: str | None = None, split: str | None = None, name: str | None = None,
                      device: str = "cpu", overwrite: bool = False) -> PatternStore:
-    """Average attention probabilities of `model` over `data` (attnmask/collect.py): per site, layer,
+    """Average attention probabilities of `model` over `data` (attnmask/collect/patterns.py): per site, layer,
     head, query and key position, sum[l, h, q, k] = sum over sequences of P(q -> k) and count[q, k] =
     the sequences in which q and k were both real, for sequences of at most `max_length` tokens.
 
@@ -126,7 +127,7 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
     (then tokenizer=None). data: an iterable of texts, a `datasets` Dataset / IterableDataset /
     DatasetDict (`text_column`, `split`), or a data path / built-in name. The model is put back in the
     training mode it was in. Writes the store to `out` when given; returns the PatternStore."""
-    from attnmask.collect import collect
+    from attnmask.collect.patterns import collect
 
     _positive_int("batch_size", batch_size)
     _positive_int("max_length", max_length, allow_none=True)
@@ -135,7 +136,7 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
     if data is None:
         raise AttnmaskError("collect_patterns needs data: an iterable of texts, a datasets object or a data path")
     if out is not None:
-        from attnmask.store import check_output
+        from attnmask.store.stores import check_output
 
         check_output(out, overwrite)
     examples, source = _examples(data, text_column, split, limit, name)
@@ -154,7 +155,7 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
 
 
 def _pattern_store(sites: dict, attrs: dict, out, overwrite: bool) -> PatternStore:
-    from attnmask.store import check_pattern_attrs, patterns_digest, write_patterns
+    from attnmask.store.stores import check_pattern_attrs, patterns_digest, write_patterns
 
     if out is not None:
         return write_patterns(out, sites, attrs, overwrite=overwrite)
@@ -173,11 +174,11 @@ def compile_masks(patterns: PatternStore | str | os.PathLike, *, tau: float = 0.
     """Compile a pattern store into masks that prune a share `tau` of the eligible entries (`budget`
     data: weighted by how many sequences saw them; plane: counted once), per `scope` (layer, head or
     global), in `block_size` tiles, keeping `min_keep` entries per row; the exact rules are
-    attnmask/compile.py's (`attnmask compile`). Writes the store to `out` when given; returns the
+    attnmask/masks/compile.py's (`attnmask compile`). Writes the store to `out` when given; returns the
     MaskStore."""
-    from attnmask.compile import CompileSettings
-    from attnmask.compile import compile_masks as compile_sites
-    from attnmask.store import masks_digest, read_patterns, write_masks
+    from attnmask.masks.compile import CompileSettings
+    from attnmask.masks.compile import compile_masks as compile_sites
+    from attnmask.store.stores import masks_digest, read_patterns, write_masks
 
     _path_or_none("out", out)
     if isinstance(patterns, PathLike):
@@ -191,7 +192,7 @@ def compile_masks(patterns: PatternStore | str | os.PathLike, *, tau: float = 0.
     settings = CompileSettings(tau=tau, scope=scope, budget=budget, block_size=block_size, min_keep=min_keep, random=random,
                                seed=seed, beyond=beyond, site_tau=dict(site_tau or {}))
     if out is not None:
-        from attnmask.store import check_output
+        from attnmask.store.stores import check_output
 
         check_output(out, overwrite)
     sites, attrs = compile_sites(patterns, settings)
@@ -205,12 +206,12 @@ def compile_masks(patterns: PatternStore | str | os.PathLike, *, tau: float = 0.
 
 
 def apply_masks(model: Any, masks: MaskStore | str | os.PathLike, backend: str = "auto"):
-    """Apply a mask store to a model of any supported family; returns the MaskHandle (attnmask/runtime.py:
+    """Apply a mask store to a model of any supported family; returns the MaskHandle (attnmask/runtime/attention.py:
     `handle.remove()` or leaving a `with` block restores the model). While applied, the model's
     `save_pretrained(folder)` also writes the masks into the folder."""
     from torch import nn
 
-    from attnmask.runtime import apply_masks as apply
+    from attnmask.models.families import apply_masks as apply
 
     if not isinstance(model, nn.Module):
         raise AttnmaskError(f"model must be a torch model (nn.Module), got {type(model).__name__}")
@@ -229,8 +230,9 @@ def load_model(model: str | os.PathLike, *, model_class: Any = None, masks: Mask
 
     model: a Hugging Face model folder (also 'minilm', or a Hub id in the local cache), loaded as the class
     its config names (config.architectures) unless `model_class` (e.g. AutoModelForSequenceClassification)
-    is given; or a Transformer-XL folder (attnmask/lm.py). Returns the model, in eval mode on `device`."""
-    from attnmask.models import is_fairseq_checkpoint, pick_device
+    is given; or a Transformer-XL folder (attnmask/tasks/lm.py). Returns the model, in eval mode on `device`."""
+    from attnmask.models.base import pick_device
+    from attnmask.models.families import is_fairseq_checkpoint
     from attnmask.models.transfo_xl import is_transfo_xl_folder
 
     if not isinstance(model, PathLike):
@@ -255,7 +257,7 @@ def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device)
     from transformers.utils import logging as hf_logging
 
     from attnmask.models.hf import register_attention, resolve_model_path
-    from attnmask.runtime import folder_masks, recorded_masks, settle_saved
+    from attnmask.runtime.attention import folder_masks, recorded_masks, settle_saved
 
     path = resolve_model_path(spec)
     settle_saved(path)  # a save with masks cut short: the folder is the old save or the new one
@@ -314,7 +316,7 @@ def _hf_call(spec: str, fn, path, **kwargs):
 
 
 def _load_transfo_xl(spec: str, masks, backend: str, device):
-    from attnmask.lm import load_lm, load_masks, recorded_store
+    from attnmask.tasks.lm import load_lm, load_masks, recorded_store
 
     run = load_lm(spec, device)
     store = recorded_store(spec, run.model.config) if masks is None else masks

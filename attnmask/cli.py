@@ -30,7 +30,7 @@ from typer.core import TyperGroup
 from attnmask.errors import AttnmaskError, weights_refused
 
 if TYPE_CHECKING:
-    from attnmask.workflows import Workflow
+    from attnmask.tasks.workflows import Workflow
 
 PATTERNS_DIR = Path("patterns")
 DEFAULT_MAX_LENGTH = 128
@@ -83,7 +83,7 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_ena
 
 def print_version(value: bool) -> None:
     if value:
-        from attnmask import __version__
+        from attnmask.version import __version__
 
         typer.echo(f"attnmask {__version__}")
         raise typer.Exit()
@@ -153,7 +153,7 @@ def check_output_path(out: str | Path, option: str = "--out") -> None:
     """Refuse, before any work, a local output that could not be written in the end: a link at the path
     that leads nowhere (broken, or a loop), or a nearest existing ancestor that is not a folder this
     process may write into (missing folders are created when the output is written)."""
-    from attnmask.store import is_url, local_path
+    from attnmask.store.stores import is_url, local_path
 
     if is_url(out):
         return
@@ -243,7 +243,7 @@ def collect(
         raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
-    from attnmask.models import collection_input
+    from attnmask.collect.inputs import collection_input
 
     source = collection_input(model, data, split=split, text_column=text_column, token_classes=token_classes)
     out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}"
@@ -254,12 +254,12 @@ def collect(
 
 def _collect(source, data, out, device, max_length, batch_size, limit, overwrite, checkpoint_every, resume,
              token_classes=False):
-    """Collect `source` (attnmask.models.collection_input) into the store `out`: locking, the
+    """Collect `source` (attnmask.collect.inputs.collection_input) into the store `out`: locking, the
     processes of a distributed run, checkpoints and resuming."""
-    from attnmask.distributed import agree, launched_world, start, stop
-    from attnmask.locking import StoreLock
-    from attnmask.models import pick_device
-    from attnmask.store import check_output, is_url
+    from attnmask.collect.distributed import agree, launched_world, start, stop
+    from attnmask.store.locking import StoreLock
+    from attnmask.models.base import pick_device
+    from attnmask.store.stores import check_output, is_url
 
     world = launched_world()
     if world.is_main:
@@ -289,11 +289,11 @@ def _collect_locked(world, source, data, out, run_device, max_length, batch_size
     """The body of `collect` once the output is locked (on rank 0) and every rank has joined."""
     import itertools
 
-    from attnmask.collect import CheckpointPlan, accumulate, check_windowable
-    from attnmask.checkpoint import (check_resumable, checkpoint_dir, checkpoint_file, load_checkpoint,
+    from attnmask.collect.patterns import CheckpointPlan, accumulate, check_windowable
+    from attnmask.collect.checkpoint import (check_resumable, checkpoint_dir, checkpoint_file, load_checkpoint,
                                      new_collection_id, remove_checkpoints)
-    from attnmask.distributed import agree, barrier, broadcast, reduce_result
-    from attnmask.store import check_output, store_kind, write_patterns, _read_root_attrs
+    from attnmask.collect.distributed import agree, barrier, broadcast, reduce_result
+    from attnmask.store.stores import check_output, store_kind, write_patterns, _read_root_attrs
 
     error, state, plan = None, None, None
     folder = checkpoint_dir(out)
@@ -440,8 +440,8 @@ def compile_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (the store written and its figures)."),
 ):
     """Compile a pattern store into sparse attention masks that prune a share TAU of the attention work."""
-    from attnmask.compile import CompileSettings, compile_masks
-    from attnmask.store import check_output, read_patterns, write_masks
+    from attnmask.masks.compile import CompileSettings, compile_masks
+    from attnmask.store.stores import check_output, read_patterns, write_masks
 
     settings = CompileSettings(tau=tau, scope=scope, budget=budget, block_size=block_size, min_keep=min_keep,
                                random=random, seed=seed, beyond=beyond, site_tau=parse_site_taus(site_tau))
@@ -482,7 +482,7 @@ def default_masks_name(patterns: str, settings) -> str:
     the pattern store's name and every compile setting that differs from its default, so that different
     compilations never share a default name. Site names are written with `-` for anything but letters,
     digits, `_` and `-`."""
-    from attnmask.compile import CompileSettings
+    from attnmask.masks.compile import CompileSettings
 
     default = CompileSettings()
     parts = [patterns.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr"), f"tau{name_number(settings.tau)}"]
@@ -505,8 +505,8 @@ def default_masks_name(patterns: str, settings) -> str:
 
 def compile_summary(masks, seconds: float) -> dict:
     """What `compile --json` prints: the store written, its settings and its figures on the collected
-    data (and held out), per site and per layer, under the names of attnmask.accounting."""
-    from attnmask.accounting import FIGURES
+    data (and held out), per site and per layer, under the names of attnmask.masks.accounting."""
+    from attnmask.masks.accounting import FIGURES
 
     settings = ("tau", "budget", "scope", "block_size", "min_keep", "random", "seed", "beyond", "site_tau")
     return {"path": str(masks.path), "digest": masks.digest, "seconds": round(seconds, 3),
@@ -518,7 +518,7 @@ def compile_summary(masks, seconds: float) -> dict:
 
 
 def compile_table(masks) -> Table:
-    from attnmask.accounting import FIGURE_NAMES, FIGURES, figure_text, figures_legend
+    from attnmask.masks.accounting import FIGURE_NAMES, FIGURES, figure_text, figures_legend
 
     table = Table(title="per layer, on the collected data, as the runtime applies the masks")
     table.caption = figures_legend()
@@ -532,8 +532,8 @@ def compile_table(masks) -> Table:
 
 
 def figures_text(f: dict) -> str:
-    """'data sparsity 0.9000, mass kept 0.5938, plane sparsity 0.9277' (attnmask.accounting.figures_text)."""
-    from attnmask.accounting import figures_text as text
+    """'data sparsity 0.9000, mass kept 0.5938, plane sparsity 0.9277' (attnmask.masks.accounting.figures_text)."""
+    from attnmask.masks.accounting import figures_text as text
 
     if f.get("data_sparsity") is None:
         return f"{text(f)} (data figures not recorded)"
@@ -564,8 +564,8 @@ def figures_lines(attrs: dict, measured: dict | None = None) -> list[str]:
 def store_summary(store) -> dict:
     """A JSON-able summary of a pattern or mask store: identity and per-site shape and coverage, or
     sparsity (data sparsity and mass kept on the source data first, plane sparsity second)."""
-    from attnmask.accounting import combined
-    from attnmask.store import MaskStore
+    from attnmask.masks.accounting import combined
+    from attnmask.store.stores import MaskStore
 
     is_masks = isinstance(store, MaskStore)
     keys = ("format", "version", "created", "attnmask_version", "digest", "model", "data", "sequences",
@@ -592,7 +592,7 @@ def store_summary(store) -> dict:
 
 
 def inspect_table(summary: dict) -> Table:
-    from attnmask.accounting import FIGURE_NAMES, FIGURES, figure_text, figures_legend
+    from attnmask.masks.accounting import FIGURE_NAMES, FIGURES, figure_text, figures_legend
 
     is_masks = summary["format"].endswith("masks")
     title = f"{summary['path']} ({summary['format']} v{summary['version']})"
@@ -621,8 +621,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ):
     """Describe a pattern or mask store: sites, layers, heads, coverage or sparsity."""
-    from attnmask.accounting import measure
-    from attnmask.store import read_masks, read_patterns, store_kind
+    from attnmask.masks.accounting import measure
+    from attnmask.store.stores import read_masks, read_patterns, store_kind
 
     loaded = read_patterns(store) if store_kind(store) == "patterns" else read_masks(store)
     if patterns is not None and "tau" not in loaded.attrs:
@@ -646,7 +646,7 @@ def inspect(
 
 
 # ----------------------------------------------------------------------------------------------
-# plot / analyze / report (logic in attnmask/plot.py, analyze.py, report.py)
+# plot / analyze / report (logic in attnmask/analysis/plot.py, analyze.py, report.py)
 
 
 @command()
@@ -670,8 +670,8 @@ def plot(
 ):
     """Figures of a pattern store per site: heatmaps of the average pattern as a layers x heads grid and
     Clark et al.-style per-head figures; of a mask store: its kept entries."""
-    from attnmask.plot import plot_store
-    from attnmask.store import refuse_uncounted
+    from attnmask.analysis.plot import plot_store
+    from attnmask.store.stores import refuse_uncounted
 
     check_output_path(out)
     for given in [store] + ([patterns] if patterns else []):
@@ -695,8 +695,8 @@ def analyze(
     """Per layer and head: entropy, attention distance, first/diagonal/previous/next mass, concentration
     and the most similar head (Jensen-Shannon distance); for a mask store its data sparsity, mass kept and
     plane sparsity."""
-    from attnmask.analyze import analyze_store, mask_table, stats_table
-    from attnmask.store import refuse_uncounted
+    from attnmask.analysis.analyze import analyze_store, mask_table, stats_table
+    from attnmask.store.stores import refuse_uncounted
 
     for given in [store] + ([patterns] if patterns else []):
         refuse_uncounted(given, "analyze")
@@ -720,7 +720,7 @@ def report(
 ):
     """One self-contained HTML page: store metadata, heatmaps and per-head figures, a sortable table of
     head statistics, and each mask's data sparsity, mass kept and plane sparsity per layer and head."""
-    from attnmask.report import write_report
+    from attnmask.analysis.report import write_report
 
     check_output_path(out)
     with stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
@@ -731,15 +731,15 @@ def report(
 
 
 # ----------------------------------------------------------------------------------------------
-# train / eval / sweep / demo (logic in attnmask/train.py)
+# train / eval / sweep / demo (logic in attnmask/tasks/classify.py)
 
 
 def pruning_options(prune_tokens: str | None, learn_thresholds: bool = False) -> dict | str | None:
-    """--prune-tokens SPEC (attnmask.pruning.parse_spec) with --learn-thresholds as PruningConfig fields;
+    """--prune-tokens SPEC (attnmask.pruning.tokens.parse_spec) with --learn-thresholds as PruningConfig fields;
     'none' stays 'none' (explicitly off), no spec is None."""
     from dataclasses import replace
 
-    from attnmask.pruning import PruningConfig, config_fields, parse_spec
+    from attnmask.pruning.tokens import PruningConfig, config_fields, parse_spec
 
     if prune_tokens is None or prune_tokens == "none":
         if learn_thresholds:
@@ -782,7 +782,7 @@ def print_pruning(record: dict | None, note: str | None = None) -> None:
         if note:
             console.print(f"token pruning: {note}")
         return
-    from attnmask.pruning import stats_table
+    from attnmask.pruning.tokens import stats_table
 
     values = ", ".join(f"{v:.4g}" for v in record["per_layer"])
     console.print(stats_table(record["tokens_kept"], title=f"tokens kept per layer ({record['config']['method']}: "
@@ -799,7 +799,7 @@ def plain_progress_step(step: int, total: int) -> bool:
 
 
 def training_bar():
-    """(rich progress, callback(step, total, loss, epoch)) for attnmask.train and attnmask.lm.train_lm; when
+    """(rich progress, callback(step, total, loss, epoch)) for attnmask.tasks.classify and attnmask.tasks.lm.train_lm; when
     stderr is not a terminal (a pipe, a log) the bar is off and plain lines `train: step S/T (epoch E),
     loss L, N s` go to stderr instead (plain_progress_step)."""
     bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -845,17 +845,17 @@ def metrics_table(title: str, rows: list[dict], columns: list[str]) -> Table:
 
 
 def column_header(column: str) -> str:
-    """A metric's column header: a mask figure under its one name (attnmask.accounting.FIGURE_NAMES, as
+    """A metric's column header: a mask figure under its one name (attnmask.masks.accounting.FIGURE_NAMES, as
     compile, analyze and report print it), any other metric under its JSON key."""
-    from attnmask.accounting import FIGURE_NAMES
+    from attnmask.masks.accounting import FIGURE_NAMES
 
     return FIGURE_NAMES.get(column, column)
 
 
 def cell_text(column: str, value) -> str:
-    """A metric as a table cell: a mask figure as attnmask.accounting prints it, other floats to 4
+    """A metric as a table cell: a mask figure as attnmask.masks.accounting prints it, other floats to 4
     decimals, None as 'none'."""
-    from attnmask.accounting import FIGURES, figure_text
+    from attnmask.masks.accounting import FIGURES, figure_text
 
     if column in FIGURES and not isinstance(value, str):  # a row without the figure has the empty string
         return figure_text(value)
@@ -898,7 +898,7 @@ def warn_line(line: str) -> None:
 
 
 def run_workflow(ctx: typer.Context, workflow: Workflow, title: str, pruning: Callable[[], dict | str | None]) -> None:
-    """Run `workflow` (attnmask.workflows) from the command's parsed options: its argument checks, every
+    """Run `workflow` (attnmask.tasks.workflows) from the command's parsed options: its argument checks, every
     given option that does not apply to it refused, then the run (`pruning()` parses the token-pruning
     options once they are known to apply) and its outcome printed: the pruning table and the result
     under `title` (a table, --json or --csv; one JSON object for a workflow without columns), then notes."""
@@ -987,7 +987,7 @@ def train(
 
     `attnmask train fairseq DATA_BIN --masks MASKS -- <fairseq-train arguments>` trains a fairseq
     translation model with fairseq's own loop and the masks inside every attention."""
-    from attnmask.workflows import train_workflow
+    from attnmask.tasks.workflows import train_workflow
 
     refuse_retired_pruning(ctx)
     run_workflow(ctx, train_workflow(model, task), f"trained {out}",
@@ -1042,7 +1042,7 @@ def eval_command(
 
     `attnmask eval fairseq CHECKPOINT DATA_BIN [--masks MASKS] [--split test]` decodes with beam
     search (masked when --masks is given) and reports sacrebleu BLEU."""
-    from attnmask.workflows import eval_workflow
+    from attnmask.tasks.workflows import eval_workflow
 
     refuse_retired_pruning(ctx)
     run_workflow(ctx, eval_workflow(model, task), f"eval {model} on {data}", lambda: pruning_options(prune_tokens))
@@ -1079,11 +1079,11 @@ def sweep(
     limit: Optional[int] = typer.Option(None, help="Use the first N labelled examples."),
 ):
     """Compile, train and evaluate at each tau over seeds (and random masks) -> tables, CSVs and sweep.png."""
-    from attnmask.compile import CompileSettings
-    from attnmask.experiments import parse_taus
-    from attnmask.accounting import figures_legend
-    from attnmask.experiments import sweep as run_sweep
-    from attnmask.train import TrainSettings
+    from attnmask.masks.compile import CompileSettings
+    from attnmask.tasks.experiments import parse_taus
+    from attnmask.masks.accounting import figures_legend
+    from attnmask.tasks.experiments import sweep as run_sweep
+    from attnmask.tasks.classify import TrainSettings
 
     check_output_path(out)
     if seeds < 1:
@@ -1110,8 +1110,8 @@ def sweep(
 def sweep_run_line(say: Callable[[str], None], name: str, row: dict) -> None:
     """A finished sweep run (on stderr, through the progress bar's console `say`): its accuracy beside its
     majority-class baseline, then a warning line for each reason it learned nothing
-    (attnmask.train.learning_warnings)."""
-    from attnmask.train import learning_warnings
+    (attnmask.tasks.classify.learning_warnings)."""
+    from attnmask.tasks.classify import learning_warnings
 
     baseline = f" (majority class {row['majority']:.4f})" if row.get("majority") is not None else ""
     say(f"{name}: accuracy {row['accuracy']:.4f}{baseline}")  # no baseline: a run reused from before it was kept
@@ -1127,9 +1127,9 @@ def points(value: float | None, interval: float | None) -> str:
 
 
 def sweep_table(title: str, result: dict) -> Table:
-    """One row per (kind, tau): the seeds, the mask figures (names and digits of attnmask.accounting), the
+    """One row per (kind, tau): the seeds, the mask figures (names and digits of attnmask.masks.accounting), the
     mean accuracy ± sd and the paired differences in points."""
-    from attnmask.accounting import FIGURE_NAMES, FIGURES, figure_text
+    from attnmask.masks.accounting import FIGURE_NAMES, FIGURES, figure_text
 
     table = Table(title=title)
     for col in ("kind", "tau", "seeds", *(FIGURE_NAMES[k] for k in FIGURES), "accuracy", "- dense", "- random"):
@@ -1155,8 +1155,8 @@ def demo(
                                    "nothing else; the new one is built beside it and swapped in when complete)."),
 ):
     """collect -> compile -> train dense, data-informed and random MiniLM classifiers (Rotten Tomatoes fresh vs rotten)."""
-    from attnmask.accounting import figures_legend
-    from attnmask.experiments import DemoSettings, run_demo
+    from attnmask.masks.accounting import figures_legend
+    from attnmask.tasks.experiments import DemoSettings, run_demo
 
     check_output_path(out)
     bar, callback = training_bar()
@@ -1173,10 +1173,10 @@ def demo(
 
 def demo_table(s: dict) -> Table:
     """The demo's table (s: what run_demo returns): per run its mask figures on the training snippets
-    (names and digits of attnmask.accounting), the data sparsity on the held-out ones, the held-out
+    (names and digits of attnmask.masks.accounting), the data sparsity on the held-out ones, the held-out
     accuracy ± its standard error and the final training loss, under the majority-class baseline."""
-    from attnmask.accounting import FIGURE_NAMES, figure_text
-    from attnmask.experiments import binomial_se
+    from attnmask.masks.accounting import FIGURE_NAMES, figure_text
+    from attnmask.tasks.experiments import binomial_se
 
     n, tau, seed = s["eval_examples"], s["settings"]["tau"], s["settings"]["seed"]
     table = Table(title=f"demo: MiniLM, Rotten Tomatoes fresh vs rotten, {s['train_examples']} training / {n} "
@@ -1207,8 +1207,8 @@ def merge(
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
 ):
     """Add pattern stores collected on different data into one store (same model, max length, sites)."""
-    from attnmask.merge import merge_patterns
-    from attnmask.store import check_output, read_patterns, write_patterns
+    from attnmask.masks.merge import merge_patterns
+    from attnmask.store.stores import check_output, read_patterns, write_patterns
 
     if out in stores:
         raise AttnmaskError(f"--out {out} is one of the input stores; choose another output")
@@ -1222,7 +1222,7 @@ def merge(
 
 
 # ----------------------------------------------------------------------------------------------
-# bench (logic in attnmask/bench.py)
+# bench (logic in attnmask/tasks/bench.py)
 
 
 @command()
@@ -1263,7 +1263,7 @@ def bench(
 ):
     """Time dense SDPA against the masked backends, for the attention op and the whole model
     (interleaved rounds; per-round speed-ups, FLOP ideal and Amdahl limit)."""
-    from attnmask.bench import (BenchSettings, parse_lengths, results_table, run_bench, tokens_kept_tables,
+    from attnmask.tasks.bench import (BenchSettings, parse_lengths, results_table, run_bench, tokens_kept_tables,
                                 write_json)
 
     shaping = options_given(ctx, {"tau", "block_size", "sequences", "synthetic"}) if masks is not None else []
@@ -1291,7 +1291,7 @@ def bench(
 
 
 def compact_bar():
-    """(rich progress, callback(stage, step, total, loss)) for attnmask.compact: one bar per stage."""
+    """(rich progress, callback(stage, step, total, loss)) for attnmask.tasks.compact: one bar per stage."""
     bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
     tasks: dict[str, int] = {}
@@ -1357,8 +1357,8 @@ def compact(
     overwrite: bool = typer.Option(False, help="Replace an earlier compact model in OUT."),
 ):
     """Replace a span of encoder blocks with a small encoder trained by distillation."""
-    from attnmask.compact import CompactSettings, proposals_only
-    from attnmask.compact import compact as run_compact
+    from attnmask.tasks.compact import CompactSettings, proposals_only
+    from attnmask.tasks.compact import compact as run_compact
 
     settings = CompactSettings(
         model=model, data=data, out=str(out) if out is not None else None, replace=replace, patterns=patterns,

@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from attnmask.collect import PatternAccumulator
-from attnmask.data import iter_texts, resolve_data
-from attnmask.models import load_adapter
+from attnmask.collect.patterns import PatternAccumulator
+from attnmask.store.data import iter_texts, resolve_data
+from attnmask.models.families import load_adapter
 
 
 def load_average() -> str:

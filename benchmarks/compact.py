@@ -1,4 +1,4 @@
-"""Compact encoders (attnmask/compact.py) on MiniLM / Rotten Tomatoes full: quality, fidelity and speed.
+"""Compact encoders (attnmask/tasks/compact.py) on MiniLM / Rotten Tomatoes full: quality, fidelity and speed.
 
     python benchmarks/compact.py quality|fidelity [--seeds 0,1,2] [--limit 1200|all] [--eval-split 0.3]
                                  [--max-length 64] [--epochs 1] [--lr 2e-4] [--span-size 3] [--hidden 192]
@@ -42,9 +42,10 @@ from pathlib import Path
 
 import torch
 
-from attnmask.compact import CompactSettings, compact, gmacs, model_shape, propose_spans, span_text
-from attnmask.data import package_data_path
-from attnmask.experiments import t_interval
+from attnmask.models.compact import span_text
+from attnmask.tasks.compact import CompactSettings, compact, gmacs, model_shape, propose_spans
+from attnmask.store.data import package_data_path
+from attnmask.tasks.experiments import t_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["fresh", "rotten"]
@@ -114,7 +115,7 @@ def fidelity(args) -> None:
 
 
 def quality(args) -> None:
-    from attnmask.store import read_patterns
+    from attnmask.store.stores import read_patterns
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +189,9 @@ def quality_table(result: dict) -> str:
 
 
 def speed(args) -> None:
-    from attnmask.bench import interleaved, machine_description, ratio_summary
-    from attnmask.data import iter_labeled, resolve_data
-    from attnmask.models import load_adapter
+    from attnmask.tasks.bench import interleaved, machine_description, ratio_summary
+    from attnmask.store.data import iter_labeled, resolve_data
+    from attnmask.models.families import load_adapter
 
     texts = [t for t, _ in iter_labeled(resolve_data(data_path()), "category", args.texts, labels=LABELS)]
     models = {"original": load_adapter(args.original)}

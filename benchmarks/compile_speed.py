@@ -28,8 +28,8 @@ import tracemalloc
 
 import numpy as np
 
-from attnmask.compile import CompileSettings, compile_masks
-from attnmask.store import PatternStore, SitePatterns
+from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.store.stores import PatternStore, SitePatterns
 
 SETTINGS = ({}, {"scope": "head"}, {"scope": "global"}, {"block_size": 64}, {"random": True},
             {"scope": "global", "random": True}, {"budget": "plane"}, {"budget": "plane", "scope": "global"},

@@ -8,10 +8,10 @@ at each tau, data-informed (prune the entries with the smallest average probabil
 model either on one site alone or on all three sites, and the test split is decoded with beam
 search (incremental decoding, masked) and scored with sacrebleu. With --finetune-updates N (0 to
 skip), the all-sites masks at --finetune-tau are also used to fine-tune the model for N updates
-through fairseq-train (attnmask.translate.train_fairseq) before decoding.
+through fairseq-train (attnmask.tasks.translate.train_fairseq) before decoding.
 
 Masks are compiled with the data budget (the default: tau counts the attention work on the data,
-attnmask/compile.py) and the random baseline is uniform under the same budget. With --seeds 0,1,2
+attnmask/masks/compile.py) and the random baseline is uniform under the same budget. With --seeds 0,1,2
 every seed draws its own task (data), initialisation and random masks; the report gives per tau and
 site set the mean BLEU over seeds of dense, data-informed and random masks, the paired differences
 (data - dense, data - random) with 95 % t-intervals, and the data sparsity the masks achieve. A tau
@@ -30,14 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from attnmask.accounting import combined
-from attnmask.collect import collect
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.masks.accounting import combined
+from attnmask.collect.patterns import collect
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.errors import UnreachableTau
-from attnmask.experiments import comparison_row, format_interval, t_interval, unreachable_note
+from attnmask.tasks.experiments import comparison_row, format_interval, t_interval, unreachable_note
 from attnmask.models.fairseq import FairseqAdapter
-from attnmask.store import read_patterns, write_masks, write_patterns
-from attnmask.translate import evaluate_fairseq, make_reverse_task, train_fairseq
+from attnmask.store.stores import read_patterns, write_masks, write_patterns
+from attnmask.tasks.translate import evaluate_fairseq, make_reverse_task, train_fairseq
 
 SITES = ("encoder.self", "decoder.self", "decoder.cross")
 SITE_SETS = {"encoder.self": ("encoder.self",), "decoder.self": ("decoder.self",),

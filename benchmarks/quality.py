@@ -4,7 +4,7 @@ random masks at an equal data budget, and alternatives to the data-informed rule
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/quality.py [--limit 3000] [--seeds 3] [--taus 0.9]
 
 Protocol. The first `limit` fresh/rotten snippets of rotten-tomatoes-full are split by each seed
-(attnmask.train.split) into a training set and a held-out set of `eval_split` of them (>= 1,000 by
+(attnmask.tasks.classify.split) into a training set and a held-out set of `eval_split` of them (>= 1,000 by
 default). For each seed, MiniLM's attention is collected over that seed's training snippets only, and
 masks are compiled from it at each tau under the data budget (tau = the share of the attention entries
 computed on those snippets that the masks remove): `data` (scope layer, the default rule), `random`
@@ -15,8 +15,8 @@ the first `limit`, which no seed holds out). Every classifier
 (MiniLM body + new head) is fine-tuned with the same settings and its masks applied in training and
 evaluation; the dense run is trained once per seed. Reported per (variant, tau): mean accuracy over the
 seeds, and paired by seed the differences variant - dense and variant - random with 95 % t-intervals
-(attnmask.experiments.summarize), with the masks' data sparsity and mass kept on the training data and
-on the held-out snippets (attnmask.accounting.measure on a pattern store of the held-out split).
+(attnmask.tasks.experiments.summarize), with the masks' data sparsity and mass kept on the training data and
+on the held-out snippets (attnmask.masks.accounting.measure on a pattern store of the held-out split).
 
 Stage 1 runs dense, data and random for every seed; stage 2 adds the alternatives (finished runs are
 reused, so an interrupted run continues). Results: OUT/sweep.json, OUT/summary.csv, OUT/sweep.png,
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from attnmask.accounting import measure
-from attnmask.experiments import parse_taus, sweep
-from attnmask.store import read_masks, read_patterns
-from attnmask.train import TrainSettings, read_labelled, split
+from attnmask.masks.accounting import measure
+from attnmask.tasks.experiments import parse_taus, sweep
+from attnmask.store.stores import read_masks, read_patterns
+from attnmask.tasks.classify import TrainSettings, read_labelled, split
 
 ROOT = Path(__file__).resolve().parent
 DATA, LABEL_COLUMN, LABELS = "rotten-tomatoes-full", "category", ["fresh", "rotten"]
@@ -47,9 +47,9 @@ ALTERNATIVES = {"head": {"scope": "head"}, "global": {"scope": "global"}, "more-
 
 def collect_split(path: Path, texts: list[str], max_length: int, name: str):
     """A pattern store of MiniLM's attention over `texts` (reused when present)."""
-    from attnmask.collect import collect
-    from attnmask.models import load_adapter
-    from attnmask.store import write_patterns
+    from attnmask.collect.patterns import collect
+    from attnmask.models.families import load_adapter
+    from attnmask.store.stores import write_patterns
 
     if path.exists():
         return read_patterns(path)

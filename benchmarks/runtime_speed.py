@@ -6,7 +6,7 @@
 Two kinds of run, every one interleaved (each variant once per round, order rotated; median and min-max
 of the per-round ratios time(dense) / time(variant); load average before and after):
 
-* `attnmask bench` runs (attnmask/bench.py) with its default masks: compiled at tau 0.9 from the
+* `attnmask bench` runs (attnmask/tasks/bench.py) with its default masks: compiled at tau 0.9 from the
   attention each random-weight model computes on random tokens (`collected_store`), op and model level,
   every family; their rows include `auto`.
 * same-share comparisons (`compare`): one attention op (layer 0 of the first site, q, k, v random) with
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from attnmask.bench import (DTYPES, BenchSettings, collected_patterns, compiled_store, computed_flops,
+from attnmask.tasks.bench import (DTYPES, BenchSettings, collected_patterns, compiled_store, computed_flops,
                             dense_attention_flops, eligible_tiles, interleaved, load_bench_model, machine_description,
                             op_masks, ran_sparse, ratio_summary, results_table, run_bench, synthetic_keep, write_json)
 
@@ -86,9 +86,9 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
     """Per length: dense SDPA, then for each block size the collected masks (`backend` and auto) and the
     synthetic masks of the same tile share (`backend`), all in the same interleaved rounds."""
     from attnmask.masks.rules import Window
-    from attnmask.models import mask_seam
-    from attnmask.runtime import Call
-    from attnmask.store import MaskStore, SiteMask, masks_digest
+    from attnmask.models.families import mask_seam
+    from attnmask.runtime.attention import Call
+    from attnmask.store.stores import MaskStore, SiteMask, masks_digest
 
     device_, dtype_ = torch.device(device), DTYPES[dtype]
     bench_model = load_bench_model(model, max(lengths), device_, dtype_)
@@ -152,7 +152,7 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
                 row["of_possible"] = ((1 - 1 / median) / (1 - 1 / row["ideal"]) if row["ideal"] > 1 + 1e-9
                                       else None)
             rows.append(row)
-    return {"format": "attnmask.runtime-speed.compare", "machine": machine_description(device_),
+    return {"format": "attnmask.runtime.attention-speed.compare", "machine": machine_description(device_),
             "load_average": [load_before, os.getloadavg()[0]], "model": model, "tau": tau, "blocks": blocks,
             "batch_size": batch_size, "rounds": rounds, "sequences": sequences, "rows": rows}
 

@@ -6,8 +6,8 @@
         [--out benchmarks/out/token_pruning_PART.json]
 
 Variants. Three dense baselines: `eager` and `sdpa` (the Hugging Face model on the padded batch) and
-`packed` (attnmask.pruning with `topk:1`: real tokens only, attention per sequence through SDPA — the
-best dense path); then one row per token-pruning spec (attnmask.pruning.parse_spec). With `--masks`
+`packed` (attnmask.pruning.tokens with `topk:1`: real tokens only, attention per sequence through SDPA — the
+best dense path); then one row per token-pruning spec (attnmask.pruning.tokens.parse_spec). With `--masks`
 (a compiled mask store for MiniLM): also the masked model on the padded batch (mask runtime, its
 backend), packed with the masks (`packed + masks`) and every spec with the masks (`SPEC + masks`);
 quality stays relative to the unmasked dense model.
@@ -15,7 +15,7 @@ quality stays relative to the unmasked dense model.
 Parts:
 * rt: MiniLM frozen, Rotten Tomatoes fresh vs rotten snippets (`--data rotten-tomatoes`: 4,866 of
   them; `rotten-tomatoes-full`: 12,808 of its 13,905 rows). For each seed: the seeded split
-  (attnmask.train.split, 20 % held out, `--limit` snippets, 0 = all), a logistic-regression head
+  (attnmask.tasks.classify.split, 20 % held out, `--limit` snippets, 0 = all), a logistic-regression head
   (initialised with the seed) on the dense mean-pooled embeddings of the training part; held-out
   accuracy of every variant (mean pooling over surviving tokens). Quality: mean over seeds and the
   paired difference to dense with its 95 % t-interval (never the best seed).
@@ -26,7 +26,7 @@ Parts:
   threshold --learn-thresholds): held-out accuracy (the split in the folder's settings.json) as
   trained (pruning recorded in metrics.json) and with pruning off; paired over the folders.
 * sweep: quality and FLOPs only (no timing) of a grid of first pruned layer × ramp × threshold on
-  rt and hamlet: what the defaults (attnmask.pruning.DEFAULT_START / DEFAULT_RAMP) were chosen from.
+  rt and hamlet: what the defaults (attnmask.pruning.tokens.DEFAULT_START / DEFAULT_RAMP) were chosen from.
 
 Timing (rt, hamlet, checkpoints' first folder): every variant runs once per round over the same
 batches under torch.inference_mode(), after one untimed warm-up pass each; the order of the variants
@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-from attnmask.experiments import t_interval
-from attnmask.pruning import TokenPruner, parse_spec, special_token_ids
+from attnmask.tasks.experiments import t_interval
+from attnmask.pruning.tokens import TokenPruner, parse_spec, special_token_ids
 
 BASELINES = ("eager", "sdpa", "packed")
 RT_SETTINGS = ("threshold:0.01", "threshold:0.02", "threshold:0.04", "topk:0.5")
@@ -90,7 +90,7 @@ def mean_pool(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def mean_interval(values: list[float]) -> dict:
-    """attnmask.experiments.t_interval, with NaN ends for fewer than two values (they print as nan)."""
+    """attnmask.tasks.experiments.t_interval, with NaN ends for fewer than two values (they print as nan)."""
     found = t_interval(values)
     return found if found["low"] is not None else {**found, "low": math.nan, "high": math.nan}
 
@@ -151,7 +151,7 @@ def variants(model, tokenizer, specs: list[str], masks: str | None = None, backe
     runs = {"eager": dense_padded(model, "eager"), "sdpa": dense_padded(model, "sdpa")}
     runs.update({name: pruned(p) for name, p in pruners.items()})
     if masks is not None:
-        from attnmask.runtime import apply_masks
+        from attnmask.models.families import apply_masks
 
         handle = apply_masks(model, masks, backend=backend)
         handle.remove()
@@ -239,7 +239,7 @@ def timed_part(runs: dict, pruners: dict, batch_list: list[dict], rounds: int) -
 def rt_split(tokenizer, seed: int, limit: int | None, max_length: int = 128, data_name: str = "rotten-tomatoes"):
     """(train encoded, train labels, held-out encoded, held-out labels) of the seeded split of the
     fresh vs rotten snippets of `data_name` (rotten-tomatoes or rotten-tomatoes-full)."""
-    from attnmask.train import read_labelled, split
+    from attnmask.tasks.classify import read_labelled, split
 
     data = read_labelled(data_name, None, "category", ["fresh", "rotten"])
     train_idx, eval_idx = split(len(data.texts), 0.2, seed, limit)
@@ -325,7 +325,7 @@ def part_checkpoints(args) -> dict:
     eval`'s own path, as trained (pruned) and with pruning off, paired over the folders; with
     --baselines (classifiers trained the same way without pruning, one per seed), also as trained −
     the dense-trained classifier of the same seed (same split)."""
-    from attnmask.train import EvalSettings, evaluate, load_classifier, pruning_for_eval
+    from attnmask.tasks.classify import EvalSettings, evaluate, load_classifier, pruning_for_eval
 
     baselines = {training_settings(folder)["seed"]: folder for folder in args.baselines}
     rows, timing = [], None
@@ -358,7 +358,7 @@ def part_checkpoints(args) -> dict:
 
 def time_classifier(model, tokenizer, config, batch_list, rounds) -> dict:
     """Interleaved timings of a classifier: padded eager / sdpa, packed dense, pruned as trained."""
-    from attnmask.pruning import install_pruning
+    from attnmask.pruning.tokens import install_pruning
 
     def padded(implementation):
         def run(batch):

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from attnmask.collect import collect
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.collect.patterns import collect
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.errors import UnreachableTau
-from attnmask.experiments import comparison_row, t_interval, unreachable_note
-from attnmask.lm import eval_lm, read_lines, train_lm
-from attnmask.models import load_adapter
-from attnmask.store import write_masks, write_patterns
+from attnmask.tasks.experiments import comparison_row, t_interval, unreachable_note
+from attnmask.tasks.lm import eval_lm, read_lines, train_lm
+from attnmask.models.families import load_adapter
+from attnmask.store.stores import write_masks, write_patterns
 
 TAUS = (0.5, 0.8, 0.9, 0.95)
 BLOCKS = 10

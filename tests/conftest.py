@@ -66,7 +66,7 @@ def texts_file(tmp_path) -> Path:
 @pytest.fixture()
 def cpp_kernel_calls(monkeypatch) -> list:
     """Records each call of the C++ block-sparse kernel (its query's shape) and still runs it."""
-    from attnmask.masks import native
+    from attnmask.runtime import native
 
     kernel, calls = native.kernel(), []
     assert kernel is not None, "make install builds the C++ kernel"

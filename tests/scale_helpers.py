@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnmask.store import SitePatterns
+from attnmask.store.stores import SitePatterns
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "and", "then", "slept",

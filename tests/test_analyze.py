@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from attnmask.analyze import (analyze_store, concentration, js_distances, mask_summary, parse_indices,
+from attnmask.analysis.analyze import (analyze_store, concentration, js_distances, mask_summary, parse_indices,
                               row_distributions, site_key_offset, site_plane, site_stats, store_stats)
 from attnmask.errors import AttnmaskError
-from attnmask.store import (PatternStore, SiteMask, SitePatterns, MaskStore, TokenClasses, patterns_digest,
+from attnmask.store.stores import (PatternStore, SiteMask, SitePatterns, MaskStore, TokenClasses, patterns_digest,
                             read_patterns, write_masks, write_patterns)
 
 SEQUENCES = 3
@@ -309,7 +309,7 @@ def expected_class_mass(folder, texts: list[str], max_length: int) -> tuple[np.n
 
 
 def test_token_classes_sum_the_attention_each_class_receives(punctuated_bert, tmp_path):
-    from attnmask.collect import collect
+    from attnmask.collect.patterns import collect
     from attnmask.models.hf import HuggingFaceAdapter
 
     adapter = HuggingFaceAdapter.load(str(punctuated_bert))

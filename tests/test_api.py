@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import attnmask
 from attnmask.errors import AttnmaskError
-from attnmask.store import SitePatterns, read_masks, read_patterns, write_patterns
+from attnmask.store.stores import SitePatterns, read_masks, read_patterns, write_patterns
 from conftest import random_texts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +51,9 @@ def test_in_memory_collection_equals_the_cli_stages(tiny_bert_dir, tmp_path):
     import datasets
     from transformers import AutoModel, AutoTokenizer
 
-    from attnmask.collect import collect
-    from attnmask.data import iter_texts, resolve_data
-    from attnmask.models import load_adapter
+    from attnmask.collect.patterns import collect
+    from attnmask.store.data import iter_texts, resolve_data
+    from attnmask.models.families import load_adapter
 
     texts = random_texts(20, seed=7)
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnmask.bench import (collected_patterns, compiled_store, default_lengths, load_bench_model, masks_label,
+from attnmask.tasks.bench import (collected_patterns, compiled_store, default_lengths, load_bench_model, masks_label,
                             plane_note)
 from attnmask.cli import app
-from attnmask.collect import check_row_sums
+from attnmask.collect.patterns import check_row_sums
 from attnmask.masks.rules import Window
-from attnmask.store import SiteMask, masks_digest, write_masks
+from attnmask.store.stores import SiteMask, masks_digest, write_masks
 
 
 @pytest.fixture()

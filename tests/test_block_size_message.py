@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.errors import UnreachableTau
-from attnmask.store import PatternStore, SitePatterns, write_patterns
+from attnmask.store.stores import PatternStore, SitePatterns, write_patterns
 
 
 def full_plane_store(n: int = 128, layers: int = 1, heads: int = 2) -> PatternStore:

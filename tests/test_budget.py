@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from attnmask.accounting import measure, recorded, tally_site
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.masks.accounting import measure, recorded, tally_site
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.errors import AttnmaskError, UnreachableTau
-from attnmask.store import MaskStore, PatternStore, SiteMask, SitePatterns, read_masks, write_patterns
+from attnmask.store.stores import MaskStore, PatternStore, SiteMask, SitePatterns, read_masks, write_patterns
 
 
 def padded_site(rng: np.random.Generator, layers: int = 2, heads: int = 3, n: int = 24, sequences: int = 300,
@@ -156,7 +156,7 @@ def test_cli_compile_budget_held_out_and_inspect(tmp_path):
 
 
 def test_sweep_axes_do_not_zoom_small_differences():
-    from attnmask.experiments import accuracy_axis, difference_axis
+    from attnmask.tasks.experiments import accuracy_axis, difference_axis
 
     summary = [{"kind": "dense", "accuracy": 0.81, "accuracy_sd": 0.004, "vs_dense": None, "vs_dense_ci": None,
                 "vs_random": None, "vs_random_ci": None},
@@ -170,7 +170,7 @@ def test_sweep_axes_do_not_zoom_small_differences():
 
 
 def test_demo_reading_states_differences_against_their_noise():
-    from attnmask.experiments import demo_reading
+    from attnmask.tasks.experiments import demo_reading
 
     def reading(dense, data, random, majority=0.52, n=100):
         runs = {"dense": {"accuracy": dense}, "data": {"accuracy": data, "data_sparsity": 0.9},

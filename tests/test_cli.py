@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnmask.cli import app
-from attnmask.store import read_masks, read_patterns
+from attnmask.store.stores import read_masks, read_patterns
 
 runner = CliRunner()
 

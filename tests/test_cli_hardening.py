@@ -20,9 +20,9 @@ import torch
 from typer.testing import CliRunner
 
 from attnmask.cli import app, default_masks_name, name_number
-from attnmask.compile import CompileSettings
+from attnmask.masks.compile import CompileSettings
 from attnmask.errors import AttnmaskError
-from attnmask.store import read_masks, write_patterns
+from attnmask.store.stores import read_masks, write_patterns
 from scale_helpers import make_text, random_patterns, run_cli
 
 runner = CliRunner()
@@ -82,7 +82,7 @@ def interrupted_run(out: Path, model: Path, data: Path, monkeypatch) -> tuple[li
     """A run folder as `train` leaves it when killed after step 3 (settings.json and
     checkpoint/checkpoint-2, written by Trainer and completed by attnmask); returns the matching
     `attnmask train ... --resume` arguments and the checkpoint folder."""
-    from attnmask.train import TrainSettings, train
+    from attnmask.tasks.classify import TrainSettings, train
 
     class Killed(Exception):
         pass
@@ -91,7 +91,7 @@ def interrupted_run(out: Path, model: Path, data: Path, monkeypatch) -> tuple[li
         if step == 3:
             raise Killed
 
-    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr("attnmask.tasks.trainer.CHECKPOINT_EVERY", 2)
     settings = TrainSettings(model=str(model), data=str(data), out=str(out), max_length=16, batch_size=4,
                              device="cpu")
     with pytest.raises(Killed):
@@ -110,8 +110,8 @@ def torch_bytes(obj) -> bytes:
 
 def reseal(checkpoint: Path) -> None:
     """Rewrite the manifest to match the files as they are now (a tamperer who knows the format)."""
-    from attnmask.store import sha256_hex
-    from attnmask.trainer import MANIFEST
+    from attnmask.store.stores import sha256_hex
+    from attnmask.tasks.trainer import MANIFEST
 
     files = {str(p.relative_to(checkpoint)): sha256_hex(p) for p in sorted(checkpoint.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
@@ -180,8 +180,8 @@ def test_damaged_settings_json_is_one_error_line(tiny_bert_dir, labelled_csv, tm
 
 def collect_settings(model: Path, data: Path, max_length: int, batch_size: int, every: int) -> dict:
     """The settings `collect` records in its checkpoints (see cli._collect_locked)."""
-    from attnmask.data import resolve_data
-    from attnmask.models import load_adapter
+    from attnmask.store.data import resolve_data
+    from attnmask.models.families import load_adapter
 
     identity = {"model": load_adapter(str(model), "cpu").identity(), "data": resolve_data(str(data)).identity()}
     return {**identity, "max_length": max_length, "batch_size": batch_size, "limit": None,
@@ -241,7 +241,7 @@ def test_a_valid_planted_checkpoint_still_resumes(tiny_bert_dir, tmp_path):
 
 
 def test_checkpoint_with_nan_sums_is_never_written(tmp_path):
-    from attnmask.checkpoint import CollectState, save_checkpoint
+    from attnmask.collect.checkpoint import CollectState, save_checkpoint
 
     sums = np.zeros((1, 1, 2, 2))
     sums[0, 0, 1, 1] = np.nan
@@ -261,7 +261,7 @@ def never_load(*args, **kwargs):
 
 @pytest.mark.parametrize("layout", ["loop", "dangling", "file parent", "looping parent"])
 def test_unwritable_output_is_refused_before_any_work(layout, tiny_bert_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("attnmask.models.load_adapter", never_load)
+    monkeypatch.setattr("attnmask.models.families.load_adapter", never_load)
     data = make_text(tmp_path / "d.txt", 5)
     if layout == "loop":
         out = tmp_path / "out.zarr"
@@ -312,8 +312,8 @@ def test_values_click_cannot_parse_give_one_error_line(args, tmp_path):
 ])
 def test_bad_values_are_refused_before_any_work(args, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("attnmask.models.load_adapter", never_load)
-    monkeypatch.setattr("attnmask.train.load_classifier", never_load)
+    monkeypatch.setattr("attnmask.models.families.load_adapter", never_load)
+    monkeypatch.setattr("attnmask.tasks.classify.load_classifier", never_load)
     fails_cleanly(*args, needles=(needle,))
     assert not any(tmp_path.iterdir())
 
@@ -403,7 +403,7 @@ def test_default_mask_names_keep_every_digit_and_are_filesystem_safe():
 
 def test_explicit_defaults_reach_the_language_model_trainer(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr("attnmask.lm.train_lm", lambda *a, **kw: seen.append(kw) or
+    monkeypatch.setattr("attnmask.tasks.lm.train_lm", lambda *a, **kw: seen.append(kw) or
                         {"steps": 1, "train_loss": 1.0, "seconds": 0.0, "masks": None})
     common = ["train", "none", "t.txt", "--task", "lm", "--config", "small", "--masks", "none", "--out", tmp_path / "o"]
     assert invoke(*common, "--max-length", 128, "--lr", 5e-5).exit_code == 0
@@ -414,7 +414,7 @@ def test_explicit_defaults_reach_the_language_model_trainer(monkeypatch, tmp_pat
 
 def test_classifier_training_gets_the_documented_defaults(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr("attnmask.train.train", lambda settings, progress=None: seen.append(settings) or
+    monkeypatch.setattr("attnmask.tasks.classify.train", lambda settings, progress=None: seen.append(settings) or
                         {"masks": None, "pruning": None})
     common = ["train", "minilm", "d.csv", "--masks", "none", "--out", tmp_path / "o"]
     assert invoke(*common).exit_code == 0
@@ -447,7 +447,7 @@ def test_classifier_training_gets_the_documented_defaults(monkeypatch, tmp_path)
 ])
 def test_options_that_do_not_apply_are_refused(args, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("attnmask.models.load_adapter", never_load)
+    monkeypatch.setattr("attnmask.models.families.load_adapter", never_load)
     store = pattern_store(tmp_path)
     fails_cleanly(*[str(store) if a == "STORE" else a for a in args], needles=(needle,))
     assert not (tmp_path / "o").exists() and not (tmp_path / "patterns").exists()

@@ -26,11 +26,11 @@ import pytest
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.fairseq_safe_load import MAX_ITEMS, NotALiteral, allow_fairseq_globals, literal_value
-from attnmask.store import sha256_hex
+from attnmask.models.fairseq_safe_load import MAX_ITEMS, NotALiteral, allow_fairseq_globals, literal_value
+from attnmask.store.stores import sha256_hex
 
 BIN = Path(sys.executable).parent
-PLUGIN = Path(__file__).resolve().parents[1] / "attnmask" / "fairseq_plugin"
+PLUGIN = Path(__file__).resolve().parents[1] / "attnmask" / "models" / "fairseq_plugin"
 TINY = ("--arch transformer --encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 8 --decoder-embed-dim 8 "
         "--encoder-ffn-embed-dim 8 --decoder-ffn-embed-dim 8 --encoder-attention-heads 2 "
         "--decoder-attention-heads 2 --share-all-embeddings --optimizer adam --lr 0.005 --max-tokens 500 "
@@ -57,7 +57,7 @@ def run(argv: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess.Com
 def fairseq_run(tmp_path_factory):
     """(data-bin, a 1-update checkpoint of a tiny Transformer) trained by attnmask's fairseq-train."""
     pytest.importorskip("fairseq")
-    from attnmask.translate import make_reverse_task, train_fairseq
+    from attnmask.tasks.translate import make_reverse_task, train_fairseq
 
     root = tmp_path_factory.mktemp("code_safety")
     data = make_reverse_task(root / "task", vocab=8, train=40, valid=10, test=10, min_length=3, max_length=6)
@@ -137,7 +137,7 @@ def test_stock_cli_refuses_a_pickle_that_runs_code_on_one_line(fairseq_run, tmp_
 
 @pytest.mark.parametrize("field", EVALUATED_FIELDS)
 def test_attnmask_error_names_the_field(fairseq_run, tmp_path, field):
-    from attnmask.translate import load_translation_model
+    from attnmask.tasks.translate import load_translation_model
 
     data, checkpoint = fairseq_run
     ran = tmp_path / "ran"
@@ -150,7 +150,7 @@ def test_attnmask_error_names_the_field(fairseq_run, tmp_path, field):
 def test_literal_values_still_load(fairseq_run, tmp_path):
     """A literal in such a field is evaluated as fairseq would (here: the attention's xformers setting
     written as the literal None)."""
-    from attnmask.translate import load_translation_model
+    from attnmask.tasks.translate import load_translation_model
 
     data, checkpoint = fairseq_run
     plain = crafted(checkpoint, tmp_path / "plain.pt", "encoder_xformers_att_config", "None")
@@ -185,7 +185,7 @@ def test_every_fairseq_eval_is_guarded_in_a_stock_process(tmp_path):
     script = textwrap.dedent("""
         import importlib
         import fairseq, fairseq.utils as u, fairseq.options as o
-        from attnmask.fairseq_safe_load import literal_value, NotALiteral
+        from attnmask.models.fairseq_safe_load import literal_value, NotALiteral
         for name in ["fairseq.utils", "fairseq.optim.adam", "fairseq.optim.adamax", "fairseq.models.fconv",
                      "fairseq.models.lightconv_lm", "fairseq.models.wav2vec.wav2vec2", "fairseq.criterions.ctc",
                      "fairseq.data.codedataset", "fairseq.data.audio.raw_audio_dataset"]:
@@ -212,7 +212,7 @@ def test_every_fairseq_eval_is_guarded_in_a_stock_process(tmp_path):
 def test_fairseq_imported_before_the_hook_is_guarded_too():
     """This process imported fairseq (maybe before attnmask): import_fairseq guards what is loaded."""
     pytest.importorskip("fairseq")
-    from attnmask.models.fairseq import import_fairseq
+    from attnmask.models.fairseq_attention import import_fairseq
 
     fairseq = import_fairseq()
     assert fairseq.utils.eval is literal_value
@@ -223,7 +223,7 @@ def test_fairseq_imported_before_the_hook_is_guarded_too():
 # ----------------------------------------------------------------------------------------------
 # Items 2 and 6: the C++ kernel's build folder, its recorded sha256, its lock
 
-from attnmask.masks import native  # noqa: E402
+from attnmask.runtime import native  # noqa: E402
 
 TINY_EXTENSION = """
 #include <Python.h>
@@ -388,7 +388,7 @@ def test_real_build_killed_mid_way_then_built_verified(tmp_path):
     compile_c(CONSTRUCTOR % {"mark": mark}, torch_cache / name / f"{name}.so")
     env = {"ATTNMASK_NATIVE_DIR": str(root), "TORCH_EXTENSIONS_DIR": str(torch_cache), "ATTNMASK_NATIVE": "1",
            "PYTHONWARNINGS": "always"}
-    script = "from attnmask.masks import native; m = native.kernel(); print(m.__file__ if m else None)"
+    script = "from attnmask.runtime import native; m = native.kernel(); print(m.__file__ if m else None)"
     first = subprocess.Popen([sys.executable, "-c", script], env={**environment(), **env}, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnmask.collect import check_row_sums, collect
+from attnmask.collect.patterns import check_row_sums, collect
 from attnmask.models.hf import HuggingFaceAdapter
 from tests.conftest import random_texts
 
@@ -60,7 +60,7 @@ def test_gpt2_site_is_causal(tiny_gpt2_dir):
 
 def test_collection_memory_is_one_plane(tiny_bert_dir):
     """Accumulators are the only per-site state: [L, H, Q, K] sums and [Q, K] counts."""
-    from attnmask.collect import PatternAccumulator
+    from attnmask.collect.patterns import PatternAccumulator
 
     adapter = HuggingFaceAdapter.load(str(tiny_bert_dir))
     acc = PatternAccumulator(adapter.sites(), {"encoder.self": (8, 8)}, adapter.device)

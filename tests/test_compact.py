@@ -1,4 +1,4 @@
-"""Compact encoders (attnmask/compact.py) on tiny random BERTs: the substitute, distillation, the saved
+"""Compact encoders (attnmask/tasks/compact.py) on tiny random BERTs: the substitute, distillation, the saved
 folder through attnmask's loaders and commands, span proposals and bad spans."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 from attnmask.cli import app
-from attnmask.compact import (COMPACT_SITE, RECORD, CompactSettings, CompactSpec, build_student, check_out, distill,
-                              distillation_losses, moved_aside, parse_spans, propose_spans, read_examples,
-                              replace_output, substitutes)
+from attnmask.models.compact import COMPACT_SITE, CompactSpec, parse_spans, substitutes
+from attnmask.tasks.compact import (RECORD, CompactSettings, build_student, check_out, distill, distillation_losses,
+                                    moved_aside, propose_spans, read_examples, replace_output)
 from attnmask.errors import AttnmaskError
-from attnmask.store import SitePatterns, read_masks, read_patterns, write_patterns
+from attnmask.store.stores import SitePatterns, read_masks, read_patterns, write_patterns
 from conftest import make_tokenizer, random_texts
 
 runner = CliRunner()
@@ -64,7 +64,7 @@ def labelled_csv(tmp_path_factory) -> Path:
 
 
 def teacher_of(folder: Path):
-    from attnmask.models import load_adapter
+    from attnmask.models.families import load_adapter
 
     adapter = load_adapter(str(folder))
     return adapter.model, adapter.tokenizer
@@ -134,7 +134,7 @@ def test_distillation_lowers_the_held_out_loss(bert4_dir):
                                max_length=16, distill_lr=3e-3)
     texts = random_texts(80, seed=5)
     held = [encoded(tokenizer, texts[:16])]
-    from attnmask.compact import Examples
+    from attnmask.tasks.compact import Examples
 
     examples = Examples(texts, None, None, list(range(16, 80)), list(range(16)))
 
@@ -156,7 +156,7 @@ def test_distillation_lowers_the_held_out_loss(bert4_dir):
 
 
 def test_save_and_load_round_trip(bert4_dir, tmp_path):
-    from attnmask.models import load_adapter
+    from attnmask.models.families import load_adapter
 
     teacher, tokenizer = teacher_of(bert4_dir)
     student = build_student(teacher, spec_of([(2, 3)]), seed=0)
@@ -203,7 +203,7 @@ def test_compact_then_collect_compile_and_masks(bert4_dir, texts_file, tmp_path)
     assert set(read_masks(masks).sites) == {"encoder.self", COMPACT_SITE}
 
     import attnmask
-    from attnmask.models import load_adapter
+    from attnmask.models.families import load_adapter
 
     adapter = load_adapter(str(out))
     inputs = encoded(adapter.tokenizer, random_texts(3, seed=9))
@@ -320,7 +320,7 @@ def test_other_bad_input(bert4_dir, texts_file, tmp_path, tiny_gpt2_dir):
 
 
 def test_read_examples_split_matches_train(labelled_csv):
-    from attnmask.train import split
+    from attnmask.tasks.classify import split
 
     settings = CompactSettings(model="m", data=str(labelled_csv), replace="1", task="classify", seed=4)
     examples = read_examples(settings, None)

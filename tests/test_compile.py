@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from attnmask.compile import CompileSettings, compile_masks, prune_count, random_scores
+from attnmask.masks.compile import CompileSettings, compile_masks, prune_count, random_scores
 from attnmask.errors import AttnmaskError
-from attnmask.store import PatternStore, SitePatterns
+from attnmask.store.stores import PatternStore, SitePatterns
 
 
 class Unreachable(Exception):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from attnmask.data import count_texts, iter_labeled, iter_texts, resolve_data
+from attnmask.store.data import count_texts, iter_labeled, iter_texts, resolve_data
 from attnmask.errors import AttnmaskError
 
 ROWS = [{"text": "a good movie", "label": "fresh"}, {"text": "", "label": "rotten"},
@@ -96,7 +96,7 @@ def test_datasetdict_split_is_honoured_refused_and_recorded(tmp_path):
 
 
 def test_class_label_names(tmp_path):
-    from attnmask.data import label_names
+    from attnmask.store.data import label_names
 
     source = resolve_data(labelled_dict(tmp_path), split="validation")
     assert label_names(source, "label") == ["pos", "neg"]
@@ -160,7 +160,7 @@ def test_builtin_rotten_tomatoes_full():
 
 def test_in_memory_datasets(tmp_path):
     import datasets
-    from attnmask.data import dataset_source
+    from attnmask.store.data import dataset_source
 
     ds = datasets.Dataset.from_list(ROWS)
     source = dataset_source(ds)

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from attnmask.collect import collect
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.collect.patterns import collect
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.errors import AttnmaskError
 from attnmask.models.fairseq import FairseqAdapter, load_checkpoint_state
 from attnmask.masks.rules import Window, window_keep
-from attnmask.runtime import apply_masks
-from attnmask.store import read_masks, read_patterns, write_masks, write_patterns
-from attnmask.translate import evaluate_fairseq, load_translation_model, make_reverse_task, train_fairseq
+from attnmask.models.families import apply_masks
+from attnmask.store.stores import read_masks, read_patterns, write_masks, write_patterns
+from attnmask.tasks.translate import evaluate_fairseq, load_translation_model, make_reverse_task, train_fairseq
 
 MODEL_ARGS = ("--arch transformer --encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 64 "
               "--decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 "
@@ -259,7 +259,7 @@ def test_plugin_checks_recorded_masks_before_the_model_is_built(run, tmp_path):
     """fairseq-generate calls task.load_state_dict before build_model: the right masks pass, other masks
     are refused, and without --attnmask-masks the recorded store is re-applied (issue 13, item 7; issue 14)
     unless it is gone."""
-    from attnmask.fairseq_plugin.task import AttnmaskTranslationConfig, AttnmaskTranslationTask
+    from attnmask.models.fairseq_plugin.task import AttnmaskTranslationConfig, AttnmaskTranslationTask
 
     digest = read_masks(run["masks"]).digest
     saved = {"attnmask_masks": {"digest": digest, "path": str(run["masks"])}}

@@ -22,12 +22,13 @@ import torch
 from typer.testing import CliRunner
 
 from attnmask.cli import app
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.errors import AttnmaskError
-from attnmask.fairseq_safe_load import PTH_NAME
-from attnmask.models.fairseq import MASKS_MARKER, load_checkpoint_state
-from attnmask.store import read_masks, read_patterns, write_masks
-from attnmask.translate import evaluate_fairseq, make_reverse_task, train_fairseq
+from attnmask.models.fairseq_safe_load import PTH_NAME
+from attnmask.models.fairseq import load_checkpoint_state
+from attnmask.models.fairseq_attention import MASKS_MARKER
+from attnmask.store.stores import read_masks, read_patterns, write_masks
+from attnmask.tasks.translate import evaluate_fairseq, make_reverse_task, train_fairseq
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -75,7 +76,7 @@ def test_pth_file_is_installed_in_this_environment():
     import sysconfig
 
     assert (Path(sysconfig.get_paths()["purelib"]) / PTH_NAME).is_file()
-    assert f"attnmask.fairseq_safe_load --install" in (ROOT / "Makefile").read_text()
+    assert f"attnmask.models.fairseq_safe_load --install" in (ROOT / "Makefile").read_text()
 
 
 def test_readme_recipe_runs_as_written(work):
@@ -127,7 +128,7 @@ def test_plugin_records_an_absolute_masks_path_from_stock_fairseq_train(work, tm
     """Item 10: fairseq-train with the plugin and a relative --attnmask-masks records the absolute path."""
     sites, attrs = compile_masks(read_patterns(collected(work)), CompileSettings(tau=0.5))
     write_masks(tmp_path / "m.zarr", sites, attrs)
-    plugin = ROOT / "attnmask" / "fairseq_plugin"
+    plugin = ROOT / "attnmask" / "models" / "fairseq_plugin"
     r = shell(f"fairseq-train {work / 'data-bin'} --user-dir {plugin} --task attnmask_translation "
               f"--attnmask-masks m.zarr {MODEL_ARGS} {TRAIN_ARGS} --max-update 2 --disable-validation "
               "--save-dir run", tmp_path)
@@ -150,7 +151,7 @@ def collected(work: Path) -> Path:
 def test_recorded_masks_are_reapplied_digest_checked(work, tmp_path):
     """Issue 14: the plugin re-applies the store a checkpoint records when --attnmask-masks is absent,
     and refuses it once it is gone or changed."""
-    from attnmask.fairseq_plugin.task import AttnmaskTranslationConfig, AttnmaskTranslationTask
+    from attnmask.models.fairseq_plugin.task import AttnmaskTranslationConfig, AttnmaskTranslationTask
 
     sites, attrs = compile_masks(read_patterns(collected(work)), CompileSettings(tau=0.5))
     store = write_masks(tmp_path / "m.zarr", sites, attrs)
@@ -298,7 +299,7 @@ def test_weights_only_loading_allows_exactly_the_safe_globals(work, tmp_path):
     """A checkpoint with numpy scalars loads; one whose pickle calls os.system is refused, unrun."""
     import pickle
 
-    from attnmask.fairseq_safe_load import allow_fairseq_globals
+    from attnmask.models.fairseq_safe_load import allow_fairseq_globals
 
     allow_fairseq_globals()
     state = torch.load(work / "checkpoints" / "checkpoint_best.pt", weights_only=True)

@@ -15,11 +15,11 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from attnmask.accounting import FIGURES, figures_text
+from attnmask.masks.accounting import FIGURES, figures_text
 from attnmask.cli import app
-from attnmask.plot import grid_figure, head_figure, mask_figures, mask_view
-from attnmask.analyze import mask_summary
-from attnmask.store import read_masks, read_patterns
+from attnmask.analysis.plot import grid_figure, head_figure, mask_figures, mask_view
+from attnmask.analysis.analyze import mask_summary
+from attnmask.store.stores import read_masks, read_patterns
 from conftest import random_texts
 
 runner = CliRunner()
@@ -217,7 +217,7 @@ def test_demo_table_names_the_figures_as_compile_does(compiled, labelled, tiny_b
     from rich.console import Console
 
     from attnmask import cli
-    from attnmask.accounting import measure
+    from attnmask.masks.accounting import measure
 
     patterns, masks, _, as_json = compiled
     args = [tiny_bert_dir, labelled, "--epochs", 1, "--max-length", 32, "--limit", 40, "--device", "cpu", "--json"]

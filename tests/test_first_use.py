@@ -76,7 +76,7 @@ def trained(tiny_model, reviews, tmp_path_factory):
 
 def expected_majority(reviews, out) -> float:
     """The share of the most common label among the run's held-out examples (its recorded split)."""
-    from attnmask.train import read_labelled, split
+    from attnmask.tasks.classify import read_labelled, split
 
     settings = json.loads((out / "settings.json").read_text())["settings"]
     data = read_labelled(str(reviews), None, None, None)
@@ -126,7 +126,7 @@ def test_a_classifier_that_predicts_one_class_is_called_out(tiny_model, reviews,
 
 
 def test_the_learning_rule_warns_below_or_at_the_baseline_only():
-    from attnmask.train import learning_warnings, scores
+    from attnmask.tasks.classify import learning_warnings, scores
     import numpy as np
 
     labels = np.array([0, 0, 0, 1])
@@ -152,7 +152,7 @@ def test_sweep_shows_each_run_beside_its_majority_baseline(tiny_model, reviews, 
 
 def test_classifier_defaults_are_the_measured_ones():
     """README, "Training defaults": the --lr default measured to beat the majority class on the built-in data."""
-    from attnmask.train import DEFAULT_LR, TrainSettings
+    from attnmask.tasks.classify import DEFAULT_LR, TrainSettings
 
     assert TrainSettings("m", "d", "o").lr == DEFAULT_LR
     for command, pattern in (("train", r"\[default: ([0-9.e-]+); --task lm"), ("sweep", r"\[default: ([0-9.e-]+)\]")):
@@ -206,7 +206,7 @@ def test_choices_show_their_values_in_help():
 
 
 def test_train_table_on_an_80_column_terminal_breaks_no_word(trained, monkeypatch):
-    from attnmask.workflows import CLASSIFY_TRAIN
+    from attnmask.tasks.workflows import CLASSIFY_TRAIN
 
     metrics = json.loads(trained[1].stdout)
     monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=True, color_system=None,
@@ -223,7 +223,7 @@ def test_train_table_on_an_80_column_terminal_breaks_no_word(trained, monkeypatc
 
 
 def test_wide_terminal_keeps_one_row(trained, monkeypatch):
-    from attnmask.workflows import CLASSIFY_TRAIN
+    from attnmask.tasks.workflows import CLASSIFY_TRAIN
 
     metrics = json.loads(trained[1].stdout)
     monkeypatch.setattr(cli, "console", Console(width=250, force_terminal=True, color_system=None))
@@ -259,7 +259,7 @@ def test_eval_reports_the_real_split_name(trained, reviews):
 
 
 def test_hamlet_splits_cut_the_text_once():
-    from attnmask.data import iter_texts, resolve_data
+    from attnmask.store.data import iter_texts, resolve_data
 
     train, valid = (list(iter_texts(resolve_data("hamlet", split=s))) for s in ("train", "valid"))
     every = list(iter_texts(resolve_data(str(resolve_data("hamlet").path))))  # the file by path: all of it
@@ -281,7 +281,8 @@ def test_language_model_trains_on_hamlet_and_evaluates_on_its_held_out_split(tmp
                "--json")
     assert r.exit_code == 0, r.output
     held = json.loads(r.stdout)
-    from attnmask.lm import Vocabulary, read_lines
+    from attnmask.models.transfo_xl_vocab import Vocabulary
+    from attnmask.tasks.lm import read_lines
 
     valid_tokens = Vocabulary.load(out).encode_lines(read_lines("hamlet", "valid")).numel()
     assert held["split"] == "valid" and held["tokens"] == (valid_tokens // 8 - 1) * 8  # the held-out text only
@@ -289,7 +290,7 @@ def test_language_model_trains_on_hamlet_and_evaluates_on_its_held_out_split(tmp
 
 
 def test_language_model_refuses_a_table():
-    from attnmask.lm import read_lines
+    from attnmask.tasks.lm import read_lines
 
     with pytest.raises(AttnmaskError, match="rotten-tomatoes is a csv table; a language model reads a plain text"):
         read_lines("rotten-tomatoes")
@@ -346,7 +347,7 @@ def test_plain_transformers_fails_but_attnmask_errors_point_to_load_model(masked
                            capture_output=True, text=True)
     assert plain.returncode != 0 and 'attn_implementation="attnmask"' in plain.stderr
     bench = subprocess.run([sys.executable, "-c", "import sys, torch\n"  # bench loads with plain transformers
-                            "from attnmask.bench import load_bench_model\n"
+                            "from attnmask.tasks.bench import load_bench_model\n"
                             "from attnmask.errors import AttnmaskError\n"
                             "try:\n    load_bench_model(sys.argv[1], 64, torch.device('cpu'), torch.float32)\n"
                             "except AttnmaskError as e:\n    print(e)", str(masked_folder)],

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from attnmask.cli import app
 from attnmask.errors import AttnmaskError
-from attnmask.store import check_output, read_patterns, write_patterns
+from attnmask.store.stores import check_output, read_patterns, write_patterns
 from scale_helpers import REPO
 from test_store_hardening import KILLED, edition, stamp
 
@@ -66,7 +66,7 @@ time.sleep(300)
 WRITE_OR_READ = """
 import sys
 from attnmask.errors import AttnmaskError
-from attnmask.store import read_patterns, write_patterns
+from attnmask.store.stores import read_patterns, write_patterns
 from test_store_hardening import edition, stamp
 try:
     if sys.argv[2] == "write":
@@ -101,7 +101,7 @@ def test_a_foreign_flock_on_a_store_is_waited_for_a_bounded_time_and_named(tmp_p
 
 
 def test_a_bad_lock_timeout_is_one_error_line(tmp_path, monkeypatch):
-    from attnmask.locking import lock_timeout
+    from attnmask.store.locking import lock_timeout
 
     monkeypatch.setenv("ATTNMASK_LOCK_TIMEOUT", "soon")
     with pytest.raises(AttnmaskError, match="ATTNMASK_LOCK_TIMEOUT must be a number"):
@@ -184,7 +184,7 @@ def test_claimed_layers_beyond_the_recorded_ones_are_refused(tmp_path):
 
 
 def test_claims_beyond_the_machines_memory_are_refused(tmp_path, monkeypatch):
-    import attnmask.store as store
+    import attnmask.store.stores as store
 
     out = small_store(tmp_path)
     monkeypatch.setattr(store, "memory_bytes", lambda: 4096)
@@ -221,7 +221,7 @@ from test_train import labelled_csv, settings, tiny_model  # noqa: E402,F401 - t
 
 
 def train_run(tiny_model, labelled_csv, out, **kw):  # noqa: F811
-    from attnmask.train import train
+    from attnmask.tasks.classify import train
 
     return train(settings(tiny_model, labelled_csv, out, limit=40, epochs=1, **kw))
 
@@ -272,9 +272,9 @@ def test_an_overwrite_killed_midway_leaves_the_old_run_whole(tiny_model, labelle
     """The old run used to be removed before training began: a run killed midway left neither. Now the
     new run is built in .run.next; the old one stays as it was until the new one is complete; --resume
     continues the replacement, and the finished replacement is swapped in."""
-    from attnmask.train import train
+    from attnmask.tasks.classify import train
 
-    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr("attnmask.tasks.trainer.CHECKPOINT_EVERY", 2)
     out = tmp_path / "run"
     train_run(tiny_model, labelled_csv, out)
     old = entries(out)
@@ -294,14 +294,14 @@ def test_an_overwrite_killed_midway_leaves_the_old_run_whole(tiny_model, labelle
 
 KILLED_TRAIN = """
 import os, signal, sys
-import attnmask.trainer
-from attnmask.train import TrainSettings, train
+import attnmask.tasks.trainer
+from attnmask.tasks.classify import TrainSettings, train
 
 def die(step, *_):
     if step == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 
-attnmask.trainer.CHECKPOINT_EVERY = 2
+attnmask.tasks.trainer.CHECKPOINT_EVERY = 2
 train(TrainSettings(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3], limit=40, epochs=2, lr=1e-3, batch_size=8,
                     max_length=16, device="cpu", overwrite=True), progress=die)
 """
@@ -309,7 +309,7 @@ train(TrainSettings(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3], limit=
 
 def test_an_overwrite_killed_by_sigkill_leaves_the_old_run_and_resumes(tiny_model, labelled_csv,  # noqa: F811
                                                                        tmp_path):
-    from attnmask.train import train
+    from attnmask.tasks.classify import train
 
     out = tmp_path / "run"
     train_run(tiny_model, labelled_csv, out)
@@ -324,7 +324,7 @@ def test_an_overwrite_killed_by_sigkill_leaves_the_old_run_and_resumes(tiny_mode
 
 def test_an_overwrite_killed_between_its_renames_is_completed(tiny_model, labelled_csv, tmp_path,  # noqa: F811
                                                               monkeypatch):
-    from attnmask.trainer import RunFolder
+    from attnmask.tasks.trainer import RunFolder
 
     out = tmp_path / "run"
     train_run(tiny_model, labelled_csv, out)
@@ -396,7 +396,7 @@ def loaded(folder: Path):
 def test_a_save_cut_short_before_its_masks_leaves_the_old_save(tmp_path, monkeypatch):
     """The weights and the config used to be written into the folder before the masks: cut there, the
     folder held new weights whose config named masks it did not hold, and load_model refused it."""
-    import attnmask.runtime as runtime
+    import attnmask.runtime.attention as runtime
 
     model, folder, first, second, old_weight = masked_saves(tmp_path)
 
@@ -414,7 +414,7 @@ def test_a_save_cut_short_before_its_masks_leaves_the_old_save(tmp_path, monkeyp
 
 
 def test_a_save_cut_short_while_moving_in_is_completed_by_the_next_load(tmp_path, monkeypatch):
-    import attnmask.runtime as runtime
+    import attnmask.runtime.attention as runtime
 
     model, folder, first, second, _ = masked_saves(tmp_path)
     new_weight = next(model.parameters()).detach().clone()
@@ -440,7 +440,7 @@ class Killed(BaseException):
 
 
 def test_a_failed_save_leaves_the_old_save_and_nothing_else(tmp_path, monkeypatch):
-    import attnmask.runtime as runtime
+    import attnmask.runtime.attention as runtime
 
     model, folder, first, second, old_weight = masked_saves(tmp_path)
 
@@ -593,7 +593,7 @@ def test_an_architectures_field_that_is_not_a_model_class_is_one_error(tmp_path,
 
 @pytest.mark.parametrize("command", ["plot", "analyze"])
 def test_plot_and_analyze_refuse_a_store_whose_counts_are_all_zero(tmp_path, command):
-    from attnmask.store import SitePatterns
+    from attnmask.store.stores import SitePatterns
 
     store = tmp_path / "zero.zarr"
     sites = {"encoder.self": SitePatterns(np.zeros((2, 4, 8, 8)), np.zeros((8, 8), dtype=np.int64), False)}
@@ -606,7 +606,7 @@ def test_plot_and_analyze_refuse_a_store_whose_counts_are_all_zero(tmp_path, com
 @pytest.mark.parametrize("damage, needle", [("float keep", "not a bool numpy array"), ("no digest", "no digest")])
 def test_an_in_memory_mask_store_that_no_reader_would_accept_is_one_error(tmp_path, damage, needle):
     import attnmask
-    from attnmask.store import MaskStore, SiteMask
+    from attnmask.store.stores import MaskStore, SiteMask
     from test_masks_travel import random_store, tiny_classifier
 
     model, _ = tiny_classifier(tmp_path / "tok")
@@ -632,7 +632,7 @@ time.sleep(300)
 
 def test_a_foreign_flock_on_a_stores_lock_file_names_its_holder(tmp_path):
     """Another user's flock on `.NAME.lock` (the file left empty) used to be reported as 'another process'."""
-    from attnmask.locking import lock_path
+    from attnmask.store.locking import lock_path
 
     out = tmp_path / "p.zarr"
     holder = subprocess.Popen([sys.executable, "-c", LOCKFILE_HOLDER, str(lock_path(out))], stdout=subprocess.PIPE,

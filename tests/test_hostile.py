@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from attnmask.cli import app
 from attnmask.errors import AttnmaskError
-from attnmask.merge import merge_patterns
-from attnmask.store import file_digest, read_patterns, write_patterns
+from attnmask.masks.merge import merge_patterns
+from attnmask.store.stores import file_digest, read_patterns, write_patterns
 from scale_helpers import make_text, make_tiny_bert, random_patterns, run_cli
 
 runner = CliRunner()
@@ -217,8 +217,8 @@ def test_collect_never_overwrites_without_flag(bert, tmp_path):
 def test_masks_that_do_not_fit_are_refused(layers, heads, site, needle, bert, tmp_path):
     from transformers import AutoModel
 
-    from attnmask.runtime import apply_masks
-    from attnmask.store import SiteMask, write_masks
+    from attnmask.models.families import apply_masks
+    from attnmask.store.stores import SiteMask, write_masks
 
     keep = np.ones((layers, heads, 8, 8), dtype=bool)
     path = write_masks(tmp_path / "m.zarr", {site: SiteMask(keep, False)}, {"beyond": "dense"}).path

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from attnmask.collect import collect, real_query_sum
+from attnmask.collect.patterns import collect, real_query_sum
 from attnmask.errors import AttnmaskError
-from attnmask.compile import (CompileSettings, causal_plane, compile_masks, eligible_entries, expand_tiles,
+from attnmask.masks.compile import (CompileSettings, causal_plane, compile_masks, eligible_entries, expand_tiles,
                               prefix_cut, prune_count, protected_by_rows, random_scores, tile_sums)
-from attnmask.models import load_adapter
-from attnmask.store import PatternStore, SitePatterns
+from attnmask.models.families import load_adapter
+from attnmask.store.stores import PatternStore, SitePatterns
 from tests.conftest import random_texts
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_capture_reuses_scratch_probabilities_and_releases_them(tiny_bert_dir):
     """Under a sink without gradients every layer's probabilities land in one scratch buffer (no fresh
     [B, H, q, k] tensors per layer), still the model's own attention, and the buffers are gone after
     the capture; with gradients the probabilities are fresh tensors that the caller gets back."""
-    from attnmask.scratch import scratch
+    from attnmask.runtime.scratch import scratch
 
     adapter = load_adapter(str(tiny_bert_dir), "cpu")
     inputs = adapter.encode(random_texts(3, seed=5, lo=4, hi=12), 16)
@@ -123,7 +123,7 @@ def test_capture_reuses_scratch_probabilities_and_releases_them(tiny_bert_dir):
 
 def test_transformer_xl_collection_equals_einsum(tmp_path):
     """The first segments have missing memory: key columns that are not real, in front of the plane."""
-    from attnmask.lm import Vocabulary
+    from attnmask.models.transfo_xl_vocab import Vocabulary
     from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM
 
     lines = [" ".join(f"w{(7 * n + i) % 30}" for i in range(5)) for n in range(12)]
@@ -141,7 +141,7 @@ def test_fairseq_collection_equals_einsum(tmp_path):
     """Source and target padding: encoder self-, decoder self- and cross-attention."""
     pytest.importorskip("fairseq")
     from attnmask.models.fairseq import FairseqAdapter
-    from attnmask.translate import make_reverse_task, train_fairseq
+    from attnmask.tasks.translate import make_reverse_task, train_fairseq
 
     data = make_reverse_task(tmp_path / "task", vocab=10, train=64, valid=40, test=8, min_length=2,
                              max_length=8)

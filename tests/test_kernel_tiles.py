@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from attnmask.masks import native
-from attnmask.masks.blocksparse import TILE, block_sparse_attention, tile_for_block, tile_layout
+from attnmask.runtime import native
+from attnmask.runtime.blocksparse import TILE, block_sparse_attention, tile_for_block, tile_layout
 from attnmask.masks.rules import Window
-from attnmask.runtime import (MaskedAttention, Call, apply_masks, kept_tile_share, resolve_backend, sparse_pays,
-                              store_tile)
-from attnmask.store import MaskStore, SiteMask, masks_digest
+from attnmask.models.families import apply_masks
+from attnmask.runtime.attention import MaskedAttention, Call, kept_tile_share, resolve_backend, sparse_pays, store_tile
+from attnmask.store.stores import MaskStore, SiteMask, masks_digest
 
 FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32, 2^-126
 

@@ -3,7 +3,7 @@ alone, with compiled masks, in every backend and Hugging Face family, and batche
 masks (a key/value cache whose decode steps sit at a different position in every row) equals generating
 one sequence at a time.
 
-Masks come from the project's compile path (attnmask.compile) on synthetic patterns whose attention
+Masks come from the project's compile path (attnmask.masks.compile) on synthetic patterns whose attention
 depends on the position, element-wise and in 64 x 64 tiles (--min-keep 0: on a 256 plane the row
 guarantee's tile per block-row is more than tau 0.9 leaves), at tau 0.5 and 0.9.
 """
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.masks.rules import Window
-from attnmask.runtime import BACKENDS, Call, MaskedAttention, apply_masks, key_padding, roll_slots
-from attnmask.store import PatternStore, SitePatterns, write_masks
+from attnmask.models.families import apply_masks
+from attnmask.runtime.attention import BACKENDS, Call, MaskedAttention, key_padding, roll_slots
+from attnmask.store.stores import PatternStore, SitePatterns, write_masks
 
 PLANE, LAYERS, HEADS, VOCAB = 256, 2, 4, 60
 LENGTHS = (240, 157, 61)  # different pad lengths in one batch, lengths not tile multiples
@@ -245,7 +246,7 @@ def tiny_fairseq():
     import argparse
     from types import SimpleNamespace
 
-    from attnmask.models.fairseq import import_fairseq
+    from attnmask.models.fairseq_attention import import_fairseq
 
     import_fairseq()
     from fairseq.data import Dictionary

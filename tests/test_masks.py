@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.masks import native
-from attnmask.masks.blocksparse import block_sparse_attention, tile_layout
+from attnmask.runtime import native
+from attnmask.runtime.blocksparse import block_sparse_attention, tile_layout
 from attnmask.masks.rules import Window, causal_band, check_beyond, guarantee_rows, plane_window, window_keep
 
 
@@ -201,8 +201,8 @@ def test_tile_layout_keeps_exactly_the_tiles_with_an_allowed_cell():
 
 def test_flex_attention_matches_float64_and_builds_the_block_mask_once():
     pytest.importorskip("torch.nn.attention.flex_attention")
-    from attnmask.flex import FlexPlan, flex_attention_call
-    from attnmask.runtime import Call
+    from attnmask.runtime.flex import FlexPlan, flex_attention_call
+    from attnmask.runtime.attention import Call
 
     heads, dim, length = 2, 16, 200
     allowed, _ = window_keep(random_allowed(heads, 256, 256, 0.3, seed=7), Window.self_attention(length, length),
@@ -239,8 +239,8 @@ def test_transformer_xl_position_term_per_tile_equals_the_dense_term():
 
 
 def test_fairseq_padding_is_read_as_each_sentences_padding_before_and_after_it():
-    from attnmask.models.fairseq import sentence_padding
-    from attnmask.runtime import roll_slots
+    from attnmask.models.fairseq_attention import sentence_padding
+    from attnmask.runtime.attention import roll_slots
 
     pad = torch.tensor([[True, True, False, False, False], [False] * 4 + [True]])
     key_start, key_len, model_allowed = sentence_padding(pad)
@@ -259,7 +259,7 @@ def test_fairseq_padding_is_read_as_each_sentences_padding_before_and_after_it()
 
 
 def test_synthetic_masks_keep_the_share_tau_asks_and_one_tile_per_row():
-    from attnmask.bench import synthetic_keep, tiles_asked
+    from attnmask.tasks.bench import synthetic_keep, tiles_asked
 
     keep = synthetic_keep(layers=2, heads=3, queries=500, keys=500, tau=0.75, block=50, causal=False, seed=0)
     tiles = keep.reshape(2, 3, 10, 50, 10, 50)
@@ -275,7 +275,7 @@ def test_synthetic_masks_keep_the_share_tau_asks_and_one_tile_per_row():
 
 
 def test_interleaved_rounds_rotate_the_order_and_ratios_are_per_round():
-    from attnmask.bench import interleaved, possible_share, ratio_summary
+    from attnmask.tasks.bench import interleaved, possible_share, ratio_summary
 
     order = []
     interleaved({n: (lambda n=n: order.append(n)) for n in "abc"}, rounds=3, warmup=0, device=torch.device("cpu"))
@@ -320,10 +320,10 @@ def test_one_store_gives_identical_keep_decisions_in_every_family():
     memories): each family's attention is non-zero exactly where window_keep allows."""
     from transformers import GPT2Config, GPT2Model
 
-    from attnmask.bench import fairseq_base, transfo_xl_base
+    from attnmask.tasks.bench import fairseq_base, transfo_xl_base
     from attnmask.models.hf import attention_modules
-    from attnmask.runtime import apply_masks
-    from attnmask.store import MaskStore, SiteMask, masks_digest
+    from attnmask.models.families import apply_masks
+    from attnmask.store.stores import MaskStore, SiteMask, masks_digest
 
     layers, heads, plane, t = 2, 2, 24, 20
     keep = random_allowed(layers * heads, plane, plane, 0.3, seed=9, causal=True).view(layers, heads, plane, plane)
@@ -371,7 +371,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_cuda_backends_match_float64_in_outputs_and_gradients(backend, dtype, tolerance):
     """FlexAttention's own backward and the block-sparse kernel on the GPU, padded and causal."""
-    from attnmask.runtime import Call, MaskedAttention
+    from attnmask.runtime.attention import Call, MaskedAttention
 
     heads, dim, length = 4, 64, 700
     plane = random_allowed(heads, 768, 768, 0.3, seed=11, causal=True)

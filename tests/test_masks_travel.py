@@ -17,8 +17,8 @@ import torch
 
 import attnmask
 from attnmask.errors import AttnmaskError
-from attnmask.runtime import MASKS_IN_FOLDER
-from attnmask.store import SiteMask, read_masks, write_masks
+from attnmask.runtime.attention import MASKS_IN_FOLDER
+from attnmask.store.stores import SiteMask, read_masks, write_masks
 from conftest import make_tokenizer, random_texts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,8 @@ def test_trainer_checkpoints_carry_the_masks(tmp_path):
 TXL_RELOAD = """
 import json, sys, torch
 import attnmask
-from attnmask.lm import Vocabulary, read_lines
+from attnmask.models.transfo_xl_vocab import Vocabulary
+from attnmask.tasks.lm import read_lines
 model = attnmask.load_model(sys.argv[1])
 ids = Vocabulary.load(sys.argv[1]).encode_lines(read_lines(sys.argv[2]))[:6].view(2, 3)
 with torch.no_grad():
@@ -190,7 +191,7 @@ print(json.dumps({"digest": model._attnmask_handle.store.digest, "log_probs": ou
 
 
 def test_transformer_xl_folder_carries_the_masks(tmp_path):
-    from attnmask.lm import eval_lm, load_lm, load_masks, save_lm
+    from attnmask.tasks.lm import eval_lm, load_lm, load_masks, save_lm
     from test_transfo_xl import model_folder
 
     folder, lines = model_folder(tmp_path)

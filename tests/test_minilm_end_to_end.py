@@ -9,8 +9,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from attnmask.cli import app
-from attnmask.compile import eligible_entries
-from attnmask.store import read_masks, read_patterns
+from attnmask.masks.compile import eligible_entries
+from attnmask.store.stores import read_masks, read_patterns
 
 
 def test_minilm_rotten_tomatoes(tmp_path):

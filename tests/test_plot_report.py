@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from attnmask.cli import app
 from attnmask.errors import AttnmaskError
-from attnmask.analyze import average_linkage_order, cluster_order, store_stats
-from attnmask.plot import (MAX_PANEL_CELLS, PRUNED, UNOBSERVED, entropy_distance_figure, grid_figure, head_figure,
+from attnmask.analysis.analyze import average_linkage_order, cluster_order, store_stats
+from attnmask.analysis.plot import (MAX_PANEL_CELLS, PRUNED, UNOBSERVED, entropy_distance_figure, grid_figure, head_figure,
                            head_similarity, mask_view, pattern_view, plot_store, pooled, position_mass_figure,
                            similarity_figure, token_class_figure)
-from attnmask.report import build_report, flatten, write_report
-from attnmask.store import (PatternStore, SiteMask, SitePatterns, TokenClasses, read_patterns, write_masks,
+from attnmask.analysis.report import build_report, flatten, write_report
+from attnmask.store.stores import (PatternStore, SiteMask, SitePatterns, TokenClasses, read_patterns, write_masks,
                             write_patterns)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,8 +11,8 @@ import torch
 
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import Window
-from attnmask.packing import token_importance
-from attnmask.pruning import PruningConfig, TokenPruner, install_pruning, keep_decision, parse_schedule, stats_table
+from attnmask.pruning.packing import token_importance
+from attnmask.pruning.tokens import PruningConfig, TokenPruner, install_pruning, keep_decision, parse_schedule, stats_table
 
 LAYERS, HEADS, VOCAB = 4, 4, 60
 SEP = 2  # a "special" id in these tests
@@ -68,7 +68,7 @@ def run(model, config, ids, mask, special=()):
 
 
 def test_schedules_per_layer_values():
-    from attnmask.pruning import DEFAULT_START
+    from attnmask.pruning.tokens import DEFAULT_START
 
     assert PruningConfig("topk", keep_rate=0.4, first_pruned_layer=2, ramp="linear").per_layer(6) == \
         pytest.approx([1, 1, 0.85, 0.7, 0.55, 0.4])
@@ -128,7 +128,7 @@ def eager_reference(q, k, allowed, scale):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("budget", [1 << 21, 40])  # one tile, or tiles of one or two keys
 def test_importance_from_lse_equals_the_eager_probabilities(causal, budget):
-    from attnmask.packing import additive_bias, group_allowed, importance_from_lse, logsumexp_tiles, sdpa_with_lse
+    from attnmask.pruning.packing import additive_bias, group_allowed, importance_from_lse, logsumexp_tiles, sdpa_with_lse
 
     torch.manual_seed(0)
     b, h, t, d = 3, 4, 11, 8
@@ -175,7 +175,7 @@ def test_pruned_forward_importance_equals_eager_attention(family):
 
 
 def test_packed_layout_groups_similar_lengths():
-    from attnmask.packing import PackedLayout
+    from attnmask.pruning.packing import PackedLayout
 
     layout = PackedLayout.build([10, 9, 8, 5, 4, 4, 2, 2], torch.arange(8))  # GROUP_RATIO 0.8
     groups = [(g.tokens.start, g.tokens.stop, g.size, g.length) for g in layout.groups]
@@ -190,7 +190,7 @@ def test_packed_layout_groups_similar_lengths():
 
 
 def test_layers_that_keep_everything_compute_no_importance(monkeypatch):
-    import attnmask.packing as packing
+    import attnmask.pruning.packing as packing
 
     calls = []
     original = packing.importance_from_lse
@@ -412,7 +412,7 @@ def test_soft_mask_with_zero_weight_equals_removal():
 
 
 def random_store(site, plane=16, density=0.5, seed=3):
-    from attnmask.store import MaskStore, SiteMask, masks_digest
+    from attnmask.store.stores import MaskStore, SiteMask, masks_digest
 
     rng = np.random.default_rng(seed)
     keep = rng.random((LAYERS, HEADS, plane, plane)) < density
@@ -426,8 +426,8 @@ def random_store(site, plane=16, density=0.5, seed=3):
 @pytest.mark.parametrize("family, site", [("bert", "encoder.self"), ("gpt2", "decoder.self")])
 @pytest.mark.parametrize("backend", ["eager", "blocksparse"])
 def test_static_masks_follow_the_surviving_positions(family, site, backend, monkeypatch):
-    import attnmask.packing as packing
-    from attnmask.runtime import apply_masks
+    import attnmask.pruning.packing as packing
+    from attnmask.models.families import apply_masks
 
     model = MODELS[family]()
     ids, mask = padded_batch((13, 9, 4))
@@ -468,7 +468,7 @@ def test_static_masks_follow_the_surviving_positions(family, site, backend, monk
 
 
 def test_positioned_mask_uses_the_length_policy_beyond_the_plane():
-    from attnmask.runtime import apply_masks
+    from attnmask.models.families import apply_masks
 
     model = tiny_bert()
     ids, mask = padded_batch((20, 6))
@@ -517,7 +517,7 @@ def test_install_rejects_gpt2_and_unsupported_models():
 
 
 def test_parse_spec_forms_and_errors():
-    from attnmask.pruning import parse_spec
+    from attnmask.pruning.tokens import parse_spec
 
     assert parse_spec("topk:0.3") == PruningConfig("topk", keep_rate=0.3)
     assert parse_spec("threshold:final-threshold=0.02,start=2") == PruningConfig(
@@ -538,7 +538,7 @@ def test_parse_spec_forms_and_errors():
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_pruning_context_prunes_inside_and_restores_after(family):
-    from attnmask.pruning import pruning_context
+    from attnmask.pruning.tokens import pruning_context
 
     model = MODELS[family]()
     ids, mask = padded_batch()
@@ -553,7 +553,7 @@ def test_pruning_context_prunes_inside_and_restores_after(family):
 
 
 def test_config_fields_and_recorded_learned_thresholds_round_trip():
-    from attnmask.pruning import config_fields, config_from_fields, recorded_config
+    from attnmask.pruning.tokens import config_fields, config_from_fields, recorded_config
 
     original = PruningConfig("threshold", final_threshold=0.05, learn_thresholds=True, temperature=0.01, lam=0.5,
                              first_pruned_layer=2, ramp="linear")
@@ -567,7 +567,7 @@ def test_config_fields_and_recorded_learned_thresholds_round_trip():
                            "per_layer": [0, 0, 0.025, 0.05]})
     assert old.per_layer(LAYERS) == pytest.approx([0, 0, 0.025, 0.05])
     model = tiny_bert()
-    from attnmask.pruning import PruningHandle
+    from attnmask.pruning.tokens import PruningHandle
 
     pruner = TokenPruner(model, config)
     with torch.no_grad():
@@ -582,7 +582,7 @@ def test_config_fields_and_recorded_learned_thresholds_round_trip():
 def test_learned_thresholds_outside_zero_one_become_hard_thresholds_that_act_the_same():
     """The soft stage may push θ below 0 (or to 1 and above); the hard stage and a recorded run keep it in
     [0, 1), where it removes the same tokens (importances lie in [0, 1]), so the trained model evaluates."""
-    from attnmask.pruning import HIGHEST_THRESHOLD, PruningHandle, recorded_config
+    from attnmask.pruning.tokens import HIGHEST_THRESHOLD, PruningHandle, recorded_config
 
     config = PruningConfig("threshold", final_threshold=0.05, learn_thresholds=True, first_pruned_layer=1)
     model = tiny_bert()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from attnmask.cli import app
-from attnmask.store import read_patterns
+from attnmask.store.stores import read_patterns
 from conftest import random_texts
 
 REPO = Path(__file__).resolve().parents[1]

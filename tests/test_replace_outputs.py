@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from attnmask.errors import AttnmaskError
-from attnmask.experiments import DemoSettings, run_demo, sweep
+from attnmask.tasks.experiments import DemoSettings, run_demo, sweep
 from test_hardening_round2 import entries
 from test_train import labelled_csv, pattern_store, settings, tiny_model  # noqa: F401 - fixtures and helpers
 
@@ -68,7 +68,7 @@ def test_an_interrupted_sweep_leaves_the_old_run_and_continues_the_replacement(
     """A run of other settings used to be deleted before its replacement was trained: an interrupted sweep
     left neither. Now the replacement is built in .dense.next, the old run stays whole until it is
     complete, and the next sweep resumes it and swaps it in."""
-    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr("attnmask.tasks.trainer.CHECKPOINT_EVERY", 2)
     out = tmp_path / "sw"
     base = settings(tiny_model, labelled_csv, "", epochs=1, limit=40)
     sweep(base, str(pattern_store), [0.0], {"data": {}}, out, seeds=[0])
@@ -96,10 +96,10 @@ def test_an_interrupted_sweep_leaves_the_old_run_and_continues_the_replacement(
 @pytest.fixture
 def tiny_demo(tiny_model, labelled_csv, monkeypatch):  # noqa: F811
     """run_demo on the tiny BERT instead of MiniLM: (settings for OUT, {"train": calls so far})."""
-    import attnmask.experiments
-    import attnmask.models
+    import attnmask.tasks.experiments
+    import attnmask.models.families
 
-    load, train = attnmask.models.load_adapter, attnmask.experiments.train
+    load, train = attnmask.models.families.load_adapter, attnmask.tasks.experiments.train
     calls = {"train": 0, "fail_at": None}
     monkeypatch.setattr(attnmask.models, "load_adapter", lambda spec, device="cpu": load(str(tiny_model), device))
 
@@ -109,7 +109,7 @@ def tiny_demo(tiny_model, labelled_csv, monkeypatch):  # noqa: F811
             raise Interrupt
         return train(replace(s, model=str(tiny_model)), progress)
 
-    monkeypatch.setattr(attnmask.experiments, "train", tiny_train)
+    monkeypatch.setattr(attnmask.tasks.experiments, "train", tiny_train)
 
     def make(out: Path, **kw) -> DemoSettings:
         return DemoSettings(**{"out": str(out), "data": str(labelled_csv), "limit": 40, "tau": 0.5, "max_length": 16,
@@ -121,7 +121,7 @@ def tiny_demo(tiny_model, labelled_csv, monkeypatch):  # noqa: F811
 def test_demo_overwrite_refuses_a_folder_that_merely_looks_like_a_demo(tiny_demo, tmp_path, monkeypatch):
     """demo.json or patterns.zarr used to be proof enough: the folder was removed whole, the user's files
     with it."""
-    import attnmask.models
+    import attnmask.models.families
 
     make, _ = tiny_demo
 

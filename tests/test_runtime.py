@@ -10,8 +10,9 @@ import torch
 
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import Window, window_keep
-from attnmask.runtime import BACKENDS, apply_masks, recorded_masks, resolve_backend
-from attnmask.store import MaskStore, SiteMask, masks_digest, read_masks, write_masks
+from attnmask.models.families import apply_masks
+from attnmask.runtime.attention import BACKENDS, recorded_masks, resolve_backend
+from attnmask.store.stores import MaskStore, SiteMask, masks_digest, read_masks, write_masks
 
 LAYERS, HEADS, PLANE = 2, 4, 16
 

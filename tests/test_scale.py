@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from attnmask.cli import app
 from attnmask.errors import AttnmaskError
-from attnmask.locking import StoreLock, lock_path
-from attnmask.store import read_masks, read_patterns, write_patterns
+from attnmask.store.locking import StoreLock, lock_path
+from attnmask.store.stores import read_masks, read_patterns, write_patterns
 from scale_helpers import REPO, make_text, make_tiny_bert, random_patterns, run_cli
 
 COLLECT = ("--max-length", "24", "--batch-size", "4", "--device", "cpu")
@@ -34,9 +34,9 @@ def bert(tmp_path_factory) -> Path:
 def test_torchrun_two_gloo_processes_equal_one_process(bert, tmp_path):
     import torch
 
-    from attnmask.collect import collect
-    from attnmask.data import iter_texts, resolve_data
-    from attnmask.models import load_adapter
+    from attnmask.collect.patterns import collect
+    from attnmask.store.data import iter_texts, resolve_data
+    from attnmask.models.families import load_adapter
 
     data = make_text(tmp_path / "d.txt", 150, seed=1)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -77,9 +77,9 @@ def _wait_for_new_checkpoint(path: Path, proc: subprocess.Popen, seconds: float)
 def test_kill9_at_random_points_then_resume_equals_uninterrupted_run(bert, tmp_path):
     """Kill a real collector with SIGKILL at random moments (before the first checkpoint, and at random
     times after checkpoints appeared), resume until it completes, compare with an uninterrupted run."""
-    from attnmask.collect import collect
-    from attnmask.models import load_adapter
-    from attnmask.data import iter_texts, resolve_data
+    from attnmask.collect.patterns import collect
+    from attnmask.models.families import load_adapter
+    from attnmask.store.data import iter_texts, resolve_data
 
     data = make_text(tmp_path / "d.txt", 2000, seed=2)
     out = tmp_path / "p.zarr"
@@ -124,7 +124,7 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted_run(bert, tmp_p
 
 
 def test_resume_refuses_other_settings_and_stale_checkpoint_needs_resume(bert, tmp_path):
-    from attnmask.checkpoint import CollectState, save_checkpoint
+    from attnmask.collect.checkpoint import CollectState, save_checkpoint
 
     data = make_text(tmp_path / "d.txt", 20)
     out = tmp_path / "p.zarr"
@@ -149,7 +149,7 @@ def test_resume_refuses_other_settings_and_stale_checkpoint_needs_resume(bert, t
 
 HOLDER = """
 import sys, time
-from attnmask.locking import StoreLock
+from attnmask.store.locking import StoreLock
 StoreLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -193,9 +193,9 @@ def test_lock_is_reentrant_within_a_process(tmp_path):
 
 
 def test_merge_of_two_halves_equals_collection_over_all(bert, tmp_path):
-    from attnmask.collect import collect
-    from attnmask.data import iter_texts, resolve_data
-    from attnmask.models import load_adapter
+    from attnmask.collect.patterns import collect
+    from attnmask.store.data import iter_texts, resolve_data
+    from attnmask.models.families import load_adapter
 
     adapter = load_adapter(str(bert), "cpu")
     lines = make_text(tmp_path / "all.txt", 90, seed=3).read_text().splitlines()
@@ -316,7 +316,7 @@ def test_s3_stores_against_moto(moto_s3, tmp_path, monkeypatch):
 def test_resume_after_the_store_was_written_but_before_checkpoints_were_removed(bert, tmp_path):
     """A kill between writing the store and removing the checkpoint: --resume sees the store is
     that run's (same collection id) and only cleans up; another number of processes is refused."""
-    from attnmask.checkpoint import CollectState, load_checkpoint, save_checkpoint
+    from attnmask.collect.checkpoint import CollectState, load_checkpoint, save_checkpoint
 
     data = make_text(tmp_path / "d.txt", 30)
     out = tmp_path / "p.zarr"

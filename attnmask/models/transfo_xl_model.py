@@ -328,7 +328,7 @@ class RelativeAttention(nn.Module):
         plane at rows 0.., columns (K - Q) - M.. (keys counted back from the query); the causal band
         is the runtime's, so `blocked` is passed on only when it is more (same_length)."""
         from attnmask.masks.rules import Window
-        from attnmask.runtime import Call
+        from attnmask.runtime.attention import Call
 
         window = Window(t, m + t, 0, masked.key_offset - m)
         call = Call(window, self.scale, dropout=self.dropatt.p if self.training else 0.0, extra=term,
