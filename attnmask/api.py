@@ -23,8 +23,18 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from attnmask.errors import AttnmaskError, weights_refused
-from attnmask.store.stores import MaskStore, PatternStore
+from attnmask.store.stores import (MaskStore, PatternStore, check_output, check_pattern_attrs, masks_digest,
+                                   patterns_digest, read_patterns, write_masks, write_patterns)
 
+from attnmask.collect.patterns import collect
+from attnmask.masks.compile import CompileSettings, compile_masks as compile_sites
+from attnmask.models.base import pick_device
+from attnmask.models.families import apply_masks as apply, is_fairseq_checkpoint, load_adapter
+from attnmask.models.hf import HuggingFaceAdapter, loading_error, register_attention, resolve_model_path
+from attnmask.models.transfo_xl import is_transfo_xl_folder
+from attnmask.runtime.attention import folder_masks, recorded_masks, settle_saved
+from attnmask.store.data import dataset_source, iter_texts, resolve_data
+from attnmask.tasks.lm import load_lm, load_masks, recorded_store
 DEFAULT_MAX_LENGTH = 128
 PathLike = (str, os.PathLike)
 
@@ -77,8 +87,6 @@ def _examples(data: Any, text_column: str | None, split: str | None, limit: int 
     texts; the first `limit` non-empty texts."""
     import itertools
 
-    from attnmask.store.data import dataset_source, iter_texts, resolve_data
-
     if isinstance(data, PathLike):
         source = resolve_data(os.fspath(data), text_column, split)
         return iter_texts(source, limit), source
@@ -94,16 +102,11 @@ def _examples(data: Any, text_column: str | None, split: str | None, limit: int 
 def _adapter(model: Any, tokenizer: Any, name: str | None, device: str):
     """The model adapter: a transformers model in memory (with its tokenizer), or a model argument as on
     the command line (a folder, 'minilm', a Hub id in the local cache, a Transformer-XL folder)."""
-    from attnmask.models.base import pick_device
-    from attnmask.models.families import load_adapter
-
     if isinstance(model, PathLike):
         if tokenizer is not None:
             raise AttnmaskError("a model given by name or folder brings its own tokenizer; pass tokenizer=None")
         return load_adapter(os.fspath(model), pick_device(device))
     from transformers import PreTrainedModel
-
-    from attnmask.models.hf import HuggingFaceAdapter
 
     if not isinstance(model, PreTrainedModel):
         raise AttnmaskError(f"model must be a transformers PreTrainedModel or a model folder/name, got "
@@ -127,8 +130,6 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
     (then tokenizer=None). data: an iterable of texts, a `datasets` Dataset / IterableDataset /
     DatasetDict (`text_column`, `split`), or a data path / built-in name. The model is put back in the
     training mode it was in. Writes the store to `out` when given; returns the PatternStore."""
-    from attnmask.collect.patterns import collect
-
     _positive_int("batch_size", batch_size)
     _positive_int("max_length", max_length, allow_none=True)
     _positive_int("limit", limit, allow_none=True)
@@ -136,8 +137,6 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
     if data is None:
         raise AttnmaskError("collect_patterns needs data: an iterable of texts, a datasets object or a data path")
     if out is not None:
-        from attnmask.store.stores import check_output
-
         check_output(out, overwrite)
     examples, source = _examples(data, text_column, split, limit, name)
     adapter = _adapter(model, tokenizer, name, device)
@@ -155,8 +154,6 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
 
 
 def _pattern_store(sites: dict, attrs: dict, out, overwrite: bool) -> PatternStore:
-    from attnmask.store.stores import check_pattern_attrs, patterns_digest, write_patterns
-
     if out is not None:
         return write_patterns(out, sites, attrs, overwrite=overwrite)
     check_pattern_attrs("the pattern store", sites, attrs)
@@ -176,10 +173,6 @@ def compile_masks(patterns: PatternStore | str | os.PathLike, *, tau: float = 0.
     global), in `block_size` tiles, keeping `min_keep` entries per row; the exact rules are
     attnmask/masks/compile.py's (`attnmask compile`). Writes the store to `out` when given; returns the
     MaskStore."""
-    from attnmask.masks.compile import CompileSettings
-    from attnmask.masks.compile import compile_masks as compile_sites
-    from attnmask.store.stores import masks_digest, read_patterns, write_masks
-
     _path_or_none("out", out)
     if isinstance(patterns, PathLike):
         patterns = read_patterns(patterns)
@@ -192,8 +185,6 @@ def compile_masks(patterns: PatternStore | str | os.PathLike, *, tau: float = 0.
     settings = CompileSettings(tau=tau, scope=scope, budget=budget, block_size=block_size, min_keep=min_keep, random=random,
                                seed=seed, beyond=beyond, site_tau=dict(site_tau or {}))
     if out is not None:
-        from attnmask.store.stores import check_output
-
         check_output(out, overwrite)
     sites, attrs = compile_sites(patterns, settings)
     if out is not None:
@@ -210,8 +201,6 @@ def apply_masks(model: Any, masks: MaskStore | str | os.PathLike, backend: str =
     `handle.remove()` or leaving a `with` block restores the model). While applied, the model's
     `save_pretrained(folder)` also writes the masks into the folder."""
     from torch import nn
-
-    from attnmask.models.families import apply_masks as apply
 
     if not isinstance(model, nn.Module):
         raise AttnmaskError(f"model must be a torch model (nn.Module), got {type(model).__name__}")
@@ -231,10 +220,6 @@ def load_model(model: str | os.PathLike, *, model_class: Any = None, masks: Mask
     model: a Hugging Face model folder (also 'minilm', or a Hub id in the local cache), loaded as the class
     its config names (config.architectures) unless `model_class` (e.g. AutoModelForSequenceClassification)
     is given; or a Transformer-XL folder (attnmask/tasks/lm.py). Returns the model, in eval mode on `device`."""
-    from attnmask.models.base import pick_device
-    from attnmask.models.families import is_fairseq_checkpoint
-    from attnmask.models.transfo_xl import is_transfo_xl_folder
-
     if not isinstance(model, PathLike):
         raise AttnmaskError(f"load_model takes a model folder or name, got {type(model).__name__}")
     if masks is not None and not isinstance(masks, (MaskStore, *PathLike)):
@@ -255,9 +240,6 @@ def load_model(model: str | os.PathLike, *, model_class: Any = None, masks: Mask
 
 def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device):
     from transformers.utils import logging as hf_logging
-
-    from attnmask.models.hf import register_attention, resolve_model_path
-    from attnmask.runtime.attention import folder_masks, recorded_masks, settle_saved
 
     path = resolve_model_path(spec)
     settle_saved(path)  # a save with masks cut short: the folder is the old save or the new one
@@ -310,14 +292,10 @@ def _hf_call(spec: str, fn, path, **kwargs):
     try:
         return fn(path, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        from attnmask.models.hf import loading_error
-
         raise loading_error(spec, path, e) from None
 
 
 def _load_transfo_xl(spec: str, masks, backend: str, device):
-    from attnmask.tasks.lm import load_lm, load_masks, recorded_store
-
     run = load_lm(spec, device)
     store = recorded_store(spec, run.model.config) if masks is None else masks
     if store is not None and not (isinstance(store, str) and store == "none"):

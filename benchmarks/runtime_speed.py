@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from attnmask.store.sites import is_causal, is_cross
 from attnmask.tasks.bench import (DTYPES, BenchSettings, collected_patterns, compiled_store, computed_flops,
                             dense_attention_flops, eligible_tiles, interleaved, load_bench_model, machine_description,
                             op_masks, ran_sparse, ratio_summary, results_table, run_bench, synthetic_keep, write_json)
@@ -100,7 +101,7 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
         log(f"collecting {sequences} x {length} tokens on {model}")
         patterns = collected_patterns(bench_model, length, sequences, seed, model)
         site = sorted(patterns.sites)[0]
-        causal = seam.is_causal(site)
+        causal = is_causal(site)
         window = Window.self_attention(length, length)
         g = torch.Generator(device=device_).manual_seed(seed)
         q, k, v = (torch.randn(batch_size, heads, length, dim, generator=g, device=device_, dtype=dtype_)
@@ -112,7 +113,7 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
             log(f"compiling at tau {tau}, block {block}")
             store = compiled_store(patterns, tau, block)
             notes[f"collected-{block}"] = store.attrs.get("bench_note", "")
-            real = op_masks(store, site, torch.from_numpy(store.sites[site].keep[0]), causal, seam.is_cross(site),
+            real = op_masks(store, site, torch.from_numpy(store.sites[site].keep[0]), causal, is_cross(site),
                             [backend], torch.device("cpu"))[backend].allowed(window)
             synthetic = {site: SiteMask(same_share_keep(real, block, causal, seed)[None].numpy(), causal)}
             synthetic_store = MaskStore({"digest": masks_digest(synthetic), "beyond": "dense", "block_size": block,
@@ -128,7 +129,7 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
             for label, source in sources:
                 keep = torch.from_numpy(source.sites[site].keep[0]).to(device_)
                 names = [backend, "auto"] if label.startswith("collected") else [backend]
-                for name, masked in op_masks(source, site, keep, causal, seam.is_cross(site), names, device_).items():
+                for name, masked in op_masks(source, site, keep, causal, is_cross(site), names, device_).items():
                     variant = label if name == backend else f"{label} auto"
                     masks[variant] = masked
                     variants[variant] = (lambda m=masked: m.attend(q, k, v, call)[0])

@@ -30,13 +30,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from attnmask.errors import AttnmaskError
 from attnmask.masks.accounting import (FIGURE_NAMES, FIGURES, Tally, combined, eligible_entries, figure_text,
                                  figures_legend, figures_text, measured_tallies, patterns_identity, recorded_tally,
                                  tally, tally_layer)
-from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import causal_band
 from attnmask.store.sites import is_cross
-from attnmask.store.stores import MaskStore, PatternStore, SiteMask, SitePatterns
+from attnmask.store.stores import MaskStore, PatternStore, SiteMask, SitePatterns, read_masks, read_patterns, store_kind
 
 CONCENTRATION_LEVELS = (0.5, 0.9, 0.99)
 
@@ -500,8 +500,6 @@ def mask_table(name: str, result: dict, source: dict):
 def analyze_store(store: str, site: str | None = None, patterns: str | None = None) -> dict:
     """What `attnmask analyze` prints: store_stats of a pattern store, or mask_summary of a mask store
     (with the mass kept when its pattern store is given); `kind` says which."""
-    from attnmask.store.stores import read_masks, read_patterns, store_kind
-
     if store_kind(store) == "patterns":
         if patterns is not None:
             raise AttnmaskError("--patterns goes with a mask store; STORE is already a pattern store")

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnmask.collect.patterns import CollectResult
 from attnmask.errors import AttnmaskError
+from attnmask.store.stores import SitePatterns
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,6 @@ def reduce_sum(world: World, array: np.ndarray) -> np.ndarray:
 
 def reduce_result(world: World, result):
     """Add the CollectResult of every rank (sums float64, counts and totals int64)."""
-    from attnmask.collect.patterns import CollectResult
-    from attnmask.store.stores import SitePatterns
-
     if not world.distributed:
         return result
     sites = {}

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from attnmask.collect.checkpoint import CollectState, save_checkpoint
 from attnmask.errors import AttnmaskError
 from attnmask.models.base import Batch, ModelAdapter, Site
 from attnmask.store.stores import SitePatterns, TokenClasses
@@ -201,8 +202,6 @@ def accumulate(adapter: ModelAdapter, examples: Iterable[Any], *, batch_size: in
     `resume` is a CollectState (attnmask/collect/checkpoint.py) to start from; `examples` must then already
     skip the `resume.cursor` examples it holds (the cursor counts examples of the whole stream).
     """
-    from attnmask.collect.checkpoint import CollectState, save_checkpoint
-
     sites = adapter.sites()
     planes = {s.name: adapter.plane(s.name, max_length) for s in sites}
     if token_classes and (checkpoint is not None or resume is not None or world > 1):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from attnmask.errors import AttnmaskError
 
 AttentionSink = Callable[[str, int, torch.Tensor], None]
 """sink(site, layer, probs): probs [batch, heads, queries, keys], rows sum to 1 over real keys."""
@@ -94,8 +95,6 @@ class ModelAdapter(ABC):
 
     def token_classes(self) -> list[str]:
         """Names of the classes `key_classes` sorts key tokens into (collect --token-classes)."""
-        from attnmask.errors import AttnmaskError
-
         raise AttnmaskError(f"--token-classes is not supported for {self.family} models")
 
     def key_classes(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -123,8 +122,6 @@ def sink_attached(modules: Iterable[torch.nn.Module], sink: AttentionSink):
 
 def pick_device(device: str) -> torch.device:
     """'auto' is CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
-    from attnmask.errors import AttnmaskError
-
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

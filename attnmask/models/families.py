@@ -6,13 +6,18 @@ import os
 
 import torch
 
+from attnmask.errors import AttnmaskError
 from attnmask.models.base import ModelAdapter
+from attnmask.models.fairseq import FairseqAdapter
+from attnmask.models.fairseq_attention import FairseqSeam
+from attnmask.models.hf import HuggingFaceAdapter, HuggingFaceSeam
+from attnmask.models.transfo_xl import TransfoXLAdapter, TransfoXLSeam, is_transfo_xl_folder
 from attnmask.runtime.attention import MaskHandle, attach
 from attnmask.runtime.seam import MaskSeam
 from attnmask.store.stores import MaskStore
 
-_MASK_SEAMS = ("attnmask.models.hf:HuggingFaceSeam", "attnmask.models.fairseq:FairseqSeam",
-               "attnmask.models.transfo_xl:TransfoXLSeam")
+FAMILY_SEAMS: tuple[type[MaskSeam], ...] = (HuggingFaceSeam, FairseqSeam, TransfoXLSeam)
+"""The families' seams, asked in this order which one claims a model (`mask_seam`)."""
 
 
 def apply_masks(model: torch.nn.Module, masks: MaskStore | str | os.PathLike, backend: str = "auto") -> MaskHandle:
@@ -23,13 +28,7 @@ def apply_masks(model: torch.nn.Module, masks: MaskStore | str | os.PathLike, ba
 
 def mask_seam(model: torch.nn.Module) -> MaskSeam:
     """The MaskSeam of the model's family; an AttnmaskError for a model no family claims."""
-    import importlib
-
-    from attnmask.errors import AttnmaskError
-
-    for spec in _MASK_SEAMS:
-        module, name = spec.split(":")
-        seam = getattr(importlib.import_module(module), name)
+    for seam in FAMILY_SEAMS:
         if seam.claims(model):
             return seam
     raise AttnmaskError(f"{type(model).__name__} is not a model attnmask can mask (Hugging Face, fairseq "
@@ -47,14 +46,9 @@ def load_adapter(spec: str, device: torch.device | str = "cpu", data: str | None
 
     A fairseq checkpoint (`*.pt`) needs `data`, its binarized data folder, and reads `split` of it."""
     if is_fairseq_checkpoint(spec):
-        from attnmask.errors import AttnmaskError
-        from attnmask.models.fairseq import FairseqAdapter
-
         if data is None:
             raise AttnmaskError(f"{spec}: a fairseq checkpoint needs its binarized data folder (DATA_BIN)")
         return FairseqAdapter.load(spec, data, split, device)
-    from attnmask.models.hf import HuggingFaceAdapter
-    from attnmask.models.transfo_xl import TransfoXLAdapter, is_transfo_xl_folder
 
     if is_transfo_xl_folder(spec):
         return TransfoXLAdapter.load(spec, device)

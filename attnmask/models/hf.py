@@ -30,10 +30,12 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.compact import register_compact_models
+from attnmask.masks.rules import Window, causal_band
 from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached
-from attnmask.runtime.seam import MaskSeam
+from attnmask.models.compact import register_compact_models
+from attnmask.runtime.attention import Call, key_padding, repeat_kv
 from attnmask.runtime.scratch import scratch
+from attnmask.runtime.seam import MaskSeam
 from attnmask.store.sites import DECODER_CROSS, DECODER_SELF, ENCODER_COMPACT, ENCODER_SELF
 from attnmask.store.stores import json_digest
 
@@ -102,8 +104,6 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     While a sink collects without gradients, q kᵀ and P live in scratch buffers that the next layer
     reuses (attnmask.runtime.scratch): the sink sees P, and the weights returned are None.
     """
-    from attnmask.runtime.attention import repeat_kv
-
     heads = query.shape[1]
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -149,9 +149,6 @@ def mask_padding(attention_mask: torch.Tensor | None, q: int, k: int, causal: bo
 
 
 def _read_padding(mask: torch.Tensor, q: int, k: int, causal: bool):
-    from attnmask.masks.rules import causal_band
-    from attnmask.runtime.attention import key_padding
-
     allowed = mask[..., :k]
     allowed = allowed if allowed.dtype == torch.bool else allowed == 0
     if allowed.dim() != 4 or allowed.shape[1] != 1 or allowed.shape[2] != q:
@@ -176,9 +173,6 @@ def attnmask_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     Token pruning takes over a module's attention for the duration of its forward by setting
     `module._attnmask_override(module, query, key, value, attention_mask, scaling, dropout)`.
     """
-    from attnmask.masks.rules import Window
-    from attnmask.runtime.attention import Call
-
     override = module.__dict__.get("_attnmask_override")
     if override is not None:
         return override(module, query, key, value, attention_mask, scaling, dropout)

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import Window
+from attnmask.runtime.attention import Call
 
 MODEL_TYPE = "transfo-xl"
 WEIGHTS_SAFETENSORS = "model.safetensors"
@@ -327,9 +329,6 @@ class RelativeAttention(nn.Module):
         """[B, H, T, Dh] through the mask runtime. The segment's T queries and M + T keys sit on the
         plane at rows 0.., columns (K - Q) - M.. (keys counted back from the query); the causal band
         is the runtime's, so `blocked` is passed on only when it is more (same_length)."""
-        from attnmask.masks.rules import Window
-        from attnmask.runtime.attention import Call
-
         window = Window(t, m + t, 0, masked.key_offset - m)
         call = Call(window, self.scale, dropout=self.dropatt.p if self.training else 0.0, extra=term,
                     model_allowed=~blocked if self.same_length else None, need_probs=sink is not None)

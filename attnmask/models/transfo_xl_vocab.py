@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import torch
 
 from attnmask.errors import AttnmaskError
+from attnmask.models.fairseq_safe_load import refused_global
 
 EOS, UNK = "<eos>", "<unk>"
 UNK_SYMBOLS = (UNK, "<UNK>")
@@ -127,7 +128,6 @@ def read_hf_vocab(path: Path) -> list[str]:
     except AttnmaskError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
-        from attnmask.models.fairseq_safe_load import refused_global
 
         if refused_global(e):
             raise AttnmaskError(f"{path} names {refused_global(e)}, which no Transformer-XL vocabulary holds; "

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from attnmask.masks.rules import Window, causal_band, guarantee_rows
+from attnmask.runtime.attention import Call, repeat_kv
 
 GROUP_RATIO = 0.8
 """Sequences share an attention call when the shortest is at least this share of the longest
@@ -331,8 +332,6 @@ class PackedAttention:
         self.masked = masked
 
     def __call__(self, module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-        from attnmask.runtime.attention import repeat_kv
-
         heads = query.shape[1]
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         q, k, v = (x[0].transpose(0, 1) for x in (query, repeat_kv(key, heads), repeat_kv(value, heads)))
@@ -354,8 +353,6 @@ class PackedAttention:
         soft = state.key_log_weight is not None
         need = state.need_importance or soft
         if self.masked is not None and state.identity and not need:
-            from attnmask.runtime.attention import Call
-
             call = Call(Window.self_attention(group.length, group.length), scale, group.key_len, dropout)
             return self.masked.attend(q, k, v, call, training)[0], None
         if self.masked is not None:

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
+from attnmask.models.hf import ATTENTION_NAME, attention_modules, register_attention
 from attnmask.pruning.packing import PackedAttention, PackedLayout, PackedState
 
 METHODS = ("topk", "threshold", "schedule")
@@ -183,16 +184,12 @@ def body_of(model: nn.Module) -> Body:
 
 def attention_modules_by_layer(layers: nn.ModuleList) -> list[list[nn.Module]]:
     """For each layer module, its attention modules (the ones calling the attention function)."""
-    from attnmask.models.hf import attention_modules
-
     return [attention_modules(layer) for layer in layers]
 
 
 @contextmanager
 def attnmask_attention(model: nn.Module) -> Iterator[None]:
     """Switch the model to the registered `attnmask` attention function for the block (if needed)."""
-    from attnmask.models.hf import ATTENTION_NAME, register_attention
-
     previous = model.config._attn_implementation
     if previous == ATTENTION_NAME:
         yield

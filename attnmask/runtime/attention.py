@@ -53,13 +53,15 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import Window, causal_band, window_keep
 from attnmask.runtime.blocksparse import (TILE, ScoreTerm, TileLayout, block_sparse_attention, pad_to_tiles, tile_classes,
                                         tile_for_block, tile_layout)
-from attnmask.masks.rules import Window, causal_band, window_keep
 from attnmask.runtime.seam import MaskSeam
 from attnmask.store.sites import is_cross
-from attnmask.store.stores import BEYOND_POLICIES, MaskStore, check_mask_store, read_masks, write_masks
+from attnmask.store.stores import (BEYOND_POLICIES, MaskStore, check_mask_store, match_umask, read_masks, store_kind,
+                                   write_masks)
 
+from attnmask.runtime.flex import FlexPlan, flex_attention_call
 logger = logging.getLogger("attnmask")
 
 BACKENDS = ("eager", "sdpa", "blocksparse", "flex")
@@ -227,8 +229,6 @@ class MaskedAttention:
 
     def flex_plan(self, window: Window):
         """The FlexAttention BlockMask plan of this call shape (cached; attnmask/runtime/flex.py)."""
-        from attnmask.runtime.flex import FlexPlan
-
         return _memo(self._flex, window, lambda: FlexPlan(self.allowed(window), self.tile))
 
     def kept_share(self, window: Window) -> float:
@@ -281,7 +281,6 @@ class MaskedAttention:
         if backend == "blocksparse":
             return block_sparse_attention(query, key, value, self.layout(call.window), call.key_len, call.scale,
                                           call.dropout, call.extra), None
-        from attnmask.runtime.flex import flex_attention_call
 
         return flex_attention_call(query, key, value, self.flex_plan(call.window), call), None
 
@@ -578,8 +577,6 @@ def save_with_masks(save, store: MaskStore, folder: str | os.PathLike):
     same names, and weight files of an older save that this one lacks; nothing else). A kill before SAVED
     leaves the old save, which the next use rolls back to; after it, the next use (`settle_saved`: every
     load through attnmask and every save) finishes the move. Returns what `save` returned."""
-    from attnmask.store.stores import match_umask
-
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     settle_saved(folder)
@@ -650,8 +647,6 @@ def _move_in(src: str, dst: str) -> None:
 def save_masks_into(store: MaskStore, folder: str | os.PathLike) -> str:
     """Write `store` to `folder`/MASKS_IN_FOLDER (replacing an older mask store there, never anything
     else); returns the path. Nothing is written when the store there already has this digest."""
-    from attnmask.store.stores import store_kind
-
     path = os.path.join(os.fspath(folder), MASKS_IN_FOLDER)
     if os.path.exists(path) and store_kind(path) == "masks" and read_masks(path).digest == store.digest:
         return path

@@ -55,7 +55,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnmask.collect.patterns import PatternAccumulator
 from attnmask.errors import AttnmaskError, UnreachableTau
+from attnmask.masks.compile import CompileSettings, compile_masks, prune_count
+from attnmask.masks.rules import Window, causal_band
+from attnmask.models.base import Batch, Site, pick_device, sink_attached
+from attnmask.models.fairseq_attention import import_fairseq
+from attnmask.models.families import apply_masks, mask_seam
+from attnmask.models.hf import ATTENTION_NAME, attention_modules, loading_error, register_attention, resolve_model_path
+from attnmask.models.transfo_xl import SITE
+from attnmask.models.transfo_xl_model import RelativeScores, TransfoXLConfig, TransfoXLLM
+from attnmask.pruning.tokens import parse_spec, pruning_context, stats_table
+from attnmask.runtime import native
+from attnmask.runtime.attention import Call, MaskedAttention, check_fit, load_store, resolve_backend, store_tile
+from attnmask.runtime.flex import _pad_positions, compiled_flex_attention
+from attnmask.store.sites import is_causal, is_cross
+from attnmask.store.stores import MaskStore, PatternStore, SiteMask, masks_digest
+from attnmask.tasks.lm import PRESETS
 
 MASKED_BACKENDS = ("eager", "sdpa", "blocksparse", "flex", "auto")
 DEFAULT_LENGTHS = (1024, 2048)
@@ -227,8 +243,6 @@ class BenchModel:
 
 
 def _self_window(site: str, length: int):
-    from attnmask.masks.rules import Window
-
     return Window(length, length) if site == "decoder.cross" else Window.self_attention(length, length)
 
 
@@ -268,9 +282,6 @@ def _hf_bench_model(model: nn.Module) -> BenchModel:
 def _hf_capture(model: nn.Module, sink):
     """The model's attention through attnmask's registered function, which hands its probabilities to
     the attention modules' sink (what `attnmask collect` does for Hugging Face models)."""
-    from attnmask.models.base import sink_attached
-    from attnmask.models.hf import ATTENTION_NAME, attention_modules, register_attention
-
     register_attention()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
@@ -283,9 +294,6 @@ def _hf_capture(model: nn.Module, sink):
 
 def _seam_capture(model: nn.Module, sink):
     """The sink on every attention module of the model's mask seam (fairseq's attention calls it)."""
-    from attnmask.models.families import mask_seam
-    from attnmask.models.base import sink_attached
-
     return sink_attached((m for modules in mask_seam(model).sites(model).values() for m in modules), sink)
 
 
@@ -294,8 +302,6 @@ def fairseq_base(positions: int, **sizes) -> BenchModel:
     arguments, e.g. encoder_layers=2), random weights."""
     from argparse import Namespace
     from types import SimpleNamespace
-
-    from attnmask.models.fairseq_attention import import_fairseq
 
     import_fairseq()
     from fairseq.data import Dictionary
@@ -321,10 +327,6 @@ def fairseq_base(positions: int, **sizes) -> BenchModel:
 def transfo_xl_base(positions: int, **sizes) -> BenchModel:
     """attnmask's Transformer-XL, `lm.PRESETS['base']` widths with 12 layers (`sizes` overrides them);
     segments of L after L memories."""
-    from attnmask.tasks.lm import PRESETS
-    from attnmask.masks.rules import Window
-    from attnmask.models.transfo_xl_model import RelativeScores, TransfoXLConfig, TransfoXLLM
-
     preset = {k: v for k, v in PRESETS["base"].items() if k != "tgt_len"}
     preset.update(n_layer=12, mem_len=positions, dropout=0.0)
     preset.update(sizes)
@@ -343,7 +345,6 @@ def transfo_xl_base(positions: int, **sizes) -> BenchModel:
 
     @contextlib.contextmanager
     def capture(sink):  # L queries after L memories: the probabilities [B, H, L, 2L] fill the plane
-        from attnmask.models.transfo_xl import SITE
 
         body = model.transformer
         previous = body.prob_sink
@@ -372,8 +373,6 @@ def load_bench_model(spec: str, positions: int, device: torch.device, dtype: tor
         from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
 
-        from attnmask.models.hf import loading_error, resolve_model_path
-
         hf_logging.set_verbosity_error()
         path = resolve_model_path(spec)
         try:
@@ -401,8 +400,6 @@ def eligible_tiles(n_q: int, n_k: int, offset: int, causal: bool) -> np.ndarray:
 def tiles_asked(queries: int, keys: int, tau: float, block: int, causal: bool) -> tuple[int, int]:
     """(tiles kept per head, tiles tau asks for): E - floor(tau · E) as compile counts it (tau read as the
     decimal it prints as), and at least one per block-row."""
-    from attnmask.masks.compile import prune_count
-
     n_q, n_k = -(-queries // block), -(-keys // block)
     eligible = int(eligible_tiles(n_q, n_k, (keys - queries) // block, causal).sum())
     asked = eligible - prune_count(tau, eligible)
@@ -434,13 +431,10 @@ def synthetic_keep(layers: int, heads: int, queries: int, keys: int, tau: float,
 
 def synthetic_store(bench_model: BenchModel, length: int, tau: float, block: int, seed: int):
     """A MaskStore of synthetic block masks for every attention site of the model at length L."""
-    from attnmask.models.families import mask_seam
-    from attnmask.store.stores import MaskStore, SiteMask, masks_digest
-
     seam = mask_seam(bench_model.model)
     sites = {}
     for name, modules in seam.sites(bench_model.model).items():
-        causal = seam.is_causal(name)
+        causal = is_causal(name)
         q, k = bench_model.plane(name, length)
         sites[name] = SiteMask(synthetic_keep(len(modules), seam.heads(modules[0]), q, k, tau, block, causal, seed),
                                causal)
@@ -453,15 +447,10 @@ def collected_patterns(bench_model: BenchModel, length: int, sequences: int, see
     """A PatternStore of the attention the bench model computes on `sequences` sequences of L random
     tokens, one at a time: the sums and counts `attnmask collect` accumulates (PatternAccumulator), every
     cell of the L x L plane (Transformer-XL: L x 2L, after L memories) real."""
-    from attnmask.collect.patterns import PatternAccumulator
-    from attnmask.models.families import mask_seam
-    from attnmask.models.base import Batch, Site
-    from attnmask.store.stores import PatternStore
-
     model = bench_model.model
     seam = mask_seam(model)
     device = next(model.parameters()).device
-    sites = [Site(site, len(modules), seam.heads(modules[0]), seam.is_causal(site))
+    sites = [Site(site, len(modules), seam.heads(modules[0]), is_causal(site))
              for site, modules in sorted(seam.sites(model).items())]
     planes = {s.name: bench_model.plane(s.name, length) for s in sites}
     accumulator = PatternAccumulator(sites, planes, device)
@@ -482,9 +471,6 @@ def compiled_store(patterns, tau: float, block: int):
     settings at compile's defaults); in tiles no larger than the plane, and at the largest reachable tau
     where the row guarantee leaves less (short planes in big tiles), which its `bench_note` attribute
     says."""
-    from attnmask.masks.compile import CompileSettings, compile_masks
-    from attnmask.store.stores import MaskStore, masks_digest
-
     length = patterns.attrs["max_length"]
     note = ""
     if block > length:
@@ -565,8 +551,6 @@ def with_backward(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor
 
 def bare_flex_kernel(masked, call, q, k, v) -> Callable[[], Any]:
     """The compiled FlexAttention kernel with the plan's BlockMask built beforehand (no runtime around it)."""
-    from attnmask.runtime.flex import _pad_positions, compiled_flex_attention
-
     plan = masked.flex_plan(call.window)
     block_mask = plan.block_mask(None, q.requires_grad)
     q_pad, k_pad = plan.padded_length
@@ -576,8 +560,6 @@ def bare_flex_kernel(masked, call, q, k, v) -> Callable[[], Any]:
 
 def op_masks(store, site: str, keep: torch.Tensor, causal: bool, cross: bool, backends: list[str], device):
     """{backend: MaskedAttention of layer 0} as apply_masks builds them (the store's tile; auto resolved)."""
-    from attnmask.runtime.attention import MaskedAttention, resolve_backend, store_tile
-
     beyond = store.attrs.get("beyond", "dense")
     masks = {}
     for name in backends:
@@ -594,9 +576,6 @@ def ran_sparse(masked, call, query) -> bool:
 
 def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, device, dtype, log) -> list[Row]:
     """Per length and site: dense SDPA against MaskedAttention.attend with each backend."""
-    from attnmask.models.families import mask_seam
-    from attnmask.runtime.attention import Call
-
     seam = mask_seam(bench_model.model)
     heads, dim, batch = bench_model.heads, bench_model.head_dim, settings.batch_size
     rows = []
@@ -618,15 +597,13 @@ def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, de
                 def dense():
                     return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
             else:
-                from attnmask.masks.rules import causal_band
-
                 blocked = ~causal_band(window.q, window.k, window.k - window.q, device)
 
                 def dense():
                     bias = term.dense().masked_fill(blocked, torch.finfo(dtype).min)
                     return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
             variants = {"dense": dense}
-            masks = op_masks(store, site, keep, causal, seam.is_cross(site), settings.backends, device)
+            masks = op_masks(store, site, keep, causal, is_cross(site), settings.backends, device)
             for name, m in masks.items():
                 variants[name] = (lambda m=m: m.attend(q, k, v, call)[0])
             if "flex" in masks:  # the compiled kernel alone, BlockMask prebuilt: the runtime's overhead is the rest
@@ -664,8 +641,6 @@ def attention_accounting(handle, forward, bench_model: BenchModel, batch: int) -
     """(dense attention FLOPs, computed attention FLOPs, kept tile share, note) of one forward pass with
     the handle's masks, from the call shapes its MaskedAttentions saw (a call auto sent to sdpa computes
     every cell); the note says where calls reached past the masks' plane."""
-    from attnmask.runtime.attention import Call
-
     term = bench_model.term is not None
     dense = computed = 0.0
     kept = total = 0
@@ -694,8 +669,6 @@ def attention_accounting(handle, forward, bench_model: BenchModel, batch: int) -
 
 def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for, device, log) -> list[Row]:
     """Per length: one inference forward pass, dense against each masked backend (and token pruning)."""
-    from attnmask.models.families import apply_masks
-
     model, batch = bench_model.model, settings.batch_size
     rows = []
     for length in settings.model_lengths or settings.lengths:
@@ -722,8 +695,6 @@ def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for,
             variants[name] = masked
         pruned_stats = {}
         for spec in settings.prune_tokens:
-            from attnmask.pruning.tokens import pruning_context
-
             def pruned(spec=spec):
                 with pruning_context(model, spec) as handle:
                     forward()
@@ -775,7 +746,6 @@ def dense_model_flops(model: nn.Module, forward: Callable[[], Any]) -> float:
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from attnmask.runtime import native
 
     cpu = platform.processor() or platform.machine()
     kernel = "C++" if native.kernel() is not None else "gathering (no C++ kernel)"
@@ -784,14 +754,8 @@ def machine_description(device: torch.device) -> str:
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: None) -> dict:
     """Run the benchmark and return its JSON-ready result (settings, machine, load, rows)."""
-    from attnmask.models.families import mask_seam
-    from attnmask.models.base import pick_device
-    from attnmask.runtime.attention import check_fit, load_store
-
     settings.validate()
     if settings.prune_tokens:
-        from attnmask.pruning.tokens import parse_spec
-
         for spec in settings.prune_tokens:
             parse_spec(spec)
     device = pick_device(settings.device)
@@ -895,7 +859,5 @@ def results_table(result: dict):
 
 def tokens_kept_tables(result: dict) -> list:
     """One 'tokens kept per layer' table per token-pruning row of the results."""
-    from attnmask.pruning.tokens import stats_table
-
     return [stats_table(r["tokens_kept"], title=f"tokens kept per layer: {r['variant']}, L={r['length']}")
             for r in result["rows"] if r.get("tokens_kept")]

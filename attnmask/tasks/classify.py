@@ -39,10 +39,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from attnmask.masks.accounting import recorded as recorded_figures
 from attnmask.errors import AttnmaskError
-from attnmask.tasks.trainer import read_record
+from attnmask.masks.accounting import recorded as recorded_figures
+from attnmask.tasks.trainer import (LearnedThresholds, LoopSettings, RunFolder, check_precision, make_trainer,
+                                    prediction_trainer, read_record, run_training, step_losses, training_arguments)
 
+from attnmask.models.base import pick_device
+from attnmask.models.families import apply_masks
+from attnmask.models.hf import loading_error, register_attention, resolve_model_path
+from attnmask.pruning.tokens import config_from_fields, install_pruning, recorded_config
+from attnmask.runtime.attention import load_store, recorded_masks
+from attnmask.store.data import iter_labeled, resolve_data
 DEFAULT_LR = 2e-4  # peak learning rate of classifier fine-tuning: the measured default (README, "Training defaults")
 DEFAULT_LABELS = {name: ("category", ["fresh", "rotten"]) for name in ("rotten-tomatoes", "rotten-tomatoes-full")}
 
@@ -75,14 +82,10 @@ class TrainSettings:
     pruning: dict | None = None  # token pruning: attnmask.pruning.tokens.PruningConfig fields, None = off
 
     def validate(self) -> None:
-        from attnmask.tasks.trainer import check_precision
-
         check_precision(self.precision, self.device == "cpu")
         if self.gradient_accumulation < 1:
             raise AttnmaskError(f"--gradient-accumulation must be positive, got {self.gradient_accumulation}")
         if self.pruning is not None:
-            from attnmask.pruning.tokens import config_from_fields
-
             config_from_fields(self.pruning).validate()
         if self.task not in TRAINERS:
             raise AttnmaskError(f"--task {self.task!r} is not supported (choose from {', '.join(TRAINERS)})")
@@ -127,8 +130,6 @@ def read_labelled(data: str, text_column: str | None, label_column: str | None,
                   labels: list[str] | None, names: list[str] | None = None, split: str | None = None) -> LabelledData:
     """All (text, label) pairs of DATA (its dataset split `split`); label ids follow `names` if given,
     else sorted label values."""
-    from attnmask.store.data import iter_labeled, resolve_data
-
     source = resolve_data(data, text_column, split=split)
     column, keep = label_defaults(data, label_column, labels)
     pairs = list(iter_labeled(source, column, labels=keep))
@@ -170,8 +171,6 @@ def load_classifier(spec: str, num_labels: int | None, names: list[str] | None, 
     """(model, tokenizer): a sequence classifier from a Hugging Face folder or 'minilm', in eager mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from attnmask.models.hf import loading_error, register_attention, resolve_model_path
 
     path = resolve_model_path(spec)
     hf_logging.set_verbosity_error()
@@ -278,12 +277,6 @@ def learning_warnings(metrics: dict) -> list[str]:
 
 def train_classifier(settings: TrainSettings, progress: Callable | None = None) -> dict:
     """Fine-tune a sequence classifier on Trainer (see the module docstring); returns the metrics written."""
-    from attnmask.models.base import pick_device
-    from attnmask.models.families import apply_masks
-    from attnmask.runtime.attention import load_store
-    from attnmask.tasks.trainer import (LearnedThresholds, LoopSettings, RunFolder, make_trainer, run_training,
-                                  step_losses, training_arguments)
-
     settings.validate()
     device = pick_device(settings.device)
     store = load_store(settings.masks) if settings.masks else None
@@ -311,8 +304,6 @@ def train_classifier(settings: TrainSettings, progress: Callable | None = None) 
     handle = apply_masks(model, store, backend=settings.backend) if store is not None else None
     pruning = None
     if settings.pruning is not None:
-        from attnmask.pruning.tokens import config_from_fields, install_pruning
-
         pruning = install_pruning(model, config_from_fields(settings.pruning), tokenizer)
     extensions = [LearnedThresholds(pruning)] if pruning is not None and settings.pruning["learn_thresholds"] else []
     if not settings.resume and args.process_index == 0:
@@ -403,8 +394,6 @@ class EvalSettings:
     pruning: dict | str | None = None  # PruningConfig fields; None: as trained (metrics.json); "none": off
 
     def validate(self) -> None:
-        from attnmask.tasks.trainer import check_precision
-
         if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
             raise AttnmaskError("--batch-size and --limit must be positive")
         if self.on not in ("auto", "held-out", "all"):
@@ -416,8 +405,6 @@ class EvalSettings:
 
 def pruning_for_eval(model_dir: Path, pruning: dict | str | None):
     """(PruningConfig or None, note): explicit, 'none', or the one the model was trained with."""
-    from attnmask.pruning.tokens import config_from_fields, recorded_config
-
     if pruning == "none":
         return None, "off (requested)"
     if isinstance(pruning, dict):
@@ -431,8 +418,6 @@ def pruning_for_eval(model_dir: Path, pruning: dict | str | None):
 
 def masks_for_eval(model_dir: Path, record: dict | None, masks: str | None):
     """The mask store to evaluate with: explicit, 'none', or the one recorded in the model."""
-    from attnmask.runtime.attention import load_store
-
     if masks == "none":
         return None, "dense (requested)"
     if masks is not None:
@@ -459,12 +444,6 @@ def masks_for_eval(model_dir: Path, record: dict | None, masks: str | None):
 
 def evaluate_classifier(settings: EvalSettings) -> dict:
     """Accuracy of a trained classifier on DATA (its held-out examples when DATA is its training data)."""
-    from attnmask.models.base import pick_device
-    from attnmask.models.hf import resolve_model_path
-    from attnmask.models.families import apply_masks
-    from attnmask.runtime.attention import recorded_masks
-    from attnmask.tasks.trainer import prediction_trainer
-
     device = pick_device(settings.device)
     path = resolve_model_path(settings.model)
     trained = read_record(path / "settings.json", "settings") if (path / "settings.json").exists() else None
@@ -493,8 +472,6 @@ def evaluate_classifier(settings: EvalSettings) -> dict:
     prune_config, prune_note = pruning_for_eval(path, settings.pruning)
     pruning = None
     if prune_config is not None:
-        from attnmask.pruning.tokens import install_pruning
-
         pruning = install_pruning(model, prune_config, tokenizer)
     started = time.perf_counter()
     try:

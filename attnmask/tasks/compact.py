@@ -59,11 +59,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertForSequenceClassification
 
+from attnmask.analysis.analyze import (entropy, js_distances, layer_distributions, mean_distance, site_key_offset,
+                                       site_plane)
 from attnmask.errors import AttnmaskError
+from attnmask.models.base import pick_device
 from attnmask.models.compact import (COMPACT_MODEL_TYPE, CompactBertConfig, CompactBertForSequenceClassification,
                                      CompactBertModel, CompactSpec, CompactSubstitute, body_of, parse_spans, span_text,
                                      substitutes)
-from attnmask.store.stores import match_umask
+from attnmask.models.families import load_adapter
+from attnmask.models.hf import register_attention, resolve_model_path
+from attnmask.store.data import iter_texts, resolve_data
+from attnmask.store.stores import match_umask, read_patterns
+from attnmask.tasks.bench import dense_model_flops
+from attnmask.tasks.classify import label_names, load_classifier, read_labelled, split
 
 RECORD = "compact.json"
 TASKS = ("distill", "classify")
@@ -132,8 +140,6 @@ def parameter_count(model: nn.Module) -> int:
 def gmacs(model: nn.Module, length: int) -> float:
     """Multiply-accumulates (10^9) of one forward pass of a sequence of `length` tokens, counted by
     torch.utils.flop_counter (FLOPs / 2; matrix products, attention's included)."""
-    from attnmask.tasks.bench import dense_model_flops
-
     device = next(model.parameters()).device
     inputs = {"input_ids": torch.ones(1, length, dtype=torch.long, device=device),
               "attention_mask": torch.ones(1, length, dtype=torch.long, device=device)}
@@ -165,8 +171,6 @@ def head_js_matrix(store, site: str = "encoder.self") -> tuple[np.ndarray, np.nd
     """(JS distances [L*H, L*H] between all heads of the site, entropy [L, H], mean distance [L, H]).
 
     Heads are ordered layer-major; distances are analyze.js_distances of the heads' row distributions."""
-    from attnmask.analysis.analyze import entropy, js_distances, layer_distributions, mean_distance, site_key_offset, site_plane
-
     patterns = store.sites[site]
     offset = site_key_offset(patterns)
     plane = site_plane(patterns.count, patterns.causal, offset)
@@ -285,14 +289,10 @@ class Examples:
 
 def read_examples(settings: CompactSettings, names: list[str] | None) -> Examples:
     """DATA's texts (distill) or labelled texts (classify), split as `attnmask train` splits them."""
-    from attnmask.tasks.classify import read_labelled, split
-
     if settings.task == "classify":
         data = read_labelled(settings.data, settings.text_column, settings.label_column, settings.labels, names)
         texts, labels, names = data.texts, data.labels, data.names
     else:
-        from attnmask.store.data import iter_texts, resolve_data
-
         texts, labels = list(iter_texts(resolve_data(settings.data, settings.text_column))), None
         if not texts:
             raise AttnmaskError(f"{settings.data} holds no texts")
@@ -511,11 +511,7 @@ def cost_report(teacher, student, length: int) -> dict:
 def load_teacher(settings: CompactSettings, untrained_head: bool, device):
     """(teacher, tokenizer, examples), in eager attention: MODEL's base model (distill), MODEL's own
     classifier, or MODEL with a new head for the data's labels (seeded; fine-tuned later)."""
-    from attnmask.tasks.classify import label_names, load_classifier
-
     if settings.task == "distill":
-        from attnmask.models.families import load_adapter
-
         adapter = load_adapter(settings.model, device)
         teacher, tokenizer, examples = adapter.model, adapter.tokenizer, read_examples(settings, None)
     elif untrained_head:
@@ -531,8 +527,6 @@ def load_teacher(settings: CompactSettings, untrained_head: bool, device):
 def model_config(spec: str) -> dict:
     """MODEL's config as a dict (a folder, 'minilm', or a Hub id in the local cache), without weights."""
     from transformers import AutoConfig
-
-    from attnmask.models.hf import register_attention, resolve_model_path
 
     register_attention()
     try:
@@ -615,8 +609,6 @@ def choose_spans(settings: CompactSettings, layers: int, heads: int) -> tuple[li
 
 def ranked_spans(settings: CompactSettings, layers: int, heads: int) -> list[SpanProposal]:
     """propose_spans of the pattern store for spans of --span-size blocks (default: half the blocks)."""
-    from attnmask.store.stores import read_patterns
-
     size = settings.span_size if settings.span_size is not None else max(1, layers // 2)
     return propose_spans(read_patterns(settings.patterns), size, layers, heads)
 
@@ -636,8 +628,6 @@ def proposals_only(settings: CompactSettings) -> list[SpanProposal]:
 def compact(settings: CompactSettings, progress: Progress | None = None,
             log: Callable[[str], None] = lambda _: None) -> dict:
     """Build, train, evaluate and save the compact model (see the module docstring); returns compact.json."""
-    from attnmask.models.base import pick_device
-
     settings.validate()
     if settings.out is None:
         raise AttnmaskError("--out is required to build the compact model")

@@ -24,9 +24,15 @@ from typing import Callable
 
 import numpy as np
 
-from attnmask.masks.accounting import FIGURES, recorded
+from attnmask.collect.patterns import collect
 from attnmask.errors import AttnmaskError
+from attnmask.masks.accounting import FIGURES, recorded
+from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.models.base import pick_device
+from attnmask.models.families import load_adapter
+from attnmask.store.stores import read_masks, read_patterns, write_masks, write_patterns
 from attnmask.tasks.classify import TrainSettings, read_labelled, split, train
+from attnmask.tasks.trainer import CHECKPOINTS, RunFolder, is_run, staging_of
 
 RUN_FIELDS = ("seed", "kind", "tau", *FIGURES, "accuracy", "train_loss_last_epoch", "train_seconds", "run")
 SUMMARY_FIELDS = ("kind", "tau", "seeds", *FIGURES, "accuracy", "accuracy_sd",
@@ -120,9 +126,6 @@ class Planned:
 def compile_for(patterns: str, settings, out: Path) -> str:
     """The mask store of these compile settings at `out`: reused when it holds exactly them (same
     source digest), else compiled (an unreachable tau is an error before any training)."""
-    from attnmask.masks.compile import compile_masks
-    from attnmask.store.stores import read_masks, read_patterns, write_masks
-
     store = read_patterns(patterns)
     if out.exists():
         attrs = read_masks(out).attrs
@@ -138,8 +141,6 @@ def plan(base: TrainSettings, patterns: dict[int, str], taus: list[float], varia
          out: Path, seeds: list[int]) -> list[Planned]:
     """Every run of the sweep, masks compiled: per seed the dense run, then each (variant, tau > 0). A
     variant's options may name its own pattern stores ({"patterns": {seed: store}, ...})."""
-    from attnmask.masks.compile import CompileSettings
-
     runs = []
     for seed in seeds:
         runs.append(Planned(seed, "dense", 0.0, None, out / "runs" / f"seed{seed}" / "dense"))
@@ -171,8 +172,6 @@ def finished_or_train(base: TrainSettings, planned: Planned, progress: Callable 
     provable attnmask run holding nothing else (anything else is refused and left as it is), the new run
     built beside it and swapped in when complete, so an interrupted sweep leaves the old run whole; the
     next sweep resumes that replacement when its settings are these."""
-    from attnmask.tasks.trainer import CHECKPOINTS, is_run, staging_of
-
     settings = replace(base, seed=planned.seed, masks=planned.masks, out=str(planned.run))
     wanted, run, staged = settings.comparable(), planned.run, staging_of(planned.run)
     if saved_settings(run) == wanted and (run / "metrics.json").exists() and not (run / CHECKPOINTS).exists():
@@ -186,8 +185,6 @@ def finished_or_train(base: TrainSettings, planned: Planned, progress: Callable 
 def masks_figures(masks: str | None) -> dict:
     """The figures of a run's masks (attnmask.masks.accounting.recorded; dense for None), read from the store so
     that a run reused from an older version carries them under today's names too."""
-    from attnmask.store.stores import read_masks
-
     return recorded(read_masks(masks) if masks else None)
 
 
@@ -408,10 +405,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, progres
     replaces only an earlier demo (its attnmask-run.json lists everything in it), and the new demo is
     built beside it (`.NAME.next`) and swapped in when complete; a failed replacement is removed and
     leaves the old demo as it was."""
-    from attnmask.masks.compile import CompileSettings
-    from attnmask.models.base import pick_device
-    from attnmask.tasks.trainer import RunFolder
-
     compile_settings = {kind: CompileSettings(tau=settings.tau, random=kind == "random", seed=settings.seed)
                         for kind in ("data", "random")}
     for c in compile_settings.values():
@@ -441,11 +434,6 @@ def demo_stages(settings: DemoSettings, out: Path, base: TrainSettings, compile_
                 progress: Callable | None) -> dict:
     """The demo's work, written into `out` (the demo folder, or the replacement built beside it; the
     summary names the masks where they will be, the runs' own records where they were built)."""
-    from attnmask.collect.patterns import collect
-    from attnmask.masks.compile import compile_masks
-    from attnmask.models.families import load_adapter
-    from attnmask.store.stores import write_masks, write_patterns
-
     started = time.perf_counter()
 
     say(f"1/3 collect: MiniLM attention over the {len(train_idx)} training snippets (and, to measure the masks "

@@ -21,12 +21,14 @@ from torch import nn
 
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import Window, check_beyond
+from attnmask.models.families import apply_masks
 from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM
 from attnmask.models.transfo_xl_vocab import Vocabulary, batchify, segments
-from attnmask.models.families import apply_masks
-from attnmask.runtime.attention import MaskHandle
+from attnmask.runtime.attention import MASKS_IN_FOLDER, MaskHandle, folder_masks
+from attnmask.store.data import default_eval_split, iter_texts, resolve_data
 from attnmask.store.sites import DECODER_SELF
 from attnmask.store.stores import MaskStore, read_masks
+from attnmask.tasks.trainer import LoopSettings, RunFolder, make_trainer, run_training, step_losses, training_arguments
 
 
 # Architecture presets for training from scratch (vocabulary size and cutoffs come from the text).
@@ -41,8 +43,6 @@ PRESETS = {
 def text_source(text: str | Path, split: str | None = None):
     """A plain text DATA argument (attnmask.store.data.DataSource): a text file (its one split, train) or a
     built-in text such as `hamlet` (split train, the default, or valid)."""
-    from attnmask.store.data import resolve_data
-
     source = resolve_data(str(text), split=split)
     if source.kind != "text":
         raise AttnmaskError(f"{text} is a {source.kind} table; a language model reads a plain text file "
@@ -52,8 +52,6 @@ def text_source(text: str | Path, split: str | None = None):
 
 def read_lines(text: str | Path, split: str | None = None) -> list[str]:
     """The non-empty lines of a plain text (text_source), read as `collect` reads them."""
-    from attnmask.store.data import iter_texts
-
     return list(iter_texts(text_source(text, split)))
 
 
@@ -135,8 +133,6 @@ def eval_lm(model: str | Path, text: str | Path, *, masks: str | Path | MaskStor
     None the store recorded in the model's config (if it is still there, same digest), or 'none'.
 
     Returns {'split', 'loss', 'perplexity', 'tokens', 'seconds', 'masks'} (masks: the digest or None)."""
-    from attnmask.store.data import default_eval_split, iter_texts
-
     source = text_source(text, split or default_eval_split(str(text)))
     lines = list(iter_texts(source))
     run = load_lm(model, device, tgt_len, mem_len)
@@ -154,8 +150,6 @@ def recorded_store(folder: str | Path, config: TransfoXLConfig) -> MaskStore | N
     """The mask store a model folder was saved with: the copy in the folder (runtime.MASKS_IN_FOLDER),
     digest-checked; for a folder saved before masks were copied into it, the recorded path, if it still
     exists. None when the config records no masks."""
-    from attnmask.runtime.attention import MASKS_IN_FOLDER, folder_masks
-
     record = config.extra.get("attnmask")
     if not isinstance(record, dict):
         return None
@@ -283,8 +277,6 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
     'train_loss' (mean of the last 50 steps), 'seconds', 'valid_perplexity' (when `valid`), 'masks'}.
     """
     import json
-
-    from attnmask.tasks.trainer import LoopSettings, RunFolder, make_trainer, run_training, step_losses, training_arguments
 
     if (steps is not None and steps < 1) or epochs < 1 or batch_size < 1:
         raise AttnmaskError("--steps, --epochs and --batch-size must be positive")

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.store.stores import sha256_hex
+from attnmask.pruning.tokens import THRESHOLD_LR
+from attnmask.store.stores import match_umask, sha256_hex
 
 CHECKPOINT_EVERY = 50  # optimizer steps between checkpoints (and one at every epoch end)
 CHECKPOINTS = "checkpoint"  # the run folder's subfolder holding Trainer's checkpoint-N folders
@@ -287,8 +288,6 @@ def make_trainer(model, loop: LoopSettings, args, train_dataset, collator, *, ex
     """An AttnmaskTrainer for `model` (already on args.device, masks and pruning installed); `args` from
     training_arguments(loop, ...)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from attnmask.pruning.tokens import THRESHOLD_LR
 
     extensions = list(extensions)
     losses = LossLog()
@@ -588,8 +587,6 @@ class RunFolder:
     def finish(self) -> None:
         """The run is complete in `path`: its checkpoints are removed, RUN_MARKER lists what it holds, and a
         replacement is swapped in for the old run (see the class docstring)."""
-        from attnmask.store.stores import match_umask
-
         shutil.rmtree(self.checkpoints, ignore_errors=True)
         match_umask(self.path)  # the user's umask decides the modes (transformers leaves its weights 0600)
         write_marker(self.path, "finished", sorted(p.name for p in self.path.iterdir() if p.name != RUN_MARKER))

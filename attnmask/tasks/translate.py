@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.fairseq import build_task_and_model, check_data_bin, load_checkpoint_state, recorded_masks, weights_digest
+from attnmask.models.fairseq import (build_task_and_model, check_data_bin, load_checkpoint_state, model_config_digest,
+                                     recorded_masks, weights_digest)
 from attnmask.models.fairseq_attention import import_fairseq, quiet_logs
 from attnmask.models.families import apply_masks
 from attnmask.store.stores import read_masks
@@ -168,8 +169,6 @@ def check_resume(cfg, record: dict | None) -> dict | None:
 def masks_mismatch(store, state: dict) -> str | None:
     """One line when the mask store was collected from other weights than the checkpoint `state`
     (compared by weights_digest, else by config_digest) and the checkpoint was not trained with it."""
-    from attnmask.models.fairseq import model_config_digest
-
     trained = recorded_masks(state)
     if trained and trained["digest"] == store.digest:
         return None

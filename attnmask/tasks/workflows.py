@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from attnmask.errors import AttnmaskError
+from attnmask.models.base import pick_device
+from attnmask.tasks.classify import EvalSettings, TrainSettings, evaluate, learning_warnings, train
+from attnmask.tasks.lm import eval_lm, train_lm
+from attnmask.tasks.translate import evaluate_fairseq, train_fairseq
 
 Progress = Callable[[int, int, float, int], None]
 Warn = Callable[[str], None]
@@ -70,8 +74,6 @@ def _check_fairseq_train(options: dict) -> None:
 def _train_fairseq(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
     """A fairseq translation model trained by fairseq's own loop (attnmask.tasks.translate.train_fairseq) on the
     binarized DATA, with the masks inside every attention; the fairseq-train arguments come after --."""
-    from attnmask.tasks.translate import train_fairseq
-
     record = train_fairseq(options["data"], _masks(options["masks"]), options["fairseq_args"] or [], warn=warn)
     return Outcome(None, (f"trained with masks {record['digest'] if record else 'none (dense)'}",))
 
@@ -79,9 +81,6 @@ def _train_fairseq(options: dict, progress: Progress | None, warn: Warn) -> Outc
 def _train_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
     """A Transformer-XL language model trained on the text DATA (attnmask.tasks.lm.train_lm: a file, or a built-in
     text's --split, by default train), from MODEL or, with MODEL 'none' and --config, from scratch."""
-    from attnmask.tasks.lm import train_lm
-    from attnmask.models.base import pick_device
-
     model = options["model"]
     summary = train_lm(None if model == "none" else model, options["data"], out=options["out"],
                        config=options["config"], masks=_masks(options["masks"]), steps=options["steps"],
@@ -96,8 +95,6 @@ def _train_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
 def _train_classify(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
     """A sequence classifier fine-tuned on labelled DATA with the masks (attnmask.tasks.classify.train), token
     pruning from options["pruning"] (the parsed --prune-tokens / --learn-thresholds)."""
-    from attnmask.tasks.classify import TrainSettings, train
-
     labels = options["labels"]
     given = {k: options[k] for k in ("lr", "max_length") if options[k] is not None}
     settings = TrainSettings(model=options["model"], data=options["data"], out=str(options["out"]),
@@ -119,8 +116,6 @@ def _train_classify(options: dict, progress: Progress | None, warn: Warn) -> Out
 def warn_unlearned(metrics: dict, warn: Warn) -> None:
     """A warning line for each reason the classifier's accuracy shows it learned nothing
     (attnmask.tasks.classify.learning_warnings)."""
-    from attnmask.tasks.classify import learning_warnings
-
     for line in learning_warnings(metrics):
         warn(line)
 
@@ -138,9 +133,6 @@ def _check_eval(options: dict) -> None:
 def _eval_fairseq(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
     """BLEU of the fairseq checkpoint DATA on a split of DATA_BIN (attnmask.tasks.translate.evaluate_fairseq),
     decoded with beam search under --masks (default: the masks it was trained with)."""
-    from attnmask.models.base import pick_device
-    from attnmask.tasks.translate import evaluate_fairseq
-
     masks = options["masks"]
     result = evaluate_fairseq(options["data"], options["data_bin"],
                               "recorded" if masks is None else _masks(masks), split=options["split"] or "test",
@@ -157,9 +149,6 @@ def _eval_fairseq(options: dict, progress: Progress | None, warn: Warn) -> Outco
 def _eval_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
     """Perplexity of the Transformer-XL MODEL on the text DATA (attnmask.tasks.lm.eval_lm: a file, or a built-in
     text's --split, by default its held-out split valid)."""
-    from attnmask.tasks.lm import eval_lm
-    from attnmask.models.base import pick_device
-
     return Outcome(eval_lm(options["model"], options["data"], masks=options["masks"],
                            batch_size=options["batch_size"], tgt_len=options["max_length"],
                            device=pick_device(options["device"]), backend=options["backend"],
@@ -169,8 +158,6 @@ def _eval_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
 def _eval_classify(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
     """Accuracy of the classifier MODEL on labelled DATA (attnmask.tasks.classify.evaluate), with the masks it was
     trained with unless --masks says otherwise; token pruning from options["pruning"]."""
-    from attnmask.tasks.classify import EvalSettings, evaluate
-
     result = evaluate(EvalSettings(model=options["model"], data=options["data"], masks=options["masks"],
                                    task=options["task"], text_column=options["text_column"],
                                    label_column=options["label_column"], split=options["split"], on=options["on"],

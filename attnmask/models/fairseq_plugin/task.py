@@ -29,6 +29,7 @@ import_fairseq()
 
 from fairseq.tasks import TASK_REGISTRY, register_task  # noqa: E402
 from fairseq.tasks.translation import TranslationConfig, TranslationTask  # noqa: E402
+from attnmask.errors import AttnmaskError
 
 TASK_NAME = "attnmask_translation"
 logger = logging.getLogger(__name__)
@@ -81,7 +82,6 @@ class AttnmaskTranslationTask(TranslationTask):
 
     def recorded_store(self, saved: dict) -> str:
         """The path of the store a checkpoint records, once its digest is checked."""
-        from attnmask.errors import AttnmaskError
         path = saved.get("path")
         try:
             digest = read_masks(path).digest if path else None
