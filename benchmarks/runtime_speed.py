@@ -87,13 +87,11 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
     """Per length: dense SDPA, then for each block size the collected masks (`backend` and auto) and the
     synthetic masks of the same tile share (`backend`), all in the same interleaved rounds."""
     from attnmask.masks.rules import Window
-    from attnmask.models.families import mask_seam
     from attnmask.runtime.attention import Call
     from attnmask.store.stores import MaskStore, SiteMask, masks_digest
 
     device_, dtype_ = torch.device(device), DTYPES[dtype]
     bench_model = load_bench_model(model, max(lengths), device_, dtype_)
-    seam = mask_seam(bench_model.model)
     heads, dim = bench_model.heads, bench_model.head_dim
     load_before = os.getloadavg()[0]
     rows = []

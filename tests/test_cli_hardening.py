@@ -261,7 +261,8 @@ def never_load(*args, **kwargs):
 
 @pytest.mark.parametrize("layout", ["loop", "dangling", "file parent", "looping parent"])
 def test_unwritable_output_is_refused_before_any_work(layout, tiny_bert_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("attnmask.models.families.load_adapter", never_load)
+    for where in ("attnmask.collect.inputs", "attnmask.tasks.experiments", "attnmask.tasks.compact", "attnmask.api"):
+        monkeypatch.setattr(f"{where}.load_adapter", never_load)
     data = make_text(tmp_path / "d.txt", 5)
     if layout == "loop":
         out = tmp_path / "out.zarr"
@@ -312,7 +313,8 @@ def test_values_click_cannot_parse_give_one_error_line(args, tmp_path):
 ])
 def test_bad_values_are_refused_before_any_work(args, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("attnmask.models.families.load_adapter", never_load)
+    for where in ("attnmask.collect.inputs", "attnmask.tasks.experiments", "attnmask.tasks.compact", "attnmask.api"):
+        monkeypatch.setattr(f"{where}.load_adapter", never_load)
     monkeypatch.setattr("attnmask.tasks.classify.load_classifier", never_load)
     fails_cleanly(*args, needles=(needle,))
     assert not any(tmp_path.iterdir())
@@ -403,7 +405,7 @@ def test_default_mask_names_keep_every_digit_and_are_filesystem_safe():
 
 def test_explicit_defaults_reach_the_language_model_trainer(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr("attnmask.tasks.lm.train_lm", lambda *a, **kw: seen.append(kw) or
+    monkeypatch.setattr("attnmask.tasks.workflows.train_lm", lambda *a, **kw: seen.append(kw) or
                         {"steps": 1, "train_loss": 1.0, "seconds": 0.0, "masks": None})
     common = ["train", "none", "t.txt", "--task", "lm", "--config", "small", "--masks", "none", "--out", tmp_path / "o"]
     assert invoke(*common, "--max-length", 128, "--lr", 5e-5).exit_code == 0
@@ -414,7 +416,7 @@ def test_explicit_defaults_reach_the_language_model_trainer(monkeypatch, tmp_pat
 
 def test_classifier_training_gets_the_documented_defaults(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr("attnmask.tasks.classify.train", lambda settings, progress=None: seen.append(settings) or
+    monkeypatch.setattr("attnmask.tasks.workflows.train", lambda settings, progress=None: seen.append(settings) or
                         {"masks": None, "pruning": None})
     common = ["train", "minilm", "d.csv", "--masks", "none", "--out", tmp_path / "o"]
     assert invoke(*common).exit_code == 0
@@ -447,7 +449,8 @@ def test_classifier_training_gets_the_documented_defaults(monkeypatch, tmp_path)
 ])
 def test_options_that_do_not_apply_are_refused(args, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("attnmask.models.families.load_adapter", never_load)
+    for where in ("attnmask.collect.inputs", "attnmask.tasks.experiments", "attnmask.tasks.compact", "attnmask.api"):
+        monkeypatch.setattr(f"{where}.load_adapter", never_load)
     store = pattern_store(tmp_path)
     fails_cleanly(*[str(store) if a == "STORE" else a for a in args], needles=(needle,))
     assert not (tmp_path / "o").exists() and not (tmp_path / "patterns").exists()

@@ -96,12 +96,12 @@ def test_an_interrupted_sweep_leaves_the_old_run_and_continues_the_replacement(
 @pytest.fixture
 def tiny_demo(tiny_model, labelled_csv, monkeypatch):  # noqa: F811
     """run_demo on the tiny BERT instead of MiniLM: (settings for OUT, {"train": calls so far})."""
-    import attnmask.tasks.experiments
     import attnmask.models.families
+    import attnmask.tasks.experiments
 
     load, train = attnmask.models.families.load_adapter, attnmask.tasks.experiments.train
     calls = {"train": 0, "fail_at": None}
-    monkeypatch.setattr(attnmask.models, "load_adapter", lambda spec, device="cpu": load(str(tiny_model), device))
+    monkeypatch.setattr(attnmask.tasks.experiments, "load_adapter", lambda spec, device="cpu": load(str(tiny_model), device))
 
     def tiny_train(s, progress=None):
         calls["train"] += 1
@@ -121,14 +121,14 @@ def tiny_demo(tiny_model, labelled_csv, monkeypatch):  # noqa: F811
 def test_demo_overwrite_refuses_a_folder_that_merely_looks_like_a_demo(tiny_demo, tmp_path, monkeypatch):
     """demo.json or patterns.zarr used to be proof enough: the folder was removed whole, the user's files
     with it."""
-    import attnmask.models.families
+    import attnmask.tasks.experiments
 
     make, _ = tiny_demo
 
     def no_model(*_, **__):
         raise Interrupt  # the old code got here after removing the folder
 
-    monkeypatch.setattr(attnmask.models, "load_adapter", no_model)
+    monkeypatch.setattr(attnmask.tasks.experiments, "load_adapter", no_model)
     out = tmp_path / "demo"
     (out / "patterns.zarr").mkdir(parents=True)
     (out / "demo.json").write_text("{}")

@@ -576,7 +576,6 @@ def ran_sparse(masked, call, query) -> bool:
 
 def run_op_level(settings: BenchSettings, bench_model: BenchModel, store_for, device, dtype, log) -> list[Row]:
     """Per length and site: dense SDPA against MaskedAttention.attend with each backend."""
-    seam = mask_seam(bench_model.model)
     heads, dim, batch = bench_model.heads, bench_model.head_dim, settings.batch_size
     rows = []
     for length in settings.lengths:
