@@ -28,7 +28,7 @@ from attnmask.models.fairseq_attention import import_fairseq, quiet_logs
 from attnmask.models.families import apply_masks
 from attnmask.store.stores import read_masks
 
-PLUGIN_DIR = Path(__file__).resolve().parent / "fairseq_plugin"
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "models" / "fairseq_plugin"
 TASK_NAME = "attnmask_translation"
 RECORDED = "recorded"  # evaluate with the masks a checkpoint was trained with
 _RESERVED_ARGS = ("--user-dir", "--attnmask-masks")
