@@ -77,6 +77,68 @@ def test_window_keep_aligns_memory_keys_by_tokens_back():
     assert torch.equal(allowed, plane[:, :, 2:] & causal_band(2, 3, 1))
 
 
+def direct_window_keep(plane, window, causal, cross):
+    """window_keep written out cell by cell, independently of attnmask.masks.rules: (allowed [H, q, k],
+    the number of rows the row guarantee changed)."""
+    heads, plane_q, plane_k = plane.shape
+    key_offset = plane_k - plane_q
+    allowed = torch.zeros(heads, window.q, window.k, dtype=torch.bool)
+    for h in range(heads):
+        for i in range(window.q):
+            r = window.row0 + i
+            for j in range(window.k):
+                c = window.col0 + j
+                kept = bool(plane[h, r, c]) if 0 <= r < plane_q and 0 <= c < plane_k else True  # beyond: dense
+                allowed[h, i, j] = kept and (not causal or c <= r + key_offset)
+    rescued = 0
+    for h in range(heads):
+        for i in range(window.q):
+            row = allowed[h, i].tolist()
+            if cross:  # a row keeping nothing keeps source token 0
+                anchor, empty = 0, not any(row)
+            else:  # a row keeping no key at or before its own token keeps that token
+                anchor = min(max(window.row0 + i + key_offset - window.col0, 0), window.k - 1)
+                empty = not any(row[:anchor + 1])
+            if empty:
+                allowed[h, i, anchor] = True
+                rescued += 1
+    return allowed, rescued
+
+
+def random_windows(rng, plane_q, plane_k):
+    """Call shapes of every kind on a plane: self-attention with a cache, Transformer-XL segments after m
+    memories, cross-attention from a decoding step, and windows reaching beyond the plane on each side."""
+    memories = plane_k - plane_q
+    q = int(rng.integers(1, plane_q + 1))
+    k = int(rng.integers(q, plane_k + 1))
+    m = int(rng.integers(0, memories + 1))
+    return [Window.self_attention(q, k), Window(q, m + q, 0, memories - m), Window(1, plane_k, int(rng.integers(plane_q)), 0),
+            Window(int(rng.integers(1, plane_q + 3)), int(rng.integers(1, plane_k + 3)),
+                   int(rng.integers(-2, 3)), int(rng.integers(-2, 3)))]
+
+
+def test_window_keep_equals_the_rules_written_out_cell_by_cell():
+    """Random planes (square and with memory keys), causal and not, self and cross, every call shape:
+    window_keep and the rows it rescues equal a direct construction; so does causal_band with offsets."""
+    rng = np.random.default_rng(27)
+    cases = 0
+    for _ in range(60):
+        heads, plane_q = int(rng.integers(1, 4)), int(rng.integers(1, 7))
+        plane_k = plane_q + int(rng.integers(0, 4))
+        plane = torch.from_numpy(rng.random((heads, plane_q, plane_k)) < rng.random())
+        for window in random_windows(rng, plane_q, plane_k):
+            for causal in (False, True):
+                for cross in (False, True):
+                    got, rescued = window_keep(plane, window, causal=causal, cross=cross, beyond="dense")
+                    want, want_rescued = direct_window_keep(plane, window, causal, cross)
+                    assert torch.equal(got, want) and rescued == want_rescued, (window, causal, cross)
+                    cases += 1
+        offset = int(rng.integers(-3, 4))
+        band = causal_band(plane_q, plane_k, offset)
+        assert band.tolist() == [[c <= r + offset for c in range(plane_k)] for r in range(plane_q)]
+    assert cases == 60 * 4 * 4
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
