@@ -35,7 +35,6 @@ from attnmask.models.transfo_xl import is_transfo_xl_folder
 from attnmask.runtime.attention import folder_masks, recorded_masks, settle_saved
 from attnmask.store.data import dataset_source, iter_texts, resolve_data
 from attnmask.tasks.lm import load_lm, load_masks, recorded_store
-DEFAULT_MAX_LENGTH = 128
 PathLike = (str, os.PathLike)
 
 
@@ -140,9 +139,7 @@ def collect_patterns(model: Any, tokenizer: Any = None, data: Any = None, *, out
         check_output(out, overwrite)
     examples, source = _examples(data, text_column, split, limit, name)
     adapter = _adapter(model, tokenizer, name, device)
-    max_length = max_length or getattr(adapter, "default_max_length", None) or DEFAULT_MAX_LENGTH
-    if hasattr(adapter, "check_max_length"):
-        adapter.check_max_length(max_length)
+    max_length = adapter.collection_length(max_length)
     was_training = adapter.model.training
     try:
         result = collect(adapter, examples, batch_size=batch_size, max_length=max_length)

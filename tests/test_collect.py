@@ -66,3 +66,32 @@ def test_collection_memory_is_one_plane(tiny_bert_dir):
     acc = PatternAccumulator(adapter.sites(), {"encoder.self": (8, 8)}, adapter.device)
     assert acc.sum["encoder.self"].dtype == torch.float64 and acc.count["encoder.self"].dtype == torch.int64
     assert acc.sum["encoder.self"].shape == (2, 4, 8, 8)
+
+
+def test_collection_length_is_the_request_else_the_default_and_is_checked(tiny_bert_dir):
+    """One declared rule for collect's max_length (cli and api both call it): the request, else the
+    family's default (none for Hugging Face), else DEFAULT_MAX_LENGTH, checked against the model."""
+    import pytest
+
+    from attnmask.errors import AttnmaskError
+    from attnmask.models.base import DEFAULT_MAX_LENGTH
+
+    adapter = HuggingFaceAdapter.load(str(tiny_bert_dir))
+    assert adapter.collection_length(24) == 24
+    assert adapter.default_max_length is None and DEFAULT_MAX_LENGTH == 128
+    with pytest.raises(AttnmaskError, match="--max-length 128 exceeds the model's 64 positions"):
+        adapter.collection_length(None)  # the tiny BERT has 64 positions: the default is checked too
+    with pytest.raises(AttnmaskError, match="--max-length 65 exceeds"):
+        adapter.collection_length(65)
+
+
+def test_no_caller_probes_an_adapter_for_members():
+    """Every adapter member callers use is declared on ModelAdapter: no getattr/hasattr guessing."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "attnmask"
+    probing = re.compile(r"\b(getattr|hasattr)\(\s*(self\.)?(adapter|seam)\b")
+    found = [f"{p.relative_to(root)}:{n}" for p in sorted(root.rglob("*.py"))
+             for n, line in enumerate(p.read_text().splitlines(), 1) if probing.search(line)]
+    assert found == []

@@ -227,6 +227,15 @@ def model_folder(tmp_path: Path, **kw) -> tuple[Path, list[str]]:
     return folder, lines
 
 
+def test_collection_length_defaults_to_the_trained_segment_length(tmp_path):
+    """A Transformer-XL collects at the segment length it was trained with when no max_length is asked."""
+    folder, _ = model_folder(tmp_path)
+    adapter = load_adapter(str(folder))
+    assert adapter.collection_length(None) == 128  # no recorded tgt_len: DEFAULT_MAX_LENGTH
+    adapter.model.config.extra["tgt_len"] = 5
+    assert adapter.collection_length(None) == 5 and adapter.collection_length(3) == 3
+
+
 def test_collection_counts_follow_available_memory(tmp_path):
     folder, lines = model_folder(tmp_path)
     adapter = load_adapter(str(folder))

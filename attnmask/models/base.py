@@ -28,6 +28,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from attnmask.errors import AttnmaskError
 
+DEFAULT_MAX_LENGTH = 128
+"""The input length (tokens) a collection runs at when neither its caller nor the model's family names one."""
+
 AttentionSink = Callable[[str, int, torch.Tensor], None]
 """sink(site, layer, probs): probs [batch, heads, queries, keys], rows sum to 1 over real keys."""
 
@@ -92,6 +95,22 @@ class ModelAdapter(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def default_max_length(self) -> int | None:
+        """The input length this model collects at when none is asked for; None: DEFAULT_MAX_LENGTH."""
+        return None
+
+    def check_max_length(self, max_length: int) -> None:
+        """An AttnmaskError when inputs of `max_length` tokens do not fit the model; every length fits by
+        default."""
+
+    def collection_length(self, requested: int | None) -> int:
+        """The max_length a collection runs at: `requested`, else the family's `default_max_length`, else
+        DEFAULT_MAX_LENGTH; checked against the model (`check_max_length`)."""
+        length = requested or self.default_max_length or DEFAULT_MAX_LENGTH
+        self.check_max_length(length)
+        return length
 
     def token_classes(self) -> list[str]:
         """Names of the classes `key_classes` sorts key tokens into (collect --token-classes)."""
