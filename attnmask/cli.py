@@ -32,8 +32,6 @@ from attnmask.errors import AttnmaskError, weights_refused
 if TYPE_CHECKING:
     from attnmask.tasks.workflows import Workflow
 
-PATTERNS_DIR = Path("patterns")
-DEFAULT_MAX_LENGTH = 128
 UNWRAPPED_WIDTH = 100_000  # console columns when stdout is not a terminal: no line is wrapped or cut
 console = Console()
 
@@ -186,13 +184,6 @@ def progress_bar() -> Progress:
                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
 
-def short_name(spec: str) -> str:
-    """A file-name friendly name of a model or data argument (built-in name or path stem)."""
-    path = Path(spec)
-    name = path.name if path.is_dir() else path.name.split(".")[0]
-    return name or "store"
-
-
 def parse_site_taus(values: list[str]) -> dict[str, float]:
     """['decoder.cross=0.5'] -> {'decoder.cross': 0.5}."""
     out = {}
@@ -239,174 +230,41 @@ def collect(
 
     Under `torchrun --nproc-per-node N -m attnmask collect ...` the N processes share the data and
     rank 0 writes the store (see README, "Distributed collection")."""
-    if (max_length is not None and max_length < 1) or batch_size < 1 or (limit is not None and limit < 1):
-        raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
-    from attnmask.collect.inputs import collection_input
+    from attnmask.collect.run import CollectSettings, run_collection
 
-    source = collection_input(model, data, split=split, text_column=text_column, token_classes=token_classes)
-    out = out or str(PATTERNS_DIR / f"{short_name(model)}-{short_name(data)}"
-                                    f"{f'-{source.split}' if source.split else ''}.zarr")
-    _collect(source, data, out, device, max_length, batch_size, limit, overwrite, checkpoint_every, resume,
-             token_classes)
-
-
-def _collect(source, data, out, device, max_length, batch_size, limit, overwrite, checkpoint_every, resume,
-             token_classes=False):
-    """Collect `source` (attnmask.collect.inputs.collection_input) into the store `out`: locking, the
-    processes of a distributed run, checkpoints and resuming."""
-    from attnmask.collect.distributed import agree, launched_world, start, stop
-    from attnmask.store.locking import StoreLock
-    from attnmask.models.base import pick_device
-    from attnmask.store.stores import check_output, is_url
-
-    world = launched_world()
-    if world.is_main:
-        check_output_path(out)
-        if not resume:
-            check_output(out, overwrite)
-    run_device = start(world, pick_device(device))
-    lock = StoreLock(out) if world.is_main and not is_url(out) else None
-    try:
-        error = None
-        try:
-            if lock is not None:
-                lock.acquire()
-        except AttnmaskError as e:
-            error = e
-        agree(world, error)
-        _collect_locked(world, source, data, out, run_device, max_length, batch_size, limit,
-                        overwrite, checkpoint_every, resume, token_classes)
-    finally:
-        if lock is not None:
-            lock.release()
-        stop(world)
+    settings = CollectSettings(model=model, data=data, out=out, max_length=max_length, batch_size=batch_size,
+                               limit=limit, device=device, text_column=text_column, overwrite=overwrite,
+                               checkpoint_every=checkpoint_every, resume=resume, split=split,
+                               token_classes=token_classes)
+    outcome = run_collection(settings, collect_hooks())
+    if outcome.already_done:
+        console.print(f"{escape(str(outcome.out))} was already completed by the interrupted run; nothing to do")
+    elif outcome.store is not None:  # rank 0
+        console.print(f"wrote [bold]{escape(str(outcome.out))}[/]: {outcome.sequences} sequences, {outcome.tokens} "
+                      f"tokens in {outcome.seconds:.1f} s ({outcome.sequences / outcome.seconds:.1f} seq/s"
+                      f"{f' over {outcome.processes} processes' if outcome.processes > 1 else ''})"
+                      f"{outcome.note}")
+        console.print(inspect_table(store_summary(outcome.store)))
 
 
-def _collect_locked(world, source, data, out, run_device, max_length, batch_size, limit, overwrite,
-                    checkpoint_every, resume, token_classes=False):
-    """The body of `collect` once the output is locked (on rank 0) and every rank has joined."""
-    import itertools
+def collect_hooks():
+    """The command line's part in a collection run (attnmask.collect.run.CollectHooks): the output check
+    (check_output_path), the progress bar (progress_bar, rank 0 only) and `note: ...` lines on stderr."""
+    from attnmask.collect.run import CollectHooks
 
-    from attnmask.collect.patterns import CheckpointPlan, accumulate, check_windowable
-    from attnmask.collect.checkpoint import (check_resumable, checkpoint_dir, checkpoint_file, load_checkpoint,
-                                     new_collection_id, remove_checkpoints)
-    from attnmask.collect.distributed import agree, barrier, broadcast, reduce_result
-    from attnmask.store.stores import check_output, store_kind, write_patterns, _read_root_attrs
+    bar = progress_bar()
+    task = None
 
-    error, state, plan = None, None, None
-    folder = checkpoint_dir(out)
-    ckpt = checkpoint_file(folder, world.rank, world.size)
-    try:
-        adapter = source.load(run_device)
-        total = source.count(limit)
-        if total == 0:
-            raise AttnmaskError(f"{data} holds no examples")
-        max_length = max_length or getattr(adapter, "default_max_length", None) or DEFAULT_MAX_LENGTH
-        if hasattr(adapter, "check_max_length"):
-            adapter.check_max_length(max_length)
-        if world.distributed:
-            check_windowable(adapter, "distributed collection")
-        if resume and ckpt.exists():
-            state = load_checkpoint(ckpt)
-            checkpoint_every = checkpoint_every or state.settings.get("checkpoint_every")
-        elif resume and folder.is_dir() and any(not p.name.endswith(f"-of-{world.size}.npz")
-                                                for p in folder.glob("rank*-of-*.npz")):
-            found = sorted(p.name for p in folder.glob("rank*-of-*.npz"))
-            raise AttnmaskError(f"{folder} holds checkpoints {', '.join(found)} of another number of processes; "
-                                f"resume with that many, or delete the folder to start over")
-        elif resume:
-            typer.echo(f"note: no checkpoint at {ckpt}; collecting from the beginning", err=True)
-        elif ckpt.exists() and not overwrite:
-            raise AttnmaskError(f"an interrupted collection left the checkpoint {ckpt}; pass --resume to "
-                                "continue it, or --overwrite to start over")
-        elif ckpt.exists():
-            ckpt.unlink()  # --overwrite: start over
-        if checkpoint_every is not None:
-            check_windowable(adapter, "--checkpoint-every")
-        identity = {"model": adapter.identity(), "data": source.identity()}
-        settings = {**identity, "max_length": max_length, "batch_size": batch_size, "limit": limit,
-                    "checkpoint_every": checkpoint_every, "processes": world.size}
-        if state is not None:
-            check_resumable(state, settings, ckpt)
-    except AttnmaskError as e:
-        error = e
-    agree(world, error)
+    def start(total: int, completed: int) -> None:
+        nonlocal task
+        bar.start()
+        task = bar.add_task("collect", total=total, completed=completed, rate="")
 
-    collection = broadcast(world, state.collection if state is not None else new_collection_id())
-    finished = False
-    if world.is_main and resume:
-        # A kill after the store was written: with the checkpoint still there the store carries its
-        # run's id; without it (removed too), a store of exactly these settings and data is the result.
-        try:
-            done = _read_root_attrs(out) if store_kind(out) == "patterns" else {}
-        except (AttnmaskError, OSError, ValueError):
-            done = {}
-        if state is not None:
-            finished = done.get("collection") == collection
-        else:
-            finished = bool(done) and all(done.get(k) == v for k, v in identity.items()) \
-                and done.get("max_length") == max_length and done.get("sequences") == total
-    if broadcast(world, finished):
-        remove_checkpoints(folder)
-        console.print(f"{escape(str(out))} was already completed by the interrupted run; nothing to do")
-        return
-    error = None
-    try:
-        if state is not None and state.collection != collection:
-            raise AttnmaskError(f"the checkpoints in {folder} belong to different runs; delete them to start over")
-        if world.is_main:
-            check_output(out, overwrite)
-    except AttnmaskError as e:
-        error = e
-    agree(world, error)
-    if checkpoint_every is not None:
-        plan = CheckpointPlan(ckpt, checkpoint_every, settings, collection)
+    def advance(completed: int, rate: float) -> None:
+        bar.update(task, completed=completed, rate=f"{rate:.1f} seq/s")
 
-    examples = source.examples(limit)
-    if state is not None:
-        examples = itertools.islice(examples, state.cursor, None)
-    start_time = time.perf_counter()
-    error, result = None, None
-    try:
-        with progress_bar() if world.is_main else contextlib.nullcontext() as bar:
-            task = bar.add_task("collect", total=total, completed=state.cursor if state else 0,
-                                rate="") if bar else None
-            done = 0
-
-            def advance(batch):  # rank 0 sees about 1/world of the batches
-                nonlocal done
-                done += batch.size * world.size
-                if bar is not None:
-                    bar.update(task, completed=min(total, (state.cursor if state else 0) + done),
-                               rate=f"{done / (time.perf_counter() - start_time):.1f} seq/s")
-
-            result = accumulate(adapter, examples, batch_size=batch_size, max_length=max_length,
-                                on_batch=advance, checkpoint=plan, resume=state, rank=world.rank,
-                                world=world.size, checkpoint_every=checkpoint_every, token_classes=token_classes)
-    except AttnmaskError as e:
-        error = e
-    except OSError as e:  # e.g. a full disk while checkpointing: tell the other ranks, too
-        error = AttnmaskError(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
-    agree(world, error)
-    result = reduce_result(world, result)
-    if result.sequences == 0:
-        raise AttnmaskError("the dataset is empty: no example to collect attention from")
-    if world.is_main:
-        attrs = {**identity, "sequences": result.sequences, "tokens": result.tokens,
-                 "max_length": max_length, "processes": world.size, "collection": collection}
-        store = write_patterns(out, result.sites, attrs, overwrite=overwrite)
-        seconds = time.perf_counter() - start_time
-        console.print(f"wrote [bold]{escape(str(out))}[/]: {result.sequences} sequences, {result.tokens} tokens "
-                      f"in {seconds:.1f} s ({result.sequences / seconds:.1f} seq/s"
-                      f"{f' over {world.size} processes' if world.distributed else ''})"
-                      f"{source.note(total, result.sequences)}")
-        console.print(inspect_table(store_summary(store)))
-    barrier(world)
-    ckpt.unlink(missing_ok=True)
-    if world.is_main:
-        remove_checkpoints(folder)
+    return CollectHooks(check_out=check_output_path, start=start, advance=advance, stop=bar.stop,
+                        note=lambda line: typer.echo(f"note: {line}", err=True))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def test_damaged_settings_json_is_one_error_line(tiny_bert_dir, labelled_csv, tm
 
 
 def collect_settings(model: Path, data: Path, max_length: int, batch_size: int, every: int) -> dict:
-    """The settings `collect` records in its checkpoints (see cli._collect_locked)."""
+    """The settings `collect` records in its checkpoints (see attnmask.collect.run._open)."""
     from attnmask.store.data import resolve_data
     from attnmask.models.families import load_adapter
 

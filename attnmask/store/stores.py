@@ -437,7 +437,7 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path | str:
 
 def _is_store(path: Path | str) -> bool:
     try:
-        fmt = _read_root_attrs(path).get("format")
+        fmt = read_root_attrs(path).get("format")
     except Exception:
         return False
     return fmt in (PATTERNS_FORMAT, MASKS_FORMAT)
@@ -649,7 +649,11 @@ def _check_digest(path: Path | str, attrs: dict, actual: str) -> None:
                             "damaged, or was being replaced while it was read)")
 
 
-def _read_root_attrs(path: Path | str) -> dict:
+def read_root_attrs(path: Path | str) -> dict:
+    """The root attributes of the store at `path` (its zarr.json), unchecked: no format, version or digest
+    check (store_kind and the readers make those). ValueError when zarr.json is not a JSON object with
+    attributes; an OSError or an AttnmaskError (a remote failure, a zarr.json that is not a regular file)
+    when it cannot be read."""
     if is_url(path):
         fs, root = remote_fs(_remote_location(path))
         doc = json.loads(_remote_call(path, fs.cat_file, f"{root}/zarr.json"))
@@ -675,7 +679,7 @@ def _kind(p: Path | str) -> str:
     if not _exists(p):
         raise AttnmaskError(f"store {p} does not exist")
     try:
-        attrs = _read_root_attrs(p)
+        attrs = read_root_attrs(p)
     except (OSError, ValueError):
         raise AttnmaskError(f"{p} is not an attnmask store (no readable zarr.json)") from None
     fmt = attrs.get("format")
