@@ -11,7 +11,9 @@ import torch
 from attnmask.errors import AttnmaskError
 from attnmask.runtime import native
 from attnmask.runtime.blocksparse import block_sparse_attention, tile_layout
-from attnmask.masks.rules import Window, causal_band, check_beyond, guarantee_rows, plane_window, window_keep
+from attnmask.masks.rules import (Window, and_rules, causal_band, causal_key, causal_plane, check_beyond,
+                                  guarantee_rows, inside_plane, kept_by, on_window, or_rules, plane_window,
+                                  window_keep)
 
 
 def reference(query, key, value, allowed, key_len=None, scale=None, extra=None):
@@ -137,6 +139,40 @@ def test_window_keep_equals_the_rules_written_out_cell_by_cell():
         band = causal_band(plane_q, plane_k, offset)
         assert band.tolist() == [[c <= r + offset for c in range(plane_k)] for r in range(plane_q)]
     assert cases == 60 * 4 * 4
+
+
+def test_rules_are_predicates_over_any_positions():
+    """Each rule at scattered (query, key) positions, on and off a plane with memory keys, equals the rule
+    written out per cell; and_rules / or_rules combine them cell by cell; a call's cells inside the
+    plane read it as a view."""
+    rng = np.random.default_rng(28)
+    heads, plane_q, plane_k = 2, 5, 8  # three memory keys: query row r is position r + 3
+    plane = torch.from_numpy(rng.random((heads, plane_q, plane_k)) < 0.5)
+    query = torch.from_numpy(rng.integers(-2, plane_k + 2, size=(40, 1)))
+    key = torch.from_numpy(rng.integers(-2, plane_k + 2, size=(1, 30)))
+    pairs = [(int(p), int(c)) for p in query[:, 0] for c in key[0]]
+
+    def on_plane(p, c):
+        return 0 <= p - 3 < plane_q and 0 <= c < plane_k
+
+    expect = {
+        "causal": [c <= p for p, c in pairs],
+        "inside": [on_plane(p, c) for p, c in pairs],
+        "kept": [[bool(plane[h, p - 3, c]) if on_plane(p, c) else True for p, c in pairs] for h in range(heads)],
+    }
+    rules = {"causal": causal_key, "inside": inside_plane(plane_q, plane_k), "kept": kept_by(plane)}
+    for name, rule in rules.items():
+        got = rule(query, key)
+        assert (got.reshape(heads, -1) if name == "kept" else got.reshape(-1)).tolist() == expect[name], name
+    both = and_rules(kept_by(plane), causal_key, inside_plane(plane_q, plane_k))(query, key).reshape(heads, -1)
+    either = or_rules(causal_key, inside_plane(plane_q, plane_k))(query, key).reshape(-1)
+    for h in range(heads):
+        assert both[h].tolist() == [k and c and i for k, c, i in zip(expect["kept"][h], expect["causal"], expect["inside"])]
+    assert either.tolist() == [c or i for c, i in zip(expect["causal"], expect["inside"])]
+    inside = on_window(kept_by(plane), Window(2, 4, 1, 3), 3)
+    assert torch.equal(inside, plane[:, 1:3, 3:7]) and inside.data_ptr() == plane[:, 1:3, 3:7].data_ptr()
+    assert (causal_plane(plane_q, plane_k) == np.array([[c <= r + 3 for c in range(plane_k)]
+                                                         for r in range(plane_q)])).all()
 
 
 # ----------------------------------------------------------------------------------------------

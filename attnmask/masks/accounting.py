@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from attnmask.errors import AttnmaskError
-from attnmask.masks.rules import Window, causal_band, guarantee_rows
+from attnmask.masks.rules import Window, causal_plane, guarantee_rows
 from attnmask.store.sites import is_cross
 from attnmask.store.stores import MaskStore, PatternStore, SitePatterns
 
@@ -71,8 +71,7 @@ def eligible_entries(count: np.ndarray, causal: bool) -> np.ndarray:
     """eligible[q, k] = count[q, k] > 0 and, when causal, k <= q + (K - Q): bool [Q, K]."""
     elig = count > 0
     if causal:
-        queries, keys = count.shape
-        elig &= causal_band(queries, keys, keys - queries).numpy()
+        elig &= causal_plane(*count.shape)
     return elig
 
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from attnmask.masks.accounting import Tally, combined, eligible_entries, measure, tally, tally_layer
 from attnmask.errors import AttnmaskError, UnreachableTau
-from attnmask.masks.rules import causal_band
+from attnmask.masks.rules import causal_plane
 from attnmask.store.stores import BEYOND_POLICIES
 from attnmask.store.sites import is_cross
 from attnmask.store.stores import MaskStore, PatternStore, SiteMask, SitePatterns
@@ -97,12 +97,6 @@ class CompileSettings:
 def prune_count(tau: float, total: int) -> int:
     """floor(tau * total), with tau taken as the decimal it prints as (exact rational arithmetic)."""
     return math.floor(Fraction(repr(float(tau))) * total)
-
-
-def causal_plane(queries: int, keys: int) -> np.ndarray:
-    """allowed[q, k] = k <= q + (keys - queries): bool [Q, K], the causal band of a plane whose first
-    keys - queries keys are memory (attnmask.masks.rules.causal_band)."""
-    return causal_band(queries, keys, keys - queries).numpy()
 
 
 def tile_sums(x: np.ndarray, b: int) -> np.ndarray:

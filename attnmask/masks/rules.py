@@ -12,12 +12,21 @@ the plane: call query i is plane row row0 + i, call key j is plane column col0 +
     cross-attention                         row0 = 0 (or the decoding step), col0 = 0
     Transformer-XL, M memories              row0 = 0, col0 = (K - Q) - M (keys counted back from the query)
 
-Rules, in plane coordinates (r, c):
+Rules. A rule is a predicate over positions, `rule(query, key) -> bool`, vectorised over integer index
+tensors that broadcast (a call's cells: query [q, 1], key [1, k]), as transformers' masking_utils and
+attention-gym write mask functions. Positions are key columns of the plane: a query's position is the
+column of its own token (plane row r is position r + key_offset), a key's its column. In them:
 
-* causal band: c <= r + key_offset (a causal query never sees a later token);
-* beyond the plane: r >= Q, c < 0 or c >= K. The mask store's `beyond` policy says what happens there:
-  "dense" keeps those cells (the model's own rules, causality and padding, still apply), "error"
-  refuses the call;
+* causal_key: key <= query (a causal query never sees a later token);
+* inside_plane: 0 <= query - key_offset < Q and 0 <= key < K. Beyond the plane, the mask store's
+  `beyond` policy says what happens: "dense" keeps those cells (the model's own rules, causality and
+  padding, still apply), "error" refuses the call (check_beyond);
+* kept_by(plane): the plane keeps the cell, keep[h, query - key_offset, key] ([H, ...]); True beyond the
+  plane (policy "dense").
+
+and_rules / or_rules / not_rule compose them; on_window evaluates a rule at a call's cells. What a call
+may attend to is window_keep: kept_by(plane), and causal_key on a causal site, then one step per row:
+
 * row guarantee: a self-attention row that keeps no key at or before the query's own token keeps that
   token, so every real query of a right-padded batch attends to a real key; a cross-attention row that
   keeps nothing keeps source token 0. Masks compiled with min_keep >= 1 on a causal site never need it.
@@ -27,18 +36,16 @@ Rules, in plane coordinates (r, c):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attnmask.errors import AttnmaskError
 from attnmask.store.stores import BEYOND_POLICIES
 
-
-
-def causal_band(queries: int, keys: int, key_offset: int = 0, device=None) -> torch.Tensor:
-    """bool [queries, keys]: True where key c <= query r + key_offset."""
-    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(key_offset)
+Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query, key) positions -> bool
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,103 @@ class Window:
 
     def fits(self, plane_q: int, plane_k: int) -> bool:
         return self.row0 >= 0 and self.col0 >= 0 and self.row0 + self.q <= plane_q and self.col0 + self.k <= plane_k
+
+
+def causal_key(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """key <= query: a causal query sees its own token and the ones before it."""
+    return key <= query
+
+
+def inside_plane(plane_q: int, plane_k: int) -> Rule:
+    """0 <= query - (K - Q) < Q and 0 <= key < K: the cell lies on a [Q, K] plane."""
+    key_offset = plane_k - plane_q
+
+    def inside(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        row = query - key_offset
+        return (row >= 0) & (row < plane_q) & (key >= 0) & (key < plane_k)
+
+    return inside
+
+
+def kept_by(plane: torch.Tensor) -> Rule:
+    """keep[h, query - (K - Q), key] of a plane [H, Q, K] where the cell lies on it, True beyond it (the
+    length policy "dense"): bool [H, ...]. On a call's cells (query [q, 1] and key [1, k] runs of
+    consecutive positions) the plane read through their Window: a view when it fits inside the plane."""
+    heads, plane_q, plane_k = plane.shape
+    key_offset = plane_k - plane_q
+    inside = inside_plane(plane_q, plane_k)
+
+    def read(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:  # the plane's bit (cells clamped onto it)
+        return plane[:, (query - key_offset).clamp(0, plane_q - 1), key.clamp(0, plane_k - 1)]
+
+    def beyond(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return ~inside(query, key)
+
+    read_or_beyond = or_rules(read, beyond)
+
+    def kept(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        window = grid_window(query - key_offset, key)
+        return read_or_beyond(query, key) if window is None else plane_window(plane, window, fill=True)
+
+    return kept
+
+
+def and_rules(*rules: Rule) -> Rule:
+    """The rule that holds where every one of `rules` holds."""
+    def every(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        allowed = rules[0](query, key)
+        for rule in rules[1:]:
+            allowed = allowed & rule(query, key)
+        return allowed
+
+    return every
+
+
+def or_rules(*rules: Rule) -> Rule:
+    """The rule that holds where any one of `rules` holds."""
+    def some(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        allowed = rules[0](query, key)
+        for rule in rules[1:]:
+            allowed = allowed | rule(query, key)
+        return allowed
+
+    return some
+
+
+def window_positions(window: Window, key_offset: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of a call's cells: query [q, 1] = row0 + i + key_offset, key [1, k] = col0 + j."""
+    query = torch.arange(window.q, device=device)[:, None] + (window.row0 + key_offset)
+    key = torch.arange(window.k, device=device)[None, :] + window.col0
+    return query, key
+
+
+def on_window(rule: Rule, window: Window, key_offset: int, device=None) -> torch.Tensor:
+    """`rule` at every cell of a call on a plane with this key_offset: bool [..., q, k]."""
+    return rule(*window_positions(window, key_offset, device))
+
+
+def grid_window(rows: torch.Tensor, cols: torch.Tensor) -> Window | None:
+    """The Window whose cells are rows [q, 1] x cols [1, k] when both are non-empty runs of consecutive
+    indices (as window_positions gives them); None for any other index tensors."""
+    if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != 1 or cols.shape[0] != 1 or not rows.numel() or not cols.numel():
+        return None
+    rows, cols = rows[:, 0], cols[0]
+    row0, col0 = int(rows[0]), int(cols[0])
+    if not (torch.equal(rows - row0, torch.arange(len(rows), device=rows.device))
+            and torch.equal(cols - col0, torch.arange(len(cols), device=cols.device))):
+        return None
+    return Window(len(rows), len(cols), row0, col0)
+
+
+def causal_band(queries: int, keys: int, key_offset: int = 0, device=None) -> torch.Tensor:
+    """bool [queries, keys]: causal_key at query r (position r + key_offset) and key c, c <= r + key_offset."""
+    return on_window(causal_key, Window(queries, keys), key_offset, device)
+
+
+def causal_plane(queries: int, keys: int) -> np.ndarray:
+    """bool [Q, K] (numpy): the causal band of a whole plane, key c <= query r + (K - Q); its first K - Q
+    keys are memory."""
+    return causal_band(queries, keys, keys - queries).numpy()
 
 
 def check_beyond(window: Window, plane_q: int, plane_k: int, beyond: str, site: str) -> None:
@@ -114,14 +218,13 @@ def window_keep(plane: torch.Tensor, window: Window, *, causal: bool, cross: boo
 
         allowed[h, i, j] = keep[h, row0 + i, col0 + j]   (True beyond the plane: policy "dense")
                            and, for a causal site, col0 + j <= row0 + i + key_offset
-    then the row guarantee. key_offset = K - Q of the plane. Padding is not part of it: the runtime
+    (kept_by(plane), and causal_key on a causal site, at query position row0 + i + key_offset and key
+    position col0 + j), then the row guarantee. key_offset = K - Q of the plane. Padding is not part of it: the runtime
     applies each sequence's length on top.
     """
     heads, plane_q, plane_k = plane.shape
     check_beyond(window, plane_q, plane_k, beyond, site)
-    allowed = plane_window(plane, window, fill=True)
     key_offset = plane_k - plane_q
-    if causal:
-        band = causal_band(window.q, window.k, window.row0 + key_offset - window.col0, plane.device)
-        allowed = allowed & band
+    rule = and_rules(kept_by(plane), causal_key) if causal else kept_by(plane)
+    allowed = on_window(rule, window, key_offset, plane.device)
     return guarantee_rows(allowed, window, key_offset, cross)
