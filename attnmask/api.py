@@ -27,7 +27,7 @@ from attnmask.store.stores import (MaskStore, PatternStore, check_output, check_
                                    patterns_digest, read_patterns, write_masks, write_patterns)
 
 from attnmask.collect.patterns import collect
-from attnmask.masks.compile import CompileSettings, compile_masks as compile_sites
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.models.base import pick_device
 from attnmask.models.families import apply_masks as apply, is_fairseq_checkpoint, load_adapter
 from attnmask.models.hf import HuggingFaceAdapter, loading_error, register_attention, resolve_model_path

@@ -298,12 +298,11 @@ def compile_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (the store written and its figures)."),
 ):
     """Compile a pattern store into sparse attention masks that prune a share TAU of the attention work."""
-    from attnmask.masks.compile import CompileSettings, compile_masks
+    from attnmask.masks.compile import CompileSettings, compile_sites
     from attnmask.store.stores import check_output, read_patterns, write_masks
 
     settings = CompileSettings(tau=tau, scope=scope, budget=budget, block_size=block_size, min_keep=min_keep,
                                random=random, seed=seed, beyond=beyond, site_tau=parse_site_taus(site_tau))
-    settings.validate()
     if not random and options_given(ctx, {"seed"}):
         raise AttnmaskError("--seed applies only with --random")
     if out is None:  # beside the pattern store (a folder or a URL prefix)
@@ -318,7 +317,7 @@ def compile_command(
     held = read_patterns(held_out) if held_out is not None else None
     start = time.perf_counter()
     with console.status("compiling masks") if not as_json else contextlib.nullcontext():
-        sites, attrs = compile_masks(store, settings, held_out=held)
+        sites, attrs = compile_sites(store, settings, held_out=held)  # validates the settings against the store
     written = write_masks(out, sites, attrs, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps(compile_summary(written, time.perf_counter() - start), indent=2, default=str))

@@ -4,7 +4,7 @@ memory at its peak at most 1.5x the pattern).
     python benchmarks/compile_speed.py [--layers 12] [--heads 12] [--length 1024] [--repeats 3]
 
 "The pattern" is the site's float64 sums, layers * heads * length^2 * 8 bytes. Each setting runs in
-a subprocess of its own, which builds the pattern one layer at a time, times `compile_masks`
+a subprocess of its own, which builds the pattern one layer at a time, times `compile_sites`
 `--repeats` times, then compiles once more under tracemalloc. Settings: the data budget (the default)
 with every scope, block tiles and the random baseline, and the plane budget. Reported per setting: the median, min
 and max time; `extra`, tracemalloc's peak during that compile (what compile allocates beside the
@@ -28,7 +28,7 @@ import tracemalloc
 
 import numpy as np
 
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.store.stores import PatternStore, SitePatterns
 
 SETTINGS = ({}, {"scope": "head"}, {"scope": "global"}, {"block_size": 64}, {"random": True},
@@ -64,10 +64,10 @@ def measure(args: argparse.Namespace, setting: dict) -> dict:
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        compile_masks(store, settings)
+        compile_sites(store, settings)
         times.append(time.perf_counter() - start)
     tracemalloc.start()
-    compile_masks(store, settings)
+    compile_sites(store, settings)
     extra = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from attnmask.masks.accounting import combined
 from attnmask.collect.patterns import collect
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.errors import UnreachableTau
 from attnmask.tasks.experiments import comparison_row, format_interval, t_interval, unreachable_note
 from attnmask.models.fairseq import FairseqAdapter
@@ -63,7 +63,7 @@ def reachable_alone(patterns, settings: CompileSettings, site: str, tau: float) 
     """The largest tau the data budget reaches on one site (None: tau itself is reachable there)."""
     others = {n: 0.0 for n in patterns.sites if n != site}
     try:
-        compile_masks(patterns, CompileSettings(**{**settings.__dict__, "site_tau": others | {site: tau},
+        compile_sites(patterns, CompileSettings(**{**settings.__dict__, "site_tau": others | {site: tau},
                                                    "tau": tau}))
     except UnreachableTau as e:
         return e.largest
@@ -106,7 +106,7 @@ def run_seed(args, seed: int, work: Path) -> dict:
                                            random=kind == "random", seed=seed)
                 row = {"seed": seed, "kind": kind, "tau": tau, "sites": label}
                 try:
-                    compiled, attrs = compile_masks(patterns, settings)
+                    compiled, attrs = compile_sites(patterns, settings)
                 except UnreachableTau as e:
                     # compile stops at the first site that fails: the set's largest tau is the least over its sites
                     largest = [e.largest] + [reachable_alone(patterns, settings, n, tau)

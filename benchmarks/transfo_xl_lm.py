@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from attnmask.collect.patterns import collect
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.errors import UnreachableTau
 from attnmask.tasks.experiments import comparison_row, t_interval, unreachable_note
 from attnmask.tasks.lm import eval_lm, read_lines, train_lm
@@ -99,7 +99,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
             kind = "random" if random else "data"
             row = {"seed": seed, "tau": tau, "masks": kind}
             try:
-                sites, attrs = compile_masks(patterns, CompileSettings(tau=tau, budget="data", random=random,
+                sites, attrs = compile_sites(patterns, CompileSettings(tau=tau, budget="data", random=random,
                                                                        seed=seed))
             except UnreachableTau as e:
                 rows.append(row | {"unreachable": str(e), "largest_reachable_tau": e.largest})

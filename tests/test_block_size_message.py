@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.errors import UnreachableTau
 from attnmask.store.stores import PatternStore, SitePatterns, write_patterns
 
@@ -27,7 +27,7 @@ def full_plane_store(n: int = 128, layers: int = 1, heads: int = 2) -> PatternSt
 @pytest.mark.parametrize("block, per_row, bound, largest", [(128, 1, "0/1", "0.0000"), (64, 2, "1/2", "0.5000")])
 def test_the_message_says_why_and_which_block_sizes_fit(block, per_row, bound, largest):
     with pytest.raises(UnreachableTau) as raised:
-        compile_masks(full_plane_store(), CompileSettings(tau=0.9, block_size=block))
+        compile_sites(full_plane_store(), CompileSettings(tau=0.9, block_size=block))
     message = str(raised.value)
     assert "the row guarantee (--min-keep 1) keeps 1 tile in every block-row" in message
     assert f"the 128x128 plane in {block}x{block} tiles has {per_row} tile{'s' if per_row > 1 else ''} per block-row" in message
@@ -41,19 +41,19 @@ def test_the_suggested_block_size_reaches_tau_on_full_rows():
     """On a plane whose rows are all full (fixed length, non-causal), the block size the message names
     compiles at that tau and the next larger one does not."""
     store = full_plane_store()
-    compile_masks(store, CompileSettings(tau=0.9, block_size=14, budget="plane"))
+    compile_sites(store, CompileSettings(tau=0.9, block_size=14, budget="plane"))
     with pytest.raises(UnreachableTau, match="only --block-size 14 or smaller"):
-        compile_masks(store, CompileSettings(tau=0.9, block_size=15, budget="plane"))
+        compile_sites(store, CompileSettings(tau=0.9, block_size=15, budget="plane"))
 
 
 def test_more_min_keep_and_too_short_rows():
     store = full_plane_store(n=16)
     with pytest.raises(UnreachableTau) as raised:
-        compile_masks(store, CompileSettings(tau=0.9, block_size=4, min_keep=2))
+        compile_sites(store, CompileSettings(tau=0.9, block_size=4, min_keep=2))
     assert "keeps 2 tiles in every block-row" in str(raised.value)
     assert "needs at least 20 keys per row and the plane has 16" in str(raised.value)  # no block size fits
     with pytest.raises(UnreachableTau) as raised:
-        compile_masks(store, CompileSettings(tau=0.95, block_size=1))
+        compile_sites(store, CompileSettings(tau=0.95, block_size=1))
     assert "keeps 1 entry in every row, and the 16x16 plane has 16 entries per row" in str(raised.value)
 
 

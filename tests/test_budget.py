@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from attnmask.masks.accounting import measure, recorded, tally_site
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.errors import AttnmaskError, UnreachableTau
-from attnmask.store.stores import MaskStore, PatternStore, SiteMask, SitePatterns, read_masks, write_patterns
+from attnmask.store.stores import MaskStore, PatternStore, SitePatterns, read_masks, write_patterns
 
 
 def padded_site(rng: np.random.Generator, layers: int = 2, heads: int = 3, n: int = 24, sequences: int = 300,
@@ -59,8 +59,8 @@ def test_data_budget_counts_the_work_the_plane_budget_misses():
     """Entries of rarely reached lengths have small means and cost little: the plane budget prunes them
     first and removes far less than tau of the work on the data; the data budget removes tau of it."""
     site = padded_site(np.random.default_rng(0))
-    plane, _ = compile_masks(store_of(site), CompileSettings(tau=0.8, budget="plane"))
-    data, _ = compile_masks(store_of(site), CompileSettings(tau=0.8, budget="data"))
+    plane, _ = compile_sites(store_of(site), CompileSettings(tau=0.8, budget="plane"))
+    data, _ = compile_sites(store_of(site), CompileSettings(tau=0.8, budget="data"))
     plane_figures = tally_site("encoder.self", plane["encoder.self"].keep, site).figures()
     data_figures = tally_site("encoder.self", data["encoder.self"].keep, site).figures()
     assert plane_figures["plane_sparsity"] == pytest.approx(0.8, abs=0.01)
@@ -74,7 +74,7 @@ def test_data_budget_counts_the_work_the_plane_budget_misses():
 def test_compile_records_budget_and_figures_and_held_out_figures():
     rng = np.random.default_rng(1)
     site, other = padded_site(rng), padded_site(rng)
-    sites, attrs = compile_masks(store_of(site), CompileSettings(tau=0.7), held_out=store_of(other))
+    sites, attrs = compile_sites(store_of(site), CompileSettings(tau=0.7), held_out=store_of(other))
     masks = MaskStore(attrs, sites, "mem")
     assert attrs["budget"] == "data"
     assert attrs["figures"] == pytest.approx({k: v for k, v in measure(masks, store_of(site)).items()
@@ -97,7 +97,7 @@ def test_random_row_guarantee_ignores_the_means():
     probs[..., 0] = 0.9
     site = SitePatterns(probs * 10, count, False)
     for random, low, high in ((False, 1.0, 1.0), (True, 0.0, 0.15)):
-        sites, _ = compile_masks(store_of(site), CompileSettings(tau=0.95, scope="head", random=random, seed=3))
+        sites, _ = compile_sites(store_of(site), CompileSettings(tau=0.95, scope="head", random=random, seed=3))
         keep = sites["encoder.self"].keep
         assert low <= keep[..., 0].mean() <= high
         assert 0.94 < 1 - keep.mean() <= 0.95  # the same budget in the same units
@@ -106,8 +106,8 @@ def test_random_row_guarantee_ignores_the_means():
 def test_random_prunes_the_same_data_budget():
     site = padded_site(np.random.default_rng(2))
     for tau in (0.5, 0.9):
-        informed, _ = compile_masks(store_of(site), CompileSettings(tau=tau))
-        random, _ = compile_masks(store_of(site), CompileSettings(tau=tau, random=True, seed=1))
+        informed, _ = compile_sites(store_of(site), CompileSettings(tau=tau))
+        random, _ = compile_sites(store_of(site), CompileSettings(tau=tau, random=True, seed=1))
         a, b = (np.array(s["encoder.self"].attrs["data_sparsity"]) for s in (informed, random))
         # each pool stops at the first entry that does not fit: short of tau by at most a few entries' counts
         assert (a <= tau).all() and (b <= tau).all() and (tau - a < 0.01).all() and (tau - b < 0.03).all()
@@ -117,12 +117,12 @@ def test_unreachable_tau_names_the_largest_reachable_one():
     """64 x 64, 16 x 16 tiles, --min-keep 1: each block-row keeps one of its 4 tiles, so 0.75 is the most."""
     site = SitePatterns(np.random.default_rng(3).random((1, 2, 64, 64)), np.ones((64, 64), np.int64), False)
     for budget in ("plane", "data"):
-        compile_masks(store_of(site), CompileSettings(tau=0.75, block_size=16, budget=budget))
+        compile_sites(store_of(site), CompileSettings(tau=0.75, block_size=16, budget=budget))
         for tau in (0.8, 0.9):
             with pytest.raises(AttnmaskError, match=r"the largest reachable tau is 0\.7500"):
-                compile_masks(store_of(site), CompileSettings(tau=tau, block_size=16, budget=budget))
+                compile_sites(store_of(site), CompileSettings(tau=tau, block_size=16, budget=budget))
     with pytest.raises(UnreachableTau, match=r"the largest reachable tau is 0\.7500") as raised:  # random alike
-        compile_masks(store_of(site), CompileSettings(tau=0.9, block_size=16, random=True))
+        compile_sites(store_of(site), CompileSettings(tau=0.9, block_size=16, random=True))
     assert raised.value.largest == 0.75 and isinstance(raised.value, AttnmaskError)
 
 

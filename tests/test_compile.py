@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from attnmask.masks.compile import CompileSettings, compile_masks, prune_count, random_scores
+from attnmask.masks.compile import CompileSettings, compile_sites, prune_count, random_scores
 from attnmask.errors import AttnmaskError
-from attnmask.store.stores import PatternStore, SitePatterns
+from attnmask.store.stores import PatternStore, SitePatterns, write_patterns
 
 
 class Unreachable(Exception):
@@ -113,7 +113,7 @@ def site_name(site):
 
 def compile_one(site, **kw):
     store = PatternStore({"digest": "sha256:test"}, {site_name(site): site}, "mem")
-    sites, attrs = compile_masks(store, CompileSettings(**kw))
+    sites, attrs = compile_sites(store, CompileSettings(**kw))
     return next(iter(sites.values())), attrs
 
 
@@ -237,12 +237,33 @@ def test_bad_settings_are_clear_errors(kw, message):
         compile_one(site, **kw)
 
 
+def test_one_compile_command_validates_its_settings_once(tmp_path, monkeypatch):
+    """`attnmask compile` checks its settings in one place, compile_sites, against the store's sites; a
+    bad setting is still one error line and writes nothing."""
+    from typer.testing import CliRunner
+
+    from attnmask.cli import app
+
+    calls = []
+    validate = CompileSettings.validate
+    monkeypatch.setattr(CompileSettings, "validate", lambda self, sites=None: calls.append(sites) or validate(self, sites))
+    site = SitePatterns(np.random.default_rng(2).random((1, 2, 6, 6)), np.ones((6, 6), np.int64), False)
+    write_patterns(tmp_path / "p.zarr", {"encoder.self": site}, {"model": {"name": "m"}, "data": {"name": "d"}, "max_length": 6})
+    runner = CliRunner()
+    ok = runner.invoke(app, ["compile", str(tmp_path / "p.zarr"), "--tau", "0.5", "--out", str(tmp_path / "m.zarr")])
+    assert ok.exit_code == 0, ok.output
+    assert calls == [["encoder.self"]]
+    bad = runner.invoke(app, ["compile", str(tmp_path / "p.zarr"), "--tau", "1.5", "--out", str(tmp_path / "x.zarr")])
+    assert bad.exit_code == 1 and bad.output.strip() == "error: --tau must lie in [0, 1), got 1.5"
+    assert not (tmp_path / "x.zarr").exists()
+
+
 def test_site_tau_overrides_per_site():
     rng = np.random.default_rng(4)
     s = rng.random((1, 1, 8, 8))
     one = SitePatterns(s, np.ones((8, 8), np.int64), False)
     store = PatternStore({"digest": "x"}, {"encoder.self": one, "decoder.cross": one}, "mem")
-    sites, attrs = compile_masks(store, CompileSettings(tau=0.9, min_keep=0, site_tau={"decoder.cross": 0.5}))
+    sites, attrs = compile_sites(store, CompileSettings(tau=0.9, min_keep=0, site_tau={"decoder.cross": 0.5}))
     assert sites["encoder.self"].attrs["pruned"] == math.floor(0.9 * 64)
     assert sites["decoder.cross"].attrs["pruned"] == 32
     assert attrs["site_tau"] == {"decoder.cross": 0.5}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from attnmask.collect.patterns import collect
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.errors import AttnmaskError
 from attnmask.models.fairseq import FairseqAdapter, load_checkpoint_state
 from attnmask.masks.rules import Window, window_keep
@@ -48,7 +48,7 @@ def run(tmp_path_factory):
                                                                      "data": {"name": "valid"}, "max_length": MAX_LENGTH})
     settings = CompileSettings(tau=0.8, budget="plane", site_tau={"decoder.cross": 0.5})  # short sentences:
     # with --budget data the row guarantee alone keeps more than 20% of the decoder.self entries
-    sites, attrs = compile_masks(read_patterns(patterns.path), settings)
+    sites, attrs = compile_sites(read_patterns(patterns.path), settings)
     masks = write_masks(root / "m.zarr", sites, attrs)
     return {"root": root, "data": data, "checkpoint": checkpoint, "adapter": adapter, "result": result,
             "patterns": patterns.path, "masks": masks.path}
@@ -181,7 +181,7 @@ def test_bleu_with_and_without_masks_and_masked_training(run):
     assert masked.hypotheses != dense.hypotheses  # 80% of the attention pruned changes translations
 
     # tau 0 prunes nothing: decoding through the masked seam reproduces dense decoding exactly
-    sites, attrs = compile_masks(read_patterns(run["patterns"]), CompileSettings(tau=0.0))
+    sites, attrs = compile_sites(read_patterns(run["patterns"]), CompileSettings(tau=0.0))
     zero = write_masks(run["root"] / "tau0.zarr", sites, attrs)
     assert evaluate_fairseq(checkpoint, data, zero.path, split="test", beam=3).hypotheses == dense.hypotheses
 
@@ -207,7 +207,7 @@ def test_training_with_other_masks_is_refused_on_resume(run, tmp_path):
     out = run["root"] / "masked"
     if not (out / "checkpoint_last.pt").exists():
         pytest.skip("needs the masked run of the previous test")
-    sites, attrs = compile_masks(read_patterns(run["patterns"]), CompileSettings(tau=0.5))
+    sites, attrs = compile_sites(read_patterns(run["patterns"]), CompileSettings(tau=0.5))
     other = write_masks(tmp_path / "other.zarr", sites, attrs)
     with pytest.raises(AttnmaskError, match="masks"):
         train_fairseq(run["data"], other.path, MODEL_ARGS + TRAIN_ARGS + ["--max-update", "25", "--save-dir", str(out)])

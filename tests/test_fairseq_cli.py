@@ -22,7 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from attnmask.cli import app
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.errors import AttnmaskError
 from attnmask.models.fairseq_safe_load import PTH_NAME
 from attnmask.models.fairseq import load_checkpoint_state
@@ -126,7 +126,7 @@ def test_stock_cli_load_checkpoints_weights_only(work, tmp_path):
 
 def test_plugin_records_an_absolute_masks_path_from_stock_fairseq_train(work, tmp_path):
     """Item 10: fairseq-train with the plugin and a relative --attnmask-masks records the absolute path."""
-    sites, attrs = compile_masks(read_patterns(collected(work)), CompileSettings(tau=0.5))
+    sites, attrs = compile_sites(read_patterns(collected(work)), CompileSettings(tau=0.5))
     write_masks(tmp_path / "m.zarr", sites, attrs)
     plugin = ROOT / "attnmask" / "models" / "fairseq_plugin"
     r = shell(f"fairseq-train {work / 'data-bin'} --user-dir {plugin} --task attnmask_translation "
@@ -153,14 +153,14 @@ def test_recorded_masks_are_reapplied_digest_checked(work, tmp_path):
     and refuses it once it is gone or changed."""
     from attnmask.models.fairseq_plugin.task import AttnmaskTranslationConfig, AttnmaskTranslationTask
 
-    sites, attrs = compile_masks(read_patterns(collected(work)), CompileSettings(tau=0.5))
+    sites, attrs = compile_sites(read_patterns(collected(work)), CompileSettings(tau=0.5))
     store = write_masks(tmp_path / "m.zarr", sites, attrs)
     saved = {"attnmask_masks": {"digest": store.digest, "path": str(store.path)}}
     task = AttnmaskTranslationTask.setup_task(AttnmaskTranslationConfig(data=str(work / "data-bin")))
     task.load_state_dict(saved)
     assert task.masks_path() == str(store.path) and task.masks_digest() == store.digest
     shutil.rmtree(store.path)
-    write_masks(tmp_path / "m.zarr", *compile_masks(read_patterns(collected(work)), CompileSettings(tau=0.3)))
+    write_masks(tmp_path / "m.zarr", *compile_sites(read_patterns(collected(work)), CompileSettings(tau=0.3)))
     task = AttnmaskTranslationTask.setup_task(AttnmaskTranslationConfig(data=str(work / "data-bin")))
     with pytest.raises(ValueError, match="now holds"):
         task.load_state_dict(saved)
@@ -203,7 +203,7 @@ def test_masks_from_other_weights_warn_once(work, tmp_path):
     """Item 10: masks collected from another checkpoint of the same shape: one warning line (eval and
     train); the checkpoint they were collected from gives none."""
     ckpt, data = work / "checkpoints" / "checkpoint_best.pt", work / "data-bin"
-    sites, attrs = compile_masks(read_patterns(collected(work)), CompileSettings(tau=0.5))
+    sites, attrs = compile_sites(read_patterns(collected(work)), CompileSettings(tau=0.5))
     masks = str(write_masks(tmp_path / "m.zarr", sites, attrs).path)
     train_fairseq(data, None, MODEL_ARGS.split() + TRAIN_ARGS.split() + [
         "--max-update", "2", "--disable-validation", "--save-dir", str(tmp_path / "other"),
@@ -241,7 +241,7 @@ def test_bad_fairseq_train_arguments_are_one_line(work, tmp_path):
 def test_training_a_masked_checkpoint_without_masks_is_refused(work, tmp_path):
     """A checkpoint trained with masks never trains dense (attnmask refuses; stock fairseq's strict load
     refuses the marker key)."""
-    sites, attrs = compile_masks(read_patterns(collected(work)), CompileSettings(tau=0.5))
+    sites, attrs = compile_sites(read_patterns(collected(work)), CompileSettings(tau=0.5))
     masks = write_masks(tmp_path / "m.zarr", sites, attrs).path
     args = MODEL_ARGS.split() + TRAIN_ARGS.split() + ["--disable-validation", "--reset-optimizer",
                                                       "--reset-dataloader", "--reset-meters"]

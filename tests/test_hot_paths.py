@@ -18,8 +18,9 @@ import torch
 
 from attnmask.collect.patterns import collect, real_query_sum
 from attnmask.errors import AttnmaskError
-from attnmask.masks.compile import (CompileSettings, causal_plane, compile_masks, eligible_entries, expand_tiles,
+from attnmask.masks.compile import (CompileSettings, compile_sites, eligible_entries, expand_tiles,
                               prefix_cut, prune_count, protected_by_rows, random_scores, tile_sums)
+from attnmask.masks.rules import causal_plane
 from attnmask.models.families import load_adapter
 from attnmask.store.stores import PatternStore, SitePatterns
 from tests.conftest import random_texts
@@ -228,7 +229,7 @@ def test_per_layer_compile_equals_whole_array_compile(scope, values):
                                        min_keep=min_keep, random=random, seed=seed)
             name = "decoder.self" if site.causal else "encoder.self"
             try:
-                sites, _ = compile_masks(PatternStore({"digest": "test"}, {name: site}, "mem"), settings)
+                sites, _ = compile_sites(PatternStore({"digest": "test"}, {name: site}, "mem"), settings)
             except AttnmaskError as e:
                 assert "largest reachable tau" in str(e)
                 continue
@@ -278,7 +279,7 @@ def test_compile_memory_is_the_masks_and_a_few_layers():
                      CompileSettings(budget="plane", scope="global"), CompileSettings(random=True),
                      CompileSettings(random=True, scope="global")):
         tracemalloc.start()
-        compile_masks(store, settings)
+        compile_sites(store, settings)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert peak <= 0.5 * site.sum.nbytes, (settings, peak / site.sum.nbytes)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.masks.rules import Window
 from attnmask.models.families import apply_masks
 from attnmask.runtime.attention import BACKENDS, Call, MaskedAttention, key_padding, roll_slots
@@ -73,7 +73,7 @@ def synthetic_patterns(*sites: str, seed: int = 0) -> PatternStore:
 
 def compiled(patterns: PatternStore, path, tau: float, block: int):
     settings = CompileSettings(tau=tau, block_size=block, budget="plane", min_keep=int(block == 1))
-    sites, attrs = compile_masks(patterns, settings)
+    sites, attrs = compile_sites(patterns, settings)
     return write_masks(path, sites, attrs)
 
 

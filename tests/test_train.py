@@ -68,10 +68,10 @@ def pattern_store(tiny_model, labelled_csv, tmp_path_factory):
 
 
 def compile_at(pattern_store, out, tau, **kw):
-    from attnmask.masks.compile import CompileSettings, compile_masks
+    from attnmask.masks.compile import CompileSettings, compile_sites
     from attnmask.store.stores import read_patterns, write_masks
 
-    sites, attrs = compile_masks(read_patterns(pattern_store), CompileSettings(tau=tau, **kw))
+    sites, attrs = compile_sites(read_patterns(pattern_store), CompileSettings(tau=tau, **kw))
     return write_masks(out, sites, attrs)
 
 

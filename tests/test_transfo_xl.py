@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from attnmask.collect.patterns import collect
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.errors import AttnmaskError
 from attnmask.models.transfo_xl_vocab import Vocabulary, batchify, segments
 from attnmask.tasks.lm import eval_lm, train_lm
@@ -347,7 +347,7 @@ def test_compile_and_train_with_masks_round_trip(tmp_path):
     result = collect(adapter, lines, batch_size=2, max_length=3)
     patterns = write_patterns(tmp_path / "p.zarr", result.sites, {"model": adapter.identity(),
                                                                    "data": {"name": "lines"}, "max_length": 3})
-    sites, attrs = compile_masks(patterns, CompileSettings(tau=0.5))
+    sites, attrs = compile_sites(patterns, CompileSettings(tau=0.5))
     keep, count = sites["decoder.self"].keep, result.sites["decoder.self"].count
     eligible = (count > 0) & np.tri(3, 7, 4, dtype=bool)
     assert keep.shape == (2, 2, 3, 7)

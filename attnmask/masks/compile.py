@@ -526,9 +526,12 @@ def site_attrs(tau: float, budget: str, eligible: int, pruned: int, t: Tally) ->
             "head_totals": t.head_totals(), "totals": t.totals()}
 
 
-def compile_masks(patterns: PatternStore, settings: CompileSettings,
+def compile_sites(patterns: PatternStore, settings: CompileSettings,
                   held_out: PatternStore | None = None) -> tuple[dict[str, SiteMask], dict]:
-    """Compile every site of a pattern store; returns the sites and the mask store's root attributes.
+    """Compile every site of a pattern store; returns the sites {name: SiteMask} and the mask store's root
+    attributes (attnmask.compile_masks, the public API, wraps them into a MaskStore).
+
+    The settings are validated here, once, against the store's sites, before any site is compiled.
 
     The root attribute `figures` holds the masks' data sparsity, mass kept and plane sparsity on the
     source data (attnmask.masks.accounting); with a held-out pattern store, `held_out` holds them there."""

@@ -57,7 +57,7 @@ from torch import nn
 
 from attnmask.collect.patterns import PatternAccumulator
 from attnmask.errors import AttnmaskError, UnreachableTau
-from attnmask.masks.compile import CompileSettings, compile_masks, prune_count
+from attnmask.masks.compile import CompileSettings, compile_sites, prune_count
 from attnmask.masks.rules import Window, causal_band
 from attnmask.models.base import Batch, Site, pick_device, sink_attached
 from attnmask.models.fairseq_attention import import_fairseq
@@ -478,7 +478,7 @@ def compiled_store(patterns, tau: float, block: int):
     reached = tau
     while True:  # each refusal names the largest tau its site reaches; the next site may reach less
         try:
-            compiled, attrs = compile_masks(patterns, CompileSettings(tau=reached, block_size=block))
+            compiled, attrs = compile_sites(patterns, CompileSettings(tau=reached, block_size=block))
             break
         except UnreachableTau as unreachable:
             reached = unreachable.largest if unreachable.largest < reached else reached - 1e-4

@@ -27,7 +27,7 @@ import numpy as np
 from attnmask.collect.patterns import collect
 from attnmask.errors import AttnmaskError
 from attnmask.masks.accounting import FIGURES, recorded
-from attnmask.masks.compile import CompileSettings, compile_masks
+from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.models.base import pick_device
 from attnmask.models.families import load_adapter
 from attnmask.store.stores import read_masks, read_patterns, write_masks, write_patterns
@@ -132,7 +132,7 @@ def compile_for(patterns: str, settings, out: Path) -> str:
         same = all(attrs.get(k) == v for k, v in asdict(settings).items())
         if same and (attrs.get("source") or {}).get("digest") == store.attrs.get("digest"):
             return str(out)
-    sites, attrs = compile_masks(store, settings)
+    sites, attrs = compile_sites(store, settings)
     write_masks(out, sites, attrs, overwrite=True)
     return str(out)
 
@@ -452,7 +452,7 @@ def demo_stages(settings: DemoSettings, out: Path, base: TrainSettings, compile_
         "on the training snippets (data budget)")
     masks = {}
     for kind, c in compile_settings.items():
-        sites, attrs = compile_masks(stores["patterns"], c, held_out=stores["held-out"])
+        sites, attrs = compile_sites(stores["patterns"], c, held_out=stores["held-out"])
         masks[kind] = write_masks(out / f"masks-{kind}.zarr", sites, attrs)
 
     say(f"3/3 train: dense, data-informed and random, {len(train_idx)} snippets, {settings.epochs} epochs each")
