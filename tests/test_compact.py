@@ -383,3 +383,30 @@ def test_a_replacement_puts_the_new_output_in_place_and_leaves_nothing_beside(tm
     replace_output(compact_output(tmp_path / ".out.tmp-1", "new"), out)
     assert (out / "weights.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs: counted in one place that compact and bench share (attnmask/tasks/flops.py)
+
+
+def test_forward_flops_count_every_matrix_product():
+    """2 FLOPs per multiply-accumulate: a [2, 4] x [4, 3] linear map is 2 · 2 · 4 · 3 = 48; attention on
+    q = k = v [1, 2, 5, 8] is 2 heads x 2 products (q kᵀ, P v) x 2 · 5 · 5 · 8 = 1,600."""
+    from attnmask.tasks.flops import dense_model_flops
+
+    linear, x = torch.nn.Linear(4, 3), torch.ones(2, 4)
+    assert dense_model_flops(lambda: linear(x)) == 48
+    q = torch.ones(1, 2, 5, 8)
+    assert dense_model_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == 1600
+
+
+def test_compact_does_not_import_bench():
+    """compact reads the FLOP count from attnmask/tasks/flops.py, not from the bench command's module."""
+    import ast
+
+    import attnmask.tasks.compact as compact
+
+    tree = ast.parse(Path(compact.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "attnmask.tasks.flops" in imported and not any(m and m.startswith("attnmask.tasks.bench") for m in imported)

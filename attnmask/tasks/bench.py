@@ -71,6 +71,7 @@ from attnmask.runtime.attention import Call, MaskedAttention, check_fit, load_st
 from attnmask.runtime.flex import _pad_positions, compiled_flex_attention
 from attnmask.store.sites import is_causal, is_cross
 from attnmask.store.stores import MaskStore, PatternStore, SiteMask, masks_digest
+from attnmask.tasks.flops import dense_model_flops
 from attnmask.tasks.lm import PRESETS
 
 MASKED_BACKENDS = ("eager", "sdpa", "blocksparse", "flex", "auto")
@@ -703,7 +704,7 @@ def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for,
         log(f"model L={length}: {', '.join(variants)}")
         with torch.inference_mode():
             times = interleaved(variants, settings.rounds, settings.warmup, device)
-            model_flops = dense_model_flops(model, forward)
+            model_flops = dense_model_flops(forward)
         flops, dense_attention, plane_notes = {}, 0.0, {}
         for name, handle in handles.items():
             dense_attention, computed, kept, plane_notes[name] = attention_accounting(handle, forward, bench_model,
@@ -725,17 +726,6 @@ def run_model_level(settings: BenchSettings, bench_model: BenchModel, store_for,
                     add_note(row, f"auto chose {handles['auto'].backend}")
         rows += new
     return rows
-
-
-def dense_model_flops(model: nn.Module, forward: Callable[[], Any]) -> float:
-    """FLOPs of one dense forward pass, counted by torch.utils.flop_counter with SDPA's math kernel,
-    whose matmuls the counter sees on every device (it does not count the fused CPU kernels)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        forward()
-    return float(counter.get_total_flops())
 
 
 # ----------------------------------------------------------------------------------------------

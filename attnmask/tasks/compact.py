@@ -21,7 +21,7 @@ distillation moves it towards the span.
    KD_WEIGHT * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - KD_WEIGHT) * CE(z_s, label), T = KD_TEMPERATURE.
 4. report on the held-out split: accuracy of student and teacher (classify), or the cosine between the
    student's and the teacher's mean-pooled sentence embeddings (mean of the last hidden states over the
-   real tokens); parameters; GMACs of one sequence of `gmacs_length` tokens (torch.utils.flop_counter).
+   real tokens); parameters; GMACs of one sequence of `gmacs_length` tokens (attnmask/tasks/flops.py).
 
 The result is a Hugging Face folder whose config is the original BERT config with model_type
 `attnmask-compact-bert` and `attnmask_compact` (the spans and the substitutes' sizes). attnmask registers
@@ -70,8 +70,8 @@ from attnmask.models.families import load_adapter
 from attnmask.models.hf import register_attention, resolve_model_path
 from attnmask.store.data import iter_texts, resolve_data
 from attnmask.store.stores import match_umask, read_patterns
-from attnmask.tasks.bench import dense_model_flops
 from attnmask.tasks.classify import label_names, load_classifier, read_labelled, split
+from attnmask.tasks.flops import dense_model_flops
 
 RECORD = "compact.json"
 TASKS = ("distill", "classify")
@@ -146,7 +146,7 @@ def gmacs(model: nn.Module, length: int) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        flops = dense_model_flops(model, lambda: model(**inputs))
+        flops = dense_model_flops(lambda: model(**inputs))
     model.train(was_training)
     return flops / 2 / 1e9
 
