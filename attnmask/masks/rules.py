@@ -24,7 +24,7 @@ column of its own token (plane row r is position r + key_offset), a key's its co
 * kept_by(plane): the plane keeps the cell, keep[h, query - key_offset, key] ([H, ...]); True beyond the
   plane (policy "dense").
 
-and_rules / or_rules / not_rule compose them; on_window evaluates a rule at a call's cells. What a call
+and_rules / or_rules compose them; on_window evaluates a rule at a call's cells. What a call
 may attend to is window_keep: kept_by(plane), and causal_key on a causal site, then one step per row:
 
 * row guarantee: a self-attention row that keeps no key at or before the query's own token keeps that
