@@ -184,6 +184,34 @@ def progress_bar() -> Progress:
                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
 
+def loss_progress() -> Progress:
+    """The training bars (train, sweep, demo, compact), with a loss column (the task's field `loss`)."""
+    return stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+@contextlib.contextmanager
+def step_progress(description: str):
+    """A bar named `description` for work that reports `on_step(done, total)` (plot, report; the total is
+    known at the first report): yields on_step."""
+    with stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def refuse_uncounted_inputs(command: str, store: str, patterns: str | None) -> None:
+    """attnmask.store.stores.refuse_uncounted on `store` and, when given, the pattern store `patterns`."""
+    from attnmask.store.stores import refuse_uncounted
+
+    for given in [store] + ([patterns] if patterns else []):
+        refuse_uncounted(given, command)
+
+
+def first_process() -> bool:
+    """Whether this is the process that prints under torchrun / accelerate launch (RANK 0, or no RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def parse_site_taus(values: list[str]) -> dict[str, float]:
     """['decoder.cross=0.5'] -> {'decoder.cross': 0.5}."""
     out = {}
@@ -528,15 +556,12 @@ def plot(
     """Figures of a pattern store per site: heatmaps of the average pattern as a layers x heads grid and
     Clark et al.-style per-head figures; of a mask store: its kept entries."""
     from attnmask.analysis.plot import plot_store
-    from attnmask.store.stores import refuse_uncounted
 
     check_output_path(out)
-    for given in [store] + ([patterns] if patterns else []):
-        refuse_uncounted(given, "plot")
-    with stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
-        task = bar.add_task("plot", total=None)
+    refuse_uncounted_inputs("plot", store, patterns)
+    with step_progress("plot") as on_step:
         written = plot_store(store, out, site, layers, heads, scale, per_head, patterns, overwrite, kind,
-                             on_step=lambda done, total: bar.update(task, completed=done, total=total))
+                             on_step=on_step)
     console.print(f"wrote {len(written)} image(s) to [bold]{escape(str(out))}[/]: " + ", ".join(p.name for p in written[:6])
                   + (", ..." if len(written) > 6 else ""))
 
@@ -553,10 +578,8 @@ def analyze(
     and the most similar head (Jensen-Shannon distance); for a mask store its data sparsity, mass kept and
     plane sparsity."""
     from attnmask.analysis.analyze import analyze_store, mask_table, stats_table
-    from attnmask.store.stores import refuse_uncounted
 
-    for given in [store] + ([patterns] if patterns else []):
-        refuse_uncounted(given, "analyze")
+    refuse_uncounted_inputs("analyze", store, patterns)
     result = analyze_store(store, site, patterns)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -580,10 +603,8 @@ def report(
     from attnmask.analysis.report import write_report
 
     check_output_path(out)
-    with stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
-        task = bar.add_task("report", total=None)
-        page = write_report(store, out, masks, scale, overwrite,
-                            on_step=lambda done, total: bar.update(task, completed=done, total=total))
+    with step_progress("report") as on_step:
+        page = write_report(store, out, masks, scale, overwrite, on_step=on_step)
     console.print(f"wrote [bold]{escape(str(page))}[/]")
 
 
@@ -659,8 +680,7 @@ def training_bar():
     """(rich progress, callback(step, total, loss, epoch)) for attnmask.tasks.classify and attnmask.tasks.lm.train_lm; when
     stderr is not a terminal (a pipe, a log) the bar is off and plain lines `train: step S/T (epoch E),
     loss L, N s` go to stderr instead (plain_progress_step)."""
-    bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    bar = loss_progress()
     state = {}
 
     def callback(step, total, loss, epoch):
@@ -731,7 +751,7 @@ def print_metrics(title: str, row: dict, columns: list[str], as_json: bool, as_c
     under torchrun / accelerate launch only the first process prints."""
     import csv
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not first_process():
         return
     if as_json:
         typer.echo(json.dumps(row))
@@ -750,7 +770,7 @@ def output_format(as_json: bool, as_csv: bool) -> None:
 
 def warn_line(line: str) -> None:
     """`warning: LINE` on stderr (under torchrun / accelerate launch, from the first process only)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if first_process():
         typer.echo(f"warning: {line}", err=True)
 
 
@@ -774,7 +794,7 @@ def run_workflow(ctx: typer.Context, workflow: Workflow, title: str, pruning: Ca
         outcome = workflow.run(options, callback, warn_line)
     as_table = not (as_json or as_csv)
     if outcome.metrics is not None:
-        if as_table and int(os.environ.get("RANK", "0")) == 0:
+        if as_table and first_process():
             print_pruning(outcome.metrics.get("pruning"), outcome.metrics.get("pruning_note"))
         if workflow.columns is None:
             typer.echo(json.dumps(outcome.metrics))
@@ -1149,8 +1169,7 @@ def bench(
 
 def compact_bar():
     """(rich progress, callback(stage, step, total, loss)) for attnmask.tasks.compact: one bar per stage."""
-    bar = stderr_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    bar = loss_progress()
     tasks: dict[str, int] = {}
 
     def callback(stage, step, total, loss):
