@@ -28,7 +28,7 @@ from attnmask.collect.distributed import World, agree, barrier, broadcast, launc
 from attnmask.collect.inputs import collection_input
 from attnmask.collect.patterns import CheckpointPlan, CollectResult, accumulate, check_windowable
 from attnmask.errors import AttnmaskError
-from attnmask.models.base import pick_device
+from attnmask.models.base import ModelAdapter, pick_device
 from attnmask.store.locking import StoreLock
 from attnmask.store.stores import PatternStore, check_output, is_url, read_root_attrs, store_kind, write_patterns
 
@@ -67,6 +67,7 @@ class CollectSettings:
     token_classes: bool = False
 
     def validate(self) -> None:
+        """One error line for a length, batch size, limit or checkpoint interval below 1."""
         if (self.max_length is not None and self.max_length < 1) or self.batch_size < 1 \
                 or (self.limit is not None and self.limit < 1):
             raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
@@ -116,7 +117,7 @@ class CollectOutcome:
 class _Opened:
     """A run's model, data and settings once they are known to fit (`_open`)."""
 
-    adapter: Any
+    adapter: ModelAdapter
     total: int
     max_length: int
     checkpoint_every: int | None
