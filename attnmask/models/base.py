@@ -1,6 +1,6 @@
 """The small interface every model family implements (Hugging Face, fairseq, Transformer-XL).
 
-An adapter knows four things about its model:
+An adapter knows five things about its model:
 
 1. `sites()`: which attention sites exist (`encoder.self`, `decoder.self`, `decoder.cross`), with
    their number of layers and heads and whether they are causal;
@@ -9,7 +9,9 @@ An adapter knows four things about its model:
    saying which query and key positions of every site are real (not padding, not missing memory);
 4. `forward(batch)` and `capture(sink)`: how to run a batch, and a context manager during which
    every attention computed calls `sink(site, layer, probs)` with probs [batch, heads, queries, keys]
-   taken after softmax and before dropout.
+   taken after softmax and before dropout;
+5. `collection_length(requested)`: the input length a collection runs at (the request, else the
+   family's `default_max_length`, else DEFAULT_MAX_LENGTH), checked by `check_max_length`.
 
 Masks go through the same attention modules: each family's `MaskSeam` lists them per site and layer
 and switches the model to attnmask's attention code; the runtime (attnmask/runtime/attention.py) then sets one

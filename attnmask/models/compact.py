@@ -229,5 +229,6 @@ def register_compact_models() -> None:
                                                 exist_ok=True)
 
 
-def body_of(model: nn.Module) -> BertModel:
+def bert_model_of(model: nn.Module) -> BertModel:
+    """The BertModel of a BertForSequenceClassification, or the model itself when it is the BertModel."""
     return model.bert if isinstance(model, BertForSequenceClassification) else model

@@ -69,7 +69,7 @@ def build_task_and_model(state: dict):
 
     cfg = state["cfg"]
     marked = take_masks_marker(state["model"])
-    trained = recorded_masks(state)
+    trained = checkpoint_masks_record(state)
     if marked is not None and marked != (trained["digest"] if trained else None):
         raise AttnmaskError(f"the checkpoint's weights carry masks {marked or '(none)'} but its task state "
                             f"records {trained['digest'] if trained else '(none)'}: it was altered")
@@ -108,8 +108,8 @@ def fields_holding(cfg, text: str, prefix: str = "cfg") -> list[str]:
     return found
 
 
-def recorded_masks(state: dict) -> dict | None:
-    """The masks a checkpoint was trained with: {'digest', 'path', 'sites'} or None (dense)."""
+def checkpoint_masks_record(state: dict) -> dict | None:
+    """The masks a checkpoint was trained with, as its task state records them: {'digest', 'path', 'sites'} or None (dense)."""
     return (state.get("task_state") or {}).get("attnmask_masks")
 
 

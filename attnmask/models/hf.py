@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 import importlib.util
 import json
 import re
@@ -221,6 +222,43 @@ def loading_error(spec: str, path: Path, error: Exception, what: str = "a Huggin
     return AttnmaskError(f"cannot load {what} from {spec}: {first}{hint}")
 
 
+def quiet_transformers() -> None:
+    """transformers prints only errors from here on, and no progress bars (loading from local folders)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def architecture_class(spec: str, architectures):
+    """The transformers model class that config.json's `architectures` names first (AutoModel when it names
+    none); a name that is not a transformers model class is one error line."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    if not architectures:
+        return transformers.AutoModel
+    name = architectures if isinstance(architectures, str) else \
+        architectures[0] if isinstance(architectures, list) else architectures
+    try:
+        found = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    except Exception:  # noqa: BLE001 - transformers' lazy module fails on names whose backend is missing
+        found = None
+    if not (isinstance(found, type) and issubclass(found, PreTrainedModel) and found is not PreTrainedModel):
+        raise AttnmaskError(f"{spec}: config.json's architectures names {str(name)[:80]!r}, which is not a "
+                            "transformers model class; correct it, or pass model_class=")
+    return found
+
+
+def from_folder(spec: str, fn, path: Path, **kwargs):
+    """fn(path, local_files_only=True, **kwargs) (a transformers from_pretrained) with a loading failure as
+    one line (`loading_error`)."""
+    try:
+        return fn(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise loading_error(spec, path, e) from None
+
+
 def register_attention() -> None:
     """Register `attnmask` with transformers' attention-function and mask-builder registries."""
     from transformers import AttentionInterface
@@ -255,11 +293,9 @@ class HuggingFaceAdapter(ModelAdapter):
     def load(cls, spec: str, device: torch.device | str = "cpu") -> "HuggingFaceAdapter":
         """Load the base model (no task head) and its tokenizer from a folder, offline."""
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         path = resolve_model_path(spec)
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        quiet_transformers()
         register_attention()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -389,6 +425,38 @@ def is_punctuation(token: str) -> bool:
     for marker in WORD_PIECE_MARKERS:
         token = token.removeprefix(marker)
     return bool(token) and all(unicodedata.category(ch).startswith("P") for ch in token)
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """A Hugging Face base model laid out as one of the two stacks attnmask drives module by module:
+    `kind` "encoder" (BERT family: embeddings, encoder.layer, pooler) or "decoder" (GPT-2 style: wte, wpe,
+    h, ln_f; causal), the base model, and its layer modules in order."""
+
+    kind: str
+    model: nn.Module
+    layers: nn.ModuleList
+
+
+def is_bert_layout(base: nn.Module) -> bool:
+    """The BERT family's parts: `embeddings` and `encoder.layer`."""
+    return hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer")
+
+
+def is_gpt2_layout(base: nn.Module) -> bool:
+    """GPT-2 style parts: token and position embeddings `wte`, `wpe` and the layers `h`."""
+    return hasattr(base, "h") and hasattr(base, "wte") and hasattr(base, "wpe")
+
+
+def layer_stack(model: nn.Module) -> LayerStack | None:
+    """The layer stack of a Hugging Face model (a *For* task model or the base model itself); None for a
+    layout other than the BERT family's or GPT-2's."""
+    base = getattr(model, "base_model", model)
+    if is_bert_layout(base):
+        return LayerStack("encoder", base, base.encoder.layer)
+    if is_gpt2_layout(base):
+        return LayerStack("decoder", base, base.h)
+    return None
 
 
 def module_heads(module: nn.Module, config) -> int:

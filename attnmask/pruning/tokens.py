@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.models.hf import ATTENTION_NAME, attention_modules, register_attention
+from attnmask.models.hf import ATTENTION_NAME, LayerStack, attention_modules, layer_stack, register_attention
 from attnmask.pruning.packing import PackedAttention, PackedLayout, PackedState
 
 METHODS = ("topk", "threshold", "schedule")
@@ -161,25 +161,16 @@ class PruningConfig:
 # The model's parts
 
 
-@dataclass
-class Body:
-    """The pieces of a supported model the pruned forward drives."""
-
-    kind: str  # "encoder" (BERT family) | "decoder" (GPT-2 style, causal)
-    model: nn.Module  # the base model (BertModel, GPT2Model)
-    layers: nn.ModuleList
-
-
-def body_of(model: nn.Module) -> Body:
-    """The base model of a Hugging Face model (a *For* task model or the base itself) and its layers."""
-    base = getattr(model, "base_model", model)
-    if hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer"):
-        if getattr(base.config, "is_decoder", False):
-            raise AttnmaskError("token pruning supports BERT-family encoders, not BERT used as a decoder")
-        return Body("encoder", base, base.encoder.layer)
-    if hasattr(base, "h") and hasattr(base, "wte") and hasattr(base, "wpe"):
-        return Body("decoder", base, base.h)
-    raise AttnmaskError(f"token pruning supports BERT-family and GPT-2 style models, not {type(base).__name__}")
+def prunable_stack(model: nn.Module) -> LayerStack:
+    """The layer stack the pruned forward drives (models/hf.py's `layer_stack`): a BERT-family encoder or a
+    GPT-2 style decoder; any other model is one error line."""
+    stack = layer_stack(model)
+    if stack is None:
+        base = getattr(model, "base_model", model)
+        raise AttnmaskError(f"token pruning supports BERT-family and GPT-2 style models, not {type(base).__name__}")
+    if stack.kind == "encoder" and getattr(stack.model.config, "is_decoder", False):
+        raise AttnmaskError("token pruning supports BERT-family encoders, not BERT used as a decoder")
+    return stack
 
 
 def attention_modules_by_layer(layers: nn.ModuleList) -> list[list[nn.Module]]:
@@ -188,7 +179,7 @@ def attention_modules_by_layer(layers: nn.ModuleList) -> list[list[nn.Module]]:
 
 
 @contextmanager
-def attnmask_attention(model: nn.Module) -> Iterator[None]:
+def switched_to_attnmask_attention(model: nn.Module) -> Iterator[None]:
     """Switch the model to the registered `attnmask` attention function for the block (if needed)."""
     previous = model.config._attn_implementation
     if previous == ATTENTION_NAME:
@@ -341,7 +332,7 @@ class TokenPruner(nn.Module):
 
     def __init__(self, model: nn.Module, config: PruningConfig, special_ids: Iterable[int] = ()):
         super().__init__()
-        self.body = body_of(model)
+        self.body = prunable_stack(model)
         self.config = config
         self.layers = len(self.body.layers)
         values = config.per_layer(self.layers)
@@ -440,7 +431,7 @@ class TokenPruner(nn.Module):
                 **_ignored) -> PrunedOutput:
         """The pruned forward: [B, T] inputs (right padding) -> PrunedOutput."""
         base = self.body.model
-        with attnmask_attention(base):
+        with switched_to_attnmask_attention(base):
             return self._forward(input_ids, attention_mask, token_type_ids, inputs_embeds)
 
     def _forward(self, input_ids, attention_mask, token_type_ids, inputs_embeds) -> PrunedOutput:

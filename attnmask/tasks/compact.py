@@ -25,9 +25,9 @@ distillation moves it towards the span.
 
 The result is a Hugging Face folder whose config is the original BERT config with model_type
 `attnmask-compact-bert` and `attnmask_compact` (the spans and the substitutes' sizes). attnmask registers
-its model classes with transformers' Auto classes (`register_compact_models`, called by attnmask's
-loaders), so `from_pretrained` rebuilds the substitutes; no remote code is run. `compact.json` records
-what was replaced, why, and the training.
+its model classes with transformers' Auto classes (`register_compact_models`, attnmask/models/compact.py,
+called by attnmask's loaders), so `from_pretrained` rebuilds the substitutes; no remote code is run.
+`compact.json` records what was replaced, why, and the training.
 
 Attention sites: the remaining original blocks stay `encoder.self` (renumbered 0..L'-1 in order); the
 compact blocks form the site `encoder.compact` (numbered in order over all substitutes), so masks can be
@@ -64,8 +64,8 @@ from attnmask.analysis.analyze import (entropy, js_distances, layer_distribution
 from attnmask.errors import AttnmaskError
 from attnmask.models.base import pick_device
 from attnmask.models.compact import (COMPACT_MODEL_TYPE, CompactBertConfig, CompactBertForSequenceClassification,
-                                     CompactBertModel, CompactSpec, CompactSubstitute, body_of, parse_spans, span_text,
-                                     substitutes)
+                                     CompactBertModel, CompactSpec, CompactSubstitute, bert_model_of, parse_spans,
+                                     span_text, substitutes)
 from attnmask.models.families import load_adapter
 from attnmask.models.hf import register_attention, resolve_model_path
 from attnmask.store.data import iter_texts, resolve_data
@@ -373,7 +373,7 @@ def distillation_losses(teacher, student, spec: CompactSpec, batches: Iterator[d
     """For each batch: the teacher runs (no gradients) until the end of the last span, with hooks taking
     each span's input (the arguments of its first block) and output (of its last block); the loss is the
     sum over spans of mean over real tokens and hidden units of (S(input) - output)^2."""
-    blocks = body_of(teacher).encoder.layer
+    blocks = bert_model_of(teacher).encoder.layer
     subs = substitutes(student)
     captured: dict[int, list] = {}
     handles = []
@@ -456,7 +456,7 @@ def sentence_embeddings(model, tokenizer, texts: list[str], max_length: int, bat
     """[N, H] mean of the last hidden states over each text's real tokens (MiniLM's sentence embedding)."""
     model.eval()
     out = []
-    body = body_of(model)
+    body = bert_model_of(model)
     for start in range(0, len(texts), batch_size):
         inputs = encode(tokenizer, texts[start:start + batch_size], max_length, device)
         hidden = body(**inputs).last_hidden_state
@@ -494,7 +494,7 @@ def evaluate_pair(teacher, student, tokenizer, examples: Examples, settings: Com
 
 def cost(model, length: int) -> dict:
     return {"parameters": parameter_count(model),
-            "encoder_parameters": parameter_count(body_of(model).encoder), "gmacs": gmacs(model, length)}
+            "encoder_parameters": parameter_count(bert_model_of(model).encoder), "gmacs": gmacs(model, length)}
 
 
 def cost_report(teacher, student, length: int) -> dict:

@@ -7,6 +7,10 @@
   (incremental decoding, masked when masks are given) and scores corpus BLEU with sacrebleu.
 * `make_reverse_task(folder)` writes a synthetic reverse-the-sequence task and binarizes it with
   fairseq-preprocess (joined dictionary); tests and benchmarks use it.
+
+Elsewhere: what `attnmask collect CHECKPOINT.pt DATA_BIN` reads (`FairseqInput`) is in
+attnmask/collect/inputs.py; loading a checkpoint and the attention seam, in attnmask/models/fairseq.py and
+attnmask/models/fairseq_attention.py; the plugin's task, in attnmask/models/fairseq_plugin/task.py.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from attnmask.errors import AttnmaskError
 from attnmask.models.fairseq import (build_task_and_model, check_data_bin, load_checkpoint_state, model_config_digest,
-                                     recorded_masks, weights_digest)
+                                     checkpoint_masks_record, weights_digest)
 from attnmask.models.fairseq_attention import import_fairseq, quiet_logs
 from attnmask.models.families import apply_masks
 from attnmask.store.stores import read_masks
@@ -154,7 +158,7 @@ def check_resume(cfg, record: dict | None) -> dict | None:
             raise AttnmaskError(f"--restore-file {restore} does not exist")
         return None
     state = load_checkpoint_state(path)
-    saved = recorded_masks(state)
+    saved = checkpoint_masks_record(state)
     saved_digest = saved["digest"] if saved else None
     new_digest = record["digest"] if record else None
     if resuming and saved_digest != new_digest:
@@ -169,7 +173,7 @@ def check_resume(cfg, record: dict | None) -> dict | None:
 def masks_mismatch(store, state: dict) -> str | None:
     """One line when the mask store was collected from other weights than the checkpoint `state`
     (compared by weights_digest, else by config_digest) and the checkpoint was not trained with it."""
-    trained = recorded_masks(state)
+    trained = checkpoint_masks_record(state)
     if trained and trained["digest"] == store.digest:
         return None
     source = store.attrs.get("model") or {}
@@ -214,7 +218,7 @@ def load_translation_model(checkpoint: str | Path, data_bin: str | Path, masks: 
     its digest must still match. `warnings`: a line when the masks were collected from other weights."""
     folder = check_data_bin(data_bin)
     state = load_checkpoint_state(checkpoint, folder)
-    trained = recorded_masks(state)
+    trained = checkpoint_masks_record(state)
     if masks == RECORDED:
         masks = trained["path"] if trained else None
         if masks is not None and read_masks(masks).digest != trained["digest"]:
