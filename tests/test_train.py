@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from attnmask.errors import AttnmaskError
 from attnmask.tasks.experiments import sweep
 from attnmask.tasks.classify import EvalSettings, TrainSettings, evaluate, split, train
+from attnmask.store.stores import read_masks
 
 WORDS = ["good", "bad", "film", "plot", "actor", "long", "short", "story", "music", "scene", "dull", "fun"]
 
@@ -102,7 +103,9 @@ def test_train_masked_writes_model_settings_metrics_and_eval_reproduces(tiny_mod
     config = json.loads((run / "config.json").read_text())
     assert config["attnmask"]["digest"] == masks.digest
     assert config["id2label"] == {"0": "neg", "1": "pos"}
-    assert (run / "masks" / "zarr.json").exists() and not (run / "checkpoint").exists()
+    assert (run / "attnmask-masks.zarr" / "zarr.json").exists() and not (run / "checkpoint").exists()
+    assert read_masks(run / "attnmask-masks.zarr").digest == masks.digest
+    assert not (run / "masks").exists()  # one copy of the masks: the one save_pretrained wrote
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == metrics
     assert metrics["train_examples"] == 96 and metrics["eval_examples"] == 24
@@ -136,7 +139,7 @@ def test_eval_refuses_masks_that_do_not_fit_or_are_missing(tiny_model, labelled_
     assert "NOT the masks" in result["masks_note"] and other.digest != masks.digest
     import shutil
 
-    shutil.rmtree(tmp_path / "run" / "masks")
+    shutil.rmtree(tmp_path / "run" / "attnmask-masks.zarr")
     with pytest.raises(AttnmaskError, match="pass --masks"):
         evaluate(EvalSettings(model=str(tmp_path / "run"), data=str(labelled_csv), device="cpu"))
 

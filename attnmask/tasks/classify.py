@@ -5,7 +5,9 @@ it has none) on labelled texts, with the masks applied in training and evaluatio
 `settings.out`:
 
     config.json, model.safetensors, tokenizer files   the model (config records the masks' digest)
-    masks/                                            a copy of the mask store used (if any)
+    attnmask-masks.zarr                               the mask store used (if any): the model's save_pretrained
+                                                      writes it while the masks are applied (so do Trainer's
+                                                      checkpoints); `eval` and attnmask.load_model read it
     settings.json                                     the settings, the label names and the split
     metrics.json                                      accuracy on the held-out split, loss, time, the masks'
                                                       data_sparsity, mass_kept, plane_sparsity
@@ -30,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from attnmask.models.base import pick_device
 from attnmask.models.families import apply_masks
 from attnmask.models.hf import loading_error, register_attention, resolve_model_path
 from attnmask.pruning.tokens import config_from_fields, install_pruning, recorded_config
-from attnmask.runtime.attention import load_store, recorded_masks
+from attnmask.runtime.attention import MASKS_IN_FOLDER, folder_masks, load_store, recorded_masks, settle_saved
 from attnmask.store.data import iter_labeled, resolve_data
 DEFAULT_LR = 2e-4  # peak learning rate of classifier fine-tuning: the measured default (README, "Training defaults")
 DEFAULT_LABELS = {name: ("category", ["fresh", "rotten"]) for name in ("rotten-tomatoes", "rotten-tomatoes-full")}
@@ -349,9 +350,6 @@ def train_classifier(settings: TrainSettings, progress: Callable | None = None) 
     if args.process_index == 0:
         model.save_pretrained(run.path)
         tokenizer.save_pretrained(run.path)
-        if store is not None and store.path:
-            shutil.rmtree(run.path / "masks", ignore_errors=True)
-            shutil.copytree(store.path, run.path / "masks")
         (run.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
         run.finish()
     if handle is not None:
@@ -417,7 +415,8 @@ def pruning_for_eval(model_dir: Path, pruning: dict | str | None):
 
 
 def masks_for_eval(model_dir: Path, record: dict | None, masks: str | None):
-    """The mask store to evaluate with: explicit, 'none', or the one recorded in the model."""
+    """The mask store to evaluate with: explicit, 'none', or the one the model was saved with (its folder's
+    MASKS_IN_FOLDER, read by folder_masks and checked against the digest the model's config records)."""
     if masks == "none":
         return None, "dense (requested)"
     if masks is not None:
@@ -431,15 +430,11 @@ def masks_for_eval(model_dir: Path, record: dict | None, masks: str | None):
         return store, note
     if record is None:
         return None, "dense (the model records no masks)"
-    local = model_dir / "masks"
-    if not local.exists():
-        raise AttnmaskError(f"the model was trained with masks {record['digest'][:19]}… but {local} is missing; "
-                            "pass --masks")
-    store = load_store(local)
-    if store.digest != record["digest"]:
-        raise AttnmaskError(f"{local} has digest {store.digest[:19]}…, not the {record['digest'][:19]}… "
-                            "recorded in the model")
-    return store, "recorded in the model"
+    settle_saved(model_dir)  # a save cut short: the folder is the old save or the new one
+    if not (model_dir / MASKS_IN_FOLDER).exists():
+        raise AttnmaskError(f"the model was trained with masks {record['digest'][:19]}… but "
+                            f"{model_dir / MASKS_IN_FOLDER} is missing; pass --masks")
+    return folder_masks(model_dir, record), "recorded in the model"
 
 
 def evaluate_classifier(settings: EvalSettings) -> dict:
