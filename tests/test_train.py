@@ -386,8 +386,7 @@ def test_sweep_variant_compiles_from_its_own_pattern_stores(tiny_model, labelled
     flipped = {name: copy_site(site, sum=site.sum[..., ::-1].copy(), count=site.count[..., ::-1].copy())
                for name, site in store.sites.items()}
     other = write_patterns(tmp_path / "other.zarr", flipped, {k: store.attrs[k] for k in ("model", "data", "max_length")})
-    base = settings(tiny_model, labelled_csv, "", epochs=1, limit=40)
-    runs = plan(base, {0: str(pattern_store)}, [0.6], {"data": {}, "more": {"patterns": {0: str(other.path)}}},
+    runs = plan({0: str(pattern_store)}, [0.6], {"data": {}, "more": {"patterns": {0: str(other.path)}}},
                 tmp_path / "sw", [0])
     sources = {run.kind: read_masks(run.masks).attrs["source"]["digest"] for run in runs if run.masks}
     assert sources == {"data": store.attrs["digest"], "more": other.attrs["digest"]}

@@ -23,8 +23,8 @@ The held-out split is fixed by the seed: the first `limit` labelled examples (al
 shuffled with `seed`, the first round(eval_split * n) of them form the held-out set, the rest the
 training set. `split` names the dataset split DATA is read from (the data layer's --split).
 
-Dispatch points for other tasks and model families: `TRAINERS[task]`, `EVALUATORS[task]` and
-`model_family(spec)`; settings are one dataclass (`TrainSettings`) so new options are one field.
+Dispatch points for other tasks: `TRAINERS[task]` and `EVALUATORS[task]`; settings are one dataclass
+(`TrainSettings`) so new options are one field.
 """
 
 from __future__ import annotations
@@ -161,11 +161,6 @@ def split(n: int, eval_split: float, seed: int, limit: int | None) -> tuple[list
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-
-def model_family(spec: str) -> str:
-    """The family of a model argument ('huggingface'; other families are dispatched here)."""
-    return "huggingface"
 
 
 def load_classifier(spec: str, num_labels: int | None, names: list[str] | None, device: torch.device):
@@ -363,7 +358,7 @@ TRAINERS: dict[str, Callable[..., dict]] = {"classify": train_classifier}
 
 
 def train(settings: TrainSettings, progress: Callable | None = None) -> dict:
-    """Dispatch on the task (and, inside a trainer, on the model family)."""
+    """Dispatch on the task (TRAINERS)."""
     if settings.task not in TRAINERS:
         raise AttnmaskError(f"--task {settings.task!r} is not supported (choose from {', '.join(TRAINERS)})")
     return TRAINERS[settings.task](settings, progress)

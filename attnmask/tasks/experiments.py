@@ -137,8 +137,8 @@ def compile_for(patterns: str, settings, out: Path) -> str:
     return str(out)
 
 
-def plan(base: TrainSettings, patterns: dict[int, str], taus: list[float], variants: dict[str, dict],
-         out: Path, seeds: list[int]) -> list[Planned]:
+def plan(patterns: dict[int, str], taus: list[float], variants: dict[str, dict], out: Path,
+         seeds: list[int]) -> list[Planned]:
     """Every run of the sweep, masks compiled: per seed the dense run, then each (variant, tau > 0). A
     variant's options may name its own pattern stores ({"patterns": {seed: store}, ...})."""
     runs = []
@@ -234,7 +234,7 @@ def sweep(base: TrainSettings, patterns: str | dict[int, str], taus: list[float]
     check_sweep_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for planned in plan(base, stores, taus, variants, out, seeds):
+    for planned in plan(stores, taus, variants, out, seeds):
         metrics = finished_or_train(base, planned, progress)
         row = {"seed": planned.seed, "kind": planned.kind, "tau": planned.tau, **masks_figures(planned.masks),
                **{k: metrics.get(k) for k in ("accuracy", "majority",

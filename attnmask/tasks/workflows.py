@@ -2,7 +2,9 @@
 command-line options each takes, how each runs from the parsed options and the columns of its result.
 
 The CLI parses, looks the workflow up (`train_workflow`, `eval_workflow`), refuses the options that do not
-apply to it, runs it and prints its Outcome; every family and task branch lives here."""
+apply to it, runs it and prints its Outcome. Every branch of these two commands on the model family or the
+task lives here (the tables at the end); other commands and the Python API find a model's family through
+attnmask/models/."""
 
 from __future__ import annotations
 
