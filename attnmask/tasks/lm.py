@@ -332,8 +332,8 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
 
 def save_lm(run: LMRun, out: Path, handle: MaskHandle | None) -> None:
     """config.json (+ tgt_len, + "attnmask" record with masks), model.safetensors, vocab.txt; with masks
-    applied, the model's save_pretrained also writes the mask store into the folder
-    (runtime.follow_saves), where eval_lm and attnmask.load_model find it."""
+    applied, the model's save_pretrained also writes the mask store into the folder (the runtime's
+    follow_saves, as attnmask-masks.zarr), where eval_lm and attnmask.load_model find it."""
     config = run.model.config
     config.extra["tgt_len"] = run.tgt_len
     if handle is not None:
