@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile attnmask/runtime/blocksparse.cpp attnmask/runt
 	$(BIN)/python -m attnmask.models.fairseq_safe_load --install
 	@# the C++ block-sparse kernel, built once for this machine (~40 s) into $(VENV)/share/attnmask/kernels
 	@# (its sha256 recorded beside it) instead of at first use
-	$(BIN)/python -c "from attnmask.runtime.attention import native; print('C++ block-sparse kernel:', 'built' if native.kernel() else 'not built, the Python kernel runs')"
+	$(BIN)/python -c "from attnmask.runtime import native; print('C++ block-sparse kernel:', 'built' if native.kernel() else 'not built, the Python kernel runs')"
 	touch $@
 
 # collect -> compile at tau 0.9 -> train dense and masked MiniLM classifiers -> accuracies (runs/demo)

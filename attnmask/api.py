@@ -32,7 +32,8 @@ from attnmask.models.base import pick_device
 from attnmask.models.families import apply_masks as apply, is_fairseq_checkpoint, load_adapter
 from attnmask.models.hf import HuggingFaceAdapter, loading_error, register_attention, resolve_model_path
 from attnmask.models.transfo_xl import is_transfo_xl_folder
-from attnmask.runtime.attention import folder_masks, recorded_masks, settle_saved
+from attnmask.runtime.attach import recorded_masks
+from attnmask.runtime.saving import folder_masks, settle_saved
 from attnmask.store.data import dataset_source, iter_texts, resolve_data
 from attnmask.tasks.lm import load_lm, load_masks, recorded_store
 PathLike = (str, os.PathLike)

@@ -396,7 +396,7 @@ def loaded(folder: Path):
 def test_a_save_cut_short_before_its_masks_leaves_the_old_save(tmp_path, monkeypatch):
     """The weights and the config used to be written into the folder before the masks: cut there, the
     folder held new weights whose config named masks it did not hold, and load_model refused it."""
-    import attnmask.runtime.attention as runtime
+    import attnmask.runtime.saving as runtime
 
     model, folder, first, second, old_weight = masked_saves(tmp_path)
 
@@ -414,7 +414,7 @@ def test_a_save_cut_short_before_its_masks_leaves_the_old_save(tmp_path, monkeyp
 
 
 def test_a_save_cut_short_while_moving_in_is_completed_by_the_next_load(tmp_path, monkeypatch):
-    import attnmask.runtime.attention as runtime
+    import attnmask.runtime.saving as runtime
 
     model, folder, first, second, _ = masked_saves(tmp_path)
     new_weight = next(model.parameters()).detach().clone()
@@ -440,7 +440,7 @@ class Killed(BaseException):
 
 
 def test_a_failed_save_leaves_the_old_save_and_nothing_else(tmp_path, monkeypatch):
-    import attnmask.runtime.attention as runtime
+    import attnmask.runtime.saving as runtime
 
     model, folder, first, second, old_weight = masked_saves(tmp_path)
 

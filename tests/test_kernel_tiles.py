@@ -12,7 +12,9 @@ from attnmask.runtime import native
 from attnmask.runtime.blocksparse import TILE, block_sparse_attention, tile_for_block, tile_layout
 from attnmask.masks.rules import Window
 from attnmask.models.families import apply_masks
-from attnmask.runtime.attention import MaskedAttention, Call, kept_tile_share, resolve_backend, sparse_pays, store_tile
+from attnmask.runtime.attention import Call
+from attnmask.runtime.backends import kept_tile_share, resolve_backend, sparse_pays, store_tile
+from attnmask.runtime.masked import MaskedAttention
 from attnmask.store.stores import MaskStore, SiteMask, masks_digest
 
 FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32, 2^-126

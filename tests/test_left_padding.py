@@ -17,7 +17,9 @@ import torch
 from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.masks.rules import Window
 from attnmask.models.families import apply_masks
-from attnmask.runtime.attention import BACKENDS, Call, MaskedAttention, key_padding, roll_slots
+from attnmask.runtime.attention import Call, key_padding, roll_slots
+from attnmask.runtime.backends import BACKENDS
+from attnmask.runtime.masked import MaskedAttention
 from attnmask.store.stores import PatternStore, SitePatterns, write_masks
 
 PLANE, LAYERS, HEADS, VOCAB = 256, 2, 4, 60

@@ -469,7 +469,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_cuda_backends_match_float64_in_outputs_and_gradients(backend, dtype, tolerance):
     """FlexAttention's own backward and the block-sparse kernel on the GPU, padded and causal."""
-    from attnmask.runtime.attention import Call, MaskedAttention
+    from attnmask.runtime.attention import Call
+    from attnmask.runtime.masked import MaskedAttention
 
     heads, dim, length = 4, 64, 700
     plane = random_allowed(heads, 768, 768, 0.3, seed=11, causal=True)

@@ -17,7 +17,7 @@ import torch
 
 import attnmask
 from attnmask.errors import AttnmaskError
-from attnmask.runtime.attention import MASKS_IN_FOLDER
+from attnmask.runtime.saving import MASKS_IN_FOLDER
 from attnmask.store.stores import SiteMask, read_masks, write_masks
 from conftest import make_tokenizer, random_texts
 

@@ -11,7 +11,8 @@ import torch
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import Window, window_keep
 from attnmask.models.families import apply_masks
-from attnmask.runtime.attention import BACKENDS, recorded_masks, resolve_backend
+from attnmask.runtime.attach import recorded_masks
+from attnmask.runtime.backends import BACKENDS, resolve_backend
 from attnmask.store.stores import MaskStore, SiteMask, masks_digest, read_masks, write_masks
 
 LAYERS, HEADS, PLANE = 2, 4, 16

@@ -12,7 +12,7 @@ from attnmask.models.fairseq import FairseqAdapter
 from attnmask.models.fairseq_attention import FairseqSeam
 from attnmask.models.hf import HuggingFaceAdapter, HuggingFaceSeam
 from attnmask.models.transfo_xl import TransfoXLAdapter, TransfoXLSeam, is_transfo_xl_folder
-from attnmask.runtime.attention import MaskHandle, attach
+from attnmask.runtime.attach import MaskHandle, attach
 from attnmask.runtime.seam import MaskSeam
 from attnmask.store.stores import MaskStore
 

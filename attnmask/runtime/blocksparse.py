@@ -34,6 +34,7 @@ from torch import nn
 
 from attnmask.runtime import native
 from attnmask.runtime.scratch import scratch
+from attnmask.runtime.tensors import needs_grad, pad_positions
 
 TILE = 128
 """Tile side (queries x keys) of the block-sparse kernels for masks not compiled in blocks (element-wise
@@ -167,12 +168,6 @@ class ScoreTerm(Protocol):
         """[B, R, T, c·T] for rows (heads [R], q_blocks [R]) and gathered key columns [R, c·T]."""
 
 
-def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad dim -2 of x [B, H, n, D] to `length`."""
-    extra = length - x.shape[-2]
-    return x if extra == 0 else nn.functional.pad(x, (0, 0, 0, extra))
-
-
 def group_mask(group: TileGroup, key_len: torch.Tensor | None, extra: torch.Tensor | None,
                dtype: torch.dtype) -> torch.Tensor | None:
     """Additive mask [B or 1, R, T or 1, c·T] of one group: 0 where allowed, dtype minimum elsewhere,
@@ -225,8 +220,8 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     query [B, H, q, D], key/value [B, Hkv, k, D] with H % Hkv == 0; key_len [B]: real keys of each
     sequence (right padding), None when all are real. Differentiable in query, key, value.
     """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if native.usable(query, dropout, extra, needs_grad):
+    backward = needs_grad(query, key, value)
+    if native.usable(query, dropout, extra, backward):
         csr = layout.rows
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         lengths = None if key_len is None else key_len.to(torch.long).contiguous()
@@ -236,11 +231,11 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     kv_heads, k = key.shape[1], key.shape[2]
     tile = layout.tile
     nq, nk = blocks(q, tile), blocks(k, tile)
-    query_tiles = _pad_positions(query, nq * tile).reshape(batch, heads * nq, tile, dim)
-    key_tiles = _pad_positions(key, nk * tile).reshape(batch, kv_heads * nk, tile, dim)
-    value_tiles = _pad_positions(value, nk * tile).reshape(batch, kv_heads * nk, tile, value.shape[-1])
+    query_tiles = pad_positions(query, nq * tile).reshape(batch, heads * nq, tile, dim)
+    key_tiles = pad_positions(key, nk * tile).reshape(batch, kv_heads * nk, tile, dim)
+    value_tiles = pad_positions(value, nk * tile).reshape(batch, kv_heads * nk, tile, value.shape[-1])
     rows_total = heads * nq
-    reuse = not needs_grad  # scratch buffers only where autograd keeps no reference to the gathers
+    reuse = not backward  # scratch buffers only where autograd keeps no reference to the gathers
     group_size = heads // kv_heads
     out = None
     if layout.kept_rows < rows_total:  # rows without a kept tile (bucket rows) give 0

@@ -19,9 +19,9 @@ no backward on CPU: such calls run on the blocksparse backend, which computes th
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from attnmask.runtime.blocksparse import pad_to_tiles, tile_classes
+from attnmask.runtime.tensors import needs_grad, pad_positions
 
 _compiled_flex = None
 
@@ -85,18 +85,12 @@ class FlexPlan:
         return mask
 
 
-def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
-    extra = length - x.shape[-2]
-    return x if extra == 0 else nn.functional.pad(x, (0, 0, 0, extra))
-
-
 def flex_attention_call(query, key, value, plan: FlexPlan, call) -> torch.Tensor:
     """out [B, H, q, D]: FlexAttention over the plan's tiles (query [B, H, q, D], key/value [B, Hkv, k, D])."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     q_len = query.shape[-2]
     q_pad, k_pad = plan.padded_length
-    block_mask = plan.block_mask(call.key_len, needs_grad)
+    block_mask = plan.block_mask(call.key_len, needs_grad(query, key, value))
     out = compiled_flex_attention()(
-        _pad_positions(query, q_pad), _pad_positions(key, k_pad), _pad_positions(value, k_pad),
+        pad_positions(query, q_pad), pad_positions(key, k_pad), pad_positions(value, k_pad),
         block_mask=block_mask, scale=call.scale, enable_gqa=key.shape[1] != query.shape[1])
     return out[:, :, :q_len]

@@ -67,8 +67,12 @@ from attnmask.models.transfo_xl import SITE
 from attnmask.models.transfo_xl_model import RelativeScores, TransfoXLConfig, TransfoXLLM
 from attnmask.pruning.tokens import parse_spec, pruning_context, stats_table
 from attnmask.runtime import native
-from attnmask.runtime.attention import Call, MaskedAttention, check_fit, load_store, resolve_backend, store_tile
-from attnmask.runtime.flex import _pad_positions, compiled_flex_attention
+from attnmask.runtime.attach import check_fit, load_store
+from attnmask.runtime.attention import Call
+from attnmask.runtime.backends import resolve_backend, store_tile
+from attnmask.runtime.flex import compiled_flex_attention
+from attnmask.runtime.masked import MaskedAttention
+from attnmask.runtime.tensors import pad_positions
 from attnmask.store.sites import is_causal, is_cross
 from attnmask.store.stores import MaskStore, PatternStore, SiteMask, masks_digest
 from attnmask.tasks.flops import dense_model_flops
@@ -555,7 +559,7 @@ def bare_flex_kernel(masked, call, q, k, v) -> Callable[[], Any]:
     plan = masked.flex_plan(call.window)
     block_mask = plan.block_mask(None, q.requires_grad)
     q_pad, k_pad = plan.padded_length
-    qp, kp, vp = _pad_positions(q, q_pad), _pad_positions(k, k_pad), _pad_positions(v, k_pad)
+    qp, kp, vp = pad_positions(q, q_pad), pad_positions(k, k_pad), pad_positions(v, k_pad)
     return lambda: compiled_flex_attention()(qp, kp, vp, block_mask=block_mask, scale=call.scale)[:, :, :q.shape[2]]
 
 

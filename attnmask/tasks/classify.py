@@ -49,7 +49,8 @@ from attnmask.models.base import pick_device
 from attnmask.models.families import apply_masks
 from attnmask.models.hf import loading_error, register_attention, resolve_model_path
 from attnmask.pruning.tokens import config_from_fields, install_pruning, recorded_config
-from attnmask.runtime.attention import MASKS_IN_FOLDER, folder_masks, load_store, recorded_masks, settle_saved
+from attnmask.runtime.attach import load_store, recorded_masks
+from attnmask.runtime.saving import MASKS_IN_FOLDER, folder_masks, settle_saved
 from attnmask.store.data import iter_labeled, resolve_data
 DEFAULT_LR = 2e-4  # peak learning rate of classifier fine-tuning: the measured default (README, "Training defaults")
 DEFAULT_LABELS = {name: ("category", ["fresh", "rotten"]) for name in ("rotten-tomatoes", "rotten-tomatoes-full")}

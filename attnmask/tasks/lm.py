@@ -24,7 +24,8 @@ from attnmask.masks.rules import Window, check_beyond
 from attnmask.models.families import apply_masks
 from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM
 from attnmask.models.transfo_xl_vocab import Vocabulary, batchify, segments
-from attnmask.runtime.attention import MASKS_IN_FOLDER, MaskHandle, folder_masks
+from attnmask.runtime.attach import MaskHandle
+from attnmask.runtime.saving import MASKS_IN_FOLDER, folder_masks
 from attnmask.store.data import default_eval_split, iter_texts, resolve_data
 from attnmask.store.sites import DECODER_SELF
 from attnmask.store.stores import MaskStore, read_masks

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from attnmask.models.fairseq_attention import FairseqSeam, import_fairseq, mark_masked
-from attnmask.runtime.attention import attach
+from attnmask.runtime.attach import attach
 from attnmask.store.stores import is_url, read_masks
 
 import_fairseq()
