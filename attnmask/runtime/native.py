@@ -14,9 +14,11 @@ Building. Under an exclusive flock on NAME.lock (the kernel drops it when its ho
 killed with -9 leaves nothing that holds a later process), torch.utils.cpp_extension compiles into a
 fresh folder NAME.build-PID; the record is written there, the rest of the build (objects, ninja
 files) removed, and the folder renamed to NAME, so NAME is complete or absent. The next builder removes the folders of builds that died. A process that finds
-another one building says so and waits at most $ATTNMASK_NATIVE_WAIT seconds (default 300), then runs
-the Python kernel with a warning. Set ATTNMASK_NATIVE=0 to use the Python kernel only. Without a C++
-compiler the build fails once, with one warning, and the Python kernel runs every call.
+another one building says so and waits at most $ATTNMASK_NATIVE_WAIT seconds (default 300; the stores'
+bounded wait, attnmask.store.locking.bounded_flock), then runs the Python kernel with a warning (a value
+that is no number of seconds >= 0 says so, and the Python kernel runs too). Set ATTNMASK_NATIVE=0 to use
+the Python kernel only. Without a C++ compiler the build fails once, with one warning, and the Python
+kernel runs every call.
 """
 
 from __future__ import annotations
@@ -31,16 +33,19 @@ import platform
 import shutil
 import stat
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from attnmask.errors import AttnmaskError
+from attnmask.store.locking import bounded_flock
 from attnmask.store.stores import sha256_hex
 
 SOURCE = Path(__file__).with_name("blocksparse.cpp")
+WAIT_ENV = "ATTNMASK_NATIVE_WAIT"
 DEFAULT_WAIT_S = 300.0
+"""Seconds a process waits for another one's build unless $ATTNMASK_NATIVE_WAIT says otherwise."""
 
 
 class Untrusted(Exception):
@@ -69,14 +74,6 @@ def enabled() -> bool:
 def build_root() -> Path:
     """The folder builds live in: $ATTNMASK_NATIVE_DIR, else {sys.prefix}/share/attnmask/kernels."""
     return Path(os.environ.get("ATTNMASK_NATIVE_DIR") or Path(sys.prefix, "share", "attnmask", "kernels"))
-
-
-def wait_seconds() -> float:
-    """How long a process waits for another one's build: $ATTNMASK_NATIVE_WAIT, default 300 s."""
-    try:
-        return max(0.0, float(os.environ.get("ATTNMASK_NATIVE_WAIT", DEFAULT_WAIT_S)))
-    except ValueError:
-        return DEFAULT_WAIT_S
 
 
 def binary(folder: Path) -> Path:
@@ -182,7 +179,7 @@ def remove_dead_builds(root: Path, name: str) -> None:
 @contextlib.contextmanager
 def build_lock(root: Path, name: str):
     """Hold the exclusive flock on root/NAME.lock (which records the holder's pid); yields whether it was
-    taken: False after waiting wait_seconds() for another process, with a warning at the start and end."""
+    taken: False after waiting $ATTNMASK_NATIVE_WAIT seconds for another process (_take)."""
     path = root / f"{name}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
@@ -196,23 +193,18 @@ def build_lock(root: Path, name: str):
 
 
 def _take(fd: int, path: Path) -> bool:
-    """Take the flock on `fd`, waiting at most wait_seconds() (with a message) while another process holds it."""
-    deadline = None
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        if deadline is None:
-            deadline = time.monotonic() + wait_seconds()
-            warnings.warn(f"attnmask: process {_holder(path)} is building the C++ block-sparse kernel ({path}); "
-                          f"waiting up to {wait_seconds():g} s for it", RuntimeWarning, stacklevel=4)
-        if time.monotonic() >= deadline:
-            warnings.warn(f"attnmask: process {_holder(path)} is still building the C++ block-sparse kernel "
-                          f"after {wait_seconds():g} s; using the Python kernel", RuntimeWarning, stacklevel=4)
-            return False
-        time.sleep(0.2)
+    """Take the flock on `fd`, waiting at most $ATTNMASK_NATIVE_WAIT seconds while another process holds it
+    (bounded_flock): one warning when the wait starts, and one when it ends without the lock (False)."""
+    def notice(timeout: float) -> None:
+        warnings.warn(f"attnmask: process {_holder(path)} is building the C++ block-sparse kernel ({path}); "
+                      f"waiting up to {timeout:g} s for it", RuntimeWarning, stacklevel=6)
+
+    def give_up(timeout: float) -> None:
+        warnings.warn(f"attnmask: process {_holder(path)} is still building the C++ block-sparse kernel "
+                      f"after {timeout:g} s; using the Python kernel", RuntimeWarning, stacklevel=6)
+
+    return bounded_flock(fd, fcntl.LOCK_EX, WAIT_ENV, DEFAULT_WAIT_S, notice=notice, give_up=give_up,
+                         notice_after=0.0)
 
 
 def _holder(path: Path) -> str:
@@ -250,6 +242,8 @@ def kernel():
     root, name = build_root(), extension_name()
     try:
         return load_or_build(root, name)
+    except AttnmaskError as bad:  # an $ATTNMASK_NATIVE_WAIT that is no number of seconds
+        warnings.warn(f"attnmask: {bad}; using the Python kernel", RuntimeWarning, stacklevel=2)
     except Untrusted as problem:
         warnings.warn(f"attnmask: not loading the C++ block-sparse kernel: {problem}; using the Python kernel "
                       f"(delete {root / name} to rebuild it)", RuntimeWarning, stacklevel=2)

@@ -20,7 +20,9 @@ parent, so it sees the new store, or learns that there is none.
 Every wait for a flock is bounded (`wait_flock`): another process (another user's, too: a shared flock
 needs only read access) may hold one as long as it likes. After NOTICE_AFTER seconds the waiter says on
 stderr which process holds it (from /proc/locks, where there is one), and after $ATTNMASK_LOCK_TIMEOUT
-seconds (default DEFAULT_LOCK_TIMEOUT) it gives up with one error line naming the holder.
+seconds (default DEFAULT_LOCK_TIMEOUT) it gives up with one error line naming the holder. The wait itself
+(`bounded_flock`, its timeout read by `env_seconds`) is also the C++ kernel's wait for another process's
+build (attnmask/runtime/native.py), which ends with a warning and the Python kernel instead.
 
 A temporary of a remote store is named after its writer (`owner_tag`), so that later writers on the
 same host remove only those whose writer is gone (`owner_gone`).
@@ -34,7 +36,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from attnmask.errors import AttnmaskError
@@ -134,18 +136,24 @@ class StoreLock:
 # Readers against a writer replacing the store
 
 
-def lock_timeout() -> float:
-    """Seconds to wait for a flock: $ATTNMASK_LOCK_TIMEOUT (a non-negative number), else the default."""
-    text = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+def env_seconds(name: str, default: float) -> float:
+    """Seconds from the environment variable `name` (a number >= 0), `default` when it is unset or blank;
+    anything else is one AttnmaskError line."""
+    text = os.environ.get(name, "").strip()
     if not text:
-        return DEFAULT_LOCK_TIMEOUT
+        return default
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise AttnmaskError(f"${LOCK_TIMEOUT_ENV} must be a number of seconds >= 0, got {text!r}")
+        raise AttnmaskError(f"${name} must be a number of seconds >= 0, got {text!r}")
     return value
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for a store's flock: $ATTNMASK_LOCK_TIMEOUT (a non-negative number), else the default."""
+    return env_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT)
 
 
 def flock_holders(fd: int) -> list[str]:
@@ -184,36 +192,56 @@ def _user_of(pid: int) -> str:
         return f" of uid {uid}"
 
 
-def wait_flock(fd: int, operation: int, what: Path) -> None:
-    """flock(fd, `operation`), waiting at most lock_timeout() seconds; says on stderr whom it waits for
-    after NOTICE_AFTER seconds, and raises one AttnmaskError naming the holder when the time is up.
+def bounded_flock(fd: int, operation: int, timeout_env: str, default: float, *, notice: Callable[[float], None],
+                  give_up: Callable[[float], None], notice_after: float = NOTICE_AFTER) -> bool:
+    """flock(fd, `operation`), waiting at most t = env_seconds(timeout_env, default) seconds (read only when
+    another process holds the lock): True once taken. A waiter calls notice(t) after min(notice_after, t)
+    seconds and give_up(t) when the time is up, which raises, or returns and the answer is False.
 
     The wait is the kernel's own (a blocking flock, in a helper thread, so that waiters are woken in turn
-    and a writer is not starved by a stream of readers). After a timeout the caller closes `fd`; the
-    helper's flock then ends with the file and the lock is released at once if it is granted late."""
+    and a writer is not starved by a stream of readers). The helper blocks on a duplicate of `fd` (the
+    same open file, so the lock it is granted is fd's) that it closes itself: after a timeout the caller
+    closes `fd`, a lock granted late then ends with the duplicate at once, and a file opened meanwhile
+    under fd's number is never touched."""
     try:
         fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        return
+        return True
     except BlockingIOError:
         pass
-    timeout = lock_timeout()
-    done, failed = threading.Event(), []
+    timeout = env_seconds(timeout_env, default)
+    done, failed, own = threading.Event(), [], os.dup(fd)
 
     def block() -> None:
         try:
-            fcntl.flock(fd, operation)
+            fcntl.flock(own, operation)
         except OSError as e:
             failed.append(e)
+        finally:
+            os.close(own)
         done.set()
 
     threading.Thread(target=block, name="attnmask-flock", daemon=True).start()
-    if not done.wait(min(NOTICE_AFTER, timeout)):
-        print(f"attnmask: waiting for {_holders(fd)} to release {what} (at most {timeout:g} s)", file=sys.stderr)
-        if not done.wait(max(0.0, timeout - NOTICE_AFTER)):
-            raise AttnmaskError(f"{what} is locked by {_holders(fd)}; gave up after {timeout:g} s (wait until it "
-                                f"finishes, or set ${LOCK_TIMEOUT_ENV} to wait longer)")
+    if not done.wait(min(notice_after, timeout)):
+        notice(timeout)
+        if not done.wait(max(0.0, timeout - notice_after)):
+            give_up(timeout)
+            return False
     if failed:
         raise failed[0]
+    return True
+
+
+def wait_flock(fd: int, operation: int, what: Path) -> None:
+    """flock(fd, `operation`), waiting at most lock_timeout() seconds (bounded_flock); says on stderr whom it
+    waits for after NOTICE_AFTER seconds, and raises one AttnmaskError naming the holder when the time is up."""
+    def notice(timeout: float) -> None:
+        print(f"attnmask: waiting for {_holders(fd)} to release {what} (at most {timeout:g} s)", file=sys.stderr)
+
+    def give_up(timeout: float) -> None:
+        raise AttnmaskError(f"{what} is locked by {_holders(fd)}; gave up after {timeout:g} s (wait until it "
+                            f"finishes, or set ${LOCK_TIMEOUT_ENV} to wait longer)")
+
+    bounded_flock(fd, operation, LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT, notice=notice, give_up=give_up)
 
 
 def _holders(fd: int) -> str:
