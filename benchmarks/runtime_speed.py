@@ -151,7 +151,7 @@ def compare(model: str, lengths: list[int], blocks: list[int], batch_size: int, 
                 row["of_possible"] = ((1 - 1 / median) / (1 - 1 / row["ideal"]) if row["ideal"] > 1 + 1e-9
                                       else None)
             rows.append(row)
-    return {"format": "attnmask.runtime.attention-speed.compare", "machine": machine_description(device_),
+    return {"format": "attnmask.runtime-speed.compare", "machine": machine_description(device_),
             "load_average": [load_before, os.getloadavg()[0]], "model": model, "tau": tau, "blocks": blocks,
             "batch_size": batch_size, "rounds": rounds, "sequences": sequences, "rows": rows}
 
