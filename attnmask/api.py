@@ -18,24 +18,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from attnmask.errors import AttnmaskError, weights_refused
+from attnmask.errors import AttnmaskError
 from attnmask.store.stores import (MaskStore, PatternStore, check_output, check_pattern_attrs, masks_digest,
                                    patterns_digest, read_patterns, write_masks, write_patterns)
 
 from attnmask.collect.patterns import collect
 from attnmask.masks.compile import CompileSettings, compile_sites
 from attnmask.models.base import pick_device
-from attnmask.models.families import apply_masks as apply, is_fairseq_checkpoint, load_adapter
-from attnmask.models.hf import HuggingFaceAdapter, loading_error, register_attention, resolve_model_path
-from attnmask.models.transfo_xl import is_transfo_xl_folder
-from attnmask.runtime.attach import recorded_masks
-from attnmask.runtime.saving import folder_masks, settle_saved
+from attnmask.models.families import apply_masks as apply, load_adapter, load_saved_model
+from attnmask.models.hf import HuggingFaceAdapter
 from attnmask.store.data import dataset_source, iter_texts, resolve_data
-from attnmask.tasks.lm import load_lm, load_masks, recorded_store
 PathLike = (str, os.PathLike)
 
 
@@ -222,80 +217,6 @@ def load_model(model: str | os.PathLike, *, model_class: Any = None, masks: Mask
         raise AttnmaskError(f"load_model takes a model folder or name, got {type(model).__name__}")
     if masks is not None and not isinstance(masks, (MaskStore, *PathLike)):
         raise AttnmaskError(f"masks must be None, 'none', a MaskStore or a mask store's path, got {type(masks).__name__}")
-    spec, run_device = os.fspath(model), pick_device(device)
-    if is_fairseq_checkpoint(spec):
-        raise AttnmaskError(f"{spec}: load_model reads Hugging Face and Transformer-XL folders; a fairseq checkpoint "
-                            "is loaded by fairseq with attnmask's plugin (README, fairseq)")
-    if is_transfo_xl_folder(spec):
-        if model_class is not None:
-            raise AttnmaskError("model_class applies to Hugging Face models, not to a Transformer-XL folder")
-        return _load_transfo_xl(spec, masks, backend, run_device)
-    try:
-        return _load_hugging_face(spec, model_class, masks, backend, run_device)
-    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickled weights file
-        raise AttnmaskError(f"{spec}: {weights_refused(e)}") from None
-
-
-def _load_hugging_face(spec: str, model_class: Any, masks, backend: str, device):
-    from transformers.utils import logging as hf_logging
-
-    path = resolve_model_path(spec)
-    settle_saved(path)  # a save with masks cut short: the folder is the old save or the new one
-    register_attention()
-    if model_class is None:
-        from transformers import AutoConfig
-
-        architectures = getattr(_hf_call(spec, AutoConfig.from_pretrained, path), "architectures", None)
-        model_class = architecture_class(spec, architectures)
-    elif not hasattr(model_class, "from_pretrained"):
-        raise AttnmaskError(f"model_class must be a transformers model class (with from_pretrained), got {model_class!r}")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    dense = isinstance(masks, str) and masks == "none"
-    loaded = _hf_call(spec, model_class.from_pretrained, path, **({"attn_implementation": None} if dense else {}))
-    loaded.to(device).eval()
-    record = recorded_masks(loaded)
-    if dense:
-        for key in ("attnmask", "attnmask_note"):  # saved again, it is a dense model's folder
-            loaded.config.__dict__.pop(key, None)
-        return loaded
-    store = folder_masks(path, record) if masks is None and record is not None else masks
-    if store is not None:
-        apply_masks(loaded, store, backend)
-    return loaded
-
-
-def architecture_class(spec: str, architectures: Any):
-    """The transformers model class that config.json's `architectures` names first (AutoModel when it names
-    none); a name that is not a transformers model class is one error line."""
-    import transformers
-    from transformers import PreTrainedModel
-
-    if not architectures:
-        return transformers.AutoModel
-    name = architectures if isinstance(architectures, str) else \
-        architectures[0] if isinstance(architectures, list) else architectures
-    try:
-        found = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
-    except Exception:  # noqa: BLE001 - transformers' lazy module fails on names whose backend is missing
-        found = None
-    if not (isinstance(found, type) and issubclass(found, PreTrainedModel) and found is not PreTrainedModel):
-        raise AttnmaskError(f"{spec}: config.json's architectures names {str(name)[:80]!r}, which is not a "
-                            "transformers model class; correct it, or pass model_class=")
-    return found
-
-
-def _hf_call(spec: str, fn, path, **kwargs):
-    """fn(path, local_files_only=True, **kwargs) with a loading failure as one line."""
-    try:
-        return fn(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise loading_error(spec, path, e) from None
-
-
-def _load_transfo_xl(spec: str, masks, backend: str, device):
-    run = load_lm(spec, device)
-    store = recorded_store(spec, run.model.config) if masks is None else masks
-    if store is not None and not (isinstance(store, str) and store == "none"):
-        load_masks(run.model, store, run.tgt_len, run.mem_len, backend)
-    return run.model.eval()
+    if not isinstance(backend, str):
+        raise AttnmaskError(f"backend must be a string (auto, eager, sdpa, blocksparse, flex), got {backend!r}")
+    return load_saved_model(os.fspath(model), model_class, masks, backend, pick_device(device))

@@ -191,7 +191,8 @@ print(json.dumps({"digest": model._attnmask_handle.store.digest, "log_probs": ou
 
 
 def test_transformer_xl_folder_carries_the_masks(tmp_path):
-    from attnmask.tasks.lm import eval_lm, load_lm, load_masks, save_lm
+    from attnmask.models.transfo_xl import load_lm, load_masks
+    from attnmask.tasks.lm import eval_lm, save_lm
     from test_transfo_xl import model_folder
 
     folder, lines = model_folder(tmp_path)

@@ -109,7 +109,8 @@ def fields_holding(cfg, text: str, prefix: str = "cfg") -> list[str]:
 
 
 def checkpoint_masks_record(state: dict) -> dict | None:
-    """The masks a checkpoint was trained with, as its task state records them: {'digest', 'path', 'sites'} or None (dense)."""
+    """The masks a checkpoint was trained with, as its task state records them: {'digest', 'path', 'sites'},
+    or None (dense)."""
     return (state.get("task_state") or {}).get("attnmask_masks")
 
 

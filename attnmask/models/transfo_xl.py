@@ -18,18 +18,22 @@ columns as not real, so `count` counts only cells that existed.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
 from attnmask.errors import AttnmaskError
+from attnmask.masks.rules import Window, check_beyond
 from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site
-from attnmask.runtime.seam import MaskSeam
-from attnmask.models.transfo_xl_model import TransfoXLLM
+from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM
 from attnmask.models.transfo_xl_vocab import Vocabulary, batchify
+from attnmask.runtime.attach import MaskHandle, attach
+from attnmask.runtime.saving import MASKS_IN_FOLDER, folder_masks
+from attnmask.runtime.seam import MaskSeam
 from attnmask.store.sites import DECODER_SELF
-from attnmask.store.stores import json_digest
+from attnmask.store.stores import MaskStore, json_digest, read_masks
 
 SITE = DECODER_SELF  # the one site of a Transformer-XL
 _VOLATILE = {"attnmask", "architectures", "transformers_version", "torch_dtype", "_name_or_path"}
@@ -126,6 +130,75 @@ class TransfoXLAdapter(ModelAdapter):
             yield
         finally:
             body.prob_sink = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a saved model with its masks (attnmask/tasks/lm.py trains and evaluates; attnmask.load_model)
+
+
+@dataclass
+class LMRun:
+    """A Transformer-XL with its vocabulary and the segment (tgt_len) and memory (mem_len) lengths it runs at."""
+
+    model: TransfoXLLM
+    vocab: Vocabulary
+    tgt_len: int
+    mem_len: int
+
+
+def load_lm(model: str | Path, device: torch.device | str = "cpu", tgt_len: int | None = None,
+            mem_len: int | None = None) -> LMRun:
+    """The Transformer-XL of a model folder (config.json, weights, vocabulary) on `device`, at `tgt_len`
+    (default: the segment length it was trained with, else 128) and `mem_len` (default: its config's)."""
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise AttnmaskError(f"{model} is not a model folder (no config.json)")
+    lm = TransfoXLLM.from_pretrained(folder, device)
+    return with_lengths(lm, Vocabulary.load(folder), tgt_len, mem_len)
+
+
+def with_lengths(lm: TransfoXLLM, vocab: Vocabulary, tgt_len: int | None, mem_len: int | None) -> LMRun:
+    tgt_len = tgt_len or int(lm.config.extra.get("tgt_len", 128))
+    if mem_len is not None:
+        lm.config.mem_len = mem_len
+    if tgt_len < 1 or lm.config.mem_len < 0:
+        raise AttnmaskError("--tgt-len must be positive and --mem-len non-negative")
+    return LMRun(lm, vocab, tgt_len, lm.config.mem_len)
+
+
+def recorded_store(folder: str | Path, config: TransfoXLConfig) -> MaskStore | None:
+    """The mask store a model folder was saved with: the copy in the folder (runtime.MASKS_IN_FOLDER),
+    digest-checked; for a folder saved before masks were copied into it, the recorded path, if it still
+    exists. None when the config records no masks."""
+    record = config.extra.get("attnmask")
+    if not isinstance(record, dict):
+        return None
+    if (Path(folder) / MASKS_IN_FOLDER).exists() or not record.get("path"):
+        return folder_masks(folder, record)
+    path = Path(record["path"])
+    if not path.exists():
+        raise AttnmaskError(f"the model was trained with masks {path}, which no longer exist; "
+                            "pass --masks (or 'none' for dense attention)")
+    store = read_masks(path)
+    if store.digest != record.get("digest"):
+        raise AttnmaskError(f"masks {path} changed since training (digest differs); pass --masks explicitly")
+    return store
+
+
+def load_masks(lm: TransfoXLLM, masks: str | Path | MaskStore, tgt_len: int, mem_len: int,
+               backend: str = "auto") -> MaskHandle:
+    """Apply the store's decoder.self masks to the model (through its seam, TransfoXLSeam); with the length policy
+    "error", segments of tgt_len tokens and mem_len memories must fit the plane (checked before any work)."""
+    store = masks if isinstance(masks, MaskStore) else read_masks(masks)
+    if DECODER_SELF not in store.sites:
+        raise AttnmaskError(f"mask store {store.path} has no {DECODER_SELF} site (sites: {', '.join(store.sites)})")
+    plane_q, plane_k = store.sites[DECODER_SELF].keep.shape[2:]
+    if plane_k < plane_q:
+        raise AttnmaskError(f"masks of {plane_q} queries x {plane_k} keys are not a Transformer-XL plane "
+                            "(keys >= queries)")
+    check_beyond(Window(tgt_len, mem_len + tgt_len, 0, plane_k - plane_q - mem_len), plane_q, plane_k,
+                 store.attrs.get("beyond", "dense"), DECODER_SELF)
+    return attach(lm, TransfoXLSeam, store, backend)
 
 
 class TransfoXLSeam(MaskSeam):

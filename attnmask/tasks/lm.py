@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,15 +19,12 @@ import torch
 from torch import nn
 
 from attnmask.errors import AttnmaskError
-from attnmask.masks.rules import Window, check_beyond
-from attnmask.models.families import apply_masks
+from attnmask.models.transfo_xl import LMRun, load_lm, load_masks, recorded_store, with_lengths
 from attnmask.models.transfo_xl_model import TransfoXLConfig, TransfoXLLM
 from attnmask.models.transfo_xl_vocab import Vocabulary, batchify, segments
 from attnmask.runtime.attach import MaskHandle
-from attnmask.runtime.saving import MASKS_IN_FOLDER, folder_masks
 from attnmask.store.data import default_eval_split, iter_texts, resolve_data
-from attnmask.store.sites import DECODER_SELF
-from attnmask.store.stores import MaskStore, read_masks
+from attnmask.store.stores import MaskStore
 from attnmask.tasks.trainer import LoopSettings, RunFolder, make_trainer, run_training, step_losses, training_arguments
 
 
@@ -57,53 +53,7 @@ def read_lines(text: str | Path, split: str | None = None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Masks
-
-
-def load_masks(lm: TransfoXLLM, masks: str | Path | MaskStore, tgt_len: int, mem_len: int,
-               backend: str = "auto") -> MaskHandle:
-    """Apply the store's decoder.self masks to the model (attnmask.apply_masks); with the length policy
-    "error", segments of tgt_len tokens and mem_len memories must fit the plane (checked before any work)."""
-    store = masks if isinstance(masks, MaskStore) else read_masks(masks)
-    if DECODER_SELF not in store.sites:
-        raise AttnmaskError(f"mask store {store.path} has no {DECODER_SELF} site (sites: {', '.join(store.sites)})")
-    plane_q, plane_k = store.sites[DECODER_SELF].keep.shape[2:]
-    if plane_k < plane_q:
-        raise AttnmaskError(f"masks of {plane_q} queries x {plane_k} keys are not a Transformer-XL plane "
-                            "(keys >= queries)")
-    check_beyond(Window(tgt_len, mem_len + tgt_len, 0, plane_k - plane_q - mem_len), plane_q, plane_k,
-                 store.attrs.get("beyond", "dense"), DECODER_SELF)
-    return apply_masks(lm, store, backend=backend)
-
-
-# ----------------------------------------------------------------------------------------------
 # Running
-
-
-@dataclass
-class LMRun:
-    model: TransfoXLLM
-    vocab: Vocabulary
-    tgt_len: int
-    mem_len: int
-
-
-def load_lm(model: str | Path, device: torch.device | str = "cpu", tgt_len: int | None = None,
-            mem_len: int | None = None) -> LMRun:
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise AttnmaskError(f"{model} is not a model folder (no config.json)")
-    lm = TransfoXLLM.from_pretrained(folder, device)
-    return _with_lengths(lm, Vocabulary.load(folder), tgt_len, mem_len)
-
-
-def _with_lengths(lm: TransfoXLLM, vocab: Vocabulary, tgt_len: int | None, mem_len: int | None) -> LMRun:
-    tgt_len = tgt_len or int(lm.config.extra.get("tgt_len", 128))
-    if mem_len is not None:
-        lm.config.mem_len = mem_len
-    if tgt_len < 1 or lm.config.mem_len < 0:
-        raise AttnmaskError("--tgt-len must be positive and --mem-len non-negative")
-    return LMRun(lm, vocab, tgt_len, lm.config.mem_len)
 
 
 def evaluate(run: LMRun, stream: torch.Tensor, batch_size: int) -> dict:
@@ -145,25 +95,6 @@ def eval_lm(model: str | Path, text: str | Path, *, masks: str | Path | MaskStor
     result = {"split": source.split, **evaluate(run, run.vocab.encode_lines(lines), batch_size)}
     result["masks"] = store.digest if store is not None else None
     return result
-
-
-def recorded_store(folder: str | Path, config: TransfoXLConfig) -> MaskStore | None:
-    """The mask store a model folder was saved with: the copy in the folder (runtime.MASKS_IN_FOLDER),
-    digest-checked; for a folder saved before masks were copied into it, the recorded path, if it still
-    exists. None when the config records no masks."""
-    record = config.extra.get("attnmask")
-    if not isinstance(record, dict):
-        return None
-    if (Path(folder) / MASKS_IN_FOLDER).exists() or not record.get("path"):
-        return folder_masks(folder, record)
-    path = Path(record["path"])
-    if not path.exists():
-        raise AttnmaskError(f"the model was trained with masks {path}, which no longer exist; "
-                            "pass --masks (or 'none' for dense attention)")
-    store = read_masks(path)
-    if store.digest != record.get("digest"):
-        raise AttnmaskError(f"masks {path} changed since training (digest differs); pass --masks explicitly")
-    return store
 
 
 def new_model(config: str, vocab: Vocabulary, seed: int) -> TransfoXLLM:
@@ -300,7 +231,7 @@ def train_lm(model: str | Path | None, text: str | Path, *, out: str | Path,
     lines = read_lines(text, split)
     if model is None:
         vocab = Vocabulary.build(lines)
-        run = _with_lengths(new_model(config, vocab, seed), vocab, tgt_len, mem_len)
+        run = with_lengths(new_model(config, vocab, seed), vocab, tgt_len, mem_len)
     else:
         run = load_lm(model, "cpu", tgt_len, mem_len)
     streams = batchify(run.vocab.encode_lines(lines), batch_size)
