@@ -418,7 +418,8 @@ def test_one_store_gives_identical_keep_decisions_in_every_family():
     memories): each family's attention is non-zero exactly where window_keep allows."""
     from transformers import GPT2Config, GPT2Model
 
-    from attnmask.tasks.bench import fairseq_base, transfo_xl_base
+    from attnmask.models.bench_models import fairseq_base
+    from attnmask.tasks.bench import transfo_xl_base
     from attnmask.models.hf import attention_modules
     from attnmask.models.families import apply_masks
     from attnmask.store.stores import MaskStore, SiteMask, masks_digest

@@ -47,7 +47,7 @@ from attnmask.tasks.trainer import (LearnedThresholds, LoopSettings, RunFolder, 
 
 from attnmask.models.base import pick_device
 from attnmask.models.families import apply_masks
-from attnmask.models.hf import loading_error, register_attention, resolve_model_path
+from attnmask.models.hf import loading_error, quiet_transformers, register_attention, resolve_model_path
 from attnmask.pruning.tokens import config_from_fields, install_pruning, recorded_config
 from attnmask.runtime.attach import load_store, recorded_masks
 from attnmask.runtime.saving import MASKS_IN_FOLDER, folder_masks, settle_saved
@@ -167,11 +167,9 @@ def split(n: int, eval_split: float, seed: int, limit: int | None) -> tuple[list
 def load_classifier(spec: str, num_labels: int | None, names: list[str] | None, device: torch.device):
     """(model, tokenizer): a sequence classifier from a Hugging Face folder or 'minilm', in eager mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(spec)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     register_attention()
     kwargs = {}
     if num_labels is not None:
