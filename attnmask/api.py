@@ -190,7 +190,7 @@ def compile_masks(patterns: PatternStore | str | os.PathLike, *, tau: float = 0.
 
 
 def apply_masks(model: Any, masks: MaskStore | str | os.PathLike, backend: str = "auto"):
-    """Apply a mask store to a model of any supported family; returns the MaskHandle (attnmask/runtime/attention.py:
+    """Apply a mask store to a model of any supported family; returns the MaskHandle (attnmask/runtime/attach.py:
     `handle.remove()` or leaving a `with` block restores the model). While applied, the model's
     `save_pretrained(folder)` also writes the masks into the folder."""
     from torch import nn

@@ -14,7 +14,7 @@ An adapter knows five things about its model:
    family's `default_max_length`, else DEFAULT_MAX_LENGTH), checked by `check_max_length`.
 
 Masks go through the same attention modules: each family's `MaskSeam` lists them per site and layer
-and switches the model to attnmask's attention code; the runtime (attnmask/runtime/attention.py) then sets one
+and switches the model to attnmask's attention code; the runtime (attnmask/runtime/attach.py) then sets one
 `MaskedAttention` per module as `module._attnmask_mask`, which the family's attention code hands its
 q, k, v to.
 """

@@ -14,7 +14,7 @@ a subclass (no fairseq file is edited, parameters and state_dict keys are unchan
 Positions. A mask cell (q, k) is indexed by the position of the query and key tokens in their
 sentences. The key padding mask is handed to the runtime as each sentence's padding before and after
 it (`Call.key_start`, `Call.key_len`): left-padded sentences (fairseq's default for sources) run as if
-their first real token sat at slot 0 (attnmask/runtime/attention.py), outputs and weights in fairseq's own slots.
+their first real token sat at slot 0 (attnmask/runtime/masked.py), outputs and weights in fairseq's own slots.
 Decoder queries are the last T of the target positions seen so far; in incremental decoding the
 self-attention's cached keys give the current target position, which it shares with the
 cross-attention of the same layer (`_attnmask_cursor`), so step t uses mask row t at both sites.

@@ -32,7 +32,7 @@ FAMILY_SEAMS: tuple[type[MaskSeam], ...] = (HuggingFaceSeam, FairseqSeam, Transf
 
 def apply_masks(model: torch.nn.Module, masks: MaskStore | str | os.PathLike, backend: str = "auto") -> MaskHandle:
     """Apply a mask store to a model of any supported family: its family's seam (`mask_seam`), then the
-    runtime's `attach` (attnmask/runtime/attention.py)."""
+    runtime's `attach` (attnmask/runtime/attach.py)."""
     return attach(model, mask_seam(model), masks, backend)
 
 

@@ -167,7 +167,7 @@ def with_lengths(lm: TransfoXLLM, vocab: Vocabulary, tgt_len: int | None, mem_le
 
 
 def recorded_store(folder: str | Path, config: TransfoXLConfig) -> MaskStore | None:
-    """The mask store a model folder was saved with: the copy in the folder (runtime.MASKS_IN_FOLDER),
+    """The mask store a model folder was saved with: the copy in the folder (MASKS_IN_FOLDER, attnmask/runtime/saving.py),
     digest-checked; for a folder saved before masks were copied into it, the recorded path, if it still
     exists. None when the config records no masks."""
     record = config.extra.get("attnmask")

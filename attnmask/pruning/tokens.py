@@ -36,7 +36,7 @@ Positions: survivors keep their order and their original positions (BERT and GPT
 embeddings only at the input). GPT-2 attends over surviving keys at or before the query: order is
 preserved, so causality on the survivors is the lower triangle of each sequence.
 
-Static masks (attnmask/runtime/attention.py) work at the same time. Until a token is removed, a layer whose
+Static masks (attnmask/runtime/) work at the same time. Until a token is removed, a layer whose
 importance is not read hands each group to the mask's own backend (blocksparse, flex, sdpa); after,
 the mask of surviving slots i, j is allowed[h, pos_i, pos_j] of the module's mask (rules.py: causal
 band, length policy, row guarantee), with the row guarantee again on the slots, run through SDPA

@@ -29,7 +29,7 @@ Masks, per length L: by default compiled from patterns collected on the bench mo
 accumulated as `attnmask collect` does, then `attnmask compile --tau --block-size`'s rules), or the
 store `--masks` names (its plane may be smaller than L: such rows say that the rest runs dense), or with
 `--synthetic` synthetic masks, labelled so in the output. Masks run in tiles of their own block size
-(runtime.store_tile). Lengths default to 1024 and 2048, or for a model with fewer positions the longest
+(attnmask.runtime.backends.store_tile). Lengths default to 1024 and 2048, or for a model with fewer positions the longest
 of 512, 256, 128 that fit (`default_lengths`). Nothing is written unless `--out` is given.
 
 Synthetic masks (`--synthetic`), per (layer, head) on an L x L plane (Transformer-XL: L x 2L) with n
