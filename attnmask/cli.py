@@ -253,6 +253,9 @@ def collect(
                                         "[default: valid]."),
     token_classes: bool = typer.Option(False, "--token-classes", help="Also sum the attention each class of "
                                        "key token receives ([CLS], [SEP], punctuation, other; Hugging Face)."),
+    block_size: Optional[int] = typer.Option(None, help="Write a tile store: sums and counts per B x B tile of "
+                                             "the plane (B a multiple of 16 up to 512 that divides --max-length; "
+                                             "compile it with the same --block-size)."),
 ):
     """Stream the model's average attention probabilities over DATA into a pattern store.
 
@@ -263,7 +266,7 @@ def collect(
     settings = CollectSettings(model=model, data=data, out=out, max_length=max_length, batch_size=batch_size,
                                limit=limit, device=device, text_column=text_column, overwrite=overwrite,
                                checkpoint_every=checkpoint_every, resume=resume, split=split,
-                               token_classes=token_classes)
+                               token_classes=token_classes, block_size=block_size)
     outcome = run_collection(settings, collect_hooks())
     if outcome.already_done:
         console.print(f"{escape(str(outcome.out))} was already completed by the interrupted run; nothing to do")

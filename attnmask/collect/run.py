@@ -30,7 +30,8 @@ from attnmask.collect.patterns import CheckpointPlan, CollectResult, accumulate,
 from attnmask.errors import AttnmaskError
 from attnmask.models.base import ModelAdapter, pick_device
 from attnmask.store.locking import StoreLock
-from attnmask.store.stores import PatternStore, check_output, is_url, read_root_attrs, store_kind, write_patterns
+from attnmask.store.stores import (PatternStore, check_output, check_tile_size, check_tiles_plane, is_url,
+                                   read_root_attrs, store_kind, write_patterns)
 
 PATTERNS_DIR = Path("patterns")
 
@@ -65,14 +66,22 @@ class CollectSettings:
     resume: bool = False
     split: str | None = None
     token_classes: bool = False
+    block_size: int | None = None  # a tile store of B x B tiles (store.stores.check_tile_size); None: elements
 
     def validate(self) -> None:
-        """One error line for a length, batch size, limit or checkpoint interval below 1."""
+        """One error line for a length, batch size, limit or checkpoint interval below 1, or a --block-size
+        that is not a multiple of 16 up to 512 (whether it divides the planes is checked once they are known)."""
         if (self.max_length is not None and self.max_length < 1) or self.batch_size < 1 \
                 or (self.limit is not None and self.limit < 1):
             raise AttnmaskError("--max-length, --batch-size and --limit must be positive")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise AttnmaskError(f"--checkpoint-every must be a positive number of batches, got {self.checkpoint_every}")
+        if self.block_size is not None:
+            check_tile_size(self.block_size)
+
+    @property
+    def tile(self) -> int:
+        return self.block_size or 1
 
 
 def _nothing(*args: Any) -> None:
@@ -170,6 +179,9 @@ def _open(source, run_device, world: World, settings: CollectSettings, folder: P
     if total == 0:
         raise AttnmaskError(f"{settings.data} holds no examples")
     max_length = adapter.collection_length(max_length)
+    if settings.block_size is not None:
+        for site in adapter.sites():
+            check_tiles_plane(settings.block_size, site.name, adapter.plane(site.name, max_length))
     if world.distributed:
         check_windowable(adapter, "distributed collection")
     if resume and ckpt.exists():
@@ -191,7 +203,8 @@ def _open(source, run_device, world: World, settings: CollectSettings, folder: P
         check_windowable(adapter, "--checkpoint-every")
     identity = {"model": adapter.identity(), "data": source.identity()}
     recorded = {**identity, "max_length": max_length, "batch_size": settings.batch_size, "limit": settings.limit,
-                "checkpoint_every": checkpoint_every, "processes": world.size}
+                "checkpoint_every": checkpoint_every, "processes": world.size,
+                **({"block_size": settings.block_size} if settings.block_size is not None else {})}
     if state is not None:
         check_resumable(state, recorded, ckpt)
     return _Opened(adapter, total, max_length, checkpoint_every, state, identity, recorded)
@@ -208,7 +221,8 @@ def _written_before(out: str, run: _Opened, collection: str) -> bool:
     if run.state is not None:
         return done.get("collection") == collection
     return bool(done) and all(done.get(k) == v for k, v in run.identity.items()) \
-        and done.get("max_length") == run.max_length and done.get("sequences") == run.total
+        and done.get("max_length") == run.max_length and done.get("sequences") == run.total \
+        and done.get("tile", 1) == run.recorded.get("block_size", 1)
 
 
 def _pass(world: World, run: _Opened, examples, settings: CollectSettings, plan: CheckpointPlan | None,
@@ -233,7 +247,8 @@ def _pass(world: World, run: _Opened, examples, settings: CollectSettings, plan:
 
             result = accumulate(run.adapter, examples, batch_size=settings.batch_size, max_length=run.max_length,
                                 on_batch=advance, checkpoint=plan, resume=state, rank=world.rank, world=world.size,
-                                checkpoint_every=run.checkpoint_every, token_classes=settings.token_classes)
+                                checkpoint_every=run.checkpoint_every, token_classes=settings.token_classes,
+                                block_size=settings.tile)
         finally:
             if world.is_main:
                 hooks.stop()
@@ -281,6 +296,8 @@ def _collect_locked(world: World, source, out: str, run_device, settings: Collec
         examples = itertools.islice(examples, run.state.cursor, None)
     start_time = time.perf_counter()
     result = reduce_result(world, _pass(world, run, examples, settings, plan, hooks, start_time))
+    for site in result.sites.values():  # the ranks' sums are added as plain arrays: the tile is the run's
+        site.tile = settings.tile
     if result.sequences == 0:
         raise AttnmaskError("the dataset is empty: no example to collect attention from")
     outcome = CollectOutcome(out, sequences=result.sequences, tokens=result.tokens, processes=world.size)

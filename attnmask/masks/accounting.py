@@ -21,6 +21,13 @@ attention entries a batch padded to its own longest sequence actually computes f
     mass kept     = kept mass / mass              (the share of the data's attention probability kept)
     plane sparsity = pruned entries / entries     (every eligible cell of the plane counts once)
 
+On a tile store (sum [L, H, R, C], count [R, C] per B x B tile; attnmask/masks/compile.py) the sums are
+taken per eligible tile (count > 0 and n > 0, n the tile's cells inside the causal band), with f the share
+of those n cells that `kept` keeps: entries n, pruned entries n (1 - f), weight w = count * n / B^2 (its
+count spread evenly over its cells), pruned weight w (1 - f), mass the tile's sum, kept mass sum * f. These
+equal the element store's figures where each tile's observed cells share one count and f is 0 or 1; a tile
+the row guarantee keeps in part (one cell of a pruned diagonal tile) counts its kept share of its mass.
+
 Totals over layers, heads and sites are sums of numerators over sums of denominators. Cross-attention
 rows are counted as compiled: the runtime's fallback there (source token 0 for a row that keeps
 nothing of a short source) depends on each source's length and is not counted.
@@ -65,6 +72,17 @@ def figures_text(figures: dict) -> str:
 def figures_legend() -> str:
     """One sentence defining every figure, for captions and notes."""
     return "; ".join(f"{FIGURE_NAMES[k]}: {FIGURE_MEANINGS[k]}" for k in FIGURES)
+
+
+def tile_sums(x: np.ndarray, b: int) -> np.ndarray:
+    """Sum of x [..., Q, K] over B x B tiles: [..., ceil(Q/B), ceil(K/B)] (last tiles may be smaller)."""
+    q, k = x.shape[-2:]
+    tq, tk = -(-q // b), -(-k // b)
+    padded = x
+    if (tq * b, tk * b) != (q, k):
+        padded = np.zeros(x.shape[:-2] + (tq * b, tk * b), dtype=x.dtype)
+        padded[..., :q, :k] = x
+    return padded.reshape(x.shape[:-2] + (tq, b, tk, b)).sum(axis=(-3, -1))
 
 
 def eligible_entries(count: np.ndarray, causal: bool) -> np.ndarray:
@@ -154,6 +172,24 @@ def tally_layer(keep: np.ndarray, sums: np.ndarray, count: np.ndarray, elig: np.
             np.einsum("hqk,hqk->h", sums, kept))
 
 
+def tally_tile_layer(keep: np.ndarray, sums: np.ndarray, count: np.ndarray, tile: int, causal: bool,
+                     cross: bool) -> tuple[np.ndarray, ...]:
+    """One layer's column of a Tally on a tile store (module docstring), each [H]: keep [H, Q, K] (elements),
+    sums [H, R, C] and count [R, C] of B x B tiles."""
+    plane = keep.shape[-2:]
+    allowed = causal_plane(*plane) if causal else np.ones(plane, dtype=bool)
+    cells = tile_sums(allowed.astype(np.int64), tile).astype(np.float64)  # n [R, C]
+    eligible = (count > 0) & (cells > 0)
+    kept_cells = tile_sums((runtime_keep(keep, cross) & allowed).astype(np.int64), tile)  # [H, R, C]
+    kept = np.divide(kept_cells, cells, out=np.zeros(kept_cells.shape), where=eligible)  # f
+    weight = np.where(eligible, count * cells / (tile * tile), 0.0)
+    heads = keep.shape[0]
+    entries = float(cells[eligible].sum())
+    return (np.full(heads, entries), entries - np.einsum("hrc,rc->h", kept, cells * eligible),
+            np.full(heads, weight.sum()), weight.sum() - np.einsum("hrc,rc->h", kept, weight),
+            np.einsum("hrc,rc->h", sums, eligible), np.einsum("hrc,hrc->h", sums, kept))
+
+
 def tally(columns: list[tuple[np.ndarray, ...]]) -> Tally:
     """A Tally from the tally_layer columns of layers 0, 1, ..."""
     return Tally(*(np.stack(column) for column in zip(*columns)))
@@ -161,8 +197,11 @@ def tally(columns: list[tuple[np.ndarray, ...]]) -> Tally:
 
 def tally_site(name: str, keep: np.ndarray, site: SitePatterns) -> Tally:
     """The Tally of a site's keep [L, H, Q, K] on a pattern site of the same shape (layer by layer)."""
-    elig = eligible_entries(site.count, site.causal)
     cross = is_cross(name)
+    if site.is_tiled:
+        return tally([tally_tile_layer(keep[layer], site.sum[layer], site.count, site.tile, site.causal, cross)
+                      for layer in range(len(keep))])
+    elig = eligible_entries(site.count, site.causal)
     return tally([tally_layer(keep[layer], site.sum[layer], site.count, elig, cross) for layer in range(len(keep))])
 
 
@@ -183,9 +222,10 @@ def check_comparable(masks: MaskStore, patterns: PatternStore) -> None:
         if name not in patterns.sites:
             raise AttnmaskError(f"pattern store {patterns.path} has no site {name!r} (it has "
                                 f"{', '.join(sorted(patterns.sites))})")
-        if patterns.sites[name].sum.shape != site.keep.shape:
+        theirs = patterns.sites[name]
+        if theirs.sum.shape[:2] + theirs.plane != site.keep.shape:
             raise AttnmaskError(f"site {name}: the pattern store {patterns.path} has shape "
-                                f"{list(patterns.sites[name].sum.shape)}, the masks {list(site.keep.shape)}; "
+                                f"{list(theirs.sum.shape[:2] + theirs.plane)}, the masks {list(site.keep.shape)}; "
                                 "collect it with the same model and --max-length")
 
 

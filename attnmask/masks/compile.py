@@ -28,6 +28,21 @@ For one site with average pattern mean [L, H, Q, K] (sum / count where count > 0
 * Kept tiles expand back to entries; the element rules for count == 0 (kept) and causality (k > q
   never kept) are applied after the expansion.
 
+A tile store (`collect --block-size B`: sum [L, H, Q/B, K/B] and count [Q/B, K/B], the tile sums) compiles
+with `block_size` B only, on the same units, pools, budgets and row guarantee (`TileUnits`). With n the
+cells of a tile the causal band allows (B x B, fewer on a causal diagonal) and c = count_tile / (B x B),
+the tile's average count per cell:
+
+* a tile is eligible where count_tile > 0 and n > 0; its score is sum_tile / c and its data weight is
+  floor(c * n): its value is its sum, its cost its count;
+* a pruned tile prunes all n of its cells (kept: tiles with count_tile == 0, as unseen entries are).
+
+Where every observed cell of a tile was reached by the same number of sequences (the tile lies inside
+every sequence that reaches it), these are exactly the element store's block score (the sum of the mean
+over the eligible cells), weight and expansion, so both stores give the same masks; a tile that a
+sequence's end cuts (some cells counted fewer times, or never) is scored as if its count were spread
+evenly, and its unseen cells are pruned with it.
+
 Compile works one layer at a time: besides the pattern it holds the keep masks and one layer's
 scores and temporaries. A pool's cut (`Cut`: a score t and how many candidates tied at t are
 pruned) is found by a radix selection over the candidates' scores (`prefix_cut`), which for a
@@ -44,7 +59,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from attnmask.masks.accounting import Tally, combined, eligible_entries, measure, tally, tally_layer
+from attnmask.masks.accounting import (Tally, combined, eligible_entries, measure, tally, tally_layer,
+                                       tally_tile_layer, tile_sums)
 from attnmask.errors import AttnmaskError, UnreachableTau
 from attnmask.masks.rules import causal_plane
 from attnmask.store.stores import BEYOND_POLICIES
@@ -97,17 +113,6 @@ class CompileSettings:
 def prune_count(tau: float, total: int) -> int:
     """floor(tau * total), with tau taken as the decimal it prints as (exact rational arithmetic)."""
     return math.floor(Fraction(repr(float(tau))) * total)
-
-
-def tile_sums(x: np.ndarray, b: int) -> np.ndarray:
-    """Sum of x [..., Q, K] over B x B tiles: [..., ceil(Q/B), ceil(K/B)] (last tiles may be smaller)."""
-    q, k = x.shape[-2:]
-    tq, tk = -(-q // b), -(-k // b)
-    padded = x
-    if (tq * b, tk * b) != (q, k):
-        padded = np.zeros(x.shape[:-2] + (tq * b, tk * b), dtype=x.dtype)
-        padded[..., :q, :k] = x
-    return padded.reshape(x.shape[:-2] + (tq, b, tk, b)).sum(axis=(-3, -1))
 
 
 def expand_tiles(tiles: np.ndarray, b: int, q: int, k: int) -> np.ndarray:
@@ -187,6 +192,28 @@ class Units:
         if self.block == 1:
             return pruned
         return expand_tiles(pruned, self.block, *self.elig.shape) & self.elig
+
+
+class TileUnits(Units):
+    """The B x B tiles of a tile store (sum [L, H, R, C], count [R, C]) as compile's units (module
+    docstring): elig [Q, K] is the causal band over the observed tiles, eligible [R, C] the tiles holding
+    an allowed cell with count > 0, weight floor(count * n / B^2) with n the tile's allowed cells."""
+
+    @classmethod
+    def of_tiles(cls, count: np.ndarray, block: int, causal: bool, data_budget: bool) -> "TileUnits":
+        plane = (count.shape[0] * block, count.shape[1] * block)
+        allowed = causal_plane(*plane) if causal else np.ones(plane, dtype=bool)
+        cells = tile_sums(allowed.astype(np.int64), block)  # n: allowed cells per tile
+        eligible = (count > 0) & (cells > 0)
+        elig = expand_tiles(eligible, block, *plane) & allowed
+        weight = (count * cells // (block * block)).astype(np.float64) if data_budget else None
+        return cls(elig, block, eligible, weight)
+
+    def scores(self, mean: np.ndarray) -> np.ndarray:
+        """Scores [H, R, C] of one layer's tiles from the tile store's mean sum / count [H, R, C]: times
+        B^2, which is sum / c (written in place)."""
+        mean *= self.block * self.block
+        return mean
 
 
 @dataclass
@@ -481,11 +508,15 @@ def pool_cut(units: Units, score: np.ndarray, cand: np.ndarray, tau: float, plan
 def compile_site(name: str, site: SitePatterns, settings: CompileSettings, tau: float) -> tuple[np.ndarray, dict]:
     """keep bool [L, H, Q, K] for one site and its attributes, computed one layer at a time (a `global`
     pool first finds every layer's candidates and its cut, in passes over the layers)."""
-    q, k = site.count.shape
-    elig = eligible_entries(site.count, site.causal)
-    units = Units.of(elig, settings.block_size, site.count if settings.budget == "data" else None)
+    q, k = site.plane
+    if site.is_tiled:
+        units = TileUnits.of_tiles(site.count, site.tile, site.causal, settings.budget == "data")
+        elig = units.elig
+    else:
+        elig = eligible_entries(site.count, site.causal)
+        units = Units.of(elig, settings.block_size, site.count if settings.budget == "data" else None)
     scorer = Scorer(name, site, units, settings.seed if settings.random else None)
-    keep = np.empty(site.sum.shape, dtype=bool)
+    keep = np.empty(site.sum.shape[:2] + (q, k), dtype=bool)
     reach = Reach()
     shared = None
     if settings.scope == "global":
@@ -512,7 +543,8 @@ def compile_site(name: str, site: SitePatterns, settings: CompileSettings, tau: 
         if allowed is not None:
             keep[layer] &= allowed
         pruned_entries += int(elig.sum()) * site.heads - int((keep[layer] & elig).sum())
-        columns.append(tally_layer(keep[layer], site.sum[layer], site.count, elig, cross))
+        columns.append(tally_layer(keep[layer], site.sum[layer], site.count, elig, cross) if not site.is_tiled
+                       else tally_tile_layer(keep[layer], site.sum[layer], site.count, site.tile, site.causal, cross))
     reach.check(name, tau, settings, (q, k))
     return keep, site_attrs(tau, settings.budget, int(elig.sum()), pruned_entries, tally(columns))
 
@@ -526,6 +558,16 @@ def site_attrs(tau: float, budget: str, eligible: int, pruned: int, t: Tally) ->
             "head_totals": t.head_totals(), "totals": t.totals()}
 
 
+def check_tile_compile(patterns: PatternStore, block_size: int) -> None:
+    """A tile store of B x B tiles compiles only with --block-size B: its entries are gone."""
+    tile = patterns.tile
+    if tile == 1 or block_size == tile:
+        return
+    asked = "element-wise masks (no --block-size)" if block_size == 1 else f"--block-size {block_size}"
+    raise AttnmaskError(f"{patterns.path} is a tile store of {tile}x{tile} tiles, which cannot give {asked}; "
+                        f"compile it with --block-size {tile}, or collect an element store")
+
+
 def compile_sites(patterns: PatternStore, settings: CompileSettings,
                   held_out: PatternStore | None = None) -> tuple[dict[str, SiteMask], dict]:
     """Compile every site of a pattern store; returns the sites {name: SiteMask} and the mask store's root
@@ -536,9 +578,10 @@ def compile_sites(patterns: PatternStore, settings: CompileSettings,
     The root attribute `figures` holds the masks' data sparsity, mass kept and plane sparsity on the
     source data (attnmask.masks.accounting); with a held-out pattern store, `held_out` holds them there."""
     settings.validate(sorted(patterns.sites))
+    check_tile_compile(patterns, settings.block_size)
     sites = {}
     for name, site in sorted(patterns.sites.items()):
-        plane = site.count.shape
+        plane = site.plane
         if settings.block_size > max(plane):
             raise AttnmaskError(f"--block-size {settings.block_size} is larger than the {plane[0]}x{plane[1]} "
                                 f"plane of site {name}")

@@ -15,6 +15,15 @@ and, optionally (`collect --token-classes`), the attention each class of key tok
 
 with the class names in the site attribute `token_classes`; stores without them stay valid.
 
+A tile store (format version 2, root attribute `tile` = B, written by `collect --block-size B`) holds the
+same sums at the resolution of B x B tiles of the plane (B divides both sides of every site's plane):
+
+    sum   float64 [layers, heads, queries / B, keys / B]   sum[l, h, r, c] = sum of the element sums over
+                                                             queries rB .. rB+B-1 and keys cB .. cB+B-1
+    count int64   [queries / B, keys / B]                  the tile sums of the element counts
+
+An element store is written as version 1 (its format is unchanged) and has tile 1 in memory.
+
 A mask store holds per site `keep`, bool [layers, heads, queries, keys]: True where attention is kept.
 
 Stores are written to a temporary sibling folder and renamed into place, so a crash never leaves a
@@ -65,7 +74,10 @@ from attnmask.version import __version__
 
 PATTERNS_FORMAT = "attnmask.patterns"
 MASKS_FORMAT = "attnmask.masks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # mask stores, and pattern stores of elements
+TILE_VERSION = 2  # pattern stores of tiles (root attribute `tile`)
+TILE_ATTR = "tile"
+TILE_MULTIPLE, TILE_MAX = 16, 512  # a tile store's B is a multiple of 16 and at most 512
 BEYOND_POLICIES = ("dense", "error")  # the mask store attribute `beyond`: what runs beyond the plane
 STORAGE_OPTIONS_ENV = "ATTNMASK_STORAGE_OPTIONS"
 COMMIT_MARKER = ".attnmask-commit"  # object in a remote store's prefix while a commit into it is unfinished
@@ -167,16 +179,43 @@ class TokenClasses:
         return self.tokens / total if total > 0 else np.zeros(len(self.tokens))
 
 
+def check_tile_size(tile: int) -> None:
+    """A tile store's B: an integer multiple of TILE_MULTIPLE, at most TILE_MAX (one error line otherwise)."""
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < TILE_MULTIPLE or tile > TILE_MAX \
+            or tile % TILE_MULTIPLE:
+        raise AttnmaskError(f"--block-size must be a multiple of {TILE_MULTIPLE} between {TILE_MULTIPLE} and "
+                            f"{TILE_MAX} for a tile store, got {tile}")
+
+
+def check_tiles_plane(tile: int, site: str, plane: tuple[int, int]) -> None:
+    """B must divide both sides of the site's [queries, keys] plane (so every tile is whole)."""
+    if plane[0] % tile or plane[1] % tile:
+        raise AttnmaskError(f"--block-size {tile} does not divide the {plane[0]}x{plane[1]} plane of site {site}; "
+                            f"pick a --max-length (and, for Transformer-XL, a mem_len) that {tile} divides")
+
+
 @dataclass
 class SitePatterns:
     """Accumulated attention of one site: `sum` [L, H, Q, K] float64 and `count` [Q, K] int64, and
-    optionally the attention each class of key token received (`token_classes`)."""
+    optionally the attention each class of key token received (`token_classes`). With `tile` B > 1 (a
+    tile store) the planes are of B x B tiles: sum [L, H, Q/B, K/B], count [Q/B, K/B], the tile sums
+    of the element arrays; the element plane is `plane`."""
 
     sum: np.ndarray
     count: np.ndarray
     causal: bool
     attrs: dict = field(default_factory=dict)
     token_classes: TokenClasses | None = None
+    tile: int = 1
+
+    @property
+    def is_tiled(self) -> bool:
+        return self.tile > 1
+
+    @property
+    def plane(self) -> tuple[int, int]:
+        """(queries, keys) of the element plane: count's shape times the tile."""
+        return self.count.shape[0] * self.tile, self.count.shape[1] * self.tile
 
     @property
     def layers(self) -> int:
@@ -195,7 +234,8 @@ class SitePatterns:
 
     def mean(self, layer: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Average pattern [L, H, Q, K], or one layer's [H, Q, K]: sum / count where count > 0, and 0
-        where count == 0 (written into `out` when given)."""
+        where count == 0 (written into `out` when given). For a tile store, per tile: the tile's sum over
+        its count, the average probability per computed (sequence, query, key) cell of the tile."""
         return np.multiply(self.sum if layer is None else self.sum[layer], self.inverse_count, out=out)
 
 
@@ -204,6 +244,11 @@ class PatternStore:
     attrs: dict
     sites: dict[str, SitePatterns]
     path: str | None = None
+
+    @property
+    def tile(self) -> int:
+        """B of a tile store, 1 for an element store (its sites' one tile)."""
+        return max((site.tile for site in self.sites.values()), default=1)
 
 
 @dataclass
@@ -239,11 +284,14 @@ class MaskStore:
 
 
 def patterns_digest(sites: dict[str, SitePatterns]) -> str:
-    """sha256 over site names, shapes and the bytes of `sum` and `count` (identifies a pattern store)."""
+    """sha256 over site names, shapes, tile and the bytes of `sum` and `count` (identifies a pattern store;
+    the tile enters only for a tile store, so element stores keep their digest)."""
     h = hashlib.sha256(PATTERNS_FORMAT.encode())
     for name in sorted(sites):
         s = sites[name]
         h.update(f"{name}:{s.sum.shape}:{s.causal}".encode())
+        if s.is_tiled:
+            h.update(f":tile {s.tile}".encode())
         h.update(np.ascontiguousarray(s.sum, dtype="<f8"))  # hashed in place: no copy of the pattern
         h.update(np.ascontiguousarray(s.count, dtype="<i8"))
         if s.token_classes is not None:  # only when present: stores without them keep their digest
@@ -582,6 +630,7 @@ def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attr
                    overwrite: bool = False) -> PatternStore:
     """Write a pattern store; `attrs` are the identity attributes (model, data, sequences, ...)."""
     check_pattern_attrs(path, sites, attrs)
+    tile = common_tile(path, sites)
     for name, site in sites.items():  # refuse to write what no reader would accept (e.g. NaN from a model)
         check_site_values(path, name, np.asarray(site.sum), np.asarray(site.count))
         if site.token_classes is not None:
@@ -589,9 +638,10 @@ def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attr
     root_attrs = {
         "created": now_iso(),
         "attnmask_version": attnmask_version(),
-        **attrs,
+        **{k: v for k, v in attrs.items() if k != TILE_ATTR},
         "format": PATTERNS_FORMAT,  # after attrs: a caller cannot make the store unreadable
-        "version": FORMAT_VERSION,
+        "version": TILE_VERSION if tile > 1 else FORMAT_VERSION,
+        **({TILE_ATTR: tile} if tile > 1 else {}),
         "sites": sorted(sites),
         "digest": patterns_digest(sites),
     }
@@ -607,6 +657,18 @@ def write_patterns(path: str | os.PathLike, sites: dict[str, SitePatterns], attr
             site_attrs[n][TOKEN_CLASSES_ATTR] = list(s.token_classes.names)
     _write_group(path, root_attrs, arrays, site_attrs, overwrite)
     return PatternStore(root_attrs, sites, str(path))
+
+
+def common_tile(where, sites: dict[str, SitePatterns]) -> int:
+    """The one tile of a store's sites (1: elements); sites of different tiles, or a tile store's tile
+    that check_tile_size refuses, are an error."""
+    tiles = {site.tile for site in sites.values()}
+    if len(tiles) > 1:
+        raise AttnmaskError(f"{where}: its sites have different tiles {sorted(tiles)}; a store has one")
+    tile = tiles.pop()
+    if tile != 1:
+        check_tile_size(tile)
+    return tile
 
 
 def write_masks(path: str | os.PathLike, sites: dict[str, SiteMask], attrs: dict,
@@ -688,10 +750,25 @@ def _kind(p: Path | str) -> str:
     version = attrs.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise AttnmaskError(f"{p} has an invalid format version {version!r}")
-    if version > FORMAT_VERSION:
+    newest = TILE_VERSION if fmt == PATTERNS_FORMAT else FORMAT_VERSION
+    if version > newest:
         raise AttnmaskError(f"{p} has format version {version}, newer than this attnmask "
-                            f"understands ({FORMAT_VERSION}); upgrade attnmask")
+                            f"understands ({newest}); upgrade attnmask")
     return "patterns" if fmt == PATTERNS_FORMAT else "masks"
+
+
+def stored_tile(attrs: dict, path) -> int:
+    """A pattern store's tile: 1 for version 1 (elements); for version 2 its root attribute `tile`, which
+    must pass check_tile_size."""
+    if attrs.get("version") != TILE_VERSION:
+        return 1
+    tile = attrs.get(TILE_ATTR)
+    try:
+        check_tile_size(tile)
+    except AttnmaskError:
+        raise AttnmaskError(f"{path}: a version {TILE_VERSION} pattern store needs a root attribute {TILE_ATTR!r}, a "
+                            f"multiple of {TILE_MULTIPLE} up to {TILE_MAX}; it holds {tile!r}") from None
+    return tile
 
 
 def _open(path: Path | str, want: str) -> zarr.Group:
@@ -788,7 +865,7 @@ def check_declared(path, site: str, arrays: dict[str, zarr.Array], want: dict[st
 
 def _queries_bound(attrs: dict, queries: int, path, site: str) -> None:
     """Every family's plane has `max_length` queries: a store claiming more than its recorded max_length
-    is refused before it is read."""
+    (element queries: a tile store's query tiles times its tile) is refused before it is read."""
     length = attrs.get("max_length")
     if isinstance(length, int) and not isinstance(length, bool) and length >= 1 and queries > length:
         raise AttnmaskError(f"{path}: site {site} claims {queries} query positions, more than the store's "
@@ -883,6 +960,7 @@ def _read_token_classes(g: zarr.Group, p, name: str, layers: int, heads: int) ->
 
 def _read_patterns(p: Path | str) -> PatternStore:
     root = _open(p, "patterns")
+    tile = stored_tile(dict(root.attrs), p)
     sites = {}
     for name in _site_names(root, p):
         g = _site_group(root, name, p)
@@ -892,13 +970,13 @@ def _read_patterns(p: Path | str) -> PatternStore:
         if len(plane) != 2:
             raise AttnmaskError(f"{p}: site {name} has count {list(plane)}, expected int64 [queries, keys]")
         check_declared(p, name, arrays, {"sum": (np.float64, (layers, heads, *plane)), "count": (np.int64, plane)})
-        _queries_bound(root.attrs, plane[0], p, name)
+        _queries_bound(root.attrs, plane[0] * tile, p, name)
         s = _values(arrays["sum"], p, name)
         c = _values(arrays["count"], p, name)
         check_site_values(p, name, s, c)
         classes = _read_token_classes(g, p, name, *s.shape[:2])
         attrs = {k: v for k, v in g.attrs.items() if k not in ("causal", "layers", "heads", TOKEN_CLASSES_ATTR)}
-        sites[name] = SitePatterns(s, c, bool(g.attrs.get("causal", False)), attrs, classes)
+        sites[name] = SitePatterns(s, c, bool(g.attrs.get("causal", False)), attrs, classes, tile)
     return PatternStore(dict(root.attrs), sites, str(p))
 
 
