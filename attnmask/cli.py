@@ -457,13 +457,13 @@ def store_summary(store) -> dict:
 
     is_masks = isinstance(store, MaskStore)
     keys = ("format", "version", "created", "attnmask_version", "digest", "model", "data", "sequences",
-            "tokens", "max_length", "tau", "budget", "scope", "block_size", "min_keep", "random", "seed", "beyond",
-            "site_tau", "source", "figures", "held_out")
+            "tokens", "max_length", "tile", "tau", "budget", "scope", "block_size", "min_keep", "random", "seed",
+            "beyond", "site_tau", "source", "figures", "held_out")
     summary = {k: store.attrs[k] for k in keys if k in store.attrs}
     summary["path"] = store.path
     summary["sites"] = {}
     for name, site in store.sites.items():
-        shape = (site.keep if is_masks else site.sum).shape
+        shape = site.keep.shape if is_masks else site.sum.shape[:2] + site.plane
         entry = {"layers": shape[0], "heads": shape[1], "queries": shape[2], "keys": shape[3],
                  "causal": site.causal}
         if is_masks:
@@ -473,7 +473,7 @@ def store_summary(store) -> dict:
                 layers = site.attrs.get("layer_sparsity", [0])
                 entry.update(data_sparsity=None, mass_kept=None, plane_sparsity=float(sum(layers) / max(len(layers), 1)))
         else:
-            entry["coverage"] = float((site.count > 0).mean())
+            entry["coverage"] = float((site.count > 0).mean())  # a tile store: the share of tiles observed
             entry["max_count"] = int(site.count.max())
         summary["sites"][name] = entry
     return summary
@@ -483,7 +483,9 @@ def inspect_table(summary: dict) -> Table:
     from attnmask.masks.accounting import FIGURE_NAMES, FIGURES, figure_text, figures_legend
 
     is_masks = summary["format"].endswith("masks")
-    title = f"{summary['path']} ({summary['format']} v{summary['version']})"
+    tile = summary.get("tile", 1)
+    tiles = f", a tile store of {tile}x{tile} tiles" if tile > 1 else ""
+    title = f"{summary['path']} ({summary['format']} v{summary['version']}{tiles})"
     table = Table(title=title)
     cols = ["site", "layers", "heads", "queries x keys", "causal"]
     cols += [FIGURE_NAMES[k] for k in FIGURES] if is_masks else ["coverage", "sequences", "tokens"]
@@ -498,6 +500,9 @@ def inspect_table(summary: dict) -> Table:
         table.add_row(*row)
     if is_masks:
         table.caption = f"per site, on the collected data; {figures_legend()}"
+    elif tile > 1:
+        table.caption = (f"sums and counts per {tile}x{tile} tile of the queries x keys plane; coverage: the share "
+                         "of tiles observed")
     return table
 
 

@@ -188,3 +188,183 @@ def test_compile_of_collected_tile_store_equals_block_compile(model, request):
     (name,) = element.sites
     for kw in SETTINGS:
         assert_same_masks(name, element.sites[name], tiled.sites[name], **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: collect, compile, inspect, merge, analyze, plot, report on tile stores
+
+runner = CliRunner()
+
+
+def one_error_line(result, *needles: str) -> str:
+    """Exit 1 and exactly one `error:` line (no traceback) holding every needle."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def write_texts(path: Path, n: int, seed: int, lo: int = 3, hi: int = 40) -> Path:
+    path.write_text("\n".join(random_texts(n, seed=seed, lo=lo, hi=hi)) + "\n")
+    return path
+
+
+def cli_collect(model: Path, data: Path, out: Path, *options: str):
+    return runner.invoke(app, ["collect", str(model), str(data), "--out", str(out), "--max-length", "32",
+                               "--batch-size", "4", *options])
+
+
+@pytest.fixture(scope="module")
+def cli_stores(tiny_gpt2_dir, tmp_path_factory):
+    """A tile store, its element twin and a second tile store on other data, written by `attnmask collect`."""
+    root = tmp_path_factory.mktemp("tile_cli")
+    data, other = write_texts(root / "a.txt", 12, 1), write_texts(root / "b.txt", 8, 2)
+    paths = {"tiles": root / "tiles.zarr", "elements": root / "elements.zarr", "other": root / "other.zarr"}
+    for key, text, options in (("tiles", data, ["--block-size", "16"]), ("elements", data, []),
+                               ("other", other, ["--block-size", "16"])):
+        result = cli_collect(tiny_gpt2_dir, text, paths[key], *options)
+        assert result.exit_code == 0, result.output
+    return {"root": root, "model": tiny_gpt2_dir, "data": data, **paths}
+
+
+def test_collect_writes_a_versioned_tile_store(cli_stores):
+    attrs = read_root_attrs(cli_stores["tiles"])
+    assert attrs["version"] == TILE_VERSION and attrs["tile"] == B
+    assert "tile" not in read_root_attrs(cli_stores["elements"]) and read_root_attrs(cli_stores["elements"])["version"] == 1
+    tiles, elements = read_patterns(cli_stores["tiles"]), read_patterns(cli_stores["elements"])
+    assert tiles.tile == B and elements.tile == 1
+    assert_tiles_of(tiles.sites["decoder.self"], elements.sites["decoder.self"])
+    assert tiles.attrs["digest"] != elements.attrs["digest"]
+
+
+def test_the_digest_covers_the_tile():
+    """Two stores of the same arrays, one read as tiles of 16 and one as tiles of 32, differ in digest."""
+    from attnmask.store.stores import patterns_digest
+
+    site = SitePatterns(np.zeros((1, 1, 2, 2)), np.ones((2, 2), np.int64), False)
+    digests = {patterns_digest({"encoder.self": SitePatterns(site.sum, site.count, False, tile=t)}) for t in (1, 16, 32)}
+    assert len(digests) == 3
+
+
+def test_version_one_stores_still_read_as_element_stores(tmp_path):
+    """A store written as version 1 (any element store, e.g. one written before tile stores) reads with
+    tile 1 and compiles element-wise, with the digest it was written with."""
+    rng = np.random.default_rng(0)
+    count = np.full((8, 8), 3, np.int64)
+    site = SitePatterns(rng.random((1, 2, 8, 8)) * 3 / 8, count, False)
+    written = write_patterns(tmp_path / "v1.zarr", {"encoder.self": site},
+                             {"model": {"name": "m"}, "data": {"name": "d"}, "max_length": 8})
+    attrs = read_root_attrs(tmp_path / "v1.zarr")
+    assert attrs["version"] == 1 and "tile" not in attrs
+    store = read_patterns(tmp_path / "v1.zarr")
+    assert store.tile == 1 and store.sites["encoder.self"].plane == (8, 8)
+    assert store.attrs["digest"] == written.attrs["digest"]
+    keep = compile_sites(store, CompileSettings(tau=0.5))[0]["encoder.self"].keep
+    assert keep.shape == (1, 2, 8, 8) and not keep.all()
+
+
+@pytest.mark.parametrize("options, needles", [
+    (["--block-size", "24"], ["--block-size must be a multiple of 16", "got 24"]),
+    (["--block-size", "1024"], ["--block-size must be a multiple of 16", "512"]),
+    (["--block-size", "0"], ["--block-size must be a multiple of 16"]),
+    (["--block-size", "64"], ["--block-size 64 does not divide the 32x32 plane of site decoder.self"]),
+])
+def test_collect_refuses_a_bad_tile_size_in_one_line(cli_stores, options, needles):
+    out = cli_stores["root"] / "bad.zarr"
+    one_error_line(cli_collect(cli_stores["model"], cli_stores["data"], out, *options), *needles)
+    assert not out.exists()
+
+
+def test_collect_refuses_a_tile_that_does_not_divide_max_length(cli_stores):
+    out = cli_stores["root"] / "bad48.zarr"
+    result = runner.invoke(app, ["collect", str(cli_stores["model"]), str(cli_stores["data"]), "--out", str(out),
+                                 "--max-length", "40", "--block-size", "16"])
+    one_error_line(result, "--block-size 16 does not divide the 40x40 plane")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options, needles", [
+    ([], ["is a tile store of 16x16 tiles", "element-wise masks", "--block-size 16"]),
+    (["--block-size", "32"], ["is a tile store of 16x16 tiles", "cannot give --block-size 32"]),
+])
+def test_compile_refuses_what_a_tile_store_cannot_give_in_one_line(cli_stores, options, needles):
+    out = cli_stores["root"] / "bad-masks.zarr"
+    result = runner.invoke(app, ["compile", str(cli_stores["tiles"]), "--tau", "0.3", "--out", str(out), *options])
+    one_error_line(result, *needles)
+    assert not out.exists()
+
+
+def test_cli_compile_of_a_tile_store_prunes_whole_tiles(cli_stores):
+    from attnmask.store.stores import read_masks
+
+    masks = {}
+    for key in ("tiles", "elements"):
+        masks[key] = cli_stores["root"] / f"{key}-masks.zarr"
+        result = runner.invoke(app, ["compile", str(cli_stores[key]), "--tau", "0.3", "--block-size", "16",
+                                     "--budget", "plane", "--out", str(masks[key])])
+        assert result.exit_code == 0, result.output
+    got, want = read_masks(masks["tiles"]), read_masks(masks["elements"])
+    # the texts are shorter than the plane: the tiles a sequence's end cuts rank by their average, so only
+    # the tile layout is shared; where every tile is whole (tests above) the keep bits are equal
+    assert got.sites["decoder.self"].keep.shape == want.sites["decoder.self"].keep.shape
+    keep = got.sites["decoder.self"].keep
+    tiles = tile_sums(keep, B)
+    band = tile_sums(np.tri(32, dtype=bool).astype(np.int64), B)
+    assert np.all((tiles == 0) | (tiles == band))  # whole tiles (within the causal band) kept or pruned
+    inspect = runner.invoke(app, ["inspect", str(masks["tiles"]), "--patterns", str(cli_stores["tiles"])])
+    assert inspect.exit_code == 0, inspect.output
+
+
+def test_inspect_says_it_is_a_tile_store(cli_stores):
+    result = runner.invoke(app, ["inspect", str(cli_stores["tiles"])])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "a tile store of 16x16 tiles" in text and "32 x 32" in text
+    summary = runner.invoke(app, ["inspect", str(cli_stores["tiles"]), "--json"])
+    import json
+
+    parsed = json.loads(summary.output)
+    assert parsed["tile"] == 16 and parsed["sites"]["decoder.self"]["queries"] == 32
+
+
+def test_merge_adds_tile_stores_of_one_tile_only(cli_stores):
+    out = cli_stores["root"] / "merged.zarr"
+    result = runner.invoke(app, ["merge", str(cli_stores["tiles"]), str(cli_stores["other"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    merged, a, b = (read_patterns(p) for p in (out, cli_stores["tiles"], cli_stores["other"]))
+    assert merged.tile == B and read_root_attrs(out)["tile"] == B
+    np.testing.assert_array_equal(merged.sites["decoder.self"].count,
+                                  a.sites["decoder.self"].count + b.sites["decoder.self"].count)
+    np.testing.assert_allclose(merged.sites["decoder.self"].sum, a.sites["decoder.self"].sum + b.sites["decoder.self"].sum)
+    mixed = runner.invoke(app, ["merge", str(cli_stores["other"]), str(cli_stores["elements"]),
+                                "--out", str(cli_stores["root"] / "mixed.zarr")])
+    one_error_line(mixed, "an element store", "merge only stores of one tile")
+
+
+def test_analyze_plot_and_report_take_a_tile_store(cli_stores):
+    import json
+
+    store = str(cli_stores["tiles"])
+    analyzed = runner.invoke(app, ["analyze", store, "--json"])
+    assert analyzed.exit_code == 0, analyzed.output
+    site = json.loads(analyzed.output)["sites"]["decoder.self"]
+    assert site["tile"] == B and site["shape"][2:] == [2, 2]
+    table = runner.invoke(app, ["analyze", store])
+    assert "a tile store: statistics per 16x16 tile" in " ".join(table.output.split())
+    masks = cli_stores["root"] / "plot-masks.zarr"
+    compiled = runner.invoke(app, ["compile", store, "--tau", "0.3", "--block-size", "16", "--budget", "plane",
+                                   "--out", str(masks)])
+    assert compiled.exit_code == 0, compiled.output
+    for source, options in ((store, []), (str(masks), ["--patterns", store, "--kind", "heatmap"])):
+        out = cli_stores["root"] / f"plots-{len(options)}"
+        plotted = runner.invoke(app, ["plot", source, "--out", str(out), *options])
+        assert plotted.exit_code == 0, plotted.output
+        assert (out / "decoder.self.png").stat().st_size > 0
+    measured = runner.invoke(app, ["analyze", str(masks), "--patterns", store, "--json"])
+    assert measured.exit_code == 0, measured.output
+    report = cli_stores["root"] / "report"
+    reported = runner.invoke(app, ["report", store, "--masks", str(masks), "--out", str(report)])
+    assert reported.exit_code == 0, reported.output
+    assert "a tile store: statistics per 16x16 tile" in (report / "index.html").read_text()

@@ -21,6 +21,10 @@ Notation, for one site, one layer and one head:
               query tokens that flows through cell (q, k); it sums to 1 over the plane.
 
 Every statistic below is a function of P and W (docstrings give the formula).
+
+A tile store (`collect --block-size B`) is analysed at tile resolution: q and k are query and key tiles,
+A the tile's sum over its count (the average probability of a computed cell of the tile), o in tiles, and
+distances, "first", "previous" and "next" are in tiles; each result records its `tile`.
 """
 
 from __future__ import annotations
@@ -256,7 +260,8 @@ def site_key_offset(*sites: SitePatterns | SiteMask | None) -> int:
             value = attrs["key_offset"]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise AttnmaskError(f"site attribute key_offset must be a non-negative integer, got {value!r}")
-            return value
+            # recorded in positions; a tile store's plane is in tiles
+            return value // site.tile if isinstance(site, SitePatterns) else value
     if given and given[0].causal:
         plane = given[0].keep.shape[2:] if isinstance(given[0], SiteMask) else given[0].count.shape
         return max(plane[1] - plane[0], 0)
@@ -320,7 +325,7 @@ def store_stats(store: PatternStore, site: str | None = None) -> dict:
         stats, js = site_stats(name, s, offset)
         classes = s.token_classes
         out["sites"][name] = {
-            "causal": s.causal, "key_offset": offset, "shape": list(s.sum.shape),
+            "causal": s.causal, "key_offset": offset, "shape": list(s.sum.shape), "tile": s.tile,
             "heads": [asdict(h) for h in stats], "js": np.round(js, 6).tolist(),
             "token_shares": None if classes is None else dict(zip(classes.names, map(float, classes.token_shares()))),
         }
@@ -452,12 +457,19 @@ def parse_indices(text: str | None, limit: int, what: str) -> list[int]:
 # Tables for the terminal
 
 
+def tile_note(tile: int) -> str:
+    """What every analysis output says of a tile store ('' for an element store)."""
+    return (f", a tile store: statistics per {tile}x{tile} tile (distances and positions in tiles)"
+            if tile > 1 else "")
+
+
 def stats_table(name: str, result: dict):
     """A rich Table of one site's head statistics (`result` is store_stats(...)['sites'][name])."""
     from rich.table import Table
 
     offset = f", key offset {result['key_offset']}" if result["key_offset"] else ""
-    table = Table(title=f"{name} {result['shape']}{' causal' if result['causal'] else ''}{offset}")
+    table = Table(title=f"{name} {result['shape']}{' causal' if result['causal'] else ''}{offset}"
+                  f"{tile_note(result.get('tile', 1))}")
     columns = [("layer", "layer", "d"), ("head", "head", "d"), ("entropy", "entropy", ".3f"),
                ("max H", "entropy_uniform", ".3f"), ("distance", "mean_distance", ".2f"),
                ("first", "first", ".3f"), ("diag", "diagonal", ".3f"), ("prev", "previous", ".3f"),

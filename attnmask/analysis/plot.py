@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from attnmask.masks.accounting import figures_text
+from attnmask.masks.accounting import figures_text, tile_sums
 from attnmask.analysis.analyze import (average_pattern, cluster_order, figures_on_text, mask_summary, parse_indices,
                               select_sites, site_js_distances, site_key_offset, site_stats)
 from attnmask.errors import AttnmaskError
@@ -87,6 +87,7 @@ class SiteView:
     figures: str | None = None  # a mask's figures, said on its images (mask_figures)
     figures_on: str | None = None  # what they were measured on
     head_figures: dict[tuple[int, int], str] | None = None  # (layer, head): that head's figures
+    tile: int = 1  # a tile store's B: the planes are of B x B tiles (values, observed, keep, band)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +214,12 @@ def pooled(view: SiteView, limit: int = MAX_PANEL_CELLS) -> tuple[SiteView, int]
 
 
 def _axis_labels(view: SiteView) -> tuple[str, str]:
+    if view.tile > 1:
+        return tuple(f"{label} ({view.tile}x{view.tile} tiles)" for label in _position_labels(view))
+    return _position_labels(view)
+
+
+def _position_labels(view: SiteView) -> tuple[str, str]:
     if view.site == "decoder.cross":
         return "source position (key)", "target position (query)"
     if view.key_offset:
@@ -282,7 +289,8 @@ def grid_figure(view: SiteView, scale: str = DEFAULT_SCALE, title: str | None = 
     if maxima is not None:
         what += ", each panel scaled to its own max"
     figures = f"\n{view.figures}" if view.figures else ""
-    fig.suptitle(title or f"{view.site}: {what}{figures}", fontsize=10)
+    tiles = f" per {view.tile}x{view.tile} tile (a tile store)" if view.tile > 1 else ""
+    fig.suptitle(title or f"{view.site}: {what}{tiles}{figures}", fontsize=10)
     fig.text(0.5, 0.35 / height, f"x: {xlabel}, y: {ylabel}" + (f"; panels max-pooled {factor}x" if factor > 1 else "")
              + (f"; figures {view.figures_on}" if view.figures_on else ""), ha="center", fontsize=7, wrap=True)
     if norm is not None:
@@ -306,7 +314,8 @@ def head_figure(view: SiteView, li: int, hi: int, scale: str = DEFAULT_SCALE) ->
     ax.set_ylabel(ylabel)
     peak = f" (max {maxima[li, hi]:.3g})" if maxima is not None else ""
     figures = (view.head_figures or {}).get((view.layers[li], view.heads[hi]))
-    ax.set_title(f"{view.site} layer {view.layers[li]} head {view.heads[hi]}{peak}"
+    tiles = f", {view.tile}x{view.tile} tiles" if view.tile > 1 else ""
+    ax.set_title(f"{view.site} layer {view.layers[li]} head {view.heads[hi]}{tiles}{peak}"
                  + (f"\n{figures}" if figures else ""), fontsize=10 if figures else None)
     if norm is not None:
         _colorbar(fig, norm, [0.84, 0.16, 0.03, 0.74], scale_label(scale))
@@ -496,18 +505,20 @@ def pattern_view(name: str, site, layers: list[int], heads: list[int]) -> SiteVi
     values = average_pattern(site.sum[np.ix_(layers, heads)], site.count)
     queries, keys = site.count.shape
     band = causal_band(queries, keys, offset).numpy() if site.causal else np.ones((queries, keys), bool)
-    return SiteView(name, layers, heads, values, site.count > 0, None, band, offset, site.causal)
+    return SiteView(name, layers, heads, values, site.count > 0, None, band, offset, site.causal, tile=site.tile)
 
 
 def mask_view(name: str, mask, layers: list[int], heads: list[int], patterns_site=None) -> SiteView:
-    """View of a mask store's site, with the pattern under it when its pattern site is given."""
+    """View of a mask store's site, with the pattern under it when its pattern site is given (a tile
+    store's: at tile resolution, a tile drawn kept where the mask keeps any of its cells)."""
     keep = mask.keep[np.ix_(layers, heads)]
     if patterns_site is not None:
-        if patterns_site.sum.shape != mask.keep.shape:
+        pattern_shape = patterns_site.sum.shape[:2] + patterns_site.plane
+        if pattern_shape != mask.keep.shape:
             raise AttnmaskError(f"site {name}: mask shape {list(mask.keep.shape)} does not match the "
-                                f"pattern shape {list(patterns_site.sum.shape)}")
+                                f"pattern shape {list(pattern_shape)}")
         view = pattern_view(name, patterns_site, layers, heads)
-        view.keep = keep
+        view.keep = keep if patterns_site.tile == 1 else tile_sums(keep, patterns_site.tile) > 0
         return view
     offset = site_key_offset(mask)
     queries, keys = mask.keep.shape[2:]
@@ -552,6 +563,11 @@ def head_similarity(site, layers: list[int], heads: list[int]) -> tuple[np.ndarr
     names = [(layer, head) for layer in layers for head in heads]
     index = [layer * site.heads + head for layer, head in names]
     return site_js_distances(site, site_key_offset(site))[np.ix_(index, index)], names
+
+
+def site_label(name: str, site) -> str:
+    """A pattern site's name as figure titles give it: with its tiles for a tile store."""
+    return f"{name} ({site.tile}x{site.tile} tiles, positions in tiles)" if site.is_tiled else name
 
 
 def site_figure(kind: str, name: str, site, layers: list[int], heads: list[int], scale: str) -> Figure:
@@ -621,7 +637,8 @@ def plot_store(store: str | Path, out: str | Path, site: str | None = None, laye
                     raise AttnmaskError(f"site {name} has no token classes: collect with --token-classes")
             else:
                 targets.append((out / f"{name}.{kind}.png",
-                                functools.partial(site_figure, kind, name, s, chosen_layers, chosen_heads, scale)))
+                                functools.partial(site_figure, kind, site_label(name, s), s, chosen_layers,
+                                                  chosen_heads, scale)))
     existing = [str(path) for path, _ in targets if path.exists()]
     if existing and not overwrite:
         raise AttnmaskError(f"output {existing[0]} already exists (pass --overwrite to replace it)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from attnmask.masks.accounting import FIGURE_MEANINGS, FIGURE_NAMES, FIGURES, figure_text, figures_legend, figures_text
-from attnmask.analysis.analyze import cluster_order, figures_on_text, mask_summary, store_stats
+from attnmask.analysis.analyze import cluster_order, figures_on_text, mask_summary, store_stats, tile_note
 from attnmask.errors import AttnmaskError
 from attnmask.analysis.plot import (DEFAULT_SCALE, check_scale, entropy_distance_figure, grid_figure,
                            head_similarity, mask_view, pattern_view, png_bytes, position_mass_figure,
@@ -298,7 +298,8 @@ def site_section(name: str, site, result: dict, scale: str) -> str:
     layers, heads = list(range(site.layers)), list(range(site.heads))
     offset = f", key offset {result['key_offset']}" if result["key_offset"] else ""
     parts = [f"<h2>Site {html.escape(name)} (layers × heads × queries × keys "
-             f"{' × '.join(map(str, result['shape']))}{', causal' if result['causal'] else ''}{offset})</h2>",
+             f"{' × '.join(map(str, result['shape']))}{', causal' if result['causal'] else ''}{offset}"
+             f"{html.escape(tile_note(result['tile']))})</h2>",
              figure_tag(grid_figure(pattern_view(name, site, layers, heads), scale), f"{name} average attention"),
              "<h3>Heads at a glance</h3>",
              figure_tag(entropy_distance_figure(name, result["heads"]), f"{name} entropy against distance"),

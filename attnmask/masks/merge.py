@@ -6,7 +6,8 @@ For stores A_1 .. A_n with the same model (family and config digest), max_length
     count[site] = Σ_i count_i[site]    int64   [Q, K]
     sequences, tokens = Σ_i of each
 
-which is what one collection over the concatenated data would hold (up to float64 rounding). The
+which is what one collection over the concatenated data would hold (up to float64 rounding). Tile stores
+(`collect --block-size B`) merge the same way, tile by tile, with tile stores of the same B only. The
 merged store's data identity lists the parts (name, path, digest of each dataset); a dataset that
 appears in two inputs is refused, since its sequences would be counted twice.
 """
@@ -28,8 +29,12 @@ def data_parts(store: PatternStore) -> list[dict]:
     return [dict(p) for p in parts] if isinstance(parts, list) else [dict(data)]
 
 
+def tile_text(tile: int) -> str:
+    return f"a tile store of {tile}x{tile} tiles" if tile > 1 else "an element store"
+
+
 def check_mergeable(stores: list[PatternStore]) -> None:
-    """Same model, max_length, sites, shapes and causality; no dataset twice."""
+    """Same model, max_length, tile, sites, shapes and causality; no dataset twice."""
     if len(stores) < 2:
         raise AttnmaskError("merge needs at least two pattern stores")
     first = stores[0]
@@ -43,6 +48,9 @@ def check_mergeable(stores: list[PatternStore]) -> None:
         if other.attrs.get("max_length") != first.attrs.get("max_length"):
             raise AttnmaskError(f"{other.path} was collected with max_length {other.attrs.get('max_length')}, "
                                 f"{first.path} with {first.attrs.get('max_length')}")
+        if other.tile != first.tile:
+            raise AttnmaskError(f"{other.path} is {tile_text(other.tile)}, {first.path} {tile_text(first.tile)}; "
+                                "merge only stores of one tile")
         if sorted(other.sites) != sorted(first.sites):
             raise AttnmaskError(f"{other.path} has sites {sorted(other.sites)}, {first.path} has {sorted(first.sites)}")
         for name, site in first.sites.items():
@@ -71,7 +79,7 @@ def merge_patterns(stores: list[PatternStore]) -> tuple[dict[str, SitePatterns],
         for store in stores:
             total += store.sites[name].sum
             count += store.sites[name].count
-        sites[name] = SitePatterns(total, count, site.causal, dict(site.attrs))
+        sites[name] = SitePatterns(total, count, site.causal, dict(site.attrs), tile=site.tile)
     parts = [{**part, "store": str(store.path), "store_digest": store.attrs.get("digest")}
              for store in stores for part in data_parts(store)]
     attrs = {
