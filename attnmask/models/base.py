@@ -9,7 +9,10 @@ An adapter knows five things about its model:
    saying which query and key positions of every site are real (not padding, not missing memory);
 4. `forward(batch)` and `capture(sink)`: how to run a batch, and a context manager during which
    every attention computed calls `sink(site, layer, probs)` with probs [batch, heads, queries, keys]
-   taken after softmax and before dropout;
+   taken after softmax and before dropout; a sink whose `rows_per_call` is a number r (`sink_rows`)
+   may instead get each call in chunks of r query rows, `sink(site, layer, probs, row0=r0)` with probs
+   [batch, heads, r, keys] of rows r0 .. r0 + r - 1 (the last chunk shorter), where the family can
+   compute them so (Hugging Face: attnmask/models/hf.py);
 5. `collection_length(requested)`: the input length a collection runs at (the request, else the
    family's `default_max_length`, else DEFAULT_MAX_LENGTH), checked by `check_max_length`.
 
@@ -35,6 +38,12 @@ DEFAULT_MAX_LENGTH = 128
 
 AttentionSink = Callable[[str, int, torch.Tensor], None]
 """sink(site, layer, probs): probs [batch, heads, queries, keys], rows sum to 1 over real keys."""
+
+
+def sink_rows(sink: AttentionSink) -> int | None:
+    """The query rows per call a sink asks for: its `rows_per_call` (a tile store's accumulator: one tile
+    row), or None, whole calls (a plain function, an element store's accumulator)."""
+    return getattr(sink, "rows_per_call", None)
 
 
 @dataclass(frozen=True)

