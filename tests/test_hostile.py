@@ -111,7 +111,7 @@ def test_real_subprocess_prints_one_line_and_no_traceback(tmp_path):
     r = run_cli("inspect", str(store))
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: {store} has format version 7, newer than this "
-                                             "attnmask understands (1); upgrade attnmask"]
+                                             "attnmask understands (2); upgrade attnmask"]
     assert "Traceback" not in r.stdout + r.stderr
 
 
