@@ -684,27 +684,29 @@ def plain_progress_step(step: int, total: int) -> bool:
     return step in (1, total) or step % math.ceil(total / PLAIN_PROGRESS_LINES) == 0
 
 
-def training_bar():
-    """(rich progress, callback(step, total, loss, epoch)) for attnmask.tasks.classify and attnmask.tasks.lm.train_lm; when
-    stderr is not a terminal (a pipe, a log) the bar is off and plain lines `train: step S/T (epoch E),
-    loss L, N s` go to stderr instead (plain_progress_step)."""
+def training_bar(label: str = "train"):
+    """(rich progress, callback(step, total, loss, epoch)) for attnmask.tasks.classify, attnmask.tasks.lm.train_lm and
+    attnmask.tasks.causal_lm (`label` eval: its windows, the mean loss so far, no epochs); when stderr is not a
+    terminal (a pipe, a log) the bar is off and plain lines `train: step S/T (epoch E), loss L, N s` go to
+    stderr instead (plain_progress_step)."""
     bar = loss_progress()
     state = {}
 
     def callback(step, total, loss, epoch):
         if bar.disable:
             state.setdefault("started", time.perf_counter())
+        epochs = f" (epoch {epoch + 1})" if label == "train" else ""
             if plain_progress_step(step, total):
-                typer.echo(f"train: step {step}/{total} (epoch {epoch + 1}), loss {loss:.4f}, "
+                typer.echo(f"{label}: step {step}/{total}{epochs}, loss {loss:.4f}, "
                            f"{time.perf_counter() - state['started']:.0f} s", err=True)
             return
         if state.get("total") != total or step < state.get("step", 0):
             if "task" in state:
                 bar.remove_task(state["task"])
-            state["task"] = bar.add_task("train", total=total, completed=step - 1, loss="")
+            state["task"] = bar.add_task(label, total=total, completed=step - 1, loss="")
             state["total"] = total
         state["step"] = step
-        bar.update(state["task"], completed=step, loss=f"{loss:.4f}", description=f"train (epoch {epoch + 1})")
+        bar.update(state["task"], completed=step, loss=f"{loss:.4f}", description=f"{label}{epochs}")
 
     return bar, callback
 
@@ -797,7 +799,7 @@ def run_workflow(ctx: typer.Context, workflow: Workflow, title: str, pruning: Ca
     if options.get("out") is not None:
         check_output_path(options["out"])
     options = dict(options, pruning=pruning())
-    bar, callback = training_bar() if workflow.progress_bar else (contextlib.nullcontext(), None)
+    bar, callback = training_bar(workflow.progress_label) if workflow.progress_bar else (contextlib.nullcontext(), None)
     with bar:
         outcome = workflow.run(options, callback, warn_line)
     as_table = not (as_json or as_csv)
@@ -816,15 +818,17 @@ def run_workflow(ctx: typer.Context, workflow: Workflow, title: str, pruning: Ca
 @command()
 def train(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm'."),
+    model: str = typer.Argument(..., help="Hugging Face model folder, or 'minilm' (--task lm: a causal LM folder, "
+                                "a Transformer-XL folder, or 'none' with --config)."),
     data: str = typer.Argument(..., help="Labelled data (CSV/TSV/JSON/Parquet, a datasets folder) or "
                                "'rotten-tomatoes'; --task lm: a text file or 'hamlet'."),
     masks: str = typer.Option(..., help="Mask store written by `compile`, or 'none' for the dense baseline."),
     out: Path = typer.Option(None, help="Folder for the model, settings.json and metrics.json (required "
                              "except for fairseq, whose --save-dir is a fairseq-train argument)."),
     task: str = typer.Option("classify", metavar=choices("classify", "lm"),
-                             help="classify (sequence classification), or lm (Transformer-XL "
-                             "language model on a text file; MODEL 'none' with --config trains from scratch)."),
+                             help="classify (sequence classification), or lm (language model on a text file: "
+                             "a Hugging Face causal LM such as GPT-2 or Llama, or a Transformer-XL; MODEL 'none' "
+                             "with --config trains a Transformer-XL from scratch)."),
     config: Optional[str] = typer.Option(None, metavar=choices("small", "base"),
                                          help="--task lm: preset small or base to train from scratch."),
     steps: Optional[int] = typer.Option(None, help="--task lm: optimizer steps [default: --epochs passes]."),
@@ -835,13 +839,16 @@ def train(
                                         "a built-in text such as hamlet: train, its first nine tenths]."),
     epochs: int = typer.Option(1, help="Passes over the training examples."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW, linear warmup and decay) "
-                                       "[default: 2e-4; --task lm: 2e-4, or 1e-3 from scratch]."),
+                                       "[default: 2e-4; --task lm: 2e-4, or 1e-3 from scratch; a Hugging "
+                                       "Face causal LM: 5e-5]."),
     batch_size: int = typer.Option(16, help="Examples per batch and process (--task lm: parallel streams)."),
     gradient_accumulation: int = typer.Option(1, help="Batches per optimizer step."),
     precision: str = typer.Option("fp32", metavar=choices("fp32", "bf16", "fp16"),
                                   help="fp32, bf16 or fp16 (mixed precision; fp16 needs CUDA)."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example (longer ones are truncated) "
-                                             "[default: 128; --task lm: the model's tgt_len]."),
+                                             "[default: 128; --task lm: the model's tgt_len]. A "
+                                             "Hugging Face causal LM: tokens per training window, at most its "
+                                             "context [default: 1024, or its context if shorter]."),
     eval_split: float = typer.Option(0.2, help="Share of the examples held out for evaluation."),
     seed: int = typer.Option(0, help="Seed of the held-out split, the head's initialisation and the batch order."),
     device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"),
@@ -887,7 +894,8 @@ def eval_command(
                                "file or 'hamlet'."),
     masks: Optional[str] = typer.Option(None, help="Mask store, or 'none' [default: the masks recorded in the model]."),
     task: str = typer.Option("classify", metavar=choices("classify", "lm"),
-                             help="classify, or lm (perplexity of a Transformer-XL on a text file)."),
+                             help="classify, or lm (perplexity on a text file of a Hugging Face causal LM, by "
+                             "sliding windows, or of a Transformer-XL)."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the text."),
     label_column: Optional[str] = typer.Option(None, help="Column holding the label."),
     split: Optional[str] = typer.Option(None, help="Dataset split of DATA to read [default: the data's own; "
@@ -896,8 +904,13 @@ def eval_command(
     on: str = typer.Option("auto", metavar=choices("auto", "held-out", "all"),
                            help="held-out (the examples training held out), all, or auto (held-out "
                            "when DATA is the training data)."),
-    batch_size: int = typer.Option(32, help="Examples per batch."),
-    max_length: Optional[int] = typer.Option(None, help="Tokens per example [default: as in training]."),
+    batch_size: int = typer.Option(32, help="Examples per batch (a Hugging Face causal LM: windows per batch)."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per example [default: as in training]. A "
+                                             "Hugging Face causal LM: the sliding window, at most its context "
+                                             "[default: 1024, or its context if shorter]."),
+    stride: Optional[int] = typer.Option(None, help="--task lm with a Hugging Face causal LM: tokens the window "
+                                         "moves by; every token is scored once, after at least window - stride "
+                                         "tokens of context [default: half the window]."),
     precision: str = typer.Option("fp32", metavar=choices("fp32", "bf16", "fp16"),
                                   help="fp32, bf16 or fp16 (fp16 needs CUDA)."),
     device: str = typer.Option("auto", metavar=choices("auto", "cpu", "cuda"), help="auto, cpu or cuda."),

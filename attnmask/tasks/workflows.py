@@ -13,6 +13,8 @@ from typing import Callable
 
 from attnmask.errors import AttnmaskError
 from attnmask.models.base import pick_device
+from attnmask.models.transfo_xl import is_transfo_xl_folder
+from attnmask.tasks.causal_lm import CausalTrainSettings, PerplexitySettings, eval_causal_lm, train_causal_lm
 from attnmask.tasks.classify import EvalSettings, TrainSettings, evaluate, learning_warnings, train
 from attnmask.tasks.lm import eval_lm, train_lm
 from attnmask.tasks.translate import evaluate_fairseq, train_fairseq
@@ -48,13 +50,14 @@ class Workflow:
 
     check(options) refuses missing or unexpected positional arguments and a missing --out, before anything
     else; `applies` lists the option checks, in order; run(options, progress, warn) does the work
-    (`progress` is the training-step callback when `progress_bar`, `warn` gets warning lines); `columns`
-    names the result row's table columns, or is None when the row is printed as one JSON object."""
+    (`progress` is the step callback when `progress_bar`, its bar labelled `progress_label`; `warn` gets warning
+    lines); `columns` names the result row's table columns, or is None when the row is printed as one JSON object."""
     check: Callable[[dict], None]
     applies: tuple[Applies, ...]
     run: Callable[[dict, Progress | None, Warn], Outcome]
     columns: tuple[str, ...] | None
     progress_bar: bool = False
+    progress_label: str = "train"
 
 
 def _masks(spec: str | None) -> str | None:
@@ -92,6 +95,21 @@ def _train_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
                        gradient_accumulation=options["gradient_accumulation"], report_to=options["report_to"],
                        progress=progress, backend=options["backend"], split=options["split"])
     return Outcome(summary)
+
+
+def _train_causal_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
+    """A Hugging Face causal LM fine-tuned on the text DATA (attnmask.tasks.causal_lm.train_causal_lm: a file, or a
+    built-in text's --split, by default train) in windows of --max-length tokens, with the masks."""
+    given = {k: options[k] for k in ("lr",) if options[k] is not None}
+    settings = CausalTrainSettings(model=options["model"], text=options["data"], out=str(options["out"]),
+                                   masks=_masks(options["masks"]), split=options["split"], epochs=options["epochs"],
+                                   steps=options["steps"], batch_size=options["batch_size"],
+                                   max_length=options["max_length"], seed=options["seed"], device=options["device"],
+                                   backend=options["backend"], precision=options["precision"],
+                                   gradient_accumulation=options["gradient_accumulation"],
+                                   report_to=options["report_to"], resume=options["resume"],
+                                   overwrite=options["overwrite"], **given)
+    return Outcome(train_causal_lm(settings, progress))
 
 
 def _train_classify(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
@@ -157,6 +175,19 @@ def _eval_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
                            split=options["split"]))
 
 
+def _eval_causal_lm(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
+    """Perplexity of the Hugging Face causal LM MODEL on the text DATA by sliding windows of --max-length tokens
+    moved by --stride (attnmask.tasks.causal_lm.eval_causal_lm), with the masks recorded in MODEL unless --masks
+    says otherwise."""
+    settings = PerplexitySettings(model=options["model"], text=options["data"], masks=options["masks"],
+                                  split=options["split"], window=options["max_length"], stride=options["stride"],
+                                  batch_size=options["batch_size"], device=options["device"],
+                                  backend=options["backend"])
+    windows = (lambda done, total, loss: progress(done, total, loss, 0)) if progress is not None else None
+    result = eval_causal_lm(settings, windows)
+    return Outcome(result, (f"masks: {result['masks_note']}", result["scoring"]))
+
+
 def _eval_classify(options: dict, progress: Progress | None, warn: Warn) -> Outcome:
     """Accuracy of the classifier MODEL on labelled DATA (attnmask.tasks.classify.evaluate), with the masks it was
     trained with unless --masks says otherwise; token pruning from options["pruning"]."""
@@ -173,12 +204,15 @@ def _eval_classify(options: dict, progress: Progress | None, warn: Warn) -> Outc
 FAIRSEQ_TRAIN = Workflow(_check_fairseq_train,
                          (Applies("to fairseq (pass fairseq-train arguments after --)", only=frozenset({"masks"})),),
                          _train_fairseq, None)
+_LM_TRAIN_OPTIONS = frozenset({
+    "masks", "out", "task", "steps", "epochs", "lr", "batch_size", "max_length", "seed", "device", "backend",
+    "overwrite", "resume", "precision", "gradient_accumulation", "report_to", "as_json", "as_csv", "split"})
 LM_TRAIN = Workflow(_check_train,
-                    (Applies("to --task lm", only=frozenset({
-                        "masks", "out", "task", "config", "steps", "epochs", "lr", "batch_size", "max_length", "seed",
-                        "device", "backend", "overwrite", "resume", "precision", "gradient_accumulation", "report_to",
-                        "as_json", "as_csv", "split"})),),
+                    (Applies("to --task lm on a Transformer-XL", only=_LM_TRAIN_OPTIONS | {"config"}),),
                     _train_lm, ("masks", "steps", "train_loss", "seconds"), progress_bar=True)
+CAUSAL_LM_TRAIN = Workflow(_check_train, (Applies("to --task lm with a Hugging Face model", only=_LM_TRAIN_OPTIONS),),
+                           _train_causal_lm, ("masks", "data_sparsity", "backend", "max_length", "train_windows",
+                                              "steps", "train_loss", "seconds"), progress_bar=True)
 CLASSIFY_TRAIN = Workflow(_check_train, (Applies("to --task {task}", but=frozenset({"config", "steps"})),),
                           _train_classify, ("masks", "data_sparsity", "backend", "train_examples", "eval_examples",
                                             "train_loss_last_epoch", "accuracy", "majority", "train_seconds"),
@@ -189,26 +223,45 @@ FAIRSEQ_EVAL = Workflow(_check_fairseq_eval,
                         _eval_fairseq, None)
 LM_EVAL = Workflow(_check_eval,
                    (Applies("without MODEL fairseq", but=_FAIRSEQ_EVAL_OPTIONS),
-                    Applies("to --task lm", only=frozenset({"masks", "task", "batch_size", "max_length", "device",
-                                                            "backend", "as_json", "as_csv", "split"}))),
+                    Applies("to --task lm on a Transformer-XL", only=frozenset({
+                        "masks", "task", "batch_size", "max_length", "device", "backend", "as_json", "as_csv",
+                        "split"}))),
                    _eval_lm, ("masks", "split", "tokens", "loss", "perplexity", "seconds"))
-CLASSIFY_EVAL = Workflow(_check_eval, (Applies("without MODEL fairseq", but=_FAIRSEQ_EVAL_OPTIONS),),
+CAUSAL_LM_EVAL = Workflow(_check_eval,
+                          (Applies("without MODEL fairseq", but=_FAIRSEQ_EVAL_OPTIONS),
+                           Applies("to --task lm with a Hugging Face model", only=frozenset({
+                               "masks", "task", "batch_size", "max_length", "stride", "device", "backend", "as_json",
+                               "as_csv", "split"}))),
+                          _eval_causal_lm, ("masks", "data_sparsity", "backend", "split", "window", "stride", "tokens",
+                                            "loss", "perplexity", "seconds"), progress_bar=True, progress_label="eval")
+CLASSIFY_EVAL = Workflow(_check_eval, (Applies("without MODEL fairseq", but=_FAIRSEQ_EVAL_OPTIONS),
+                                       Applies("to --task {task}", but=frozenset({"stride"}))),
                          _eval_classify, ("masks", "data_sparsity", "backend", "split", "on", "examples", "accuracy",
                                          "majority"))
 
-# MODEL keywords that name a workflow whatever --task says, then the --task values with their own workflow;
-# every other task is the classifier's (attnmask.tasks.classify validates it).
+# MODEL keywords that name a workflow whatever --task says, then the --task values with their own workflows,
+# one per family of MODEL (lm_family); every other task is the classifier's (attnmask.tasks.classify validates it).
 _TRAIN_MODELS = {"fairseq": FAIRSEQ_TRAIN}
-_TRAIN_TASKS = {"lm": LM_TRAIN}
+_TRAIN_TASKS = {"lm": {"transfo-xl": LM_TRAIN, "huggingface": CAUSAL_LM_TRAIN}}
 _EVAL_MODELS = {"fairseq": FAIRSEQ_EVAL}
-_EVAL_TASKS = {"lm": LM_EVAL}
+_EVAL_TASKS = {"lm": {"transfo-xl": LM_EVAL, "huggingface": CAUSAL_LM_EVAL}}
+
+
+def lm_family(model: str) -> str:
+    """The family --task lm runs MODEL as: transfo-xl for a Transformer-XL folder and for 'none' (train from
+    scratch with --config), else huggingface (a causal LM folder; attnmask.tasks.causal_lm refuses others)."""
+    return "transfo-xl" if model == "none" or is_transfo_xl_folder(model) else "huggingface"
 
 
 def train_workflow(model: str, task: str) -> Workflow:
     """The workflow of `attnmask train MODEL DATA --task TASK`."""
-    return _TRAIN_MODELS.get(model) or _TRAIN_TASKS.get(task, CLASSIFY_TRAIN)
+    if model in _TRAIN_MODELS:
+        return _TRAIN_MODELS[model]
+    return _TRAIN_TASKS[task][lm_family(model)] if task in _TRAIN_TASKS else CLASSIFY_TRAIN
 
 
 def eval_workflow(model: str, task: str) -> Workflow:
     """The workflow of `attnmask eval MODEL DATA --task TASK`."""
-    return _EVAL_MODELS.get(model) or _EVAL_TASKS.get(task, CLASSIFY_EVAL)
+    if model in _EVAL_MODELS:
+        return _EVAL_MODELS[model]
+    return _EVAL_TASKS[task][lm_family(model)] if task in _EVAL_TASKS else CLASSIFY_EVAL
