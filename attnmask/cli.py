@@ -693,9 +693,9 @@ def training_bar(label: str = "train"):
     state = {}
 
     def callback(step, total, loss, epoch):
+        epochs = f" (epoch {epoch + 1})" if label == "train" else ""
         if bar.disable:
             state.setdefault("started", time.perf_counter())
-        epochs = f" (epoch {epoch + 1})" if label == "train" else ""
             if plain_progress_step(step, total):
                 typer.echo(f"{label}: step {step}/{total}{epochs}, loss {loss:.4f}, "
                            f"{time.perf_counter() - state['started']:.0f} s", err=True)
