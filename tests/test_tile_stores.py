@@ -368,3 +368,33 @@ def test_analyze_plot_and_report_take_a_tile_store(cli_stores):
     reported = runner.invoke(app, ["report", store, "--masks", str(masks), "--out", str(report)])
     assert reported.exit_code == 0, reported.output
     assert "a tile store: statistics per 16x16 tile" in (report / "index.html").read_text()
+
+
+def test_an_interrupted_tile_collection_resumes_to_the_uninterrupted_sums(tiny_gpt2_dir, tmp_path):
+    """Checkpoints of a tile run hold tile sums; resuming adds what the uninterrupted run adds, and a tile
+    checkpoint does not resume an element run."""
+    from attnmask.collect.checkpoint import load_checkpoint
+    from attnmask.collect.patterns import CheckpointPlan, accumulate
+
+    adapter = HuggingFaceAdapter.load(str(tiny_gpt2_dir))
+    texts = random_texts(20, seed=9, lo=3, hi=40)
+    kw = dict(batch_size=2, max_length=32, checkpoint_every=2, block_size=B)
+    full = collect(adapter, texts, **kw).sites["decoder.self"]
+    path = tmp_path / "rank0-of-1.npz"
+    seen = []
+
+    def stop_after_five(batch):
+        seen.append(batch)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        accumulate(adapter, texts, on_batch=stop_after_five, checkpoint=CheckpointPlan(path, 2, {}, "run"), **kw)
+    state = load_checkpoint(path)
+    assert state.cursor == 8 and state.sums["decoder.self"].shape[2:] == (2, 2)
+    resumed = accumulate(adapter, texts[state.cursor:], resume=state, **kw).sites["decoder.self"]
+    assert resumed.tile == B
+    np.testing.assert_array_equal(resumed.count, full.count)
+    np.testing.assert_allclose(resumed.sum, full.sum, rtol=1e-12, atol=1e-12)
+    with pytest.raises(AttnmaskError, match="does not match the model's shapes"):
+        accumulate(adapter, texts[state.cursor:], resume=state, **{**kw, "block_size": 1})
