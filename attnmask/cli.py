@@ -318,8 +318,10 @@ def compile_command(
     random: bool = typer.Option(False, "--random", help="Random baseline: the same budget, entries and row "
                                 "guarantee drawn uniformly at random (no attention means used)."),
     seed: int = typer.Option(0, help="Seed of --random."),
-    beyond: str = typer.Option("dense", metavar=choices("dense", "error"),
-                               help="Sequences longer than the plane: dense (keep) or error."),
+    beyond: str = typer.Option("dense", metavar=choices("dense", "error", "extend"),
+                               help="Sequences longer than the plane: dense (keep), error, or extend (causal "
+                               "sites: rows beyond keep the sink tiles and diagonal offsets of the plane's last "
+                               "tile-row; other sites as dense)."),
     site_tau: list[str] = typer.Option([], help="Per-site tau, e.g. decoder.cross=0.5 (repeatable)."),
     held_out: Optional[str] = typer.Option(None, help="A pattern store collected on held-out data (same model "
                                            "and --max-length): also report the masks' figures there."),

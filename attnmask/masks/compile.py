@@ -103,7 +103,7 @@ class CompileSettings:
         if not isinstance(self.min_keep, int) or self.min_keep < 0:
             raise AttnmaskError(f"--min-keep must be a non-negative integer, got {self.min_keep}")
         if self.beyond not in BEYOND_POLICIES:
-            raise AttnmaskError(f"--beyond must be dense or error, got {self.beyond!r}")
+            raise AttnmaskError(f"--beyond must be one of {', '.join(BEYOND_POLICIES)}, got {self.beyond!r}")
         if sites is not None:
             for s in self.site_tau:
                 if s not in sites:

@@ -19,13 +19,26 @@ column of its own token (plane row r is position r + key_offset), a key's its co
 
 * causal_key: key <= query (a causal query never sees a later token);
 * inside_plane: 0 <= query - key_offset < Q and 0 <= key < K. Beyond the plane, the mask store's
-  `beyond` policy says what happens: "dense" keeps those cells (the model's own rules, causality and
-  padding, still apply), "error" refuses the call (check_beyond);
-* kept_by(plane): the plane keeps the cell, keep[h, query - key_offset, key] ([H, ...]); True beyond the
-  plane (policy "dense").
+  `beyond` policy says what happens (beyond_rule): "dense" keeps those cells (the model's own rules,
+  causality and padding, still apply), "error" refuses the call (check_beyond), "extend" carries the
+  plane's last tile-row on (below; on a non-causal site it keeps them, as "dense");
+* kept_by(plane, outside): the plane keeps the cell, keep[h, query - key_offset, key] ([H, ...]); beyond
+  the plane the rule `outside` (None: True, the policy "dense").
+
+The extend policy, in T x T tiles of positions (T the store's block size, 1 for element-wise masks;
+query tile a = query // T, key tile b = key // T). The reference is the plane's last tile-row,
+a_ref = (K - 1) // T: its kept tiles (reference_tiles: a kept cell with key <= query in the tile) are
+classified once (plane_extension) into
+* sink tiles: b < S = ceil(SINK_KEYS / T), kept by every query tile (sink_key: absolute key tiles);
+* local offsets: d = a_ref - b for the other kept tiles b, so query tile a keeps key tile a - d
+  (local_offset: tiles relative to the diagonal).
+extended = or_rules(sink_key, local_offset). A query tile beyond the plane therefore keeps as many tiles
+as the last tile-row of the plane, the same sinks and the same diagonal offsets (on the reference
+tile-row itself it gives back that row's tiles exactly).
 
 and_rules / or_rules compose them; on_window evaluates a rule at a call's cells. What a call
-may attend to is window_keep: kept_by(plane), and causal_key on a causal site, then one step per row:
+may attend to is window_keep: kept_by(plane, beyond_rule(...)), and causal_key on a causal site, then
+one step per row:
 
 * row guarantee: a self-attention row that keeps no key at or before the query's own token keeps that
   token, so every real query of a right-padded batch attends to a real key; a cross-attention row that
@@ -82,10 +95,11 @@ def inside_plane(plane_q: int, plane_k: int) -> Rule:
     return inside
 
 
-def kept_by(plane: torch.Tensor) -> Rule:
-    """keep[h, query - (K - Q), key] of a plane [H, Q, K] where the cell lies on it, True beyond it (the
-    length policy "dense"): bool [H, ...]. On a call's cells (query [q, 1] and key [1, k] runs of
-    consecutive positions) the plane read through their Window: a view when it fits inside the plane."""
+def kept_by(plane: torch.Tensor, outside: Rule | None = None) -> Rule:
+    """keep[h, query - (K - Q), key] of a plane [H, Q, K] where the cell lies on it, `outside` beyond it
+    (None: True, the length policy "dense"): bool [H, ...]. On a call's cells (query [q, 1] and key [1, k]
+    runs of consecutive positions) the plane read through their Window: a view when it fits inside the
+    plane."""
     heads, plane_q, plane_k = plane.shape
     key_offset = plane_k - plane_q
     inside = inside_plane(plane_q, plane_k)
@@ -96,13 +110,104 @@ def kept_by(plane: torch.Tensor) -> Rule:
     def beyond(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         return ~inside(query, key)
 
-    read_or_beyond = or_rules(read, beyond)
+    if outside is None:
+        read_or_beyond = or_rules(read, beyond)
+    else:
+        read_or_beyond = or_rules(and_rules(inside, read), and_rules(beyond, outside))
 
     def kept(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         window = grid_window(query - key_offset, key)
-        return read_or_beyond(query, key) if window is None else plane_window(plane, window, fill=True)
+        if window is None or not (outside is None or window.fits(plane_q, plane_k)):
+            return read_or_beyond(query, key)
+        return plane_window(plane, window, fill=True)
 
     return kept
+
+
+SINK_KEYS = 4
+"""The extend policy's sink tiles are the key tiles that start before key SINK_KEYS: keys 0..3 of
+element-wise masks (StreamingLLM's four attention sinks), the first tile of masks in blocks of 4 or more."""
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What the extend policy carries beyond a causal plane, in T x T tiles of positions (query tile
+    query // T, key tile key // T): sinks bool [H, S] (key tile b < S kept by every query tile) and
+    offsets bool [H, D] (query tile a keeps key tile a - d where offsets[h, d])."""
+
+    tile: int
+    sinks: torch.Tensor
+    offsets: torch.Tensor
+
+
+def tile_index(position: torch.Tensor, tile: int) -> torch.Tensor:
+    """floor(position / T): the tile of a position (negative positions, memory before the plane, too)."""
+    return torch.div(position, tile, rounding_mode="floor")
+
+
+def reference_tiles(plane: torch.Tensor, tile: int) -> torch.Tensor:
+    """bool [H, a_ref + 1]: the key tiles b the plane's last tile-row keeps, a_ref = (K - 1) // T. Tile
+    (a_ref, b) is kept when some cell of it is: a plane row whose position lies in a_ref*T .. K - 1, a key
+    in b*T .. b*T + T - 1, and key <= position (the causal band)."""
+    heads, plane_q, plane_k = plane.shape
+    key_offset = plane_k - plane_q
+    last = (plane_k - 1) // tile
+    first_row = max(last * tile - key_offset, 0)
+    rows = plane[:, first_row:] & causal_band(plane_q - first_row, plane_k, first_row + key_offset, plane.device)
+    columns = torch.zeros(heads, (last + 1) * tile, dtype=torch.bool, device=plane.device)
+    columns[:, :plane_k] = rows.any(1)
+    return columns.view(heads, last + 1, tile).any(-1)
+
+
+def plane_extension(plane: torch.Tensor, tile: int) -> Extension:
+    """The reference tiles (reference_tiles) classified: sinks = those with b < S = ceil(SINK_KEYS / T),
+    offsets[h, d] = reference tile a_ref - d kept, for d = 0 .. a_ref - S (empty when a_ref < S)."""
+    reference = reference_tiles(plane, tile)
+    sink_tiles = -(-SINK_KEYS // tile)
+    return Extension(tile, reference[:, :sink_tiles], reference[:, sink_tiles:].flip(-1))
+
+
+def no_cell(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The rule that holds nowhere."""
+    return torch.zeros(torch.broadcast_shapes(query.shape, key.shape), dtype=torch.bool, device=query.device)
+
+
+def sink_key(sinks: torch.Tensor, tile: int) -> Rule:
+    """sinks[h, key // T] for key tiles 0 .. S - 1 (sinks bool [H, S]), False elsewhere: bool [H, ...]."""
+    count = sinks.shape[1]
+
+    def sink(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        b = tile_index(key, tile)
+        return sinks[:, b.clamp(0, count - 1)] & (b >= 0) & (b < count)
+
+    return sink
+
+
+def local_offset(offsets: torch.Tensor, tile: int) -> Rule:
+    """offsets[h, d] at diagonal offset d = query // T - key // T in 0 .. D - 1 (offsets bool [H, D]),
+    False elsewhere: bool [H, ...]."""
+    count = offsets.shape[1]
+    if count == 0:
+        return no_cell
+
+    def local(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        d = tile_index(query, tile) - tile_index(key, tile)
+        return offsets[:, d.clamp(0, count - 1)] & (d >= 0) & (d < count)
+
+    return local
+
+
+def extended(extension: Extension) -> Rule:
+    """The extend policy's rule: a sink tile or a kept diagonal offset (sink_key or local_offset)."""
+    return or_rules(sink_key(extension.sinks, extension.tile), local_offset(extension.offsets, extension.tile))
+
+
+def beyond_rule(plane: torch.Tensor, beyond: str, causal: bool, tile: int) -> Rule | None:
+    """What the cells beyond the plane keep under the length policy, as kept_by's `outside`: the plane's
+    extension (extended) for "extend" on a causal site; None (every cell) otherwise: "dense", "error"
+    (whose calls never leave the plane) and "extend" on a non-causal site (encoders and
+    cross-attention have no diagonal to carry a row along)."""
+    return extended(plane_extension(plane, tile)) if beyond == "extend" and causal else None
 
 
 def and_rules(*rules: Rule) -> Rule:
@@ -166,7 +271,7 @@ def causal_plane(queries: int, keys: int) -> np.ndarray:
 def check_beyond(window: Window, plane_q: int, plane_k: int, beyond: str, site: str) -> None:
     """Raise an AttnmaskError when the call leaves the plane and the policy is "error"."""
     if beyond not in BEYOND_POLICIES:
-        raise AttnmaskError(f"unknown length policy beyond={beyond!r} (dense or error)")
+        raise AttnmaskError(f"unknown length policy beyond={beyond!r} ({', '.join(BEYOND_POLICIES)})")
     if beyond == "error" and not window.fits(plane_q, plane_k):
         raise AttnmaskError(
             f"site {site}: a call of {window.q} queries x {window.k} keys (from row {window.row0}, column "
@@ -213,18 +318,20 @@ def guarantee_rows(allowed: torch.Tensor, window: Window, key_offset: int, cross
 
 
 def window_keep(plane: torch.Tensor, window: Window, *, causal: bool, cross: bool, beyond: str,
-                site: str = "?") -> tuple[torch.Tensor, int]:
+                site: str = "?", tile: int = 1) -> tuple[torch.Tensor, int]:
     """What a call may attend to: bool [H, q, k] and the number of rows the row guarantee changed.
 
-        allowed[h, i, j] = keep[h, row0 + i, col0 + j]   (True beyond the plane: policy "dense")
+        allowed[h, i, j] = keep[h, row0 + i, col0 + j]   (beyond the plane: the policy's beyond_rule)
                            and, for a causal site, col0 + j <= row0 + i + key_offset
-    (kept_by(plane), and causal_key on a causal site, at query position row0 + i + key_offset and key
-    position col0 + j), then the row guarantee. key_offset = K - Q of the plane. Padding is not part of it: the runtime
-    applies each sequence's length on top.
+    (kept_by(plane, beyond_rule), and causal_key on a causal site, at query position row0 + i + key_offset
+    and key position col0 + j), then the row guarantee. key_offset = K - Q of the plane; tile = T of the
+    extend policy (the store's block size, 1 for element-wise masks). Padding is not part of it: the
+    runtime applies each sequence's length on top.
     """
     heads, plane_q, plane_k = plane.shape
     check_beyond(window, plane_q, plane_k, beyond, site)
     key_offset = plane_k - plane_q
-    rule = and_rules(kept_by(plane), causal_key) if causal else kept_by(plane)
+    kept = kept_by(plane, beyond_rule(plane, beyond, causal, tile))
+    rule = and_rules(kept, causal_key) if causal else kept
     allowed = on_window(rule, window, key_offset, plane.device)
     return guarantee_rows(allowed, window, key_offset, cross)

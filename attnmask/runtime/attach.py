@@ -135,7 +135,8 @@ def attach(model: nn.Module, seam: MaskSeam, masks: MaskStore | str | os.PathLik
         for layer, module in enumerate(sites[site]):
             handle.masks.append(MaskedAttention(site, layer, keep[layer], causal=bool(mask.causal),
                                                 cross=is_cross(site), beyond=beyond, backend=name,
-                                                tile=tile, auto=backend == "auto"))
+                                                tile=tile, auto=backend == "auto",
+                                                block_size=int(store.attrs.get("block_size") or 1)))
             handle.modules.append(module)
     handle.enable()
     logger.info("attnmask: %s backend (%s)", name, reason)

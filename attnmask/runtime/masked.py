@@ -44,13 +44,14 @@ class MaskedAttention:
     layout, its FlexAttention plan and its kept tile share are derived from it once per call shape and
     cached. tile: the side T of the tiles the block-sparse backends skip (`store_tile`). auto: the
     backend was chosen by `resolve_backend("auto", ...)`, so a call whose own tiles do not pay
-    (`sparse_pays`) runs on sdpa instead.
+    (`sparse_pays`) runs on sdpa instead. block_size: the store's compile block size, the tile of its
+    length policy "extend" (1 for element-wise masks).
     """
 
     def __init__(self, site: str, layer: int, keep: torch.Tensor, *, causal: bool, cross: bool, beyond: str,
-                 backend: str, tile: int = TILE, auto: bool = False):
+                 backend: str, tile: int = TILE, auto: bool = False, block_size: int = 1):
         self.site, self.layer, self.keep = site, layer, keep
-        self.causal, self.cross, self.beyond = causal, cross, beyond
+        self.causal, self.cross, self.beyond, self.block_size = causal, cross, beyond, block_size
         self.backend, self.tile, self.auto = backend, tile, auto
         self._allowed: dict[Window, torch.Tensor] = {}
         self._layouts: dict[Window, TileLayout] = {}
@@ -73,7 +74,7 @@ class MaskedAttention:
         """bool [H, q, k]: `window_keep` of the plane for this call shape (cached)."""
         def build():
             allowed, rescued = window_keep(self.keep, window, causal=self.causal, cross=self.cross,
-                                           beyond=self.beyond, site=self.site)
+                                           beyond=self.beyond, site=self.site, tile=self.block_size)
             self.rescued_rows = max(self.rescued_rows, rescued)
             return allowed
 
