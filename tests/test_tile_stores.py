@@ -398,3 +398,24 @@ def test_an_interrupted_tile_collection_resumes_to_the_uninterrupted_sums(tiny_g
     np.testing.assert_allclose(resumed.sum, full.sum, rtol=1e-12, atol=1e-12)
     with pytest.raises(AttnmaskError, match="does not match the model's shapes"):
         accumulate(adapter, texts[state.cursor:], resume=state, **{**kw, "block_size": 1})
+
+
+def test_a_tile_cut_by_sequence_ends_is_ranked_by_its_average_and_pruned_whole():
+    """The documented rules where a tile's cells were reached unevenly: score sum / c (c = count / B^2), data
+    weight floor(c * n), a pruned tile prunes its unseen cells too, a tile never observed is kept."""
+    count = np.array([[3 * B * B, 100], [100, 0]], np.int64)  # tile (0, 1): 100 of 256 (sequence, cell) pairs
+    sums = np.array([[[[3 * B * B * 0.5, 90.0], [40.0, 0.0]]]])  # averages 0.5, 0.9, 0.4 per computed cell
+    site = SitePatterns(sums, count, False, tile=B)
+    # plane budget, one of the three eligible tiles: row 1 keeps its only one, row 0 its best by score;
+    # tile (0, 1) scores 90 / (100 / 256) = 230.4 > 384 / 3 = 128, so (0, 0) is pruned though its sum is larger
+    keep = compile_sites(store_of("encoder.self", site), CompileSettings(tau=0.34, budget="plane",
+                                                                         block_size=B))[0]["encoder.self"].keep
+    assert not keep[0, 0, :B, :B].any() and keep[0, 0, :B, B:].all() and keep[0, 0, B:].all()
+    # data budget: weights 768, 100, 100; the candidate (0, 0) holds 768 / 968 of the weight
+    with pytest.raises(AttnmaskError, match="the largest reachable tau is 0.7933"):
+        compile_sites(store_of("encoder.self", site), CompileSettings(tau=0.8, block_size=B))
+    # a pruned tile cut by the sequences' ends loses its unseen cells with it
+    cut = SitePatterns(np.array([[[[3 * B * B * 0.9, 10.0], [40.0, 0.0]]]]), count, False, tile=B)
+    keep = compile_sites(store_of("encoder.self", cut), CompileSettings(tau=0.34, budget="plane",
+                                                                        block_size=B))[0]["encoder.self"].keep
+    assert not keep[0, 0, :B, B:].any() and keep[0, 0, :B, :B].all() and keep[0, 0, B:, B:].all()
