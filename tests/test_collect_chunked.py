@@ -3,6 +3,9 @@ Face attention call as chunks of r query rows (`sink(site, layer, probs, row0=r0
 (scores, masked softmax, P·V) without a [B, H, q, k] tensor; the model's output and the probabilities the
 sink sees equal the whole-call path's, for GPT-2, Llama and Qwen2 (grouped-query keys, rotary positions) and
 BERT, with left and right padding. A sink without `rows_per_call` gets whole calls, as before.
+
+chunked_attention groups the rows a sink asks for into chunks of up to hf.CHUNK_BYTES of probabilities;
+these tests set it to 0 (chunks of exactly the rows asked for) unless they test the grouping.
 """
 
 from __future__ import annotations
@@ -11,13 +14,19 @@ import pytest
 import torch
 from torch import nn
 
-from attnmask.models.hf import (ATTENTION_NAME, attention_modules, chunk_reaches, eager_attention,
+from attnmask.models import hf
+from attnmask.models.hf import (ATTENTION_NAME, attention_modules, chunk_reaches, chunk_rows, eager_attention,
                                 register_attention)
 from attnmask.models.base import sink_attached
 
 VOCAB = 60
 LENGTHS = (23, 14, 6)
 FAMILIES = ("gpt2", "llama", "qwen2", "bert")
+
+
+@pytest.fixture(autouse=True)
+def chunks_as_asked(monkeypatch):
+    monkeypatch.setattr(hf, "CHUNK_BYTES", 0)
 
 
 def tiny(family: str):
@@ -237,3 +246,27 @@ def test_a_tile_store_collects_in_chunks_and_equals_the_element_stores_tile_sums
         assert tiled.sites[name].sum.shape == site.sum.shape[:2] + (3, 3)
         np.testing.assert_array_equal(tiled.sites[name].count, tile_sums(site.count, 16))
         np.testing.assert_allclose(tiled.sites[name].sum, tile_sums(site.sum, 16), rtol=1e-6, atol=1e-6)
+
+
+def test_chunks_group_the_rows_asked_for_up_to_the_byte_budget(monkeypatch):
+    """Chunks are multiples of the rows asked for, as many as fit CHUNK_BYTES of float32 probabilities,
+    and never fewer than asked."""
+    monkeypatch.setattr(hf, "CHUNK_BYTES", 64 * 2**20)
+    assert chunk_rows(64, 9 * 8192) == 192  # SmolLM2 at 8,192 keys: 192 rows x 9 heads x 8,192 keys = 54 MiB
+    assert chunk_rows(64, 9 * 1024) == 1792  # at 1,024 keys a whole call fits
+    assert chunk_rows(64, 2**30) == 64
+    assert chunk_rows(5, 4 * 23) == 5 * (64 * 2**20 // (4 * 4 * 23 * 5))
+
+
+def test_grouped_chunks_give_the_whole_calls_output_and_probabilities(monkeypatch):
+    """A budget of 10 rows of [3, 4, 23] float32 probabilities and a sink asking for 3: chunks of 9 rows."""
+    monkeypatch.setattr(hf, "CHUNK_BYTES", 10 * 3 * 4 * 23 * 4)
+    model = tiny("llama")
+    ids, mask = token_batch("left")
+    whole, chunked = WholeCalls(), ChunkRecorder(3)
+    expected = run(model, whole, ids, mask)
+    torch.testing.assert_close(run(model, chunked, ids, mask), expected, atol=1e-5, rtol=1e-5)
+    assert [(row0, p.shape[2]) for _, layer, row0, p in chunked.chunks if layer == 0] == [(0, 9), (9, 9), (18, 5)]
+    chunked.rows_per_call = 9  # assembled() checks each chunk's height against it
+    for (_, _, probs), (_, _, reference) in zip(chunked.assembled(), whole.calls):
+        torch.testing.assert_close(probs, reference, atol=1e-6, rtol=1e-5)

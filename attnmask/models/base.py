@@ -10,9 +10,9 @@ An adapter knows five things about its model:
 4. `forward(batch)` and `capture(sink)`: how to run a batch, and a context manager during which
    every attention computed calls `sink(site, layer, probs)` with probs [batch, heads, queries, keys]
    taken after softmax and before dropout; a sink whose `rows_per_call` is a number r (`sink_rows`)
-   may instead get each call in chunks of r query rows, `sink(site, layer, probs, row0=r0)` with probs
-   [batch, heads, r, keys] of rows r0 .. r0 + r - 1 (the last chunk shorter), where the family can
-   compute them so (Hugging Face: attnmask/models/hf.py);
+   may instead get each call in chunks of a multiple m of r query rows, `sink(site, layer, probs,
+   row0=r0)` with probs [batch, heads, m, keys] of rows r0 .. r0 + m - 1 (the last chunk shorter), where
+   the family can compute them so (Hugging Face: attnmask/models/hf.py);
 5. `collection_length(requested)`: the input length a collection runs at (the request, else the
    family's `default_max_length`, else DEFAULT_MAX_LENGTH), checked by `check_max_length`.
 

@@ -6,7 +6,7 @@ mask builder with `AttentionMaskInterface` (without it transformers hands the fu
 attention and consults per-module state that attnmask sets on the model's attention modules:
 
     module._attnmask_sink   sink(site, layer, probs) called with probs after softmax, before dropout (a sink
-                            with rows_per_call r: sink(site, layer, probs, row0=r0), chunks of r query rows)
+                            with rows_per_call r: sink(site, layer, probs, row0=r0), chunks of a multiple of r rows)
     module._attnmask_mask   a runtime.MaskedAttention the call is handed to (masks applied)
     module._attnmask_override  token pruning's attention for the current forward (attnmask/pruning/tokens.py)
 
@@ -152,8 +152,8 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 def chunked_attention(module: nn.Module, sink: AttentionSink, rows: int, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                       dropout: float) -> torch.Tensor:
-    """eager_attention's output [B, q, H, D], `rows` query rows at a time; query/key/value [B, H, n, D] (key
-    and value heads already repeated).
+    """eager_attention's output [B, q, H, D], in chunks of a multiple of the sink's `rows` query rows
+    (`chunk_rows`); query/key/value [B, H, n, D] (key and value heads already repeated).
 
     For the chunk of rows r0 .. r0 + r - 1 and its reach n (`chunk_reaches`: keys n .. k - 1 are closed to
     every row of the chunk): P = softmax(q[r0:r0+r] k[:n]ᵀ · scaling + attention_mask[r0:r0+r, :n]) in
@@ -166,6 +166,7 @@ def chunked_attention(module: nn.Module, sink: AttentionSink, rows: int, query: 
     reuse = not torch.is_grad_enabled()
     out = query.new_empty(batch, q, heads, value.shape[-1])
     scaled = query * scaling
+    rows = chunk_rows(rows, batch * heads * k)
     for r0, reach in zip(range(0, q, rows), chunk_reaches(attention_mask, q, k, rows)):
         r = min(rows, q - r0)
         shape = (batch, heads, r, reach)
@@ -182,6 +183,17 @@ def chunked_attention(module: nn.Module, sink: AttentionSink, rows: int, query: 
         dropped = nn.functional.dropout(open_probs.to(value.dtype), p=dropout, training=module.training)
         out[:, r0:r0 + r] = torch.matmul(dropped, value[:, :, :reach]).transpose(1, 2)
     return out
+
+
+CHUNK_BYTES = 64 * 2**20
+"""The float32 probabilities [B, H, r, k] one chunk of chunked_attention may hold (beside its scores)."""
+
+
+def chunk_rows(asked: int, row_cells: int) -> int:
+    """The rows of a chunk: the largest multiple of the sink's `asked` rows whose probabilities (row_cells =
+    B·H·k float32 per query row) fit CHUNK_BYTES, and at least `asked`. Small ops cost more than their work
+    on a busy CPU, so short calls go in one chunk; a chunk's memory stays below CHUNK_BYTES whatever the length."""
+    return asked * max(1, CHUNK_BYTES // (4 * row_cells * asked))
 
 
 def mask_rows(attention_mask: torch.Tensor, r0: int, r: int) -> torch.Tensor:
