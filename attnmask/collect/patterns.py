@@ -114,7 +114,8 @@ class PatternAccumulator:
 
         The sum over the batch's sequences is taken in float32 (a batch adds at most `batch` terms per
         cell) and added to the float64 running sums (see `real_query_sum` for how it is taken); a tile
-        store sums each tile's cells of that in float64."""
+        store sums each tile's cells of that in float64, B rows at a time (so the float64 copy of a whole
+        call's rows is never made)."""
         if site not in self.sum:
             return
         r, k = probs.shape[-2:]
@@ -123,7 +124,9 @@ class PatternAccumulator:
         if self.tile == 1:
             self.sum[site][layer, :, row0:row0 + r, :k] += contribution
         else:
-            add_tile_rows(self.sum[site][layer], contribution.double(), row0, self.tile)
+            for start in range(0, r, self.tile):
+                add_tile_rows(self.sum[site][layer], contribution[:, start:start + self.tile].double(), row0 + start,
+                              self.tile)
         if site in self._key_onehot:
             self.class_mass[site][layer] += class_mass(probs.float(), weights, self._key_onehot[site][:, :k])
 
