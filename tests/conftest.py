@@ -16,8 +16,7 @@ def make_tokenizer(folder: Path):
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tok = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})  # transformers 5 ignores vocab_file
     tok.save_pretrained(folder)
     return tok, len(vocab)
 
