@@ -18,8 +18,8 @@ from attnmask.masks.rules import Window
 from attnmask.models.base import sink_attached
 from attnmask.models.fairseq_attention import import_fairseq
 from attnmask.models.families import mask_seam
-from attnmask.models.hf import (ATTENTION_NAME, attention_modules, loading_error, quiet_transformers, register_attention,
-                                resolve_model_path)
+from attnmask.models.hf import (ATTENTION_NAME, attention_modules, loading_error, model_context, quiet_transformers,
+                                register_attention, resolve_model_path)
 from attnmask.models.transfo_xl import SITE
 from attnmask.models.transfo_xl_model import RelativeScores, TransfoXLConfig, TransfoXLLM
 
@@ -81,7 +81,7 @@ def hf_bench_model(model: nn.Module) -> BenchModel:
         ids = torch.randint(1, vocab, (batch, length), device=model.device)
         return lambda: model(input_ids=ids)
 
-    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    positions = model_context(cfg)
     return BenchModel(model, heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                       lambda site, n: (n, n), self_window, forward, lambda sink: hf_capture(model, sink),
                       positions=positions)

@@ -370,6 +370,11 @@ def from_folder(spec: str, fn, path: Path, **kwargs):
         raise loading_error(spec, path, e) from None
 
 
+def model_context(config) -> int | None:
+    """The positions a Hugging Face model was built for (max_position_embeddings, GPT-2's n_positions), or None."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def register_attention() -> None:
     """Register `attnmask` with transformers' attention-function and mask-builder registries."""
     from transformers import AttentionInterface
@@ -462,8 +467,7 @@ class HuggingFaceAdapter(ModelAdapter):
         return list(self._sites)
 
     def max_positions(self) -> int | None:
-        cfg = self.model.config
-        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return model_context(self.model.config)
 
     @property
     def default_max_length(self) -> int | None:

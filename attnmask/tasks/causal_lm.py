@@ -38,8 +38,8 @@ from attnmask.errors import AttnmaskError
 from attnmask.masks.accounting import recorded as recorded_figures
 from attnmask.models.base import pick_device
 from attnmask.models.families import apply_masks
-from attnmask.models.hf import (HuggingFaceSeam, architecture_class, from_folder, quiet_transformers,
-                                register_attention, resolve_model_path)
+from attnmask.models.hf import (HuggingFaceSeam, architecture_class, from_folder, model_context,
+                                quiet_transformers, register_attention, resolve_model_path)
 from attnmask.runtime.attach import MaskHandle, load_store, recorded_masks
 from attnmask.runtime.saving import settle_saved
 from attnmask.store.data import default_eval_split
@@ -71,11 +71,6 @@ def causal_lm_class(spec: str, config):
                             "--task lm reads a folder of a causal LM class such as GPT2LMHeadModel or "
                             "LlamaForCausalLM")
     return found
-
-
-def model_context(config) -> int | None:
-    """The positions the model was built for (max_position_embeddings, GPT-2's n_positions), or None."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def check_window(window: int, config, option: str = "--max-length") -> None:
